@@ -1,0 +1,131 @@
+"""The names every part of multicluster-service-account agrees on.
+
+The user-facing contract of the original Go implementation (group, kind, annotation, label, mount path,
+Secret keys) lives here, together with the pure functions that derive names from an import's name, so
+that the controller (which creates Secrets) and the webhook (which mounts them, possibly before they
+exist) can never disagree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+GROUP = "multicluster.admiralty.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ServiceAccountImport"
+PLURAL = "serviceaccountimports"
+SINGULAR = "serviceaccountimport"
+SHORT_NAME = "sai"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# On pods (and pod templates): comma-separated import names to mount.
+IMPORT_ANNOTATION = "multicluster.admiralty.io/service-account-import.name"
+# On the Secrets the controller maintains: the name of the import that owns it (same key, as the original).
+IMPORT_LABEL = IMPORT_ANNOTATION
+# On namespaces whose pods may ask for imports.
+NAMESPACE_LABEL = "multicluster-service-account"
+NAMESPACE_LABEL_VALUE = "enabled"
+
+MOUNT_ROOT = "/var/run/secrets/admiralty.io/serviceaccountimports"
+SYSTEM_NAMESPACE = "multicluster-service-account"
+
+# The keys of an import's Secret (and of `kubemcsa export`'s output).
+KEY_CA_CRT = "ca.crt"
+KEY_NAMESPACE = "namespace"
+KEY_TOKEN = "token"
+KEY_SERVER = "server"
+KEY_CONFIG = "config"
+SECRET_KEYS = (KEY_CA_CRT, KEY_NAMESPACE, KEY_TOKEN, KEY_SERVER, KEY_CONFIG)
+
+# Condition types and reasons on a ServiceAccountImport's status.
+CONDITION_READY = "Ready"
+REASON_TOKEN_ISSUED = "TokenIssued"
+REASON_UNKNOWN_CLUSTER = "UnknownCluster"
+REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND = "RemoteServiceAccountNotFound"
+REASON_FORBIDDEN = "Forbidden"
+REASON_UNAUTHORIZED = "Unauthorized"
+REASON_REMOTE_UNREACHABLE = "RemoteUnreachable"
+REASON_SECRET_CONFLICT = "SecretNameConflict"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_REMOTE_ERROR = "RemoteError"
+REASON_TOKEN_EXPIRED = "TokenExpired"
+
+DEFAULT_EXPIRATION_SECONDS = 86400
+MIN_EXPIRATION_SECONDS = 600
+# Refresh a token once this fraction of its lifetime has passed (the kubelet does the same for projected tokens).
+REFRESH_FRACTION = 0.8
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_MAX_LABEL = 63
+_MAX_SUBDOMAIN = 253
+_SECRET_SUFFIX = "-token"
+_VOLUME_PREFIX = "sai-"
+
+
+def is_dns_label(value: str) -> bool:
+    """True if `value` is an RFC 1123 label (names of volumes, namespaces, ...)."""
+    return len(value) <= _MAX_LABEL and bool(_DNS_LABEL.match(value))
+
+
+def is_dns_subdomain(value: str) -> bool:
+    """True if `value` is an RFC 1123 subdomain (names of most objects, ServiceAccountImports included)."""
+    return len(value) <= _MAX_SUBDOMAIN and bool(_DNS_SUBDOMAIN.match(value))
+
+
+def _short_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:8]
+
+
+def secret_name_for_import(import_name: str) -> str:
+    """The name of the Secret the controller keeps for an import: `<import>-token`.
+
+    Deterministic so that the webhook can mount it before the controller has created it. A name too long
+    to take the suffix is cut and disambiguated with a hash of the full name.
+    """
+    name = import_name + _SECRET_SUFFIX
+    if len(name) <= _MAX_SUBDOMAIN:
+        return name
+    head = import_name[: _MAX_SUBDOMAIN - len(_SECRET_SUFFIX) - 9].rstrip(".-")
+    return f"{head}-{_short_hash(import_name)}{_SECRET_SUFFIX}"
+
+
+def volume_name_for_import(import_name: str) -> str:
+    """The pod volume name for an import: `sai-<import>`, made a valid DNS label.
+
+    Import names may contain dots and be up to 253 characters, volume names may not; such names are
+    shortened and disambiguated with a hash of the full name.
+    """
+    name = _VOLUME_PREFIX + import_name
+    if is_dns_label(name):
+        return name
+    cleaned = re.sub(r"[^a-z0-9-]", "-", import_name.lower())
+    head = (_VOLUME_PREFIX + cleaned)[: _MAX_LABEL - 9].rstrip("-")
+    return f"{head}-{_short_hash(import_name)}"
+
+
+def mount_path_for_import(import_name: str) -> str:
+    """Where an import's Secret is mounted in every container of an annotated pod."""
+    return f"{MOUNT_ROOT}/{import_name}"
+
+
+def parse_import_annotation(value: str | None) -> list[str]:
+    """The import names in a pod's annotation, in order, without blanks or repeats.
+
+    `" a, ,b,a "` gives `["a", "b"]`: whitespace and empty items are tolerated, as users write lists by hand.
+    """
+    if not value:
+        return []
+    names: list[str] = []
+    for item in value.split(","):
+        name = item.strip()
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def namespace_enabled(labels: dict[str, str] | None) -> bool:
+    """True if a namespace with these labels lets its pods ask for imports."""
+    return (labels or {}).get(NAMESPACE_LABEL) == NAMESPACE_LABEL_VALUE

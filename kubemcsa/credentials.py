@@ -1,0 +1,127 @@
+"""The format of an imported service account's credentials: the Secret's five keys and its kubeconfig.
+
+Pure functions only: they take data and return data, so the controller, `kubemcsa export` and the client
+helpers all write and read exactly the same thing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from kubemcsa import api
+
+
+class CredentialsError(ValueError):
+    """Credentials are missing or malformed; the message says which and never contains a secret value."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Everything a client needs to call a remote API server as one service account."""
+
+    server: str
+    ca_crt: bytes
+    token: str
+    namespace: str
+
+    def __repr__(self) -> str:  # never show the token, even in a traceback or a debugger
+        return f"Credentials(server={self.server!r}, namespace={self.namespace!r}, token=<redacted>)"
+
+
+def build_kubeconfig(creds: Credentials, cluster_name: str, user_name: str | None = None) -> str:
+    """A complete kubeconfig for `creds`, with one context named after the cluster.
+
+    The token is written inline, and also as `tokenFile: token`, a path relative to the kubeconfig's own
+    directory. Mounted from the Secret, that is the sibling `token` file the kubelet updates on each
+    rotation: client-go (kubectl, Go operators) re-reads it, so long-running clients survive rotation.
+    Elsewhere the file is absent and clients use the inline token (the Python client always does; use
+    `kubemcsa.config` for a Python client that follows rotation).
+    """
+    user = user_name or f"{cluster_name}-{creds.namespace}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": cluster_name,
+                "cluster": {
+                    "server": creds.server,
+                    "certificate-authority-data": base64.b64encode(creds.ca_crt).decode(),
+                },
+            }
+        ],
+        "users": [{"name": user, "user": {"token": creds.token, "tokenFile": api.KEY_TOKEN}}],
+        "contexts": [
+            {
+                "name": cluster_name,
+                "context": {"cluster": cluster_name, "user": user, "namespace": creds.namespace},
+            }
+        ],
+        "current-context": cluster_name,
+        "preferences": {},
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def to_secret_data(creds: Credentials, cluster_name: str) -> dict[str, str]:
+    """The base64-encoded `data` of a Secret holding `creds`: the five keys of the original project."""
+    plain = {
+        api.KEY_CA_CRT: creds.ca_crt,
+        api.KEY_NAMESPACE: creds.namespace.encode(),
+        api.KEY_TOKEN: creds.token.encode(),
+        api.KEY_SERVER: creds.server.encode(),
+        api.KEY_CONFIG: build_kubeconfig(creds, cluster_name).encode(),
+    }
+    return {key: base64.b64encode(value).decode() for key, value in plain.items()}
+
+
+def from_secret_data(data: dict[str, str] | None, where: str = "the Secret") -> Credentials:
+    """Read credentials back from a Secret's base64 `data`; raise CredentialsError naming what is wrong."""
+    data = data or {}
+    missing = [key for key in (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER) if key not in data]
+    if missing:
+        raise CredentialsError(
+            f"{where} lacks the key(s) {', '.join(missing)}; re-create it with the controller or kubemcsa export."
+        )
+    try:
+        decoded = {key: base64.b64decode(data[key], validate=True) for key in data}
+    except (binascii.Error, ValueError, TypeError):
+        raise CredentialsError(f"{where} holds a value that is not valid base64; re-create it.") from None
+    return _from_plain(decoded, where)
+
+
+def read_mounted(directory: str | os.PathLike[str]) -> Credentials:
+    """Read credentials from a mounted import directory (the files `ca.crt`, `namespace`, `token`, `server`)."""
+    where = f"the mounted import at {os.fspath(directory)}"
+    plain: dict[str, bytes] = {}
+    for key in (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER):
+        path = os.path.join(directory, key)
+        try:
+            with open(path, "rb") as handle:
+                plain[key] = handle.read()
+        except FileNotFoundError:
+            raise CredentialsError(
+                f"{where} has no file {key!r}; check that its Secret exists and has all keys."
+            ) from None
+    return _from_plain(plain, where)
+
+
+def _from_plain(plain: dict[str, bytes], where: str) -> Credentials:
+    try:
+        server = plain[api.KEY_SERVER].decode().strip()
+        namespace = plain[api.KEY_NAMESPACE].decode().strip()
+        token = plain[api.KEY_TOKEN].decode().strip()
+    except UnicodeDecodeError:
+        raise CredentialsError(f"{where} holds a server, namespace or token that is not UTF-8 text.") from None
+    if not server.startswith("https://"):
+        raise CredentialsError(f"{where} has a server that is not an https:// URL; re-create it.")
+    if not token:
+        raise CredentialsError(f"{where} has an empty token; wait for the controller to fill it in.")
+    if b"-----BEGIN CERTIFICATE-----" not in plain[api.KEY_CA_CRT]:
+        raise CredentialsError(f"{where} has a ca.crt that is not a PEM certificate; re-create it.")
+    return Credentials(server=server, ca_crt=plain[api.KEY_CA_CRT], token=token, namespace=namespace)

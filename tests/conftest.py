@@ -1,0 +1,1 @@
+pytest_plugins = ["kubemcsa.testing.pytest_plugin"]
