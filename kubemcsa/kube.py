@@ -1,0 +1,430 @@
+"""A dict-in, dict-out client for the Kubernetes API, and a list-watch cache, on the official client.
+
+The generated methods of the `kubernetes` package validate every argument and turn every response into
+model objects, which costs more than the rest of a controller's work. This module keeps the official
+ApiClient for what it is good at (configuration, authentication, TLS, connection pooling, retries) and
+speaks plain JSON dicts above it, so that the logic that decides things can take and return plain data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import urllib3
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from kubemcsa import api
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+PATCH_CONTENT_TYPES = {
+    "merge": "application/merge-patch+json",
+    "json": "application/json-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+}
+# Errors that mean "could not talk to the API server at all" (as opposed to an API answer).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    api_version: str
+    plural: str
+    kind: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
+        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        if self.namespaced and namespace:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{quote(name, safe='')}"
+            if subresource:
+                base += f"/{subresource}"
+        return base
+
+
+NAMESPACES = ResourceType("v1", "namespaces", "Namespace", namespaced=False)
+SERVICE_ACCOUNTS = ResourceType("v1", "serviceaccounts", "ServiceAccount")
+SECRETS = ResourceType("v1", "secrets", "Secret")
+CONFIG_MAPS = ResourceType("v1", "configmaps", "ConfigMap")
+PODS = ResourceType("v1", "pods", "Pod")
+EVENTS = ResourceType("v1", "events", "Event")
+SERVICES = ResourceType("v1", "services", "Service")
+LEASES = ResourceType("coordination.k8s.io/v1", "leases", "Lease")
+SERVICE_ACCOUNT_IMPORTS = ResourceType(api.API_VERSION, api.PLURAL, api.KIND)
+MUTATING_WEBHOOK_CONFIGURATIONS = ResourceType(
+    "admissionregistration.k8s.io/v1", "mutatingwebhookconfigurations", "MutatingWebhookConfiguration", False
+)
+CRDS = ResourceType("apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition", False)
+ROLES = ResourceType("rbac.authorization.k8s.io/v1", "roles", "Role")
+CLUSTER_ROLES = ResourceType("rbac.authorization.k8s.io/v1", "clusterroles", "ClusterRole", False)
+ROLE_BINDINGS = ResourceType("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding")
+CLUSTER_ROLE_BINDINGS = ResourceType("rbac.authorization.k8s.io/v1", "clusterrolebindings", "ClusterRoleBinding", False)
+DEPLOYMENTS = ResourceType("apps/v1", "deployments", "Deployment")
+
+RESOURCE_TYPES = {
+    (t.api_version, t.kind): t
+    for t in (
+        NAMESPACES,
+        SERVICE_ACCOUNTS,
+        SECRETS,
+        CONFIG_MAPS,
+        PODS,
+        EVENTS,
+        SERVICES,
+        LEASES,
+        SERVICE_ACCOUNT_IMPORTS,
+        MUTATING_WEBHOOK_CONFIGURATIONS,
+        CRDS,
+        ROLES,
+        CLUSTER_ROLES,
+        ROLE_BINDINGS,
+        CLUSTER_ROLE_BINDINGS,
+        DEPLOYMENTS,
+        ResourceType("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget"),
+        ResourceType("batch/v1", "jobs", "Job"),
+    )
+}
+
+
+def resource_type_of(obj: JSON) -> ResourceType:
+    """The ResourceType of a manifest, from its apiVersion and kind; ValueError if this module does not know it."""
+    key = (obj.get("apiVersion", ""), obj.get("kind", ""))
+    try:
+        return RESOURCE_TYPES[key]
+    except KeyError:
+        raise ValueError(f"unknown resource {key[0]} {key[1]}: add it to kubemcsa.kube.RESOURCE_TYPES") from None
+
+
+def error_status(exc: ApiException) -> JSON:
+    """The Status body of an API error, or {} if the server did not send one."""
+    try:
+        body = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def error_reason(exc: ApiException) -> str:
+    """The Status `reason` of an API error (NotFound, AlreadyExists, Conflict, Forbidden, ...), or ""."""
+    return str(error_status(exc).get("reason", ""))
+
+
+def error_message(exc: ApiException) -> str:
+    """The Status `message` of an API error, else its HTTP reason phrase."""
+    return str(error_status(exc).get("message") or exc.reason or f"HTTP {exc.status}")
+
+
+class Resource:
+    """One resource type of one cluster, e.g. `Resource(client, SECRETS).get("x", "default")`."""
+
+    def __init__(self, api_client: ApiClient, resource_type: ResourceType, *, timeout: float | None = 30) -> None:
+        self.api_client = api_client
+        self.type = resource_type
+        self.timeout = timeout
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> Any:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        request = self.api_client.param_serialize(
+            method=method,
+            resource_path=path,
+            query_params=[(k, v) for k, v in (query or []) if v is not None],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        return self.api_client.call_api(*request, _request_timeout=timeout or self.timeout)
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> JSON:
+        response = self._request(method, path, **kwargs)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return json.loads(response.data) if response.data else {}
+
+    def get(self, name: str, namespace: str | None = None) -> JSON:
+        return self._json("GET", self.type.path(namespace, name))
+
+    def list(
+        self, namespace: str | None = None, label_selector: str | None = None, field_selector: str | None = None
+    ) -> JSON:
+        query = [("labelSelector", label_selector), ("fieldSelector", field_selector)]
+        return self._json("GET", self.type.path(namespace), query=query)
+
+    def create(self, body: JSON, namespace: str | None = None) -> JSON:
+        return self._json("POST", self.type.path(namespace or _namespace_of(body)), body=body)
+
+    def replace(self, body: JSON, namespace: str | None = None) -> JSON:
+        path = self.type.path(namespace or _namespace_of(body), body["metadata"]["name"])
+        return self._json("PUT", path, body=body)
+
+    def replace_status(self, body: JSON, namespace: str | None = None) -> JSON:
+        path = self.type.path(namespace or _namespace_of(body), body["metadata"]["name"], "status")
+        return self._json("PUT", path, body=body)
+
+    def patch(self, name: str, body: Any, namespace: str | None = None, patch_type: str = "merge") -> JSON:
+        content_type = PATCH_CONTENT_TYPES[patch_type]
+        return self._json("PATCH", self.type.path(namespace, name), body=body, content_type=content_type)
+
+    def patch_status(self, name: str, body: Any, namespace: str | None = None, patch_type: str = "merge") -> JSON:
+        content_type = PATCH_CONTENT_TYPES[patch_type]
+        return self._json("PATCH", self.type.path(namespace, name, "status"), body=body, content_type=content_type)
+
+    def delete(self, name: str, namespace: str | None = None, propagation_policy: str | None = None) -> JSON:
+        body = {"propagationPolicy": propagation_policy} if propagation_policy else None
+        return self._json("DELETE", self.type.path(namespace, name), body=body)
+
+    def create_subresource(self, name: str, subresource: str, body: JSON, namespace: str | None = None) -> JSON:
+        return self._json("POST", self.type.path(namespace, name, subresource), body=body)
+
+    def watch(
+        self,
+        namespace: str | None = None,
+        resource_version: str | None = None,
+        timeout_seconds: int | None = None,
+        label_selector: str | None = None,
+        allow_bookmarks: bool = True,
+    ) -> WatchStream:
+        """Start a watch: iterate it for events ({"type", "object"}, ERROR events included); close() ends it."""
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", timeout_seconds),
+            ("labelSelector", label_selector),
+            ("allowWatchBookmarks", "true" if allow_bookmarks else None),
+        ]
+        # The read timeout must outlast the server's own watch timeout, or a quiet watch looks like a dead one.
+        read_timeout = (timeout_seconds or 300) + 30
+        response = self._request("GET", self.type.path(namespace), query=query, timeout=(10, read_timeout))
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return WatchStream(response.response)
+
+
+class WatchStream:
+    """The events of one watch request; close() from any thread ends the iteration promptly."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+        self._closed = False
+
+    def __iter__(self) -> Iterator[JSON]:
+        try:
+            for line in iter_resp_lines(self._response):
+                if self._closed:
+                    return
+                if line:
+                    yield json.loads(line)
+        finally:
+            self._response.release_conn()
+
+    def close(self) -> None:
+        self._closed = True
+        # Shutting the socket down unblocks a reader stuck in recv (as kubernetes.watch.Watch.stop does).
+        sock = getattr(getattr(self._response, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _namespace_of(body: JSON) -> str | None:
+    return (body.get("metadata") or {}).get("namespace")
+
+
+def object_key(obj: JSON) -> tuple[str, str]:
+    """(namespace, name) of an object; namespace is "" for cluster-scoped objects."""
+    metadata = obj.get("metadata") or {}
+    return metadata.get("namespace") or "", metadata.get("name", "")
+
+
+EventHandler = Callable[[str, JSON, "JSON | None"], None]
+
+
+class Informer:
+    """A list-watch cache of one resource type: list once, then follow a watch, re-listing on 410 Gone.
+
+    Handlers get ("ADDED" | "MODIFIED" | "DELETED", object, previous object or None) on the informer's own
+    thread; they must be quick (typically: put a key on a work queue). `resync_seconds` replays every cached
+    object as MODIFIED periodically, so level-based consumers recover from anything they missed.
+    """
+
+    def __init__(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        resync_seconds: float | None = None,
+        watch_timeout_seconds: int = 300,
+        name: str | None = None,
+    ) -> None:
+        self.resource = resource
+        self.namespace = namespace
+        self.label_selector = label_selector
+        self.resync_seconds = resync_seconds
+        self.watch_timeout_seconds = watch_timeout_seconds
+        self.name = name or resource.type.plural
+        self._cache: dict[tuple[str, str], JSON] = {}
+        self._lock = threading.RLock()
+        self._handlers: list[EventHandler] = []
+        self._synced = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._resync_thread: threading.Thread | None = None
+        self._current_watch: WatchStream | None = None
+
+    def add_handler(self, handler: EventHandler) -> None:
+        with self._lock:
+            self._handlers.append(handler)
+
+    @property
+    def has_synced(self) -> bool:
+        return self._synced.is_set()
+
+    def wait_for_sync(self, timeout: float | None = None) -> bool:
+        return self._synced.wait(timeout)
+
+    def get(self, name: str, namespace: str | None = None) -> JSON | None:
+        with self._lock:
+            return self._cache.get((namespace or "", name))
+
+    def list(self) -> list[JSON]:
+        with self._lock:
+            return list(self._cache.values())
+
+    def start(self) -> Informer:
+        self._thread = threading.Thread(target=self._run, name=f"informer-{self.name}", daemon=True)
+        self._thread.start()
+        if self.resync_seconds:
+            self._resync_thread = threading.Thread(target=self._resync_loop, name=f"resync-{self.name}", daemon=True)
+            self._resync_thread.start()
+        return self
+
+    def stop(self, timeout: float = 5) -> None:
+        self._stopped.set()
+        watch = self._current_watch
+        if watch is not None:
+            watch.close()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _dispatch(self, event_type: str, obj: JSON, old: JSON | None) -> None:
+        for handler in list(self._handlers):
+            try:
+                handler(event_type, obj, old)
+            except Exception:
+                log.exception("informer %s: an event handler failed", self.name)
+
+    def _relist(self) -> str:
+        listing = self.resource.list(self.namespace, label_selector=self.label_selector)
+        fresh = {object_key(item): item for item in listing.get("items") or []}
+        with self._lock:
+            previous = self._cache
+            self._cache = fresh
+        for key, obj in fresh.items():
+            old = previous.get(key)
+            if old is None:
+                self._dispatch("ADDED", obj, None)
+            elif old.get("metadata", {}).get("resourceVersion") != obj.get("metadata", {}).get("resourceVersion"):
+                self._dispatch("MODIFIED", obj, old)
+        for key, old in previous.items():
+            if key not in fresh:
+                self._dispatch("DELETED", old, old)
+        self._synced.set()
+        return str((listing.get("metadata") or {}).get("resourceVersion", ""))
+
+    def _apply(self, event: JSON) -> str | None:
+        """Apply one watch event to the cache; return its resourceVersion, or None if the watch must re-list."""
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            log.info("informer %s: watch ended with %s, re-listing", self.name, obj.get("reason") or obj.get("code"))
+            return None
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind == "BOOKMARK":
+            return version
+        key = object_key(obj)
+        with self._lock:
+            old = self._cache.get(key)
+            if kind == "DELETED":
+                self._cache.pop(key, None)
+            else:
+                self._cache[key] = obj
+        if kind in ("ADDED", "MODIFIED"):
+            self._dispatch("MODIFIED" if old is not None else "ADDED", obj, old)
+        elif kind == "DELETED":
+            self._dispatch("DELETED", obj, old)
+        return version
+
+    def _run(self) -> None:
+        backoff = 0.2
+        version: str | None = None
+        while not self._stopped.is_set():
+            try:
+                if version is None:
+                    version = self._relist()
+                # Jitter spreads the re-connects of many watches, as client-go does.
+                timeout = int(self.watch_timeout_seconds * (1 + random.random() / 5))  # noqa: S311
+                watch = self.resource.watch(
+                    self.namespace,
+                    resource_version=version,
+                    timeout_seconds=timeout,
+                    label_selector=self.label_selector,
+                )
+                self._current_watch = watch
+                for event in watch:
+                    if self._stopped.is_set():
+                        break
+                    next_version = self._apply(event)
+                    if next_version is None:
+                        version = None
+                        break
+                    version = next_version
+                backoff = 0.2
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                    continue
+                log.warning("informer %s: %s; retrying in %.1fs", self.name, error_message(exc), backoff)
+                version = None
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 30)
+            except (*CONNECTION_ERRORS, ValueError) as exc:
+                if self._stopped.is_set():
+                    break
+                log.warning(
+                    "informer %s: API unreachable (%s); retrying in %.1fs", self.name, type(exc).__name__, backoff
+                )
+                self._stopped.wait(backoff)
+                backoff = min(backoff * 2, 30)
+            finally:
+                self._current_watch = None
+
+    def _resync_loop(self) -> None:
+        assert self.resync_seconds
+        while not self._stopped.wait(self.resync_seconds):
+            for obj in self.list():
+                self._dispatch("MODIFIED", obj, obj)
