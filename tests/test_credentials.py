@@ -1,0 +1,110 @@
+import base64
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubemcsa import api
+from kubemcsa.credentials import (
+    Credentials,
+    CredentialsError,
+    build_kubeconfig,
+    from_secret_data,
+    read_mounted,
+    to_secret_data,
+)
+
+CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+CREDS = Credentials(server="https://10.0.0.1:6443", ca_crt=CA, token="tok.en.value", namespace="default")
+
+
+def test_secret_has_the_five_keys_of_the_original():
+    data = to_secret_data(CREDS, "cluster2")
+    assert sorted(data) == sorted(api.SECRET_KEYS)
+    assert base64.b64decode(data["token"]) == b"tok.en.value"
+    assert base64.b64decode(data["namespace"]) == b"default"
+
+
+def test_round_trip_through_secret_data():
+    assert from_secret_data(to_secret_data(CREDS, "c")) == CREDS
+
+
+def test_kubeconfig_is_complete_and_follows_the_mounted_token():
+    config = yaml.safe_load(build_kubeconfig(CREDS, "cluster2"))
+    context = config["contexts"][0]["context"]
+    assert config["current-context"] == "cluster2"
+    assert context["namespace"] == "default"
+    cluster = config["clusters"][0]["cluster"]
+    assert cluster["server"] == CREDS.server
+    assert base64.b64decode(cluster["certificate-authority-data"]) == CA
+    user = config["users"][0]["user"]
+    # Inline for clients that read it once; relative tokenFile so client-go re-reads the rotated mount.
+    assert user["token"] == CREDS.token
+    assert user["tokenFile"] == "token"
+
+
+def test_repr_never_shows_the_token():
+    assert "tok.en.value" not in repr(CREDS)
+    assert "tok.en.value" not in str(CREDS)
+
+
+def test_read_mounted_directory(tmp_path):
+    for key, value in {
+        "ca.crt": CA,
+        "namespace": b"default",
+        "token": b"tok.en.value\n",
+        "server": CREDS.server.encode(),
+    }.items():
+        (tmp_path / key).write_bytes(value)
+    assert read_mounted(tmp_path) == CREDS
+
+
+def test_missing_file_names_it(tmp_path):
+    (tmp_path / "token").write_text("x")
+    with pytest.raises(CredentialsError, match="no file 'ca.crt'"):
+        read_mounted(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "lacks the key"),
+        ({"ca.crt": "!!", "namespace": "", "token": "", "server": ""}, "not valid base64"),
+        (
+            {
+                k: base64.b64encode(v).decode()
+                for k, v in {"ca.crt": CA, "namespace": b"n", "token": b"t", "server": b"http://x"}.items()
+            },
+            "not an https",
+        ),
+        (
+            {
+                k: base64.b64encode(v).decode()
+                for k, v in {"ca.crt": b"nope", "namespace": b"n", "token": b"t", "server": b"https://x"}.items()
+            },
+            "not a PEM",
+        ),
+        (
+            {
+                k: base64.b64encode(v).decode()
+                for k, v in {"ca.crt": CA, "namespace": b"n", "token": b"", "server": b"https://x"}.items()
+            },
+            "empty token",
+        ),
+    ],
+)
+def test_bad_secret_data_is_refused_with_a_reason(data, message):
+    with pytest.raises(CredentialsError, match=message) as info:
+        from_secret_data(data)
+    assert "tok.en" not in str(info.value)
+
+
+@given(
+    st.dictionaries(st.sampled_from(["ca.crt", "namespace", "token", "server", "config", "x"]), st.text(max_size=40))
+)
+def test_arbitrary_secret_data_never_crashes(data):
+    try:
+        from_secret_data(data)
+    except CredentialsError:
+        pass
