@@ -1,0 +1,251 @@
+"""Swap a running TLS server's certificate without a restart, and renew it periodically.
+
+`CertificateReloader.check()` loads a changed certificate/key pair into the server's own `ssl.SSLContext`:
+connections already open keep their session, new handshakes get the new certificate. A pair is first read into
+memory and validated on a scratch context, and the live context is loaded from that private copy, so a pair that is
+half-written or bad never reaches the live context (the old certificate stays, and the reason is logged once).
+
+OpenSSL replaces the certificate and then the key: a handshake started on another thread in that instant could
+pair them wrongly. Pass the server's event loop (`loop=`) and the swap runs on the loop's thread, between
+handshakes (uvicorn and asyncio servers do their handshakes there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import ApiClient
+
+from certs import manager, tls
+
+log = logging.getLogger(__name__)
+
+LOOP_SWAP_TIMEOUT_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _private_pair(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
+    """Paths to a private, immutable copy of the pair (memory files on Linux, so a read-only root works)."""
+    fds: list[int] = []
+    try:
+        if hasattr(os, "memfd_create"):
+            try:
+                for content in (cert_pem, key_pem):
+                    fd = os.memfd_create("webhook-tls", 0)
+                    fds.append(fd)
+                    os.write(fd, content)
+                yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+                return
+            except OSError:
+                pass
+        with tempfile.TemporaryDirectory(prefix="webhook-tls-") as directory:
+            cert_path, key_path = Path(directory, "tls.crt"), Path(directory, "tls.key")
+            cert_path.write_bytes(cert_pem)
+            key_path.touch(mode=0o600)
+            key_path.write_bytes(key_pem)
+            yield str(cert_path), str(key_path)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class CertificateReloader:
+    """Reloads `cert_file`/`key_file` into `ssl_context` when they change; see the module docstring."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        *,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.ssl_context = ssl_context
+        self.cert_file = Path(cert_file)
+        self.key_file = Path(key_file)
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._signature: tuple[Any, ...] | None = None
+        self._loaded_digest: str | None = None
+        self._rejected_digest: str | None = None
+        self.reloads = 0
+
+    def __repr__(self) -> str:
+        return f"CertificateReloader(cert_file={str(self.cert_file)!r}, key_file={str(self.key_file)!r})"
+
+    def mark_loaded(self) -> None:
+        """Record the files' current content as what the context already holds (call after the initial load)."""
+        with self._lock:
+            pair = self._read()
+            if pair is not None:
+                self._signature, self._loaded_digest = pair[0], pair[1]
+
+    def _stat_signature(self) -> tuple[Any, ...]:
+        cert, key = self.cert_file.stat(), self.key_file.stat()
+        return (cert.st_ino, cert.st_mtime_ns, cert.st_size, key.st_ino, key.st_mtime_ns, key.st_size)
+
+    def _read(self) -> tuple[tuple[Any, ...], str, bytes, bytes] | None:
+        try:
+            signature = self._stat_signature()
+            cert_pem, key_pem = self.cert_file.read_bytes(), self.key_file.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read the TLS certificate or key (%s); keeping the current one", exc.strerror)
+            return None
+        digest = hashlib.sha256(cert_pem + b"\0" + key_pem).hexdigest()
+        return signature, digest, cert_pem, key_pem
+
+    def check(self) -> bool:
+        """Load the files into the context if they changed and form a valid pair; True if it did. Never raises."""
+        with self._lock:
+            try:
+                if self._signature is not None and self._stat_signature() == self._signature:
+                    return False
+            except OSError:
+                pass
+            pair = self._read()
+            if pair is None:
+                return False
+            signature, digest, cert_pem, key_pem = pair
+            self._signature = signature
+            if digest in (self._loaded_digest, self._rejected_digest):
+                return False
+            try:
+                self._load(cert_pem, key_pem)
+            except (ssl.SSLError, OSError, ValueError, TimeoutError, RuntimeError) as exc:
+                self._rejected_digest = digest
+                log.warning(
+                    "keeping the current TLS certificate: the pair in %s and %s does not load (%s); "
+                    "it is retried when the files change",
+                    self.cert_file,
+                    self.key_file,
+                    type(exc).__name__ if not isinstance(exc, ssl.SSLError) else exc.reason or "SSLError",
+                )
+                return False
+            self._loaded_digest = digest
+            self.reloads += 1
+            log.info("loaded a new TLS certificate from %s (valid until %s)", self.cert_file, _expiry(cert_pem))
+            return True
+
+    def _load(self, cert_pem: bytes, key_pem: bytes) -> None:
+        if not tls.key_matches(cert_pem, key_pem):
+            raise ValueError("the certificate and the key do not belong together")
+        with _private_pair(cert_pem, key_pem) as (cert_path, key_path):
+            # A scratch context first: a pair that fails there never touches the live context.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+            self._on_server_thread(lambda: self.ssl_context.load_cert_chain(cert_path, key_path))
+
+    def _on_server_thread(self, load: Callable[[], None]) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed() or not loop.is_running() or _running_loop() is loop:
+            load()
+            return
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                load()
+            except BaseException as exc:
+                done.set_exception(exc)
+            else:
+                done.set_result(None)
+
+        loop.call_soon_threadsafe(run)
+        done.result(timeout=LOOP_SWAP_TIMEOUT_SECONDS)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _expiry(cert_pem: bytes) -> str:
+    try:
+        return tls.not_after(cert_pem).isoformat()
+    except tls.CertificateFormatError:
+        return "unknown"
+
+
+class RenewalLoop:
+    """A thread that ensures the certificates every `interval_seconds`, writes the files and reloads the server.
+
+    Errors are logged and retried after `retry_seconds`; stop() ends the thread promptly.
+    """
+
+    def __init__(
+        self,
+        api_client: ApiClient,
+        *,
+        namespace: str,
+        secret_name: str,
+        service_name: str,
+        webhook_configuration_name: str,
+        directory: str | os.PathLike[str],
+        reloader: CertificateReloader | None = None,
+        interval_seconds: float = 3600.0,
+        retry_seconds: float = 30.0,
+        run_immediately: bool = False,
+        **ensure_options: Any,
+    ) -> None:
+        self.api_client = api_client
+        self.ensure_arguments = {
+            "namespace": namespace,
+            "secret_name": secret_name,
+            "service_name": service_name,
+            "webhook_configuration_name": webhook_configuration_name,
+            **ensure_options,
+        }
+        self.directory = directory
+        self.reloader = reloader
+        self.interval_seconds = interval_seconds
+        self.retry_seconds = min(retry_seconds, interval_seconds)
+        self.run_immediately = run_immediately
+        self.last_bundle: manager.CertificateBundle | None = None
+        self.last_error: str | None = None
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run_once(self) -> manager.CertificateBundle:
+        """One round: ensure, write the files, reload. Raises CertificateError or OSError."""
+        bundle = manager.ensure_webhook_certificates(self.api_client, **self.ensure_arguments)
+        manager.write_files(bundle, self.directory)
+        if self.reloader is not None:
+            self.reloader.check()
+        for action in bundle.actions:
+            log.info("webhook certificates: %s", action)
+        self.last_bundle = bundle
+        self.last_error = None
+        return bundle
+
+    def _run(self) -> None:
+        delay = 0.0 if self.run_immediately else self.interval_seconds
+        while not self._stopped.wait(delay):
+            try:
+                self.run_once()
+                delay = self.interval_seconds
+            except (manager.CertificateError, OSError) as exc:
+                self.last_error = str(exc)
+                log.warning("webhook certificate renewal failed, retrying in %ss: %s", self.retry_seconds, exc)
+                delay = self.retry_seconds
+
+    def start(self) -> RenewalLoop:
+        self._thread = threading.Thread(target=self._run, name="webhook-cert-renewal", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
