@@ -1,0 +1,102 @@
+"""Parse and validate a ServiceAccountImport's spec (pure: a dict in, an ImportSpec or a SpecError out)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubemcsa import api
+
+TOKEN_TYPE_TOKEN_REQUEST = "TokenRequest"
+TOKEN_TYPE_LEGACY = "Legacy"
+TOKEN_TYPES = (TOKEN_TYPE_TOKEN_REQUEST, TOKEN_TYPE_LEGACY)
+# kube-apiserver caps --service-account-max-token-expiration at no more than this in practice (2^32 s is absurd).
+MAX_EXPIRATION_SECONDS = 2**32
+
+
+class SpecError(ValueError):
+    """The spec is invalid; the message names the field and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """A validated ServiceAccountImport spec."""
+
+    cluster_name: str
+    namespace: str
+    name: str
+    audiences: tuple[str, ...] = ()
+    expiration_seconds: int = api.DEFAULT_EXPIRATION_SECONDS
+    token_type: str = TOKEN_TYPE_TOKEN_REQUEST
+
+    @property
+    def legacy(self) -> bool:
+        return self.token_type == TOKEN_TYPE_LEGACY
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields that, when changed, call for a new token."""
+        return {
+            "clusterName": self.cluster_name,
+            "namespace": self.namespace,
+            "name": self.name,
+            "audiences": list(self.audiences),
+            "expirationSeconds": self.expiration_seconds,
+            "tokenType": self.token_type,
+        }
+
+
+def _required_string(spec: dict[str, Any], field: str) -> str:
+    value = spec.get(field)
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"spec.{field} is required and must be a non-empty string; set it and re-apply the import.")
+    return value.strip()
+
+
+def parse_spec(obj: Any) -> ImportSpec:
+    """Validate the `spec` of an import object; raise SpecError with a one-sentence fix otherwise."""
+    spec = obj.get("spec") if isinstance(obj, dict) else None
+    if not isinstance(spec, dict):
+        raise SpecError("spec is missing; set spec.clusterName, spec.namespace and spec.name.")
+    cluster_name = _required_string(spec, "clusterName")
+    namespace = _required_string(spec, "namespace")
+    name = _required_string(spec, "name")
+    if not api.is_dns_label(namespace):
+        raise SpecError(f"spec.namespace {namespace!r} is not a valid namespace name (a lowercase RFC 1123 label).")
+    if not api.is_dns_subdomain(name):
+        raise SpecError(f"spec.name {name!r} is not a valid service account name (a lowercase RFC 1123 subdomain).")
+
+    audiences_raw = spec.get("audiences")
+    if audiences_raw is None:
+        audiences: tuple[str, ...] = ()
+    elif isinstance(audiences_raw, list) and all(isinstance(a, str) and a.strip() for a in audiences_raw):
+        audiences = tuple(dict.fromkeys(a.strip() for a in audiences_raw))
+    else:
+        raise SpecError("spec.audiences must be a list of non-empty strings; fix or remove it.")
+
+    expiration = spec.get("expirationSeconds", api.DEFAULT_EXPIRATION_SECONDS)
+    if expiration is None:
+        expiration = api.DEFAULT_EXPIRATION_SECONDS
+    if isinstance(expiration, bool) or not isinstance(expiration, int):
+        raise SpecError("spec.expirationSeconds must be an integer number of seconds; fix or remove it.")
+    if expiration < api.MIN_EXPIRATION_SECONDS or expiration > MAX_EXPIRATION_SECONDS:
+        raise SpecError(
+            f"spec.expirationSeconds {expiration} is out of range; use at least {api.MIN_EXPIRATION_SECONDS} "
+            f"(10 minutes) and at most {MAX_EXPIRATION_SECONDS}."
+        )
+
+    token_type = spec.get("tokenType", TOKEN_TYPE_TOKEN_REQUEST)
+    if token_type is None:
+        token_type = TOKEN_TYPE_TOKEN_REQUEST
+    if token_type not in TOKEN_TYPES:
+        raise SpecError(f"spec.tokenType {token_type!r} is unknown; use {' or '.join(TOKEN_TYPES)}.")
+    if token_type == TOKEN_TYPE_LEGACY and audiences:
+        raise SpecError("spec.audiences cannot be used with tokenType Legacy (legacy tokens have fixed audiences).")
+
+    return ImportSpec(
+        cluster_name=cluster_name,
+        namespace=namespace,
+        name=name,
+        audiences=audiences,
+        expiration_seconds=expiration,
+        token_type=token_type,
+    )

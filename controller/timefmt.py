@@ -1,0 +1,23 @@
+"""RFC 3339 timestamps as Kubernetes writes them (seconds, `Z` suffix) <-> epoch seconds."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+
+def format_time(epoch: float) -> str:
+    """`2026-11-22T21:59:03Z` for an epoch time (truncated to the second, as metav1.Time)."""
+    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: object) -> float | None:
+    """Epoch seconds for an RFC 3339 string, or None if absent or unreadable."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.timestamp()
