@@ -1,0 +1,230 @@
+"""The pure mutation decision: what gets mounted, what is refused, and that patches always apply and converge."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonpatch
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kubemcsa import api
+from webhook import mutation
+from webhook.cache import StaticCache
+
+NS = "apps"
+ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
+
+
+def lookup(*imports: str, labels: dict[str, str] | None = None) -> StaticCache:
+    return StaticCache({NS: ENABLED if labels is None else labels}, {(NS, name) for name in imports})
+
+
+def pod(annotation: str | None = "a", **spec: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": "p"}
+    if annotation is not None:
+        metadata["annotations"] = {api.IMPORT_ANNOTATION: annotation}
+    spec.setdefault("containers", [{"name": "main", "image": "x"}])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def mutated(p: dict[str, Any], decision: mutation.Decision) -> dict[str, Any]:
+    assert decision.allowed, decision.message
+    return jsonpatch.apply_patch(p, decision.patch)
+
+
+def test_no_annotation_is_allowed_without_patch_and_without_lookup() -> None:
+    class Explodes:
+        def namespace_labels(self, namespace: str) -> None:
+            raise AssertionError("looked up")
+
+        def import_exists(self, namespace: str, name: str) -> bool:
+            raise AssertionError("looked up")
+
+    assert mutation.decide(pod(None), NS, Explodes()) == mutation.ALLOW
+    assert mutation.decide(pod(" , "), NS, Explodes()) == mutation.ALLOW
+
+
+@pytest.mark.parametrize("labels", [{}, {api.NAMESPACE_LABEL: "disabled"}, None])
+def test_namespace_not_enabled_is_never_mutated(labels: dict[str, str] | None) -> None:
+    cache = StaticCache({NS: labels} if labels is not None else {}, {(NS, "a")})
+    assert mutation.decide(pod("a"), NS, cache) == mutation.ALLOW
+
+
+def test_one_import_mounts_its_secret_in_every_container() -> None:
+    p = pod(
+        "a",
+        containers=[{"name": "c1"}, {"name": "c2", "volumeMounts": [{"name": "v", "mountPath": "/v"}]}],
+        initContainers=[{"name": "i"}],
+        ephemeralContainers=[{"name": "e"}],
+        volumes=[{"name": "v", "emptyDir": {}}],
+    )
+    result = mutated(p, mutation.decide(p, NS, lookup("a")))
+    volume = {"name": "sai-a", "secret": {"secretName": "a-token"}}
+    mount = {"name": "sai-a", "mountPath": f"{api.MOUNT_ROOT}/a", "readOnly": True}
+    assert result["spec"]["volumes"] == [{"name": "v", "emptyDir": {}}, volume]
+    assert result["spec"]["containers"][0]["volumeMounts"] == [mount]
+    assert result["spec"]["containers"][1]["volumeMounts"] == [{"name": "v", "mountPath": "/v"}, mount]
+    assert result["spec"]["initContainers"][0]["volumeMounts"] == [mount]
+    assert result["spec"]["ephemeralContainers"][0]["volumeMounts"] == [mount]
+
+
+def test_absent_arrays_are_created_whole_and_present_ones_appended() -> None:
+    p = pod("a,b")
+    decision = mutation.decide(p, NS, lookup("a", "b"))
+    assert [op["path"] for op in decision.patch] == ["/spec/volumes", "/spec/containers/0/volumeMounts"]
+    p = pod("a,b", volumes=[], containers=[{"name": "c", "volumeMounts": []}])
+    decision = mutation.decide(p, NS, lookup("a", "b"))
+    assert [op["path"] for op in decision.patch] == ["/spec/volumes/-"] * 2 + ["/spec/containers/0/volumeMounts/-"] * 2
+
+
+def test_several_imports_whitespace_and_repeats_are_tolerated() -> None:
+    p = pod(" a, ,b ,a,")
+    result = mutated(p, mutation.decide(p, NS, lookup("a", "b")))
+    assert [v["name"] for v in result["spec"]["volumes"]] == ["sai-a", "sai-b"]
+    assert [m["mountPath"] for m in result["spec"]["containers"][0]["volumeMounts"]] == [
+        f"{api.MOUNT_ROOT}/a",
+        f"{api.MOUNT_ROOT}/b",
+    ]
+
+
+def test_missing_imports_are_named_with_the_namespace() -> None:
+    decision = mutation.decide(pod("a,b,c"), NS, lookup("b"))
+    assert not decision.allowed
+    assert decision.reason == mutation.REASON_IMPORT_NOT_FOUND
+    assert '"a", "c"' in decision.message and f'namespace "{NS}"' in decision.message
+    assert "create them" in decision.message
+    single = mutation.decide(pod("a"), NS, lookup())
+    assert 'ServiceAccountImport "a" does not exist in namespace "apps"' in single.message
+
+
+def test_invalid_import_names_are_refused_without_lookup() -> None:
+    decision = mutation.decide(pod("ok,../etc,UPPER"), NS, lookup("ok"))
+    assert decision.reason == mutation.REASON_INVALID_IMPORT_NAME
+    assert '"../etc", "UPPER"' in decision.message
+
+
+def test_reinvocation_adds_nothing() -> None:
+    p = pod("a,b", initContainers=[{"name": "i"}])
+    once = mutated(p, mutation.decide(p, NS, lookup("a", "b")))
+    assert mutation.decide(once, NS, lookup("a", "b")) == mutation.Decision(allowed=True)
+
+
+def test_partially_mounted_pod_gets_only_what_is_missing() -> None:
+    p = pod(
+        "a,b",
+        volumes=[{"name": "sai-a", "secret": {"secretName": "a-token", "defaultMode": 420}}],
+        containers=[{"name": "c", "volumeMounts": [{"name": "sai-a", "mountPath": f"{api.MOUNT_ROOT}/a/"}]}],
+    )
+    decision = mutation.decide(p, NS, lookup("a", "b"))
+    assert [op["value"]["name"] for op in decision.patch] == ["sai-b", "sai-b"]
+
+
+def test_volume_name_collision_is_refused() -> None:
+    p = pod("a", volumes=[{"name": "sai-a", "emptyDir": {}}])
+    decision = mutation.decide(p, NS, lookup("a"))
+    assert decision.reason == mutation.REASON_VOLUME_CONFLICT
+    assert '"sai-a"' in decision.message and "rename" in decision.message
+
+
+def test_mount_path_collision_is_refused() -> None:
+    p = pod(
+        "a",
+        volumes=[{"name": "mine", "emptyDir": {}}],
+        containers=[{"name": "c", "volumeMounts": [{"name": "mine", "mountPath": f"{api.MOUNT_ROOT}/a"}]}],
+    )
+    decision = mutation.decide(p, NS, lookup("a"))
+    assert decision.reason == mutation.REASON_MOUNT_CONFLICT
+    assert 'Container "c"' in decision.message and '"mine"' in decision.message
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "not a pod",
+        {"metadata": "x"},
+        {"metadata": {"annotations": ["x"]}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: 3}}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}, "spec": []},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}, "spec": {"volumes": {}}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}, "spec": {"containers": "c"}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}, "spec": {"containers": [1]}},
+        {"metadata": {"annotations": {api.IMPORT_ANNOTATION: "a"}}, "spec": {"containers": [{"volumeMounts": 1}]}},
+    ],
+)
+def test_malformed_pods_are_refused_clearly(bad: Any) -> None:
+    decision = mutation.decide(bad, NS, lookup("a"))
+    assert not decision.allowed
+    assert decision.reason == mutation.REASON_INVALID_POD
+    assert decision.message
+
+
+def test_invalid_namespace_is_refused() -> None:
+    assert mutation.decide(pod("a"), "", lookup("a")).reason == mutation.REASON_INVALID_POD
+
+
+# Property tests: small alphabets so that generated pods often collide with what the webhook adds.
+IMPORTS = ["a", "b", "c.d"]
+_volume_names = st.sampled_from(["sai-a", "sai-b", "scratch", "x", "sai-c-d-" + "0" * 8])
+_paths = st.sampled_from([f"{api.MOUNT_ROOT}/a", f"{api.MOUNT_ROOT}/b/", "/data", "/x", f"{api.MOUNT_ROOT}/c.d"])
+_volumes = st.lists(
+    st.builds(
+        lambda name, source: {"name": name, **source},
+        _volume_names,
+        st.sampled_from(
+            [
+                {"emptyDir": {}},
+                {"secret": {"secretName": "a-token"}},
+                {"secret": {"secretName": "b-token", "defaultMode": 420}},
+            ]
+        ),
+    ),
+    max_size=4,
+    unique_by=lambda v: v["name"],
+)
+_mounts = st.lists(
+    st.fixed_dictionaries({"name": _volume_names, "mountPath": _paths}),
+    max_size=3,
+    unique_by=lambda m: m["mountPath"].rstrip("/"),
+)
+_container = st.builds(
+    lambda name, mounts: {"name": name} if mounts is None else {"name": name, "volumeMounts": mounts},
+    st.text("abc", min_size=1, max_size=3),
+    st.none() | _mounts,
+)
+_containers = st.lists(_container, min_size=1, max_size=3)
+_annotation = st.lists(st.sampled_from([*IMPORTS, " ", ""]), min_size=1, max_size=4).map(",".join)
+
+
+@st.composite
+def pods(draw: st.DrawFn) -> dict[str, Any]:
+    spec: dict[str, Any] = {"containers": draw(_containers)}
+    for optional, strategy in (("volumes", _volumes), ("initContainers", _containers)):
+        value = draw(st.none() | strategy)
+        if value is not None:
+            spec[optional] = value
+    return pod(draw(_annotation), **spec)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(pods())
+def test_patch_always_applies_and_reinvocation_adds_nothing(p: dict[str, Any]) -> None:
+    original = copy.deepcopy(p)
+    cache = lookup(*IMPORTS)
+    decision = mutation.decide(p, NS, cache)
+    assert p == original, "the decision must not modify the pod"
+    if not decision.allowed:
+        assert decision.reason in (mutation.REASON_VOLUME_CONFLICT, mutation.REASON_MOUNT_CONFLICT)
+        return
+    result = jsonpatch.apply_patch(p, decision.patch)
+    assert mutation.decide(result, NS, cache) == mutation.Decision(allowed=True)
+    names = api.parse_import_annotation(p["metadata"]["annotations"][api.IMPORT_ANNOTATION])
+    volumes = {v["name"]: v for v in result["spec"].get("volumes", [])}
+    for name in names:
+        assert volumes[api.volume_name_for_import(name)]["secret"]["secretName"] == api.secret_name_for_import(name)
+        for container in result["spec"]["containers"] + result["spec"].get("initContainers", []):
+            paths = {m["mountPath"].rstrip("/"): m["name"] for m in container["volumeMounts"]}
+            assert paths[api.mount_path_for_import(name)] == api.volume_name_for_import(name)

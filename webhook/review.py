@@ -1,0 +1,170 @@
+"""Turn an AdmissionReview request body into the response body, for admission.k8s.io/v1 and v1beta1.
+
+Pure apart from the lookup it hands to the decision. Whatever the bytes, it answers: HTTP 400 with a
+Status when there is no AdmissionReview to answer (no uid to echo), otherwise a well-formed AdmissionReview
+in the version it came in. Nothing escapes but LookupWouldBlock, which asks the caller to retry off the
+event loop.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from webhook import mutation
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 3 * 1024 * 1024
+API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
+KIND = "AdmissionReview"
+
+# Results: the label of the requests metric.
+RESULT_ALLOWED = "allowed"
+RESULT_PATCHED = "patched"
+RESULT_REFUSED = "refused"
+RESULT_BAD_REQUEST = "bad_request"
+RESULT_ERROR = "error"
+
+REASON_NOT_A_POD = "NotAPod"
+REASON_INVALID_REQUEST = "InvalidRequest"
+REASON_INTERNAL = "InternalError"
+
+_STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 500: "InternalError", 503: "ServiceUnavailable"}
+
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What to send back (status code and JSON body) and how to count it."""
+
+    status_code: int
+    body: bytes
+    result: str
+    reason: str = ""
+
+
+def bad_request(message: str) -> Answer:
+    """HTTP 400 with a Status body: the request is not an AdmissionReview we can answer."""
+    status = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": message,
+        "reason": "BadRequest",
+        "code": 400,
+    }
+    return Answer(400, _dumps(status).encode(), RESULT_BAD_REQUEST, "BadRequest")
+
+
+def _respond(api_version: str, uid: str, response: dict[str, Any]) -> bytes:
+    response = {"uid": uid, **response}
+    return _dumps({"apiVersion": api_version, "kind": KIND, "response": response}).encode()
+
+
+def _allow(api_version: str, uid: str, patch: list[dict[str, Any]]) -> Answer:
+    if not patch:
+        return Answer(200, _respond(api_version, uid, {"allowed": True}), RESULT_ALLOWED)
+    encoded = base64.b64encode(_dumps(patch).encode()).decode()
+    body = _respond(api_version, uid, {"allowed": True, "patchType": "JSONPatch", "patch": encoded})
+    return Answer(200, body, RESULT_PATCHED)
+
+
+def _refuse(api_version: str, uid: str, reason: str, message: str, code: int = 403) -> Answer:
+    status = {"code": code, "reason": _STATUS_REASONS.get(code, "Forbidden"), "message": message}
+    return Answer(200, _respond(api_version, uid, {"allowed": False, "status": status}), RESULT_REFUSED, reason)
+
+
+def _group_kind(value: Any) -> tuple[Any, Any]:
+    if not isinstance(value, Mapping):
+        return None, None
+    return value.get("group"), value.get("kind") or value.get("resource")
+
+
+def review(body: bytes, lookup: mutation.ImportLookup) -> Answer:
+    """Answer one AdmissionReview request body."""
+    if len(body) > MAX_BODY_BYTES:
+        return bad_request(f"The request body is larger than {MAX_BODY_BYTES} bytes; send a single AdmissionReview.")
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return bad_request("The request body is not JSON; send an admission.k8s.io/v1 AdmissionReview.")
+    if not isinstance(document, dict):
+        return bad_request("The request body is not a JSON object; send an admission.k8s.io/v1 AdmissionReview.")
+    api_version = document.get("apiVersion")
+    if document.get("kind") != KIND or api_version not in API_VERSIONS:
+        return bad_request(
+            "The request body is not an AdmissionReview of admission.k8s.io/v1 or v1beta1; "
+            "list those in admissionReviewVersions."
+        )
+    request = document.get("request")
+    if not isinstance(request, dict):
+        return bad_request("The AdmissionReview has no request; the API server sends one with every review.")
+    uid = request.get("uid")
+    if not isinstance(uid, str) or not uid:
+        return bad_request("The AdmissionReview request has no uid; the API server sends one with every review.")
+    try:
+        return _review_request(api_version, uid, request, lookup)
+    except mutation.LookupWouldBlock:
+        raise
+    except mutation.LookupFailed as exc:
+        return _refuse(api_version, uid, mutation.REASON_LOOKUP_FAILED, str(exc), code=503)
+    except Exception:
+        # A bug must not take pod creation down with a 500 loop; refuse this pod and log the details.
+        log.exception("unexpected error while reviewing request %s", uid[:64])
+        return Answer(
+            200,
+            _respond(
+                api_version,
+                uid,
+                {
+                    "allowed": False,
+                    "status": {
+                        "code": 500,
+                        "reason": "InternalError",
+                        "message": "The service account import webhook failed unexpectedly; retry, and report it "
+                        "with the webhook's logs if it persists.",
+                    },
+                },
+            ),
+            RESULT_ERROR,
+            REASON_INTERNAL,
+        )
+
+
+def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup: mutation.ImportLookup) -> Answer:
+    if request.get("operation") != "CREATE":
+        return _allow(api_version, uid, [])
+    if request.get("subResource"):
+        # pods/binding, pods/eviction, ...: not a pod being created, not ours to judge.
+        return _allow(api_version, uid, [])
+    group, kind = _group_kind(request.get("kind"))
+    pod = request.get("object")
+    if (
+        kind != "Pod"
+        or group not in ("", None)
+        or not isinstance(pod, dict)
+        or pod.get("kind", "Pod") != "Pod"
+        or pod.get("apiVersion", "v1") != "v1"
+    ):
+        return _refuse(
+            api_version,
+            uid,
+            REASON_NOT_A_POD,
+            "This webhook only admits core/v1 pods; limit the MutatingWebhookConfiguration's rules to pods CREATE.",
+            code=400,
+        )
+    namespace = request.get("namespace")
+    if not namespace:
+        metadata = pod.get("metadata")
+        namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
+    decision = mutation.decide(pod, namespace if isinstance(namespace, str) else "", lookup)
+    if decision.allowed:
+        return _allow(api_version, uid, decision.patch)
+    code = 400 if decision.reason == mutation.REASON_INVALID_POD else 403
+    return _refuse(api_version, uid, decision.reason, decision.message, code=code)
