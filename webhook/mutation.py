@@ -140,8 +140,8 @@ def _mount_for(name: str) -> dict[str, Any]:
     return {"name": api.volume_name_for_import(name), "mountPath": api.mount_path_for_import(name), "readOnly": True}
 
 
-def _normalized_path(path: Any) -> Any:
-    return path.rstrip("/") or "/" if isinstance(path, str) else path
+def _normalized_path(path: str) -> str:
+    return path.rstrip("/") or "/"
 
 
 def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
@@ -154,7 +154,10 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
     volumes = spec.get("volumes")
     if volumes is not None and not isinstance(volumes, list):
         return refuse(REASON_INVALID_POD, "The pod's spec.volumes is malformed; it must be a list.")
-    existing_volumes = {v.get("name"): v for v in volumes or () if isinstance(v, Mapping)}
+    # Only string names can collide with ours; anything else is the API server's validation to reject.
+    existing_volumes = {
+        v["name"]: v for v in volumes or () if isinstance(v, Mapping) and isinstance(v.get("name"), str)
+    }
     new_volumes = []
     for name in names:
         wanted = _volume_for(name)
@@ -192,7 +195,9 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
                     f"The pod's spec.{field_name}[{index}].volumeMounts is malformed; it must be a list.",
                 )
             by_path = {
-                _normalized_path(m.get("mountPath")): m.get("name") for m in mounts or () if isinstance(m, Mapping)
+                _normalized_path(m["mountPath"]): m.get("name")
+                for m in mounts or ()
+                if isinstance(m, Mapping) and isinstance(m.get("mountPath"), str)
             }
             new_mounts = []
             for mount in wanted_mounts:
