@@ -1,0 +1,87 @@
+"""`python -m controller` / `kubemcsa-controller`: run the ServiceAccountImport controller until SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+
+from kubemcsa import api
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="kubemcsa-controller", description=__doc__)
+    parser.add_argument("--kubeconfig", help="kubeconfig of the local cluster (default: in-cluster, then KUBECONFIG)")
+    parser.add_argument("--source-kubeconfig", help="kubeconfig whose contexts are source clusters (context = name)")
+    parser.add_argument("--imports-dir", default=api.MOUNT_ROOT, help="where service-account imports are mounted")
+    parser.add_argument("--namespace", help="watch only this namespace (default: all)")
+    parser.add_argument("--system-namespace", default=api.SYSTEM_NAMESPACE, help="namespace of the Lease and sources")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--identity", help="leader election identity (default: hostname and a random suffix)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def local_client(kubeconfig: str | None) -> ApiClient:
+    """The local cluster's client: --kubeconfig, else in-cluster, else KUBECONFIG / ~/.kube/config."""
+    if kubeconfig:
+        return kube_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        configuration = type.__call__(kube_config.kube_config.Configuration)
+        kube_config.load_incluster_config(client_configuration=configuration)
+        return ApiClient(configuration)
+    return kube_config.new_client_from_config(persist_config=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from controller.run import Controller  # imported late so --help is fast
+
+    try:
+        client = local_client(args.kubeconfig)
+    except (kube_config.ConfigException, OSError) as exc:
+        print(
+            f"kubemcsa-controller: cannot load the local cluster's configuration ({exc}); "
+            "pass --kubeconfig or run in a pod.",
+            file=sys.stderr,
+        )
+        return 2
+    source_kubeconfig = args.source_kubeconfig
+    if source_kubeconfig and not os.path.exists(source_kubeconfig):
+        logging.getLogger(__name__).warning(
+            "--source-kubeconfig %s does not exist yet; watching for it", source_kubeconfig
+        )
+    controller = Controller(
+        client,
+        source_kubeconfig=source_kubeconfig,
+        imports_dir=args.imports_dir,
+        namespace=args.namespace,
+        system_namespace=args.system_namespace,
+        leader_election=args.leader_election,
+        identity=args.identity,
+        metrics_port=args.metrics_port,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    controller.start()
+    try:
+        while not stop.wait(1):
+            pass
+    finally:
+        controller.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
