@@ -1,0 +1,310 @@
+"""The `kubemcsa` command (also the kubectl plugin `kubectl mcsa`): bootstrap, export, status, demo.
+
+Each command prints what it does on stdout; an error is one sentence on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+
+import urllib3
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa import api, config, kube
+from kubemcsa.credentials import CredentialsError
+
+EXIT_OK = 0
+EXIT_NOT_READY = 1  # `status`: some import is not ready
+EXIT_ERROR = 2  # bad usage or a failure
+
+
+class CommandError(Exception):
+    """A failure the user can fix; the message is the one sentence printed on stderr."""
+
+
+def _examples(text: str) -> str:
+    return "examples:\n" + textwrap.indent(textwrap.dedent(text).strip("\n"), "  ")
+
+
+def _prog() -> str:
+    name = os.path.basename(sys.argv[0] or "kubemcsa")
+    return "kubectl mcsa" if name.startswith("kubectl-mcsa") else "kubemcsa"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    prog = _prog()
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Import Kubernetes service accounts from other clusters (multicluster-service-account).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} bootstrap --target-context cluster1 --source-context cluster2
+            {prog} export pod-lister -n default --context cluster2 | kubectl --context cluster1 apply -f -
+            {prog} status -A
+            {prog} demo
+            """
+        ),
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    boot = commands.add_parser(
+        "bootstrap",
+        help="let the controller of a target cluster import service accounts from a source cluster",
+        description=(
+            "In the source cluster, create the namespace multicluster-service-account, a service account named "
+            "after the target cluster and the least RBAC the controller needs (request tokens, read service "
+            "accounts). In the target cluster, create a ServiceAccountImport named after the source cluster for that "
+            "service account, and its first Secret, so that the controller reaches the source at once. Running it "
+            "again changes nothing and says so."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} bootstrap --target-context cluster1 --source-context cluster2
+            {prog} bootstrap --target-context c1 --source-context c2 --target-kubeconfig c1 --source-kubeconfig c2
+            {prog} bootstrap --target-context c1 --source-context c2 --source-namespaces team-a,team-b
+            {prog} bootstrap --target-context kind-a --source-context kind-b --source-server https://10.0.0.7:6443
+            """
+        ),
+    )
+    boot.add_argument("--target-context", required=True, help="kubeconfig context of the cluster to import INTO")
+    boot.add_argument("--source-context", required=True, help="kubeconfig context of the cluster to import FROM")
+    boot.add_argument("--target-kubeconfig", help="kubeconfig file for the target (default: $KUBECONFIG)")
+    boot.add_argument("--source-kubeconfig", help="kubeconfig file for the source (default: $KUBECONFIG)")
+    boot.add_argument("--target-name", help="name of the target cluster (default: the context's cluster name)")
+    boot.add_argument(
+        "--source-name",
+        help="name of the source cluster, i.e. the clusterName imports use (default: the context's cluster name)",
+    )
+    boot.add_argument(
+        "--source-namespaces",
+        metavar="NS[,NS...]",
+        help="grant access in these source namespaces only (default: all namespaces)",
+    )
+    boot.add_argument(
+        "--legacy-tokens",
+        action="store_true",
+        help="also let the controller create and read legacy token Secrets in the source (clusters before 1.22)",
+    )
+    boot.add_argument(
+        "--source-server",
+        metavar="URL",
+        help="URL the target reaches the source at, if not the one in the source kubeconfig (e.g. kind clusters)",
+    )
+
+    exp = commands.add_parser(
+        "export",
+        help="print a Secret with a service account's credentials, for kubectl apply in another cluster",
+        description=(
+            "Print a Secret manifest (YAML) with the keys ca.crt, namespace, token, server and config for service "
+            "account NAME, ready for `kubectl apply -f -` in another cluster. The token comes from the TokenRequest "
+            "API (its real expiry is in an annotation); --legacy makes a long-lived token Secret instead. The output "
+            "contains a token: pipe it, do not paste it into tickets."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} export pod-lister -n default --context cluster2 | kubectl --context cluster1 apply -f -
+            {prog} export ci-bot -n ci --as cluster2-ci-bot --duration 24h --audience https://kubernetes.default.svc
+            {prog} export old-bot --legacy --context cluster-1-21 > old-bot-secret.yaml
+            """
+        ),
+    )
+    exp.add_argument("name", metavar="NAME", help="the service account to export")
+    exp.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    exp.add_argument("--context", help="kubeconfig context of the cluster that has the service account")
+    exp.add_argument("-n", "--namespace", help="namespace of the service account (default: the context's)")
+    exp.add_argument("--as", dest="export_name", metavar="EXPORT_NAME", help="name of the Secret (default: NAME-token)")
+    exp.add_argument(
+        "--audience",
+        dest="audiences",
+        action="append",
+        metavar="AUDIENCE",
+        help="audience of the token (repeatable; default: the API server's own)",
+    )
+    exp.add_argument(
+        "--duration",
+        metavar="DURATION",
+        help="how long the token is valid, e.g. 3600s, 90m, 24h (default: the API server's; it may cap it)",
+    )
+    exp.add_argument("--legacy", action="store_true", help="export a long-lived token from a token Secret instead")
+
+    stat = commands.add_parser(
+        "status",
+        help="list ServiceAccountImports with their readiness, reason and token expiry",
+        description=(
+            "Show each ServiceAccountImport with its source cluster, remote service account, Ready condition, "
+            "reason and time to token expiry, then what to fix for each one that is not ready. Exit status 1 if any "
+            "import is not ready, so scripts can check."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} status
+            {prog} status -A
+            {prog} status -n multicluster-service-account --context cluster1 || echo "some import is broken"
+            """
+        ),
+    )
+    stat.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    stat.add_argument("--context", help="kubeconfig context (default: the current one)")
+    scope = stat.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="namespace to list (default: the context's)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="list imports of all namespaces")
+
+    demo = commands.add_parser(
+        "demo",
+        help="play the Getting Started flow on two in-memory clusters, printing each step",
+        description=(
+            "Start two in-memory clusters, the controller and the admission webhook, then play the Getting Started "
+            "flow: a service account in cluster2, its import in cluster1, an annotated pod admitted with the "
+            "Secret mounted, and a client built from the mount listing cluster2's pods. Nothing is installed."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} demo
+            {prog} demo --keep-running    # leave the clusters up and print their kubeconfig paths
+            """
+        ),
+    )
+    demo.add_argument(
+        "--keep-running", action="store_true", help="leave everything running until Ctrl-C (prints kubeconfigs)"
+    )
+    return parser
+
+
+# --- commands --------------------------------------------------------------------------------------------------
+
+
+def _run_bootstrap(args: argparse.Namespace) -> int:
+    from kubemcsa import bootstrap
+
+    source_info = config.context_cluster_info(args.source_context, args.source_kubeconfig)
+    target_info = config.context_cluster_info(args.target_context, args.target_kubeconfig)
+    the_plan = bootstrap.plan(
+        args.target_name or target_info.cluster_name,
+        args.source_name or source_info.cluster_name,
+        source_namespaces=args.source_namespaces.split(",") if args.source_namespaces is not None else None,
+        legacy_tokens=args.legacy_tokens,
+    )
+    source_server = (args.source_server or source_info.server).rstrip("/")
+    if not source_server.startswith("https://"):
+        raise CommandError(f"--source-server {source_server!r} is not an https:// URL; give the API server's URL.")
+    source_client = config.context_config_and_namespace(source_info.context, args.source_kubeconfig).api_client()
+    target_client = config.context_config_and_namespace(target_info.context, args.target_kubeconfig).api_client()
+    try:
+        print(
+            f"Bootstrapping target cluster {the_plan.target_name!r} (context {target_info.context!r}) to import from "
+            f"source cluster {the_plan.source_name!r} (context {source_info.context!r})",
+            flush=True,
+        )
+        result = bootstrap.apply(
+            the_plan,
+            bootstrap.Cluster("source", the_plan.source_name, source_client, source_server, source_info.ca_pem),
+            bootstrap.Cluster("target", the_plan.target_name, target_client, target_info.server),
+            report=lambda line: print(line, flush=True),
+        )
+    finally:
+        source_client.close()
+        target_client.close()
+    print(result.summary())
+    if result.changed:
+        print(
+            f"The controller in {the_plan.target_name!r} now reaches {the_plan.source_name!r}; check with: "
+            f"kubemcsa status -n {api.SYSTEM_NAMESPACE} --context {target_info.context}"
+        )
+    return EXIT_OK
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from kubemcsa import export
+
+    try:
+        seconds = export.parse_duration(args.duration) if args.duration else None
+    except ValueError as exc:
+        raise CommandError(f"--duration {exc}") from None
+    manifest = export.export(
+        args.name,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        namespace=args.namespace,
+        export_name=args.export_name,
+        audiences=args.audiences,
+        expiration_seconds=seconds,
+        legacy=args.legacy,
+    )
+    sys.stdout.write(export.render_yaml(manifest))  # the intended output: the only place a token is printed
+    return EXIT_OK
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from kubemcsa import status
+
+    context = config.context_config_and_namespace(args.context, args.kubeconfig)
+    namespace = None if args.all_namespaces else (args.namespace or context.namespace)
+    client = context.api_client()
+    try:
+        imports = status.list_imports(client, namespace)
+    finally:
+        client.close()
+    statuses = status.rows(imports, dt.datetime.now(dt.UTC))
+    if not statuses and namespace:
+        print(f"No ServiceAccountImports found in namespace {namespace}.")
+        return EXIT_OK
+    sys.stdout.write(status.format_table(statuses, show_namespace=namespace is None))
+    return EXIT_OK if all(s.is_ready for s in statuses) else EXIT_NOT_READY
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from kubemcsa import demo
+
+    return demo.main(keep_running=args.keep_running)
+
+
+COMMANDS = {"bootstrap": _run_bootstrap, "export": _run_export, "status": _run_status, "demo": _run_demo}
+
+
+def _error_sentence(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"the API server refused the request: {kube.error_message(exc)}."
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
+        return f"cannot reach the API server ({type(exc).__name__}); check the context, the server URL and the network."
+    return str(exc)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; return its exit status (the console scripts exit with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from kubemcsa.bootstrap import BootstrapError
+    from kubemcsa.export import ExportError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (
+        CommandError,
+        CredentialsError,
+        BootstrapError,
+        ExportError,
+        ApiException,
+        urllib3.exceptions.HTTPError,
+    ) as exc:
+        print(f"{parser.prog} {args.command}: error: {_error_sentence(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"{parser.prog} {args.command}: error: {_error_sentence(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog} {args.command}: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""The pure part of bootstrap: names, the plan, comparing and merging objects, the first Secret."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kubemcsa import api, bootstrap
+from kubemcsa.credentials import Credentials, from_secret_data
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+
+
+def fake_jwt(claims: dict) -> str:
+    def part(obj: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def test_plan_cluster_wide() -> None:
+    plan = bootstrap.plan("cluster1", "cluster2")
+    kinds = [o["kind"] for o in plan.source]
+    assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+    sa = by_kind(plan.source, "ServiceAccount")[0]
+    assert sa["metadata"] == {
+        "name": "cluster1",
+        "namespace": api.SYSTEM_NAMESPACE,
+        "labels": {bootstrap.MANAGED_BY_LABEL: bootstrap.MANAGED_BY_VALUE},
+    }
+    rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
+    granted = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
+    assert granted == {("serviceaccounts", "get"), ("serviceaccounts/token", "create")}
+    binding = by_kind(plan.source, "ClusterRoleBinding")[0]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cluster1", "namespace": api.SYSTEM_NAMESPACE}]
+    assert binding["roleRef"]["name"] == plan.rbac_name
+    sai = by_kind(plan.target, api.KIND)[0]
+    assert sai["metadata"]["name"] == "cluster2"
+    assert sai["metadata"]["namespace"] == api.SYSTEM_NAMESPACE
+    assert sai["spec"] == {"clusterName": "cluster2", "namespace": api.SYSTEM_NAMESPACE, "name": "cluster1"}
+
+
+def test_plan_with_source_namespaces_binds_only_there_and_legacy_adds_secrets() -> None:
+    plan = bootstrap.plan("c1", "c2", source_namespaces=["team-a", " team-b", "team-a", ""], legacy_tokens=True)
+    assert not by_kind(plan.source, "ClusterRoleBinding")
+    assert [o["metadata"]["namespace"] for o in by_kind(plan.source, "RoleBinding")] == ["team-a", "team-b"]
+    rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
+    assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]} in rules
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"target_name": "gke_proj_zone_c1", "source_name": "c2"}, "--target-name gke-proj-zone-c1"),
+        (
+            {"target_name": "c1", "source_name": "arn:aws:eks:x:1:cluster/c2"},
+            "--source-name arn-aws-eks-x-1-cluster-c2",
+        ),
+        ({"target_name": "c1", "source_name": "c2", "source_namespaces": [" ", ""]}, "is empty"),
+        ({"target_name": "c1", "source_name": "c2", "source_namespaces": ["Bad_NS"]}, "not a valid namespace"),
+    ],
+)
+def test_invalid_names_are_refused_with_a_suggestion(kwargs: dict, message: str) -> None:
+    with pytest.raises(bootstrap.BootstrapError, match=message):
+        bootstrap.plan(**kwargs)
+
+
+@given(st.text(max_size=300))
+def test_suggested_names_are_always_valid(value: str) -> None:
+    assert api.is_dns_subdomain(bootstrap.suggest_name(value))
+
+
+def test_long_target_names_still_give_valid_rbac_names_and_labels() -> None:
+    target = ("a" * 60 + ".") * 4
+    target = target[:250].rstrip(".")
+    plan = bootstrap.plan(target, "c2")
+    assert len(plan.rbac_name) <= 253
+    assert len(plan.target_label) <= 63
+
+
+def test_is_subset_tolerates_server_defaults_but_not_differences() -> None:
+    desired = {"subjects": [{"kind": "ServiceAccount", "name": "x"}], "spec": {"a": 1}}
+    assert bootstrap.is_subset(
+        desired, {"subjects": [{"kind": "ServiceAccount", "name": "x", "apiGroup": ""}], "spec": {"a": 1, "b": 2}}
+    )
+    assert not bootstrap.is_subset(desired, {"subjects": [{"kind": "ServiceAccount", "name": "y"}], "spec": {"a": 1}})
+    assert not bootstrap.is_subset({"l": [1, 2]}, {"l": [1]})
+    assert bootstrap.is_subset({"l": [], "x": None}, {})
+
+
+def test_needs_update_merged_and_recreate() -> None:
+    desired = bootstrap.plan("c1", "c2").source[3]  # the ClusterRoleBinding
+    existing = json.loads(json.dumps(desired))
+    existing["metadata"].update(resourceVersion="7", uid="u", labels={**desired["metadata"]["labels"], "extra": "kept"})
+    assert not bootstrap.needs_update(existing, desired)
+    existing["subjects"] = []
+    assert bootstrap.needs_update(existing, desired)
+    body = bootstrap.merged(existing, desired)
+    assert body["metadata"]["resourceVersion"] == "7"
+    assert body["metadata"]["labels"]["extra"] == "kept"
+    assert body["subjects"] == desired["subjects"]
+    assert not bootstrap.needs_recreate(existing, desired)
+    existing["roleRef"] = {**desired["roleRef"], "name": "other"}
+    assert bootstrap.needs_recreate(existing, desired)
+
+
+def test_stale_bindings_are_only_managed_ones_the_plan_dropped() -> None:
+    cluster_wide = bootstrap.plan("c1", "c2")
+    namespaced = bootstrap.plan("c1", "c2", source_namespaces=["a"])
+    existing = [o for o in cluster_wide.source if o["kind"] == "ClusterRoleBinding"]
+    unmanaged = {"kind": "RoleBinding", "metadata": {"name": "x", "namespace": "b", "labels": {}}}
+    wanted = [o for o in namespaced.source if o["kind"].endswith("Binding")]
+    stale = bootstrap.stale_bindings([*existing, unmanaged, *wanted], wanted)
+    assert [o["kind"] for o in stale] == ["ClusterRoleBinding"]
+
+
+def imported(uid: str = "uid-1") -> dict:
+    sai = bootstrap.plan("c1", "c2").target[1]
+    return {**sai, "metadata": {**sai["metadata"], "uid": uid}}
+
+
+def secret_with(token: str, uid: str = "uid-1", server: str = "https://c2:6443") -> dict:
+    creds = Credentials(server=server, ca_crt=CA, token=token, namespace=api.SYSTEM_NAMESPACE)
+    return bootstrap.import_secret(imported(uid), creds)
+
+
+def test_import_secret_is_labelled_owned_and_holds_the_five_keys() -> None:
+    token = fake_jwt({"sub": "system:serviceaccount:multicluster-service-account:c1"})
+    secret = secret_with(token)
+    assert secret["metadata"]["name"] == api.secret_name_for_import("c2")
+    assert secret["metadata"]["labels"] == {api.IMPORT_LABEL: "c2"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert secret["metadata"]["ownerReferences"][0]["controller"] is True
+    assert sorted(secret["data"]) == sorted(api.SECRET_KEYS)
+    assert from_secret_data(secret["data"]).token == token
+    assert "cluster: c2" in base64.b64decode(secret["data"]["config"]).decode()
+
+
+def is_current(secret: dict, uid: str = "uid-1", server: str = "https://c2:6443", now: dt.datetime = NOW) -> bool:
+    return bootstrap.secret_is_current(secret, imported(uid), server=server, ca_pem=CA, service_account="c1", now=now)
+
+
+def test_secret_is_current_keeps_a_good_token_and_replaces_a_bad_one() -> None:
+    sub = "system:serviceaccount:multicluster-service-account:c1"
+    later = int((NOW + dt.timedelta(hours=20)).timestamp())
+    good = secret_with(fake_jwt({"sub": sub, "exp": later}))
+    assert is_current(good)
+    assert is_current(secret_with("opaque-legacy-token"))  # not a JWT: nothing to check, keep it
+    assert not is_current(good, uid="uid-2")  # import recreated
+    assert not is_current(good, server="https://elsewhere:6443")
+    assert not is_current(secret_with(fake_jwt({"sub": "system:serviceaccount:x:y", "exp": later})))
+    soon = int((NOW + dt.timedelta(minutes=5)).timestamp())
+    assert not is_current(secret_with(fake_jwt({"sub": sub, "exp": soon})))
+    broken = secret_with(fake_jwt({"sub": sub}))
+    del broken["data"]["token"]
+    assert not is_current(broken)
+    unlabelled = secret_with(fake_jwt({"sub": sub}))
+    unlabelled["metadata"]["labels"] = {}
+    assert not is_current(unlabelled)
+
+
+@given(st.text(max_size=200))
+def test_jwt_claims_never_crashes(token: str) -> None:
+    assert isinstance(bootstrap.jwt_claims(token), dict)
+
+
+def test_summary_says_nothing_changed_or_counts() -> None:
+    result = bootstrap.Result()
+    result.steps.append(bootstrap.Step("source", "c2", "Namespace", "x", None, "unchanged"))
+    assert "Nothing to do" in result.summary()
+    result.steps.append(bootstrap.Step("target", "c1", "Secret", "s", "ns", "created"))
+    assert result.summary() == "Bootstrap complete: 1 created, 0 updated, 0 deleted, 1 unchanged."
+    assert str(result.steps[1]) == "target cluster 'c1': Secret ns/s created"
