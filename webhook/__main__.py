@@ -1,0 +1,309 @@
+"""`python -m webhook` / `kubemcsa-webhook`: serve the admission webhook over TLS with uvicorn.
+
+    python -m webhook --port 9443 --tls-cert-file /certs/tls.crt --tls-key-file /certs/tls.key [--kubeconfig F]
+    python -m webhook --port 9443 --manage-certificates --cert-dir /run/tls   # no cert-manager needed
+
+It reaches its cluster in-cluster, else through --kubeconfig or KUBECONFIG. The certificate files are watched
+and reloaded into the live TLS context when they change (a renewal drops no request). With
+--manage-certificates, the webhook itself keeps the CA, the serving certificate (in a Secret shared by all
+replicas) and the MutatingWebhookConfiguration's caBundle up to date (certs.manager). SIGTERM: readiness turns
+off, and after --shutdown-delay seconds (for the endpoints to forget this pod) in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import uvicorn
+from kubernetes import client, config
+from kubernetes.config.config_exception import ConfigException
+
+from certs import manager
+from certs.reloader import CertificateReloader, RenewalLoop
+from kubemcsa import api
+from webhook.app import WebhookCache, create_app
+from webhook.cache import WatchCache
+
+log = logging.getLogger("webhook")
+
+SERVICE_NAME = "service-account-import-admission-controller"
+WEBHOOK_CONFIGURATION_NAME = "service-account-import-admission-controller"
+CERT_SECRET_NAME = "service-account-import-admission-controller-cert"
+DEFAULT_PORT = 9443
+EXIT_FAILED = 1
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, remembering its event loop (the reloader swaps certificates on it)."""
+
+    loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+
+class WebhookServer:
+    """The webhook served over TLS in a background thread: `WebhookServer(api_client, cert, key).start()`.
+
+    Used by main(), tests, the demo and the benchmark. `cache` defaults to a WatchCache on `api_client` (started
+    and stopped with the server); port 0 picks a free port (see `.url`). The certificate files are checked every
+    `reload_interval` seconds and reloaded when they change.
+    """
+
+    def __init__(
+        self,
+        api_client: client.ApiClient | None,
+        cert_file: str | os.PathLike[str],
+        key_file: str | os.PathLike[str],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        cache: WebhookCache | None = None,
+        reload_interval: float = 2.0,
+        graceful_timeout: float = 10.0,
+    ) -> None:
+        if cache is None and api_client is None:
+            raise ValueError("WebhookServer needs an api_client or a cache")
+        self.cert_file = str(cert_file)
+        self.key_file = str(key_file)
+        self.host = host
+        self.port = port
+        self._own_cache = cache is None
+        self.cache: Any = cache if cache is not None else WatchCache(api_client)  # type: ignore[arg-type]
+        self.reload_interval = reload_interval
+        self.graceful_timeout = graceful_timeout
+        self.reloader: CertificateReloader | None = None
+        self._tls_loaded = False
+        self.app = create_app(self.cache, tls_ready=lambda: self._tls_loaded)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._reload_thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, e.g. https://127.0.0.1:PORT (the webhook is at url + "/mutate-pods")."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> WebhookServer:
+        if self._own_cache:
+            self.cache.start()
+        uvicorn_config = uvicorn.Config(
+            self.app,
+            host=self.host,
+            port=self.port,
+            ssl_certfile=self.cert_file,
+            ssl_keyfile=self.key_file,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=self.graceful_timeout,
+            # The API server keeps connections open between pod creations; don't make it re-handshake often.
+            timeout_keep_alive=65,
+        )
+        uvicorn_config.load()  # Raises here, in the caller's thread, if the certificate files are unusable.
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.set_inheritable(True)
+        self.port = sock.getsockname()[1]
+        self._server = _Server(uvicorn_config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="webhook-http")
+        self._thread.daemon = True
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the webhook server did not start on {self.url}; see the log above for why")
+            time.sleep(0.01)
+        self.reloader = CertificateReloader(uvicorn_config.ssl, self.cert_file, self.key_file, loop=self._server.loop)
+        self.reloader.mark_loaded()
+        self._tls_loaded = True
+        self._reload_thread = threading.Thread(target=self._reload_loop, name="webhook-cert-reload", daemon=True)
+        self._reload_thread.start()
+        log.info("serving the webhook on %s", self.url)
+        return self
+
+    def _reload_loop(self) -> None:
+        while not self._stopped.wait(self.reload_interval):
+            if self.reloader is not None:
+                self.reloader.check()
+
+    def drain(self) -> None:
+        """Turn readiness off (the first step of a graceful stop)."""
+        self.app.state.draining = True
+
+    def stop(self) -> None:
+        """Stop accepting connections, let in-flight requests finish (up to graceful_timeout), stop the cache."""
+        self._stopped.set()
+        self.drain()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(self.graceful_timeout + 5)
+        if self._reload_thread is not None:
+            self._reload_thread.join(5)
+        if self._own_cache:
+            self.cache.stop()
+
+    def __enter__(self) -> WebhookServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _api_client(kubeconfig: str | None) -> client.ApiClient:
+    """--kubeconfig, else the pod's service account, else KUBECONFIG or ~/.kube/config."""
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except ConfigException:
+        return config.new_client_from_config()
+    return client.ApiClient(configuration)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubemcsa-webhook",
+        description="Serve the admission webhook that mounts ServiceAccountImport Secrets into annotated pods.",
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"HTTPS port (default: {DEFAULT_PORT})")
+    parser.add_argument("--tls-cert-file", help="serving certificate (PEM), e.g. from a cert-manager Secret")
+    parser.add_argument("--tls-key-file", help="its private key (PEM)")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else KUBECONFIG or ~/.kube/config)")
+    certs = parser.add_argument_group("certificate management (instead of cert-manager)")
+    certs.add_argument(
+        "--manage-certificates",
+        action="store_true",
+        help="create and renew the CA and serving certificate in a Secret, inject the CA into the webhook "
+        "configuration's caBundle, and write the files into --cert-dir",
+    )
+    certs.add_argument("--cert-dir", default="/tmp/webhook-tls", help="where to write tls.crt and tls.key")  # noqa: S108
+    certs.add_argument(
+        "--namespace",
+        default=None,
+        help=f"namespace of the Service and the Secret (default: the pod's own, else {api.SYSTEM_NAMESPACE})",
+    )
+    certs.add_argument("--service", default=SERVICE_NAME, help="the webhook's Service (for the DNS names)")
+    certs.add_argument("--cert-secret", default=CERT_SECRET_NAME, help="Secret holding the CA and certificate")
+    certs.add_argument(
+        "--webhook-configuration", default=WEBHOOK_CONFIGURATION_NAME, help="MutatingWebhookConfiguration to inject"
+    )
+    certs.add_argument("--renew-interval", type=float, default=3600.0, help="seconds between certificate checks")
+    parser.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=5.0,
+        help="seconds between SIGTERM and closing the listener, while endpoints stop sending traffic",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _own_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as file:
+            return file.read().strip() or api.SYSTEM_NAMESPACE
+    except OSError:
+        return api.SYSTEM_NAMESPACE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.manage_certificates:
+        if args.tls_cert_file or args.tls_key_file:
+            print("error: with --manage-certificates, choose where the files go with --cert-dir", file=sys.stderr)
+            return 2
+        cert_file = os.path.join(args.cert_dir, manager.CERT_FILE)
+        key_file = os.path.join(args.cert_dir, manager.KEY_FILE)
+    elif args.tls_cert_file and args.tls_key_file:
+        cert_file, key_file = args.tls_cert_file, args.tls_key_file
+    else:
+        print("error: pass --tls-cert-file and --tls-key-file, or --manage-certificates", file=sys.stderr)
+        return 2
+    try:
+        api_client = _api_client(args.kubeconfig)
+    except (ConfigException, OSError, ValueError) as exc:
+        print(f"error: no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod", file=sys.stderr)
+        return EXIT_FAILED
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    renewal: RenewalLoop | None = None
+    if args.manage_certificates:
+        renewal = RenewalLoop(
+            api_client,
+            namespace=args.namespace or _own_namespace(),
+            secret_name=args.cert_secret,
+            service_name=args.service,
+            webhook_configuration_name=args.webhook_configuration,
+            directory=args.cert_dir,
+            interval_seconds=args.renew_interval,
+        )
+        # Serve only once a trusted certificate exists; retry until then (RBAC or the configuration may lag).
+        delay = 1.0
+        while True:
+            try:
+                renewal.run_once()
+                break
+            except (manager.CertificateError, OSError) as exc:
+                log.warning("cannot set up the webhook's certificates yet, retrying in %.0fs: %s", delay, exc)
+            if stop.wait(delay):
+                return EXIT_FAILED
+            delay = min(delay * 2, 30)
+
+    server = WebhookServer(api_client, cert_file, key_file, host=args.host, port=args.port)
+    try:
+        server.start()
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"error: cannot serve on {args.host}:{args.port} with {cert_file} ({exc})", file=sys.stderr)
+        return EXIT_FAILED
+    if renewal is not None:
+        renewal.reloader = server.reloader
+        renewal.start()
+    try:
+        while not stop.wait(1.0):
+            if server._thread is not None and not server._thread.is_alive():
+                log.error("the HTTP server stopped unexpectedly; exiting so that the pod restarts")
+                return EXIT_FAILED
+        log.info("stopping: not ready any more, closing in %.0fs", args.shutdown_delay)
+        server.drain()
+        time.sleep(args.shutdown_delay)
+    finally:
+        if renewal is not None:
+            renewal.stop()
+        server.stop()
+        with contextlib.suppress(Exception):
+            api_client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
