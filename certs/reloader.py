@@ -79,6 +79,7 @@ class CertificateReloader:
         self._signature: tuple[Any, ...] | None = None
         self._loaded_digest: str | None = None
         self._rejected_digest: str | None = None
+        self._read_problem: str | None = None
         self.reloads = 0
 
     def __repr__(self) -> str:
@@ -100,8 +101,12 @@ class CertificateReloader:
             signature = self._stat_signature()
             cert_pem, key_pem = self.cert_file.read_bytes(), self.key_file.read_bytes()
         except OSError as exc:
-            log.warning("cannot read the TLS certificate or key (%s); keeping the current one", exc.strerror)
+            problem = f"{exc.strerror}: {exc.filename}"
+            if problem != self._read_problem:  # once per distinct problem, not at every check
+                log.warning("cannot read the TLS certificate or key (%s); keeping the current one", problem)
+            self._read_problem = problem
             return None
+        self._read_problem = None
         digest = hashlib.sha256(cert_pem + b"\0" + key_pem).hexdigest()
         return signature, digest, cert_pem, key_pem
 
