@@ -409,3 +409,89 @@ def test_secret_sources(tmp_path) -> None:
     assert registry.get("c3") is None
     assert registry.set_secret({"metadata": {"name": "x", "labels": {api.IMPORT_LABEL: "c4"}}, "data": {}}) == set()
     assert "lacks" in registry.error_for("c4")
+
+
+# --- leader election (pure parts) ---
+def test_lease_update_counts_transitions_only_on_change_of_hands() -> None:
+    from controller.leader import LeaseView, may_acquire, read_lease, released_lease, updated_lease
+
+    lease = updated_lease({"metadata": {"name": "l"}, "spec": {}}, "a", 15, NOW)
+    assert read_lease(lease) == LeaseView(holder="a", duration=15, transitions=0, version="")
+    renewed = updated_lease(lease, "a", 15, NOW + 1)
+    assert renewed["spec"]["acquireTime"] == lease["spec"]["acquireTime"]
+    taken = updated_lease(renewed, "b", 15, NOW + 30)
+    assert read_lease(taken).transitions == 1 and taken["spec"]["acquireTime"] != lease["spec"]["acquireTime"]
+    view = read_lease(taken)
+    assert not may_acquire(view, "a", observed_for=1)
+    assert may_acquire(view, "a", observed_for=15)
+    assert may_acquire(view, "b", observed_for=0)
+    assert may_acquire(read_lease(released_lease(taken, NOW)), "a", observed_for=0)
+    assert read_lease({"spec": {"leaseDurationSeconds": "x", "leaseTransitions": True}}).duration == 15
+
+
+# --- metrics and health endpoints ---
+def test_health_server_and_metrics() -> None:
+    import httpx
+
+    from controller.metrics import HealthServer, Metrics
+
+    metrics = Metrics()
+    metrics.reconciles.labels("success").inc()
+    metrics.set_expiry("a/b", 4_000_000_000)
+    ready = {"value": False}
+    server = HealthServer(metrics, 0, healthy=lambda: True, ready=lambda: ready["value"]).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(base + "/healthz").status_code == 200
+        assert httpx.get(base + "/readyz").status_code == 503
+        ready["value"] = True
+        assert httpx.get(base + "/readyz").status_code == 200
+        body = httpx.get(base + "/metrics").text
+        assert 'kubemcsa_controller_reconciles_total{result="success"} 1.0' in body
+        assert "kubemcsa_controller_seconds_to_next_expiry" in body
+        assert httpx.get(base + "/nope").status_code == 404
+    finally:
+        server.stop()
+
+
+# --- manifests ---
+def test_crd_schema_matches_the_code() -> None:
+    from pathlib import Path
+
+    from controller.spec import TOKEN_TYPES
+
+    root = Path(__file__).resolve().parent.parent / "manifests"
+    crd = yaml.safe_load((root / "crd" / "serviceaccountimports.yaml").read_text())
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["metadata"]["name"] == api.CRD_NAME
+    assert crd["spec"]["names"]["shortNames"] == [api.SHORT_NAME]
+    version = crd["spec"]["versions"][0]
+    assert version["name"] == api.VERSION and version["subresources"] == {"status": {}}
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert spec["required"] == ["clusterName", "namespace", "name"]
+    assert tuple(spec["properties"]["tokenType"]["enum"]) == TOKEN_TYPES
+    assert spec["properties"]["expirationSeconds"]["minimum"] == api.MIN_EXPIRATION_SECONDS
+    assert spec["properties"]["expirationSeconds"]["default"] == api.DEFAULT_EXPIRATION_SECONDS
+    columns = {c["name"] for c in version["additionalPrinterColumns"]}
+    assert {"Cluster", "Remote-Namespace", "Remote-Name", "Ready", "Expires", "Age"} <= columns
+
+
+def test_controller_rbac_is_least_privilege() -> None:
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "manifests" / "controller"
+    docs = list(yaml.safe_load_all((root / "rbac.yaml").read_text()))
+    verbs = {
+        (group, resource): set(rule["verbs"])
+        for doc in docs
+        if doc["kind"] in ("ClusterRole", "Role")
+        for rule in doc["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+    }
+    assert "delete" not in verbs[("", "secrets")] and "*" not in str(docs)
+    assert verbs[(api.GROUP, api.PLURAL)] == {"get", "list", "watch"}
+    deployment = yaml.safe_load((root / "deployment.yaml").read_text())
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "ghcr.io/admiraltyio/multicluster-service-account:0.6.0"
+    assert container["command"][0] == "kubemcsa-controller"

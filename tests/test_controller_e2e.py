@@ -1,0 +1,593 @@
+"""The import controller end to end, against two in-memory clusters over real HTTPS with the real client.
+
+cluster1 is local (the controller runs there with a token of its ServiceAccount, bound to the RBAC of
+manifests/controller, to prove that RBAC is enough); cluster2 is the source, where the controller's identity
+may only `create serviceaccounts/token` (plus secrets rights in the legacy-mode test).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config import new_client_from_config
+
+from controller.run import Controller
+from kubemcsa import api, kube
+from kubemcsa.config import import_config_and_namespace
+from kubemcsa.credentials import Credentials, to_secret_data
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+SYSTEM_NS = api.SYSTEM_NAMESPACE
+CONTROLLER_SA = "service-account-import-controller"
+REMOTE_SA = "import-controller"  # the controller's identity in cluster2
+WAIT = 30.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    resource = kube.Resource(client, kube.resource_type_of(obj))
+    try:
+        return resource.create(obj, (obj.get("metadata") or {}).get("namespace"))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        return resource.get(obj["metadata"]["name"], (obj.get("metadata") or {}).get("namespace"))
+
+
+def apply_file(client: ApiClient, path: Path, skip_kinds: tuple[str, ...] = ()) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc.get("kind") not in skip_kinds:
+            create(client, doc)
+
+
+def role(namespace: str, name: str, rules: list[dict[str, Any]], subject_ns: str, subject: str) -> list[dict]:
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": name, "namespace": namespace},
+            "rules": rules,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": name, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": subject, "namespace": subject_ns}],
+        },
+    ]
+
+
+def service_account(namespace: str, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}
+
+
+TOKEN_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
+LEGACY_RULES = [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
+
+
+@dataclass
+class Env:
+    c1: Any
+    c2: Any
+    tmp: Path
+    admin1: ApiClient
+    admin2: ApiClient
+    controller_client: ApiClient
+    source_kubeconfig: str
+    remote_token: str
+    controllers: list[Controller] = field(default_factory=list)
+
+    @property
+    def controller_user(self) -> str:
+        return f"system:serviceaccount:{SYSTEM_NS}:{CONTROLLER_SA}"
+
+    @property
+    def remote_user(self) -> str:
+        return f"system:serviceaccount:default:{REMOTE_SA}"
+
+    def start_controller(self, client: ApiClient | None = None, **kwargs: Any) -> Controller:
+        options: dict[str, Any] = {
+            "source_kubeconfig": self.source_kubeconfig,
+            "leader_election": False,
+            "remote_timeout": 3.0,
+            "file_poll_seconds": 0.1,
+            "backoff_base": 0.1,
+            "backoff_max": 1.0,
+        }
+        options.update(kwargs)
+        controller = Controller(client or self.controller_client, **options)
+        self.controllers.append(controller)
+        controller.start()
+        assert controller.wait_until_ready(WAIT)
+        return controller
+
+    def create_import(self, name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+        body = {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister", **spec}
+        obj = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace}}
+        obj["spec"] = body
+        return kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(obj, namespace)
+
+    def get_import(self, name: str, namespace: str = "default") -> dict[str, Any]:
+        return kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).get(name, namespace)
+
+    def secret(self, import_name: str, namespace: str = "default") -> dict[str, Any] | None:
+        try:
+            return kube.Resource(self.admin1, kube.SECRETS).get(api.secret_name_for_import(import_name), namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def ready(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        for cond in (self.get_import(name, namespace).get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "Ready":
+                return cond
+        return None
+
+    def wait_ready(self, name: str, status: str = "True", reason: str | None = None, namespace: str = "default"):
+        def check() -> dict[str, Any] | None:
+            cond = self.ready(name, namespace)
+            if cond and cond["status"] == status and (reason is None or cond["reason"] == reason):
+                return cond
+            return None
+
+        return wait_for(check, what=f"import {name} Ready={status} {reason or ''}")
+
+
+def setup_cluster1(c1: Any) -> tuple[ApiClient, ApiClient]:
+    admin = c1.admin_client()
+    apply_file(admin, MANIFESTS / "crd" / "serviceaccountimports.yaml")
+    apply_file(admin, MANIFESTS / "namespace.yaml")
+    apply_file(admin, MANIFESTS / "controller" / "serviceaccount.yaml")
+    apply_file(admin, MANIFESTS / "controller" / "rbac.yaml")
+    token = c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600)
+    return admin, c1.client_for_token(token)
+
+
+def setup_cluster2(c2: Any, extra_rules: list[dict[str, Any]] | None = None) -> tuple[ApiClient, str]:
+    admin = c2.admin_client()
+    create(admin, service_account("default", "pod-lister"))
+    for obj in role(
+        "default",
+        "pod-lister",
+        [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        "default",
+        "pod-lister",
+    ):
+        create(admin, obj)
+    create(admin, service_account("default", REMOTE_SA))
+    for obj in role("default", "token-requester", TOKEN_RULES + (extra_rules or []), "default", REMOTE_SA):
+        create(admin, obj)
+    create(
+        admin,
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"containers": [{"name": "web", "image": "nginx"}]},
+        },
+    )
+    return admin, c2.issue_token("default", REMOTE_SA, expiration_seconds=3600)
+
+
+@pytest.fixture
+def make_env(api_server_factory, tmp_path: Path) -> Iterator[Callable[..., Env]]:
+    envs: list[Env] = []
+
+    def make(max_token_expiration_seconds: int | None = None, extra_rules: list | None = None) -> Env:
+        c1 = api_server_factory(name="cluster1")
+        c2 = api_server_factory(name="cluster2", max_token_expiration_seconds=max_token_expiration_seconds)
+        admin1, controller_client = setup_cluster1(c1)
+        admin2, remote_token = setup_cluster2(c2, extra_rules)
+        path = str(tmp_path / "sources.kubeconfig")
+        c2.write_kubeconfig(path, context="cluster2", token=remote_token)
+        env = Env(c1, c2, tmp_path, admin1, admin2, controller_client, path, remote_token)
+        envs.append(env)
+        return env
+
+    yield make
+    for env in envs:
+        for controller in env.controllers:
+            controller.stop()
+
+
+@pytest.fixture
+def env(make_env) -> Env:
+    return make_env()
+
+
+def mount(secret: dict[str, Any], directory: Path) -> None:
+    """Write a Secret's keys into `directory` as the kubelet does (each file replaced atomically)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for key, value in (secret.get("data") or {}).items():
+        tmp = directory / f".{key}.tmp"
+        tmp.write_bytes(base64.b64decode(value))
+        os.replace(tmp, directory / key)
+
+
+def writes_by(server: Any, user: str) -> list[Any]:
+    """The requests of `user` that are not reads (list/watch/get) nor leader election."""
+    return [
+        r
+        for r in server.requests
+        if r.user == user and r.verb not in ("get", "list", "watch") and r.resource != "leases"
+    ]
+
+
+def reads_by(server: Any, user: str) -> list[Any]:
+    return [r for r in server.requests if r.user == user and r.verb == "get" and r.resource != "leases"]
+
+
+# --- the Getting Started flow ---------------------------------------------------------------------------------
+
+
+def test_getting_started_secret_works_and_is_least_privilege(env: Env) -> None:
+    env.start_controller()
+    env.c1.reset_requests()
+    env.c2.reset_requests()
+    env.create_import("cluster2-default-pod-lister")
+    cond = env.wait_ready("cluster2-default-pod-lister")
+    assert cond["reason"] == api.REASON_TOKEN_ISSUED
+    secret = env.secret("cluster2-default-pod-lister")
+    assert set(secret["data"]) == set(api.SECRET_KEYS)
+    assert secret["metadata"]["labels"][api.IMPORT_LABEL] == "cluster2-default-pod-lister"
+    owner = secret["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == api.KIND and owner["controller"] and owner["blockOwnerDeletion"]
+    status = env.get_import("cluster2-default-pod-lister")["status"]
+    assert status["secrets"] == [{"name": "cluster2-default-pod-lister-token"}]
+    assert status["expirationTimestamp"] and status["lastRefreshTime"] and status["observedGeneration"] == 1
+
+    directory = env.tmp / "mnt" / "cluster2-default-pod-lister"
+    mount(secret, directory)
+    remote = new_client_from_config(config_file=str(directory / "config"), persist_config=False)
+    pods = kube.Resource(remote, kube.PODS).list("default")
+    assert [p["metadata"]["name"] for p in pods["items"]] == ["web"]
+    for forbidden in (
+        lambda: kube.Resource(remote, kube.SECRETS).list("default"),
+        lambda: kube.Resource(remote, kube.PODS).list("kube-system"),
+    ):
+        with pytest.raises(ApiException) as info:
+            forbidden()
+        assert info.value.status == 403
+
+    # At most 3 API calls for a new import across both clusters, and no GET: the caches have the answers.
+    wait_for(lambda: len(writes_by(env.c1, env.controller_user)) >= 2, what="the status write")
+    local = writes_by(env.c1, env.controller_user)
+    remote_calls = [r for r in env.c2.requests if r.user == env.remote_user]
+    assert [(r.verb, r.resource, r.subresource) for r in remote_calls] == [("create", "serviceaccounts", "token")]
+    assert sorted((r.verb, r.resource) for r in local) == [("create", "secrets"), ("patch", "serviceaccountimports")]
+    assert not reads_by(env.c1, env.controller_user)
+
+
+def test_steady_state_makes_no_api_calls(env: Env) -> None:
+    controller = env.start_controller(resync_seconds=0.2)
+    env.create_import("a")
+    env.wait_ready("a")
+    env.wait_ready  # noqa: B018 - settle: the status write's own watch event is reconciled with no call
+    wait_for(lambda: len(writes_by(env.c1, env.controller_user)) >= 2, what="initial writes")
+    env.c1.reset_requests()
+    env.c2.reset_requests()
+    before = controller.metrics.reconciles.labels("success")._value.get()
+    # Several resyncs replay the import: each is reconciled from the caches alone.
+    wait_for(lambda: controller.metrics.reconciles.labels("success")._value.get() >= before + 5, what="resyncs")
+    assert writes_by(env.c1, env.controller_user) == []
+    assert reads_by(env.c1, env.controller_user) == []
+    assert [r for r in env.c2.requests if r.user == env.remote_user] == []
+
+
+# --- rotation ----------------------------------------------------------------------------------------------------
+
+
+def test_rotation_keeps_a_long_running_client_working(make_env) -> None:
+    env = make_env(max_token_expiration_seconds=4)
+    env.start_controller()
+    env.create_import("rot")
+    env.wait_ready("rot")
+    mount_root = env.tmp / "imports"
+    stop = threading.Event()
+
+    def kubelet() -> None:  # re-projects the Secret into the volume when it changes, as the kubelet does
+        last = None
+        while not stop.is_set():
+            secret = env.secret("rot")
+            if secret and secret["data"] != last:
+                mount(secret, mount_root / "rot")
+                last = secret["data"]
+            stop.wait(0.05)
+
+    mount(env.secret("rot"), mount_root / "rot")
+    first_token = (mount_root / "rot" / "token").read_text()
+    thread = threading.Thread(target=kubelet, daemon=True)
+    thread.start()
+    try:
+        client = import_config_and_namespace("rot", mount_root).api_client()
+        pods = kube.Resource(client, kube.PODS)
+        seen = {first_token}
+        first_expiry = time.time() + 4
+
+        def rotated_past_first_expiry() -> bool:
+            assert pods.list("default")["items"]  # every call on the same client keeps working
+            seen.add((mount_root / "rot" / "token").read_text())
+            return len(seen) >= 3 and time.time() > first_expiry + 1
+
+        wait_for(rotated_past_first_expiry, what="two rotations")
+        # The first token is really dead: rotation was needed.
+        dead = env.c2.client_for_token(first_token)
+        with pytest.raises(ApiException) as info:
+            kube.Resource(dead, kube.PODS).list("default")
+        assert info.value.status == 401
+        assert env.ready("rot")["status"] == "True"
+    finally:
+        stop.set()
+        thread.join(5)
+    events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
+    assert any(e["reason"] == "TokenRefreshed" and e["type"] == "Normal" for e in events)
+    assert not any(first_token in str(e) for e in events)
+
+
+# --- lifecycle ---------------------------------------------------------------------------------------------------
+
+
+def test_delete_import_deletes_secret_and_deleted_secret_is_recreated(env: Env) -> None:
+    env.start_controller()
+    env.create_import("life")
+    env.wait_ready("life")
+    uid = env.secret("life")["metadata"]["uid"]
+    token_requests = len([r for r in env.c2.requests if r.user == env.remote_user])
+
+    kube.Resource(env.admin1, kube.SECRETS).delete("life-token", "default")
+    recreated = wait_for(lambda: (s := env.secret("life")) and s["metadata"]["uid"] != uid and s, what="recreation")
+    assert set(recreated["data"]) == set(api.SECRET_KEYS)
+    # Recreated from the controller's memory: the token was still fresh, no new token request.
+    assert len([r for r in env.c2.requests if r.user == env.remote_user]) == token_requests
+
+    # An edit is repaired.
+    edited = dict(recreated)
+    edited["data"] = {**recreated["data"], "token": base64.b64encode(b"garbage").decode()}
+    kube.Resource(env.admin1, kube.SECRETS).replace(edited, "default")
+    wait_for(lambda: env.secret("life")["data"]["token"] == recreated["data"]["token"], what="repair")
+
+    kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).delete("life", "default")
+    wait_for(lambda: env.secret("life") is None, what="garbage collection of the Secret")
+
+
+def test_secret_name_conflict_is_reported_and_never_overwritten(env: Env) -> None:
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "conf-token", "namespace": "default", "labels": {api.IMPORT_LABEL: "conf"}},
+        "data": {"mine": base64.b64encode(b"keep me").decode()},
+    }
+    create(env.admin1, foreign)
+    env.start_controller()
+    env.create_import("conf")
+    cond = env.wait_ready("conf", "False", api.REASON_SECRET_CONFLICT)
+    assert "conf-token" in cond["message"]
+    assert env.secret("conf")["data"] == foreign["data"]
+    kube.Resource(env.admin1, kube.SECRETS).delete("conf-token", "default")
+    env.wait_ready("conf")
+
+
+def test_remote_service_account_deleted_then_recreated(make_env) -> None:
+    env = make_env(max_token_expiration_seconds=4)
+    env.start_controller()
+    env.create_import("gone")
+    env.wait_ready("gone")
+    kube.Resource(env.admin2, kube.SERVICE_ACCOUNTS).delete("pod-lister", "default")
+    cond = env.wait_ready("gone", "False", api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND)
+    assert "default/pod-lister" in cond["message"] and "cluster2" in cond["message"]
+    assert env.secret("gone") is not None  # the last Secret stays
+    events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
+    assert any(e["type"] == "Warning" and e["reason"] == api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND for e in events)
+    create(env.admin2, service_account("default", "pod-lister"))
+    env.wait_ready("gone")
+
+
+def test_unknown_cluster_then_added_to_source_kubeconfig(env: Env) -> None:
+    env.start_controller()
+    env.create_import("far", clusterName="cluster3")
+    cond = env.wait_ready("far", "False", api.REASON_UNKNOWN_CLUSTER)
+    assert "cluster3" in cond["message"] and "cluster2" in cond["message"]
+    env.c2.write_kubeconfig(env.source_kubeconfig, context="cluster3", token=env.remote_token)
+    env.wait_ready("far")
+
+
+def test_remote_forbidden_then_granted(env: Env) -> None:
+    create(env.admin2, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+    create(env.admin2, service_account("other", "reader"))
+    env.start_controller()
+    env.create_import("nope", namespace="default", **{"namespace": "other", "name": "reader"})
+    cond = env.wait_ready("nope", "False", api.REASON_FORBIDDEN)
+    assert "serviceaccounts/token" in cond["message"]
+    for obj in role("other", "token-requester", TOKEN_RULES, "default", REMOTE_SA):
+        create(env.admin2, obj)
+    env.wait_ready("nope")
+
+
+def test_invalid_spec(env: Env) -> None:
+    env.start_controller()
+    env.create_import("bad", namespace="default", **{"namespace": "Not_A_Namespace"})
+    cond = env.wait_ready("bad", "False", api.REASON_INVALID_SPEC)
+    assert "spec.namespace" in cond["message"]
+
+
+def test_remote_down_then_back(env: Env) -> None:
+    env.start_controller()
+    env.c2.stop()
+    env.create_import("down")
+    cond = env.wait_ready("down", "False", api.REASON_REMOTE_UNREACHABLE)
+    assert "cluster2" in cond["message"]
+    env.c2.start()
+    env.wait_ready("down")
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+def remote_credentials(env: Env) -> Credentials:
+    return Credentials(server=env.c2.url, ca_crt=env.c2.ca_pem, token=env.remote_token, namespace="default")
+
+
+def test_mounted_import_source_picked_up_while_running(env: Env) -> None:
+    imports_dir = env.tmp / "controller-imports"
+    imports_dir.mkdir()
+    env.start_controller(source_kubeconfig=None, imports_dir=str(imports_dir))
+    env.create_import("m", clusterName="mounted2")
+    env.wait_ready("m", "False", api.REASON_UNKNOWN_CLUSTER)
+    mount({"data": to_secret_data(remote_credentials(env), "mounted2")}, imports_dir / "mounted2")
+    env.wait_ready("m")
+
+
+def test_system_namespace_secret_source(env: Env) -> None:
+    env.start_controller(source_kubeconfig=None)
+    env.create_import("s", clusterName="boot2")
+    env.wait_ready("s", "False", api.REASON_UNKNOWN_CLUSTER)
+    create(
+        env.admin1,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": api.secret_name_for_import("boot2"),
+                "namespace": SYSTEM_NS,
+                "labels": {api.IMPORT_LABEL: "boot2"},
+            },
+            "data": to_secret_data(remote_credentials(env), "boot2"),
+        },
+    )
+    env.wait_ready("s")
+
+
+def test_legacy_token_mode(make_env) -> None:
+    env = make_env(extra_rules=LEGACY_RULES)
+    env.start_controller()
+    env.create_import("old", tokenType="Legacy")
+    env.wait_ready("old")
+    status = env.get_import("old")["status"]
+    assert "expirationTimestamp" not in status
+    directory = env.tmp / "legacy"
+    mount(env.secret("old"), directory)
+    remote = new_client_from_config(config_file=str(directory / "config"), persist_config=False)
+    assert kube.Resource(remote, kube.PODS).list("default")["items"]
+
+
+# --- leader election -----------------------------------------------------------------------------------------------
+
+
+def test_only_the_leader_writes_and_stopping_it_hands_over(env: Env) -> None:
+    second_sa = CONTROLLER_SA + "-2"
+    create(env.admin1, service_account(SYSTEM_NS, second_sa))
+    for doc in yaml.safe_load_all((MANIFESTS / "controller" / "rbac.yaml").read_text()):
+        if doc["kind"] in ("ClusterRoleBinding", "RoleBinding"):
+            doc["metadata"]["name"] += "-2"
+            doc["subjects"][0]["name"] = second_sa
+            create(env.admin1, doc)
+    second_client = env.c1.client_for_token(env.c1.issue_token(SYSTEM_NS, second_sa, expiration_seconds=3600))
+    election = {"leader_election": True, "lease_duration": 3.0, "renew_deadline": 2.0, "retry_period": 0.1}
+    first = env.start_controller(identity="first", **election)
+    wait_for(lambda: first.is_leader, what="first leader")
+    second = env.start_controller(second_client, identity="second", **election)
+    env.create_import("one")
+    env.wait_ready("one")
+    second_user = f"system:serviceaccount:{SYSTEM_NS}:{second_sa}"
+    assert writes_by(env.c1, env.controller_user)
+    assert not second.is_leader
+    assert writes_by(env.c1, second_user) == []
+    lease = kube.Resource(env.admin1, kube.LEASES).get("service-account-import-controller", SYSTEM_NS)
+    assert lease["spec"]["holderIdentity"] == "first"
+
+    first.stop()
+    wait_for(lambda: second.is_leader, timeout=10, what="hand-over")
+    env.create_import("two")
+    env.wait_ready("two")
+    assert any(r.resource == "secrets" for r in writes_by(env.c1, second_user))
+    lease = kube.Resource(env.admin1, kube.LEASES).get("service-account-import-controller", SYSTEM_NS)
+    assert lease["spec"]["holderIdentity"] == "second" and lease["spec"]["leaseTransitions"] >= 1
+
+
+# --- the process ----------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_main_serves_metrics_and_stops_on_sigterm(env: Env) -> None:
+    local = env.tmp / "local.kubeconfig"
+    env.c1.write_kubeconfig(str(local), token=env.c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600))
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "controller",
+            "--kubeconfig",
+            str(local),
+            "--source-kubeconfig",
+            env.source_kubeconfig,
+            "--metrics-port",
+            str(port),
+            "--imports-dir",
+            str(env.tmp / "none"),
+            "--log-level",
+            "DEBUG",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, what="/readyz")
+        env.create_import("proc")
+        env.wait_ready("proc")
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert "kubemcsa_controller_tokens_refreshed_total 1.0" in metrics
+        assert "kubemcsa_controller_is_leader 1.0" in metrics
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        output = process.stdout.read().decode()
+        token = base64.b64decode(env.secret("proc")["data"]["token"]).decode()
+        assert token not in output and env.remote_token not in output
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
