@@ -350,7 +350,8 @@ class Controller:
 
         with self._lock:
             issued = self._issued.get(key)
-        self.metrics.set_expiry(key, issued.expires_at if issued is not None and not decision.failed else None)
+        if issued is not None and not decision.failed:
+            self.metrics.set_expiry(key, issued.expires_at)
 
         if decision.failed:
             reason = decision.failure.reason if decision.failure else "Unknown"
@@ -359,6 +360,9 @@ class Controller:
             delay = self.queue.add_rate_limited(key)
             log.info("import %s: %s; retrying in %.1fs", key, reason, delay)
         else:
+            for event_type, reason, _ in decision.events:
+                if event_type == "Warning":
+                    self.metrics.errors.labels(reason).inc()
             self.queue.forget(key)
             self.metrics.reconciles.labels("success").inc()
         if decision.requeue_at is not None:
