@@ -1,0 +1,74 @@
+"""Authentication and authorization of requests to the in-memory API server.
+
+The admin token is a `system:masters` user; a service-account token is verified by tokens.py and is only
+alive while its ServiceAccount (and, for a legacy token, its Secret) is; no token is `system:anonymous`.
+Authorization is RBAC over the objects in the store (rbac.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from kubemcsa.testing import errors, rbac, tokens
+from kubemcsa.testing.rbac import RequestAttributes, UserInfo
+from kubemcsa.testing.store import Store
+
+ADMIN = UserInfo("admin", ("system:masters", "system:authenticated"))
+ANONYMOUS = UserInfo("system:anonymous", ("system:unauthenticated",))
+
+
+class Authenticator:
+    def __init__(self, store: Store, authority: tokens.TokenAuthority, admin_token: str) -> None:
+        self.store = store
+        self.authority = authority
+        self._admin_token = admin_token
+
+    def __repr__(self) -> str:
+        return "Authenticator(<redacted>)"
+
+    def _lookup_sa(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.store.get("/serviceaccounts", namespace, name)
+
+    def _lookup_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.store.get("/secrets", namespace, name)
+
+    def authenticate(self, authorization: str | None) -> UserInfo:
+        """The user behind an Authorization header; 401 Unauthorized for a token nobody issued (or revoked)."""
+        if not authorization:
+            return ANONYMOUS
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise errors.unauthorized()
+        if hmac.compare_digest(token.encode(), self._admin_token.encode()):
+            return ADMIN
+        claims = self.authority.authenticate(
+            token, lookup_service_account=self._lookup_sa, lookup_secret=self._lookup_secret
+        )
+        if claims is None:
+            raise errors.unauthorized()
+        return tokens.user_for_claims(claims)
+
+    def authorize(self, user: UserInfo, attrs: RequestAttributes) -> None:
+        """Raise 403 Forbidden with kube's message unless RBAC allows the request."""
+        if "system:masters" in user.groups:
+            return
+        with self.store.lock:
+            namespace = attrs.namespace if attrs.resource_request else None
+            roles = self.store.list("rbac.authorization.k8s.io/roles", namespace)[0] if namespace else []
+            bindings = self.store.list("rbac.authorization.k8s.io/rolebindings", namespace)[0] if namespace else []
+            cluster_roles = self.store.list("rbac.authorization.k8s.io/clusterroles")[0]
+            cluster_bindings = self.store.list("rbac.authorization.k8s.io/clusterrolebindings")[0]
+        allowed = rbac.authorize(
+            user,
+            attrs,
+            roles=roles,
+            cluster_roles=cluster_roles,
+            role_bindings=bindings,
+            cluster_role_bindings=cluster_bindings,
+        )
+        if not allowed:
+            raise errors.StatusError(
+                403, "Forbidden", rbac.forbidden_message(user, attrs), rbac.forbidden_details(attrs)
+            )

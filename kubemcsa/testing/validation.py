@@ -1,0 +1,437 @@
+"""Validation of objects written to the in-memory API server (pure functions).
+
+Each check returns (field, message) causes, turned into a 422 Invalid Status by the caller; messages follow
+kube-apiserver's wording. Custom resources are pruned and validated against their CRD's structural schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from kubemcsa.testing.resources import ResourceInfo
+
+Cause = tuple[str, str]
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_CONFIG_KEY = re.compile(r"^[-._a-zA-Z0-9]+$")
+_DNS_LABEL_MSG = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and "
+    "end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+_DNS_SUBDOMAIN_MSG = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must "
+    "start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+MAX_ANNOTATIONS_BYTES = 256 * 1024
+
+
+def _q(value: Any) -> str:
+    return json.dumps(value)
+
+
+def name_causes(name: str, rule: str, field: str = "metadata.name") -> list[Cause]:
+    """Why `name` is not a valid object name under `rule` ("label", "subdomain" or "path")."""
+    if rule == "path":
+        if name in (".", ".."):
+            return [(field, f"Invalid value: {_q(name)}: may not be '{name}'")]
+        for bad in ("/", "%"):
+            if bad in name:
+                return [(field, f"Invalid value: {_q(name)}: may not contain '{bad}'")]
+        return []
+    if rule == "label":
+        if len(name) > 63:
+            return [(field, f"Invalid value: {_q(name)}: must be no more than 63 characters")]
+        if not _DNS_LABEL.match(name):
+            return [(field, f"Invalid value: {_q(name)}: {_DNS_LABEL_MSG}")]
+        return []
+    if len(name) > 253:
+        return [(field, f"Invalid value: {_q(name)}: must be no more than 253 characters")]
+    if not _DNS_SUBDOMAIN.match(name):
+        return [(field, f"Invalid value: {_q(name)}: {_DNS_SUBDOMAIN_MSG}")]
+    return []
+
+
+def qualified_key_causes(key: str, field: str) -> list[Cause]:
+    """Label and annotation keys: `[prefix/]name`, prefix a DNS subdomain, name up to 63 characters."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return [(field, f"Invalid value: {_q(key)}: prefix part {_DNS_SUBDOMAIN_MSG}")]
+    if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
+        return [
+            (
+                field,
+                f"Invalid value: {_q(key)}: name part must consist of alphanumeric characters, '-', '_' or '.', "
+                "and must start and end with an alphanumeric character (max 63 characters)",
+            )
+        ]
+    return []
+
+
+def metadata_causes(obj: dict[str, Any], info: ResourceInfo) -> list[Cause]:
+    """Causes common to every object: name, labels, annotations, finalizers, ownerReferences."""
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return [("metadata", "Required value")]
+    causes: list[Cause] = []
+    name = meta.get("name")
+    if not name:
+        if not meta.get("generateName"):
+            causes.append(("metadata.name", "Required value: name or generateName is required"))
+    elif not isinstance(name, str):
+        causes.append(("metadata.name", f"Invalid value: {_q(name)}: must be a string"))
+    else:
+        causes.extend(name_causes(name, info.name_rule))
+    labels = meta.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict):
+            causes.append(("metadata.labels", "Invalid value: must be a map of strings"))
+        else:
+            for key, value in labels.items():
+                causes.extend(qualified_key_causes(key, "metadata.labels"))
+                if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+                    causes.append(
+                        (
+                            "metadata.labels",
+                            f"Invalid value: {_q(value)}: a valid label must be an empty string or consist of "
+                            "alphanumeric characters, '-', '_' or '.', and must start and end with an "
+                            "alphanumeric character (max 63 characters)",
+                        )
+                    )
+    annotations = meta.get("annotations")
+    if annotations is not None:
+        if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+            causes.append(("metadata.annotations", "Invalid value: must be a map of strings"))
+        else:
+            for key in annotations:
+                causes.extend(qualified_key_causes(key.lower(), "metadata.annotations"))
+            size = sum(len(k) + len(v) for k, v in annotations.items())
+            if size > MAX_ANNOTATIONS_BYTES:
+                causes.append(("metadata.annotations", f"Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"))
+    finalizers = meta.get("finalizers")
+    if finalizers is not None and (
+        not isinstance(finalizers, list) or not all(isinstance(f, str) and f for f in finalizers)
+    ):
+        causes.append(("metadata.finalizers", "Invalid value: must be a list of non-empty strings"))
+    refs = meta.get("ownerReferences")
+    if refs is not None:
+        if not isinstance(refs, list):
+            causes.append(("metadata.ownerReferences", "Invalid value: must be a list"))
+        else:
+            for i, ref in enumerate(refs):
+                where = f"metadata.ownerReferences[{i}]"
+                if not isinstance(ref, dict):
+                    causes.append((where, "Invalid value: must be an object"))
+                    continue
+                for key in ("apiVersion", "kind", "name", "uid"):
+                    if not ref.get(key):
+                        causes.append((f"{where}.{key}", 'Invalid value: "": ' + f"{key} must not be empty"))
+            controllers = [r for r in refs if isinstance(r, dict) and r.get("controller")]
+            if len(controllers) > 1:
+                causes.append(
+                    ("metadata.ownerReferences", "Invalid value: Only one reference can have Controller set to true")
+                )
+    return causes
+
+
+def _data_key_causes(data: Any, field: str) -> list[Cause]:
+    causes: list[Cause] = []
+    if data is None:
+        return causes
+    if not isinstance(data, dict):
+        return [(field, "Invalid value: must be a map")]
+    for key in data:
+        if not _CONFIG_KEY.match(key) or len(key) > 253:
+            causes.append(
+                (
+                    f"{field}[{key}]",
+                    f"Invalid value: {_q(key)}: a valid config key must consist of alphanumeric characters, "
+                    "'-', '_' or '.' (e.g. 'key.name',  or 'KEY_NAME',  or 'key-name', regex used for "
+                    "validation is '[-._a-zA-Z0-9]+')",
+                )
+            )
+    return causes
+
+
+def secret_causes(obj: dict[str, Any]) -> list[Cause]:
+    """Secret keys, base64 values, and the service-account-token annotation."""
+    data = obj.get("data")
+    causes = _data_key_causes(data, "data")
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if not isinstance(value, str):
+                causes.append((f"data[{key}]", "Invalid value: must be a base64-encoded string"))
+                continue
+            try:
+                base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                causes.append((f"data[{key}]", "Invalid value: illegal base64 data"))
+    string_data = obj.get("stringData")
+    causes.extend(_data_key_causes(string_data, "stringData"))
+    if isinstance(string_data, dict) and not all(isinstance(v, str) for v in string_data.values()):
+        causes.append(("stringData", "Invalid value: values must be strings"))
+    if obj.get("type") == "kubernetes.io/service-account-token":
+        annotations = (obj.get("metadata") or {}).get("annotations") or {}
+        if not annotations.get("kubernetes.io/service-account.name"):
+            causes.append(("metadata.annotations[kubernetes.io/service-account.name]", "Required value"))
+    return causes
+
+
+def configmap_causes(obj: dict[str, Any]) -> list[Cause]:
+    causes = _data_key_causes(obj.get("data"), "data") + _data_key_causes(obj.get("binaryData"), "binaryData")
+    data = obj.get("data")
+    if isinstance(data, dict) and not all(isinstance(v, str) for v in data.values()):
+        causes.append(("data", "Invalid value: values must be strings"))
+    return causes
+
+
+def pod_causes(obj: dict[str, Any]) -> list[Cause]:
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return [("spec.containers", "Required value")]
+    causes: list[Cause] = []
+    containers = spec.get("containers")
+    if not isinstance(containers, list) or not containers:
+        causes.append(("spec.containers", "Required value"))
+    for kind in ("containers", "initContainers"):
+        seen: set[str] = set()
+        for i, c in enumerate(spec.get(kind) or []):
+            where = f"spec.{kind}[{i}]"
+            if not isinstance(c, dict):
+                causes.append((where, "Invalid value: must be an object"))
+                continue
+            name = c.get("name")
+            if not name:
+                causes.append((f"{where}.name", "Required value"))
+            elif name in seen:
+                causes.append((f"{where}.name", f"Duplicate value: {_q(name)}"))
+            else:
+                seen.add(name)
+                causes.extend(name_causes(str(name), "label", f"{where}.name"))
+            if not c.get("image"):
+                causes.append((f"{where}.image", "Required value"))
+    volumes = set()
+    for i, v in enumerate(spec.get("volumes") or []):
+        name = v.get("name") if isinstance(v, dict) else None
+        if not name:
+            causes.append((f"spec.volumes[{i}].name", "Required value"))
+        elif name in volumes:
+            causes.append((f"spec.volumes[{i}].name", f"Duplicate value: {_q(name)}"))
+        volumes.add(name)
+    for kind in ("containers", "initContainers"):
+        for i, c in enumerate(spec.get(kind) or []):
+            paths: set[str] = set()
+            for j, m in enumerate((c.get("volumeMounts") or []) if isinstance(c, dict) else []):
+                where = f"spec.{kind}[{i}].volumeMounts[{j}]"
+                if not isinstance(m, dict) or m.get("name") not in volumes:
+                    causes.append((f"{where}.name", f"Not found: {_q((m or {}).get('name'))}"))
+                elif m.get("mountPath") in paths:
+                    causes.append((f"{where}.mountPath", f"Invalid value: {_q(m.get('mountPath'))}: must be unique"))
+                if isinstance(m, dict):
+                    paths.add(m.get("mountPath"))
+    return causes
+
+
+def crd_causes(obj: dict[str, Any]) -> list[Cause]:
+    """The parts of CRD validation clients rely on: names, group, scope, versions, one storage version."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return [("spec", "Required value")]
+    causes: list[Cause] = []
+    group = spec.get("group")
+    names = spec.get("names") or {}
+    plural = names.get("plural")
+    if not group or not isinstance(group, str) or "." not in group:
+        causes.append(("spec.group", f"Invalid value: {_q(group)}: should be a domain with at least one dot"))
+    if not plural:
+        causes.append(("spec.names.plural", "Required value"))
+    if not names.get("kind"):
+        causes.append(("spec.names.kind", "Required value"))
+    if not names.get("listKind") and names.get("kind"):
+        pass  # defaulted by the caller
+    name = (obj.get("metadata") or {}).get("name")
+    if plural and group and name != f"{plural}.{group}":
+        causes.append(("metadata.name", f'Invalid value: {_q(name)}: must be spec.names.plural+"."+spec.group'))
+    if spec.get("scope") not in ("Namespaced", "Cluster"):
+        causes.append(
+            ("spec.scope", f'Unsupported value: {_q(spec.get("scope"))}: supported values: "Cluster", "Namespaced"')
+        )
+    versions = spec.get("versions")
+    if not isinstance(versions, list) or not versions:
+        causes.append(("spec.versions", "Invalid value: must have exactly one version marked as storage version"))
+        return causes
+    storage = [v for v in versions if isinstance(v, dict) and v.get("storage")]
+    if len(storage) != 1:
+        causes.append(("spec.versions", "Invalid value: must have exactly one version marked as storage version"))
+    for i, v in enumerate(versions):
+        if not isinstance(v, dict) or not v.get("name"):
+            causes.append((f"spec.versions[{i}].name", "Required value"))
+            continue
+        schema = (v.get("schema") or {}).get("openAPIV3Schema")
+        if schema is None:
+            causes.append((f"spec.versions[{i}].schema.openAPIV3Schema", "Required value: schemas are required"))
+        elif not isinstance(schema, dict) or schema.get("type") != "object":
+            causes.append(
+                (f"spec.versions[{i}].schema.openAPIV3Schema.type", "Unsupported value: must be object at the root")
+            )
+    return causes
+
+
+def object_causes(obj: dict[str, Any], info: ResourceInfo) -> list[Cause]:
+    causes = metadata_causes(obj, info)
+    if info.group == "" and info.plural == "secrets":
+        causes += secret_causes(obj)
+    elif info.group == "" and info.plural == "configmaps":
+        causes += configmap_causes(obj)
+    elif info.group == "" and info.plural == "pods":
+        causes += pod_causes(obj)
+    elif info.plural == "customresourcedefinitions" and info.group == "apiextensions.k8s.io":
+        causes += crd_causes(obj)
+    return causes
+
+
+# Custom resources: structural schema pruning and validation ------------------------------------------
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+def prune(value: Any, schema: dict[str, Any] | None, root: bool = True) -> Any:
+    """Drop fields the schema does not know (kube prunes them silently) unless it preserves unknown fields."""
+    if schema is None:
+        return value
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties"):
+            return value
+        props = schema.get("properties") or {}
+        additional = schema.get("additionalProperties")
+        out = {}
+        for key, item in value.items():
+            if root and key in ("apiVersion", "kind", "metadata"):
+                out[key] = item
+            elif key in props:
+                out[key] = prune(item, props[key], root=False)
+            elif isinstance(additional, dict):
+                out[key] = prune(item, additional, root=False)
+            elif additional is True or schema.get("x-kubernetes-preserve-unknown-fields"):
+                out[key] = item
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [prune(item, schema["items"], root=False) for item in value]
+    return value
+
+
+def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Cause]:
+    """Causes for `value` against an OpenAPI v3 structural schema (type, required, enum, bounds, ...)."""
+    field = path or "<root>"
+    if value is None:
+        if schema.get("nullable"):
+            return []
+        if schema.get("type"):
+            return [(field, f'Invalid value: "null": {field} in body must be of type {schema["type"]}: "null"')]
+        return []
+    expected = schema.get("type")
+    if expected in _TYPES and not _TYPES[expected](value):
+        actual = _type_name(value)
+        return [(field, f"Invalid value: {_q(actual)}: {field} in body must be of type {expected}: {_q(actual)}")]
+    if expected == "string" and schema.get("x-kubernetes-int-or-string"):
+        pass
+    causes: list[Cause] = []
+    if "enum" in schema and value not in schema["enum"]:
+        allowed = ", ".join(_q(v) for v in schema["enum"])
+        causes.append((field, f"Unsupported value: {_q(value)}: supported values: {allowed}"))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if "minimum" in schema:
+            if schema.get("exclusiveMinimum") and value <= schema["minimum"]:
+                causes.append(
+                    (field, f"Invalid value: {_q(value)}: {field} in body should be greater than {schema['minimum']}")
+                )
+            elif value < schema["minimum"]:
+                causes.append(
+                    (
+                        field,
+                        f"Invalid value: {_q(value)}: {field} in body should be greater than or equal to "
+                        f"{schema['minimum']}",
+                    )
+                )
+        if "maximum" in schema:
+            if schema.get("exclusiveMaximum") and value >= schema["maximum"]:
+                causes.append(
+                    (field, f"Invalid value: {_q(value)}: {field} in body should be less than {schema['maximum']}")
+                )
+            elif value > schema["maximum"]:
+                causes.append(
+                    (
+                        field,
+                        f"Invalid value: {_q(value)}: {field} in body should be less than or equal to "
+                        f"{schema['maximum']}",
+                    )
+                )
+    if isinstance(value, str):
+        if "minLength" in schema and len(value) < schema["minLength"]:
+            causes.append(
+                (
+                    field,
+                    f"Invalid value: {_q(value)}: {field} in body should be at least {schema['minLength']} chars long",
+                )
+            )
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            causes.append((field, f"Too long: may not be longer than {schema['maxLength']}"))
+        if "pattern" in schema and not re.search(schema["pattern"], value):
+            causes.append((field, f"Invalid value: {_q(value)}: {field} in body should match '{schema['pattern']}'"))
+    if isinstance(value, list):
+        if "minItems" in schema and len(value) < schema["minItems"]:
+            causes.append(
+                (field, f"Invalid value: {len(value)}: {field} in body should have at least {schema['minItems']} items")
+            )
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            causes.append((field, f"Too many: {len(value)}: must have at most {schema['maxItems']} items"))
+        items = schema.get("items")
+        if isinstance(items, dict):
+            for i, item in enumerate(value):
+                causes.extend(schema_causes(item, items, f"{path}[{i}]"))
+    if isinstance(value, dict):
+        for key in schema.get("required") or []:
+            if key not in value:
+                causes.append((f"{path}.{key}" if path else key, "Required value"))
+        props = schema.get("properties") or {}
+        additional = schema.get("additionalProperties")
+        for key, item in value.items():
+            if not path and key in ("apiVersion", "kind", "metadata"):
+                continue
+            sub = f"{path}.{key}" if path else key
+            if key in props:
+                causes.extend(schema_causes(item, props[key], sub))
+            elif isinstance(additional, dict):
+                causes.extend(schema_causes(item, additional, sub))
+    return causes
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
