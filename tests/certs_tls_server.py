@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import ssl
 import threading
@@ -16,6 +17,7 @@ from certs.reloader import CertificateReloader
 
 
 async def _app(scope, receive, send):
+    """Answers every request with "ok", and every AdmissionReview with allowed: true (an always-allow webhook)."""
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
@@ -24,14 +26,21 @@ async def _app(scope, receive, send):
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})
                 return
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200,
-            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"ok"})
+    body = b""
+    more = True
+    while more:
+        message = await receive()
+        body += message.get("body", b"")
+        more = message.get("more_body", False)
+    answer, content_type = b"ok", b"text/plain"
+    if scope["method"] == "POST":
+        review = json.loads(body)
+        review["response"] = {"uid": review["request"]["uid"], "allowed": True}
+        review.pop("request")
+        answer, content_type = json.dumps(review).encode(), b"application/json"
+    headers = [(b"content-type", content_type), (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
 
 
 class TLSServer:
