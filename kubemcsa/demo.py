@@ -1,0 +1,367 @@
+"""`kubemcsa demo`: the original Getting Started flow, played on two in-memory clusters, each step printed.
+
+Nothing is installed anywhere: two `kubemcsa.testing.ApiServer`s stand in for cluster1 and cluster2, and the
+controller and the admission webhook run in this process against cluster1, exactly as they would in a pod.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa import api, bootstrap, config, kube
+
+JSON = dict[str, Any]
+CRD_MANIFEST = Path("manifests") / "crd" / "serviceaccountimports.yaml"
+WEBHOOK_CONFIGURATION = "service-account-import-admission-controller"
+IMPORT_NAME = "cluster2-default-pod-lister"
+WAIT_SECONDS = 30.0
+
+
+class DemoError(Exception):
+    """A step of the demo failed; the message is one sentence saying which."""
+
+
+def find_crd_manifest() -> Path:
+    """The CRD manifest of this checkout (next to the package when installed editable, else under the cwd)."""
+    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (base / CRD_MANIFEST).is_file():
+            return base / CRD_MANIFEST
+    raise DemoError(f"cannot find {CRD_MANIFEST}; run the demo from a clone of the repository.")
+
+
+def wait_for(what: str, condition: Callable[[], Any], timeout: float = WAIT_SECONDS) -> Any:
+    """Poll `condition` until it returns something truthy; DemoError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}.")
+        time.sleep(delay)  # polling an in-process server; backs off to 0.2s
+        delay = min(delay * 2, 0.2)
+
+
+def webhook_configuration(url: str, ca_pem: bytes) -> JSON:
+    """The MutatingWebhookConfiguration of manifests/webhook, pointed at a URL instead of a Service."""
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": WEBHOOK_CONFIGURATION},
+        "webhooks": [
+            {
+                "name": f"{WEBHOOK_CONFIGURATION}.multicluster.admiralty.io",
+                "admissionReviewVersions": ["v1", "v1beta1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {"url": f"{url}/mutate-pods", "caBundle": base64.b64encode(ca_pem).decode()},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "resources": ["pods"],
+                        "operations": ["CREATE"],
+                        "scope": "Namespaced",
+                    }
+                ],
+                "namespaceSelector": {
+                    "matchExpressions": [
+                        {"key": api.NAMESPACE_LABEL, "operator": "In", "values": [api.NAMESPACE_LABEL_VALUE]}
+                    ]
+                },
+            }
+        ],
+    }
+
+
+def getting_started_cluster2() -> list[JSON]:
+    """`kubectl create serviceaccount/role/rolebinding pod-lister` and `kubectl run nginx`, as manifests."""
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pod-lister", "namespace": "default"}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "pod-lister", "namespace": "default"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "pod-lister", "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-lister"},
+            "subjects": [{"kind": "ServiceAccount", "name": "pod-lister", "namespace": "default"}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "nginx", "namespace": "default", "labels": {"run": "nginx"}},
+            "spec": {"containers": [{"name": "nginx", "image": "nginx"}]},
+        },
+    ]
+
+
+def service_account_import() -> JSON:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": IMPORT_NAME, "namespace": "default"},
+        "spec": {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"},
+    }
+
+
+def annotated_pod() -> JSON:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "multicluster-client",
+            "namespace": "default",
+            "annotations": {api.IMPORT_ANNOTATION: IMPORT_NAME},
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [{"name": "multicluster-client", "image": "multicluster-service-account-example:latest"}],
+        },
+    }
+
+
+def write_secret_files(secret: JSON, directory: Path) -> None:
+    """Write a Secret's keys as files, the way the kubelet projects a Secret volume (atomic ..data swap)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = directory / f"..{time.time_ns()}"
+    payload.mkdir()
+    for key, value in (secret.get("data") or {}).items():
+        (payload / key).write_bytes(base64.b64decode(value))
+        os.chmod(payload / key, 0o600)
+    link = directory / "..data_tmp"
+    link.symlink_to(payload.name)
+    os.replace(link, directory / "..data")
+    for key in secret.get("data") or {}:
+        if not (directory / key).is_symlink():
+            (directory / key).symlink_to(Path("..data") / key)
+
+
+class Demo:
+    """Everything the demo starts, so that it can all be stopped, whatever step failed."""
+
+    def __init__(self, out: Callable[[str], None], workdir: Path) -> None:
+        self.out = out
+        self.workdir = workdir
+        self._stack = contextlib.ExitStack()
+
+    def step(self, text: str) -> None:
+        self.out(f"\n==> {text}")
+
+    def say(self, text: str) -> None:
+        self.out(f"    {text}")
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def run(self, keep_running: bool = False, stop: threading.Event | None = None) -> None:
+        from kubemcsa.testing import ApiServer
+
+        self.step("Starting two in-memory Kubernetes API servers")
+        cluster1 = self._stack.enter_context(ApiServer(name="cluster1"))
+        cluster2 = self._stack.enter_context(ApiServer(name="cluster2"))
+        kubeconfigs = {}
+        for server in (cluster1, cluster2):
+            kubeconfigs[server.name] = self.workdir / f"{server.name}.kubeconfig"
+            server.write_kubeconfig(str(kubeconfigs[server.name]), context=server.name)
+            self.say(f"{server.name}: {server.url}  (kubeconfig {kubeconfigs[server.name]})")
+        admin1 = self._client(cluster1.admin_client())
+        admin2 = self._client(cluster2.admin_client())
+
+        self.step("Installing multicluster-service-account in cluster1: the ServiceAccountImport CRD")
+        crd = yaml.safe_load(find_crd_manifest().read_text())
+        kube.Resource(admin1, kube.CRDS).create(crd)
+        self.say(f"created CustomResourceDefinition {crd['metadata']['name']}")
+
+        self.step("kubemcsa bootstrap --target-context cluster1 --source-context cluster2")
+        source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
+        target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
+        the_plan = bootstrap.plan("cluster1", "cluster2")
+        result = bootstrap.apply(
+            the_plan,
+            bootstrap.Cluster("source", "cluster2", admin2, source.server, source.ca_pem),
+            bootstrap.Cluster("target", "cluster1", admin1, target.server),
+            report=self.say,
+        )
+        self.say(result.summary())
+
+        self.step("Starting the service account import controller against cluster1")
+        from controller.run import Controller
+
+        controller = Controller(self._client(cluster1.admin_client()), leader_election=False)
+        controller.start()
+        self._stack.callback(controller.stop)
+        if not controller.wait_until_ready(WAIT_SECONDS):
+            raise DemoError("the controller did not become ready within 30s.")
+        self.say("the controller reaches cluster2 with the credential bootstrap gave it")
+
+        self.step("Starting the admission webhook and registering it in cluster1")
+        from certs.tls import make_ca, make_serving_cert
+        from webhook.__main__ import WebhookServer
+
+        ca_cert, ca_key = make_ca("kubemcsa-demo-ca")
+        cert, key = make_serving_cert(ca_cert, ca_key, ["localhost"], ip_addresses=["127.0.0.1"])
+        cert_file, key_file = self.workdir / "tls.crt", self.workdir / "tls.key"
+        cert_file.write_bytes(cert)
+        key_file.write_bytes(key)
+        os.chmod(key_file, 0o600)
+        webhook = WebhookServer(self._client(cluster1.admin_client()), cert_file, key_file).start()
+        self._stack.callback(webhook.stop)
+        kube.Resource(admin1, kube.MUTATING_WEBHOOK_CONFIGURATIONS).create(webhook_configuration(webhook.url, ca_cert))
+        self.say(f"webhook on {webhook.url}/mutate-pods, MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}")
+        wait_for("the webhook's cache", lambda: webhook.cache.has_synced)
+
+        self.step("In cluster2: service account pod-lister, allowed to list pods in default, and an nginx pod")
+        for obj in getting_started_cluster2():
+            kube.Resource(admin2, kube.resource_type_of(obj)).create(obj)
+            self.say(f"created {obj['kind']} default/{obj['metadata']['name']}")
+
+        self.step(f"In cluster1: label namespace default {api.NAMESPACE_LABEL}={api.NAMESPACE_LABEL_VALUE}")
+        kube.Resource(admin1, kube.NAMESPACES).patch(
+            "default", {"metadata": {"labels": {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}}
+        )
+        self.say("namespace/default labeled")
+
+        self.step(f"In cluster1: ServiceAccountImport {IMPORT_NAME} (cluster2, default/pod-lister)")
+        kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(service_account_import())
+        secrets = kube.Resource(admin1, kube.SECRETS)
+        secret_name = api.secret_name_for_import(IMPORT_NAME)
+
+        def secret_ready() -> JSON | None:
+            items = secrets.list("default", label_selector=f"{api.IMPORT_LABEL}={IMPORT_NAME}").get("items") or []
+            return next((s for s in items if api.KEY_TOKEN in (s.get("data") or {})), None)
+
+        secret = wait_for(f"Secret {secret_name} (is the import Ready? see kubemcsa status)", secret_ready)
+        self.say(f"the controller created Secret default/{secret['metadata']['name']} with keys:")
+        for key in api.SECRET_KEYS:
+            value = base64.b64decode(secret["data"][key])
+            shown = "<redacted>" if key == api.KEY_TOKEN else _preview(value)
+            self.say(f"  {key:10} {shown}")
+        sai = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).get(IMPORT_NAME, "default")
+        ready = next((c for c in (sai.get("status") or {}).get("conditions") or [] if c.get("type") == "Ready"), {})
+        self.say(f"import Ready={ready.get('status')} reason={ready.get('reason')}: {ready.get('message', '')}")
+
+        self.step("In cluster1: a pod annotated to mount the import is admitted by the webhook")
+        pod = kube.Resource(admin1, kube.PODS).create(annotated_pod())
+        volumes = [v for v in pod["spec"].get("volumes") or [] if (v.get("secret") or {}).get("secretName")]
+        for volume in volumes:
+            self.say(f"volume {volume['name']}: secret {volume['secret']['secretName']}")
+        for container in pod["spec"]["containers"]:
+            for mount in container.get("volumeMounts") or []:
+                self.say(f"container {container['name']} mounts {mount['name']} at {mount['mountPath']}")
+        if not any(v["name"] == api.volume_name_for_import(IMPORT_NAME) for v in volumes):
+            raise DemoError("the webhook did not add the import's volume to the annotated pod.")
+
+        self.step("In the pod: the kubelet writes the Secret's files, and a client is built with kubemcsa.config")
+        mount_root = self.workdir / "serviceaccountimports"
+        write_secret_files(secret, mount_root / IMPORT_NAME)
+        self.say(f"files in {mount_root / IMPORT_NAME} (stands for {api.mount_path_for_import(IMPORT_NAME)})")
+        remote = config.import_config_and_namespace(mount_root=mount_root)
+        self.say(f"config.import_config_and_namespace() -> {remote}")
+        with remote.api_client() as client:
+            pods = kube.Resource(client, kube.PODS).list(remote.namespace).get("items") or []
+            self.say(f"pods in cluster2's {remote.namespace} namespace, listed as pod-lister:")
+            for item in pods:
+                self.say(f"  {item['metadata']['name']}")
+            try:
+                kube.Resource(client, kube.SECRETS).list(remote.namespace)
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise
+                self.say(f"listing secrets is refused, as it should be: {exc.status} {kube.error_message(exc)}")
+            else:
+                raise DemoError("pod-lister could list cluster2's secrets, which its Role does not allow.")
+        if not any(item["metadata"]["name"] == "nginx" for item in pods):
+            raise DemoError("the client built from the mounted import did not see cluster2's nginx pod.")
+
+        self.step("kubemcsa status -A (cluster1)")
+        from kubemcsa import status
+
+        rows = status.rows(status.list_imports(admin1), _now())
+        for line in status.format_table(rows).rstrip().splitlines():
+            self.say(line)
+
+        if keep_running:
+            self.step("Still running; press Ctrl-C to stop. Try:")
+            self.say(f"kubectl --kubeconfig {kubeconfigs['cluster1']} get serviceaccountimports -A")
+            self.say(f"kubemcsa status -A --kubeconfig {kubeconfigs['cluster1']}")
+            self.say(f"kubectl --kubeconfig {kubeconfigs['cluster2']} get pods")
+            (stop or threading.Event()).wait()
+
+    def _client(self, client: ApiClient) -> ApiClient:
+        self._stack.callback(client.close)
+        return client
+
+
+def _preview(value: bytes, width: int = 60) -> str:
+    text = value.decode(errors="replace").strip().replace("\n", "\\n")
+    return text if len(text) <= width else f"{text[:width]}... ({len(value)} bytes)"
+
+
+def _now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
+
+
+@contextlib.contextmanager
+def _workdir(keep: bool) -> Iterator[Path]:
+    if keep:
+        yield Path(tempfile.mkdtemp(prefix="kubemcsa-demo-"))
+    else:
+        with tempfile.TemporaryDirectory(prefix="kubemcsa-demo-") as directory:
+            yield Path(directory)
+
+
+def main(
+    keep_running: bool = False,
+    out: Callable[[str], None] | None = None,
+    err: Callable[[str], None] | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run the demo; 0 on success, 1 (after one sentence on `err`) on failure. Everything is stopped at the end."""
+    import sys
+
+    write = out or (lambda line: print(line, flush=True))
+    write_err = err or (lambda line: print(line, file=sys.stderr, flush=True))
+    started = time.monotonic()
+    with _workdir(keep_running) as workdir:
+        demo = Demo(write, workdir)
+        try:
+            demo.run(keep_running=keep_running, stop=stop)
+        except KeyboardInterrupt:
+            write("\nStopped.")
+        except DemoError as exc:
+            write_err(f"kubemcsa demo: error: {exc}")
+            return 1
+        except bootstrap.BootstrapError as exc:
+            write_err(f"kubemcsa demo: error: bootstrap failed: {exc}")
+            return 1
+        except ApiException as exc:
+            write_err(f"kubemcsa demo: error: an API call failed ({exc.status} {kube.error_message(exc)}).")
+            return 1
+        except Exception as exc:  # the demo must end with one sentence, not a traceback
+            write_err(f"kubemcsa demo: error: {type(exc).__name__}: {exc}; please report it with the output above.")
+            return 1
+        finally:
+            demo.close()
+    write(f"\nDone in {time.monotonic() - started:.1f}s: everything started by the demo is stopped.")
+    return 0

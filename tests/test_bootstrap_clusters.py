@@ -1,0 +1,238 @@
+"""`kubemcsa bootstrap` against two in-memory clusters: from nothing, idempotent, least privilege, end to end."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa import api, bootstrap, cli, kube
+from kubemcsa.credentials import from_secret_data
+
+CRD = Path(__file__).resolve().parents[1] / "manifests" / "crd" / "serviceaccountimports.yaml"
+SYSTEM = api.SYSTEM_NAMESPACE
+
+
+def poll(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def clusters(cluster1, cluster2, tmp_path: Path) -> dict[str, Any]:
+    """cluster1 (target, with the CRD installed) and cluster2 (source), each with its own kubeconfig file."""
+    kube.Resource(cluster1.admin_client(), kube.CRDS).create(yaml.safe_load(CRD.read_text()))
+    paths = {}
+    for server in (cluster1, cluster2):
+        paths[server.name] = tmp_path / f"{server.name}.yaml"
+        server.write_kubeconfig(str(paths[server.name]), context=server.name)
+    return {"cluster1": cluster1, "cluster2": cluster2, "paths": paths}
+
+
+def bootstrap_argv(clusters: dict[str, Any], *extra: str) -> list[str]:
+    return [
+        "bootstrap",
+        "--target-context",
+        "cluster1",
+        "--target-kubeconfig",
+        str(clusters["paths"]["cluster1"]),
+        "--source-context",
+        "cluster2",
+        "--source-kubeconfig",
+        str(clusters["paths"]["cluster2"]),
+        *extra,
+    ]
+
+
+def snapshot(clusters: dict[str, Any]) -> dict[str, str]:
+    """The resourceVersion of every object bootstrap manages, in both clusters."""
+    c1, c2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
+    name = bootstrap.rbac_name_for_target("cluster1")
+    objects = {
+        "src ns": (c2, kube.NAMESPACES, SYSTEM, None),
+        "src sa": (c2, kube.SERVICE_ACCOUNTS, "cluster1", SYSTEM),
+        "src role": (c2, kube.CLUSTER_ROLES, name, None),
+        "src binding": (c2, kube.CLUSTER_ROLE_BINDINGS, name, None),
+        "dst ns": (c1, kube.NAMESPACES, SYSTEM, None),
+        "dst sai": (c1, kube.SERVICE_ACCOUNT_IMPORTS, "cluster2", SYSTEM),
+        "dst secret": (c1, kube.SECRETS, api.secret_name_for_import("cluster2"), SYSTEM),
+    }
+    return {
+        key: kube.Resource(client, rtype).get(obj_name, ns)["metadata"]["resourceVersion"]
+        for key, (client, rtype, obj_name, ns) in objects.items()
+    }
+
+
+def test_bootstrap_from_nothing_then_a_second_run_changes_nothing(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    out = capsys.readouterr().out
+    assert "source cluster 'cluster2': Namespace multicluster-service-account created" in out
+    assert "source cluster 'cluster2': ServiceAccount multicluster-service-account/cluster1 created" in out
+    assert "target cluster 'cluster1': ServiceAccountImport multicluster-service-account/cluster2 created" in out
+    assert "target cluster 'cluster1': Secret multicluster-service-account/cluster2-token created" in out
+    before = snapshot(clusters)
+
+    c1 = clusters["cluster1"].admin_client()
+    sai = kube.Resource(c1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)
+    assert sai["spec"] == {"clusterName": "cluster2", "namespace": SYSTEM, "name": "cluster1"}
+    secret = kube.Resource(c1, kube.SECRETS).get("cluster2-token", SYSTEM)
+    assert secret["metadata"]["labels"][api.IMPORT_LABEL] == "cluster2"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == sai["metadata"]["uid"]
+    creds = from_secret_data(secret["data"])
+    assert creds.server == clusters["cluster2"].url
+    assert creds.token not in out
+
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    out = capsys.readouterr().out
+    assert "created" not in out and "updated" not in out
+    assert sum(line.endswith(" unchanged") for line in out.splitlines()) == 7
+    assert "Nothing to do" in out
+    assert snapshot(clusters) == before
+
+
+def test_the_credential_can_request_tokens_but_cannot_read_secrets(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    capsys.readouterr()
+    c1, cluster2 = clusters["cluster1"].admin_client(), clusters["cluster2"]
+    admin2 = cluster2.admin_client()
+    kube.Resource(admin2, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "pod-lister"}}, "default")
+    creds = from_secret_data(kube.Resource(c1, kube.SECRETS).get("cluster2-token", SYSTEM)["data"])
+    as_controller = cluster2.client_for_token(creds.token)
+
+    accounts = kube.Resource(as_controller, kube.SERVICE_ACCOUNTS)
+    issued = accounts.create_subresource("pod-lister", "token", {"spec": {"expirationSeconds": 3600}}, "default")
+    assert issued["status"]["token"]
+    assert accounts.get("pod-lister", "default")["metadata"]["name"] == "pod-lister"
+    for attempt in (
+        lambda: kube.Resource(as_controller, kube.SECRETS).list("default"),
+        lambda: kube.Resource(as_controller, kube.SECRETS).get("anything", SYSTEM),
+        lambda: kube.Resource(as_controller, kube.SECRETS).create({"metadata": {"name": "x"}}, "default"),
+        lambda: kube.Resource(as_controller, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "y"}}, "default"),
+        lambda: kube.Resource(as_controller, kube.PODS).list("default"),
+    ):
+        with pytest.raises(ApiException) as info:
+            attempt()
+        assert info.value.status == 403
+
+
+def test_source_namespaces_narrow_the_grant_and_a_rerun_removes_the_cluster_wide_one(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    admin2 = clusters["cluster2"].admin_client()
+    for ns in ("team-a", "team-b"):
+        kube.Resource(admin2, kube.NAMESPACES).create({"metadata": {"name": ns}})
+        kube.Resource(admin2, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "bot"}}, ns)
+    capsys.readouterr()
+
+    assert cli.main(bootstrap_argv(clusters, "--source-namespaces", "team-a")) == 0
+    out = capsys.readouterr().out
+    name = bootstrap.rbac_name_for_target("cluster1")
+    assert f"ClusterRoleBinding {name} deleted" in out
+    assert f"RoleBinding team-a/{name} created" in out
+    c1 = clusters["cluster1"].admin_client()
+    creds = from_secret_data(kube.Resource(c1, kube.SECRETS).get("cluster2-token", SYSTEM)["data"])
+    accounts = kube.Resource(clusters["cluster2"].client_for_token(creds.token), kube.SERVICE_ACCOUNTS)
+    assert accounts.create_subresource("bot", "token", {"spec": {}}, "team-a")["status"]["token"]
+    with pytest.raises(ApiException) as info:
+        accounts.create_subresource("bot", "token", {"spec": {}}, "team-b")
+    assert info.value.status == 403
+
+
+def test_a_missing_source_namespace_and_a_missing_crd_are_one_sentence_each(
+    cluster1, cluster2, tmp_path, capsys
+) -> None:
+    paths = {}
+    for server in (cluster1, cluster2):
+        paths[server.name] = tmp_path / f"{server.name}.yaml"
+        server.write_kubeconfig(str(paths[server.name]), context=server.name)
+    clusters = {"paths": paths}
+    assert cli.main(bootstrap_argv(clusters, "--source-namespaces", "nope")) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "source cluster 'cluster2' has no namespace 'nope'" in err
+
+    assert cli.main(bootstrap_argv(clusters)) == cli.EXIT_ERROR  # no CRD in cluster1
+    captured = capsys.readouterr()
+    assert "target cluster 'cluster1' does not serve ServiceAccountImport" in captured.err
+    assert captured.err.strip().count("\n") == 0
+
+
+def test_a_cluster_name_that_is_not_a_kubernetes_name_gets_a_suggestion(clusters, capsys) -> None:
+    argv = bootstrap_argv(clusters, "--source-name", "gke_my-project_europe-west1_prod")
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert "pass --source-name gke-my-project-europe-west1-prod" in capsys.readouterr().err
+
+
+def test_bootstrap_then_an_import_works_through_the_running_controller(clusters, capsys) -> None:
+    controller_run = pytest.importorskip("controller.run")
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    capsys.readouterr()
+    admin1, admin2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
+    kube.Resource(admin2, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "pod-lister"}}, "default")
+    kube.Resource(admin2, kube.ROLES).create(
+        {"metadata": {"name": "pod-lister"}, "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]},
+        "default",
+    )
+    kube.Resource(admin2, kube.ROLE_BINDINGS).create(
+        {
+            "metadata": {"name": "pod-lister"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-lister"},
+            "subjects": [{"kind": "ServiceAccount", "name": "pod-lister", "namespace": "default"}],
+        },
+        "default",
+    )
+    controller = controller_run.Controller(clusters["cluster1"].admin_client(), leader_election=False)
+    controller.start()
+    try:
+        assert controller.wait_until_ready(20)
+        kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(
+            {
+                "apiVersion": api.API_VERSION,
+                "kind": api.KIND,
+                "metadata": {"name": "cluster2-default-pod-lister"},
+                "spec": {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"},
+            },
+            "default",
+        )
+        secrets = kube.Resource(admin1, kube.SECRETS)
+
+        def imported() -> dict | None:
+            try:
+                return secrets.get(api.secret_name_for_import("cluster2-default-pod-lister"), "default")
+            except ApiException:
+                return None
+
+        secret = poll(imported, what="the import's Secret")
+        creds = from_secret_data(secret["data"])
+        as_pod_lister = clusters["cluster2"].client_for_token(creds.token)
+        assert kube.Resource(as_pod_lister, kube.PODS).list("default")["items"] == []
+        # The bootstrap import itself is refreshed by the controller and reported Ready.
+        sai = poll(
+            lambda: next(
+                (
+                    c
+                    for c in (
+                        kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM).get("status") or {}
+                    ).get("conditions")
+                    or []
+                    if c.get("type") == "Ready" and c.get("status") == "True"
+                ),
+                None,
+            ),
+            what="the bootstrap import to be Ready",
+        )
+        assert sai["reason"] == api.REASON_TOKEN_ISSUED
+    finally:
+        controller.stop()
+    # A second bootstrap after the controller refreshed the Secret still changes nothing.
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    assert "Nothing to do" in capsys.readouterr().out

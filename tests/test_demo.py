@@ -1,0 +1,53 @@
+"""`kubemcsa demo`, run in-process: the whole Getting Started flow, printed step by step, then everything stopped."""
+
+from __future__ import annotations
+
+import threading
+
+from kubemcsa import demo
+
+
+def test_the_demo_plays_the_whole_flow_and_stops_everything() -> None:
+    out: list[str] = []
+    err: list[str] = []
+    threads_before = {t.ident for t in threading.enumerate()}
+    assert demo.main(out=out.append, err=err.append) == 0, err
+    text = "\n".join(out)
+    for expected in (
+        "Starting two in-memory Kubernetes API servers",
+        "target cluster 'cluster1': ServiceAccountImport multicluster-service-account/cluster2 created",
+        "created ServiceAccount default/pod-lister",
+        "namespace/default labeled",
+        "with keys:",
+        "token      <redacted>",
+        "import Ready=True",
+        f"volume {demo.api.volume_name_for_import(demo.IMPORT_NAME)}: secret",
+        f"at {demo.api.mount_path_for_import(demo.IMPORT_NAME)}",
+        "listed as pod-lister:",
+        "  nginx",
+        "listing secrets is refused, as it should be: 403",
+        "everything started by the demo is stopped",
+    ):
+        assert expected in text, f"{expected!r} missing from the demo's output:\n{text}"
+    assert err == []
+    leftover = [t for t in threading.enumerate() if t.ident not in threads_before and not t.daemon]
+    assert leftover == []
+
+
+def test_the_demo_keeps_running_until_asked_to_stop() -> None:
+    out: list[str] = []
+    stop = threading.Event()
+    result: list[int] = []
+    runner = threading.Thread(target=lambda: result.append(demo.main(keep_running=True, out=out.append, stop=stop)))
+    runner.start()
+    try:
+        deadline = 60.0
+        waited = threading.Event()
+        while not any("Still running" in line for line in out) and runner.is_alive() and deadline > 0:
+            waited.wait(0.05)
+            deadline -= 0.05
+        assert any("kubemcsa status -A --kubeconfig" in line for line in out), "\n".join(out)
+    finally:
+        stop.set()
+        runner.join(60)
+    assert result == [0]
