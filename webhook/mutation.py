@@ -6,6 +6,7 @@ reach the outside world (the webhook's watch-fed cache), and only once the pod h
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -132,12 +133,20 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
     return plan_patch(pod, names)
 
 
+@functools.lru_cache(maxsize=4096)
+def _names_for(name: str) -> tuple[str, str, str]:
+    """(volume name, Secret name, mount path) of an import: pure, and the same few names come back all day."""
+    return api.volume_name_for_import(name), api.secret_name_for_import(name), api.mount_path_for_import(name)
+
+
 def _volume_for(name: str) -> dict[str, Any]:
-    return {"name": api.volume_name_for_import(name), "secret": {"secretName": api.secret_name_for_import(name)}}
+    volume_name, secret_name, _ = _names_for(name)
+    return {"name": volume_name, "secret": {"secretName": secret_name}}
 
 
 def _mount_for(name: str) -> dict[str, Any]:
-    return {"name": api.volume_name_for_import(name), "mountPath": api.mount_path_for_import(name), "readOnly": True}
+    volume_name, _, mount_path = _names_for(name)
+    return {"name": volume_name, "mountPath": mount_path, "readOnly": True}
 
 
 def _normalized_path(path: str) -> str:
