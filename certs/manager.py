@@ -163,6 +163,7 @@ def inject_ca_bundle(api_client: ApiClient, webhook_configuration_name: str, ca_
     configurations = kube.Resource(api_client, kube.MUTATING_WEBHOOK_CONFIGURATIONS)
     where = f"MutatingWebhookConfiguration {webhook_configuration_name}"
     ca_bundle_b64 = base64.b64encode(ca_bundle_pem).decode()
+    last_error: ApiException | None = None
     for _ in range(MAX_ATTEMPTS):
         try:
             configuration = _get_or_none(configurations, webhook_configuration_name, None)
@@ -178,14 +179,17 @@ def inject_ca_bundle(api_client: ApiClient, webhook_configuration_name: str, ca_
         try:
             configurations.patch(webhook_configuration_name, ops, patch_type="json")
         except ApiException as exc:
-            if exc.status in (409, 422) or (exc.status == 500 and "test" in kube.error_message(exc)):
-                # The list changed between our read and our patch (the `test` failed): read it again.
+            if exc.status in (409, 422):
+                # Most likely the list changed between our read and our patch (a `test` failed): read it again.
+                last_error = exc
                 continue
             raise _describe(exc, f"patch the caBundle of {where}", _rbac_fix(exc, "check the object")) from None
         except kube.CONNECTION_ERRORS as exc:
             raise _describe(exc, f"patch {where}", "retry later") from None
         return [f"set the caBundle of {len(ops) // 2} webhook(s) in {where}"]
-    raise CertificateError(f"cannot patch {where}: it kept changing under us {MAX_ATTEMPTS} times; retry later")
+    if last_error is None:  # only if MAX_ATTEMPTS < 1
+        raise CertificateError(f"cannot patch the caBundle of {where}: no attempt was made")
+    raise _describe(last_error, f"patch the caBundle of {where} after {MAX_ATTEMPTS} attempts", "check the object")
 
 
 def ensure_webhook_certificates(
