@@ -249,9 +249,20 @@ def _run_status(args: argparse.Namespace) -> int:
 
     context = config.context_config_and_namespace(args.context, args.kubeconfig)
     namespace = None if args.all_namespaces else (args.namespace or context.namespace)
+    where = f"the cluster of context {args.context or 'current'!r} ({context.config.host})"
     client = context.api_client()
     try:
         imports = status.list_imports(client, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise CommandError(
+                f"{where} does not serve ServiceAccountImports: install multicluster-service-account there first."
+            ) from None
+        if exc.status in (401, 403):
+            raise CommandError(f"{where} refused to list ServiceAccountImports: use a context allowed to.") from None
+        raise
+    except (urllib3.exceptions.HTTPError, OSError):
+        raise CommandError(f"cannot reach {where}; check the context and the network.") from None
     finally:
         client.close()
     statuses = status.rows(imports, dt.datetime.now(dt.UTC))

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
@@ -228,6 +229,8 @@ def export(
             issued = issue_token(
                 client, name, ns, audiences=audiences, expiration_seconds=expiration_seconds, where=where
             )
+    except (urllib3.exceptions.HTTPError, OSError):
+        raise ExportError(f"cannot reach {where} at {info.server}; check the context and the network.") from None
     finally:
         client.close()
     creds = Credentials(server=info.server, ca_crt=info.ca_pem, token=issued.token, namespace=ns)

@@ -236,3 +236,58 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
     # A second bootstrap after the controller refreshed the Secret still changes nothing.
     assert cli.main(bootstrap_argv(clusters)) == 0
     assert "Nothing to do" in capsys.readouterr().out
+
+
+def test_a_tampered_or_changed_object_is_updated_and_said(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    capsys.readouterr()
+    admin1, admin2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
+    name = bootstrap.rbac_name_for_target("cluster1")
+    roles = kube.Resource(admin2, kube.CLUSTER_ROLES)
+    role = roles.get(name)
+    role["rules"] = role["rules"][:1]
+    roles.replace(role)
+    kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).patch("cluster2", {"spec": {"name": "someone-else"}}, SYSTEM)
+    secret_before = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)
+
+    assert cli.main(bootstrap_argv(clusters, "--legacy-tokens")) == 0
+    out = capsys.readouterr().out
+    assert f"ClusterRole {name} updated" in out
+    assert "ServiceAccountImport multicluster-service-account/cluster2 updated" in out
+    assert "Secret multicluster-service-account/cluster2-token unchanged" in out
+    assert "Bootstrap complete: 0 created, 2 updated, 0 deleted, 5 unchanged." in out
+    assert kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)["spec"]["name"] == "cluster1"
+    after = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)
+    assert after["metadata"]["resourceVersion"] == secret_before["metadata"]["resourceVersion"]
+
+    # --legacy-tokens let the controller create and read token Secrets, still not list them.
+    creds = from_secret_data(after["data"])
+    secrets = kube.Resource(clusters["cluster2"].client_for_token(creds.token), kube.SECRETS)
+    body = {
+        "metadata": {"name": "x-kubemcsa-token", "annotations": {"kubernetes.io/service-account.name": "cluster1"}},
+        "type": "kubernetes.io/service-account-token",
+    }
+    secrets.create(body, SYSTEM)
+    assert secrets.get("x-kubemcsa-token", SYSTEM)["metadata"]["name"] == "x-kubemcsa-token"
+    with pytest.raises(ApiException) as info:
+        secrets.list(SYSTEM)
+    assert info.value.status == 403
+
+
+def test_a_deleted_secret_or_a_recreated_import_gets_a_fresh_secret(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    admin1 = clusters["cluster1"].admin_client()
+    kube.Resource(admin1, kube.SECRETS).delete("cluster2-token", SYSTEM)
+    capsys.readouterr()
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    assert "Secret multicluster-service-account/cluster2-token created" in capsys.readouterr().out
+
+    imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+    imports.delete("cluster2", SYSTEM)
+    poll(lambda: not imports.list(SYSTEM)["items"], what="the import to be gone")
+    assert cli.main(bootstrap_argv(clusters)) == 0
+    out = capsys.readouterr().out
+    assert "ServiceAccountImport multicluster-service-account/cluster2 created" in out
+    uid = imports.get("cluster2", SYSTEM)["metadata"]["uid"]
+    secret = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)
+    assert [ref["uid"] for ref in secret["metadata"]["ownerReferences"]] == [uid]
