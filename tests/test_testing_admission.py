@@ -712,3 +712,103 @@ def test_garbage_webhook_specs_never_crash_matching(spec: dict[str, Any]) -> Non
         matches(spec, pod_attrs())
     except StatusError as exc:
         assert exc.code == 500
+
+
+# --- configuration defaulting and validation ----------------------------------------------------------------
+
+
+def test_defaults_are_kube_s_v1_defaults() -> None:
+    spec = webhook_spec("a.example.com")
+    del spec["timeoutSeconds"]
+    spec["clientConfig"] = {"service": {"namespace": "ns", "name": "svc"}}
+    defaulted = admission.default_configuration(config("c", spec))["webhooks"][0]
+    assert defaulted["failurePolicy"] == "Fail" and defaulted["matchPolicy"] == "Equivalent"
+    assert defaulted["namespaceSelector"] == {} and defaulted["objectSelector"] == {}
+    assert defaulted["timeoutSeconds"] == 10 and defaulted["reinvocationPolicy"] == "Never"
+    assert defaulted["rules"][0]["scope"] == "*"
+    assert defaulted["clientConfig"]["service"]["port"] == 443
+    assert "sideEffects" in defaulted and spec["clientConfig"]["service"] == {"namespace": "ns", "name": "svc"}
+
+
+def test_a_valid_configuration_has_no_causes() -> None:
+    assert admission.configuration_causes(config("c", webhook_spec("a.example.com", "https://h/x"))) == []
+
+
+def test_the_project_s_own_webhook_configuration_is_valid() -> None:
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "manifests" / "webhook" / "mutatingwebhookconfiguration.yaml"
+    documents = [
+        d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "MutatingWebhookConfiguration"
+    ]
+    assert documents
+    for document in documents:
+        assert admission.configuration_causes(document) == []
+
+
+def test_invalid_configurations_are_described_as_kube_does() -> None:
+    spec = webhook_spec("short", "http://h/x?q=1", sideEffects="Some", timeoutSeconds=31, failurePolicy="Maybe")
+    spec["admissionReviewVersions"] = ["v2"]
+    spec["rules"] = [
+        {"operations": ["CREATE", "PATCH"], "apiGroups": [""], "apiVersions": ["v1"], "resources": [], "scope": "Pods"}
+    ]
+    spec["namespaceSelector"] = {"matchExpressions": [{"key": "a", "operator": "Near"}]}
+    causes = dict(admission.configuration_causes(config("c", spec, webhook_spec("b.example.com"))))
+    assert (
+        causes["webhooks[0].name"]
+        == 'Invalid value: "short": should be a domain with at least three segments separated by dots'
+    )
+    assert causes["webhooks[0].sideEffects"] == 'Unsupported value: "Some": supported values: "None", "NoneOnDryRun"'
+    assert (
+        causes["webhooks[0].timeoutSeconds"] == "Invalid value: 31: the timeout value must be between 1 and 30 seconds"
+    )
+    assert causes["webhooks[0].failurePolicy"].startswith('Unsupported value: "Maybe"')
+    assert "must include at least one of v1, v1beta1" in causes["webhooks[0].admissionReviewVersions"]
+    assert causes["webhooks[0].clientConfig.url"].endswith("query parameters are not allowed")
+    assert causes["webhooks[0].rules[0].resources"] == "Required value"
+    assert causes["webhooks[0].rules[0].operations"].startswith('Unsupported value: "PATCH"')
+    assert causes["webhooks[0].rules[0].scope"].startswith('Unsupported value: "Pods"')
+    assert causes["webhooks[0].namespaceSelector.matchExpressions[0].operator"].endswith(
+        "not a valid selector operator"
+    )
+    assert causes["webhooks[1].clientConfig"] == "Required value: exactly one of url or service is required"
+    no_side_effects = webhook_spec("c.example.com", "https://h/x")
+    del no_side_effects["sideEffects"]
+    del no_side_effects["admissionReviewVersions"]
+    causes = dict(admission.configuration_causes(config("c", no_side_effects, no_side_effects)))
+    assert causes["webhooks[0].sideEffects"] == "Required value: must specify one of None, NoneOnDryRun"
+    assert causes["webhooks[0].admissionReviewVersions"] == "Required value: must specify one of v1, v1beta1"
+    assert causes["webhooks[1].name"] == 'Duplicate value: "c.example.com"'
+
+
+@given(
+    st.recursive(
+        st.none() | st.integers() | st.text(max_size=4),
+        lambda c: (
+            st.lists(c, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "webhooks",
+                        "name",
+                        "clientConfig",
+                        "rules",
+                        "url",
+                        "service",
+                        "sideEffects",
+                        "namespaceSelector",
+                        "matchExpressions",
+                        "operator",
+                    ]
+                ),
+                c,
+                max_size=4,
+            )
+        ),
+        max_leaves=12,
+    )
+)
+def test_garbage_configurations_never_crash_validation_or_defaulting(value: Any) -> None:
+    if isinstance(value, dict):
+        admission.configuration_causes(value)
+        admission.default_configuration(value)

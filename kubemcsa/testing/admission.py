@@ -639,6 +639,8 @@ __all__ = [
     "ServiceResolver",
     "apply_patch",
     "build_review",
+    "configuration_causes",
+    "default_configuration",
     "namespace_selector_matches",
     "object_selector_matches",
     "post_review",
@@ -649,3 +651,193 @@ __all__ = [
     "verify_response",
     "webhook_matches",
 ]
+
+
+# --- MutatingWebhookConfiguration defaulting and validation (admissionregistration.k8s.io/v1) ----------------
+
+_OPERATIONS = ("*", "CONNECT", "CREATE", "DELETE", "UPDATE")
+_SCOPES = ("*", "Cluster", "Namespaced")
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def default_configuration(configuration: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy with the v1 defaults kube-apiserver stores (and `kubectl get -o yaml` shows)."""
+    result = copy.deepcopy(dict(configuration))
+    webhooks = result.get("webhooks")
+    if not isinstance(webhooks, list):
+        return result
+    for webhook in webhooks:
+        if not isinstance(webhook, dict):
+            continue
+        webhook.setdefault("failurePolicy", "Fail")
+        webhook.setdefault("matchPolicy", "Equivalent")
+        webhook.setdefault("namespaceSelector", {})
+        webhook.setdefault("objectSelector", {})
+        webhook.setdefault("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)
+        webhook.setdefault("reinvocationPolicy", "Never")
+        for rule in webhook.get("rules") or []:
+            if isinstance(rule, dict):
+                rule.setdefault("scope", "*")
+        client = webhook.get("clientConfig")
+        service = client.get("service") if isinstance(client, dict) else None
+        if isinstance(service, dict):
+            service.setdefault("port", 443)
+    return result
+
+
+def _unsupported(value: Any, supported: tuple[str, ...]) -> str:
+    return f"Unsupported value: {json.dumps(value)}: supported values: " + ", ".join(json.dumps(s) for s in supported)
+
+
+def _selector_causes(selector: Any, path: str) -> list[tuple[str, str]]:
+    if selector is None:
+        return []
+    if not isinstance(selector, Mapping):
+        return [(path, "Invalid value: must be a label selector object")]
+    causes: list[tuple[str, str]] = []
+    for index, expr in enumerate(selector.get("matchExpressions") or []):
+        where = f"{path}.matchExpressions[{index}]"
+        if not isinstance(expr, Mapping):
+            causes.append((where, "Invalid value: must be an object"))
+            continue
+        operator, values = expr.get("operator"), expr.get("values") or []
+        if operator not in _SELECTOR_OPERATORS:
+            causes.append(
+                (f"{where}.operator", f"Invalid value: {json.dumps(operator)}: not a valid selector operator")
+            )
+        elif operator in ("In", "NotIn") and not values:
+            causes.append((f"{where}.values", "Required value: must be specified when `operator` is 'In' or 'NotIn'"))
+        elif operator in ("Exists", "DoesNotExist") and values:
+            causes.append(
+                (f"{where}.values", "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'")
+            )
+    return causes
+
+
+def _client_config_causes(client: Any, path: str) -> list[tuple[str, str]]:
+    if not isinstance(client, Mapping) or bool(client.get("url")) == bool(client.get("service")):
+        return [(path, "Required value: exactly one of url or service is required")]
+    causes: list[tuple[str, str]] = []
+    url = client.get("url")
+    if url:
+        parsed = urllib.parse.urlsplit(str(url))
+        if parsed.scheme != "https":
+            causes.append((f"{path}.url", f"Invalid value: {json.dumps(url)}: 'https' is the only allowed URL scheme"))
+        if not parsed.hostname:
+            causes.append((f"{path}.url", f"Invalid value: {json.dumps(url)}: host must be specified"))
+        if parsed.query:
+            causes.append((f"{path}.url", f"Invalid value: {json.dumps(url)}: query parameters are not allowed"))
+        if parsed.fragment:
+            causes.append((f"{path}.url", f"Invalid value: {json.dumps(url)}: fragments are not allowed"))
+        return causes
+    service = client["service"]
+    if not isinstance(service, Mapping):
+        return [(f"{path}.service", "Invalid value: must be an object")]
+    for key in ("name", "namespace"):
+        if not service.get(key):
+            causes.append((f"{path}.service.{key}", f"Required value: service {key} is required"))
+    service_path = service.get("path")
+    if service_path is not None and not (isinstance(service_path, str) and service_path.startswith("/")):
+        causes.append((f"{path}.service.path", f"Invalid value: {json.dumps(service_path)}: must start with a '/'"))
+    port = service.get("port", 443)
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        causes.append(
+            (
+                f"{path}.service.port",
+                f"Invalid value: {json.dumps(port)}: port is not valid: must be between 1 and 65535, inclusive",
+            )
+        )
+    return causes
+
+
+def _rule_causes(rules: Any, path: str) -> list[tuple[str, str]]:
+    if rules is None:
+        return []
+    if not isinstance(rules, list):
+        return [(path, "Invalid value: must be a list")]
+    causes: list[tuple[str, str]] = []
+    for index, rule in enumerate(rules):
+        where = f"{path}[{index}]"
+        if not isinstance(rule, Mapping):
+            causes.append((where, "Invalid value: must be an object"))
+            continue
+        for key in ("operations", "apiGroups", "apiVersions", "resources"):
+            if not _strings(rule.get(key)):
+                causes.append((f"{where}.{key}", "Required value"))
+        for operation in _strings(rule.get("operations")):
+            if operation not in _OPERATIONS:
+                causes.append((f"{where}.operations", _unsupported(operation, _OPERATIONS)))
+        scope = rule.get("scope")
+        if scope is not None and scope not in _SCOPES:
+            causes.append((f"{where}.scope", _unsupported(scope, _SCOPES)))
+    return causes
+
+
+def configuration_causes(configuration: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What kube-apiserver's validation would refuse in a v1 MutatingWebhookConfiguration, as (field, message)."""
+    webhooks = configuration.get("webhooks") if isinstance(configuration, Mapping) else None
+    if webhooks is None:
+        return []
+    if not isinstance(webhooks, list):
+        return [("webhooks", "Invalid value: must be a list")]
+    causes: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for index, webhook in enumerate(webhooks):
+        path = f"webhooks[{index}]"
+        if not isinstance(webhook, Mapping):
+            causes.append((path, "Invalid value: must be an object"))
+            continue
+        name = webhook.get("name")
+        if not isinstance(name, str) or not name:
+            causes.append((f"{path}.name", "Required value"))
+        elif name.count(".") < 2:
+            causes.append(
+                (
+                    f"{path}.name",
+                    f"Invalid value: {json.dumps(name)}: "
+                    "should be a domain with at least three segments separated by dots",
+                )
+            )
+        elif name in seen:
+            causes.append((f"{path}.name", f"Duplicate value: {json.dumps(name)}"))
+        if isinstance(name, str):
+            seen.add(name)
+        versions = webhook.get("admissionReviewVersions")
+        if not versions:
+            causes.append((f"{path}.admissionReviewVersions", "Required value: must specify one of v1, v1beta1"))
+        elif review_version(webhook) is None:
+            causes.append(
+                (
+                    f"{path}.admissionReviewVersions",
+                    f"Invalid value: {json.dumps(versions)}: must include at least one of v1, v1beta1",
+                )
+            )
+        side_effects = webhook.get("sideEffects")
+        if side_effects is None:
+            causes.append((f"{path}.sideEffects", "Required value: must specify one of None, NoneOnDryRun"))
+        elif side_effects not in ("None", "NoneOnDryRun"):
+            causes.append((f"{path}.sideEffects", _unsupported(side_effects, ("None", "NoneOnDryRun"))))
+        policy = webhook.get("failurePolicy")
+        if policy is not None and policy not in ("Fail", "Ignore"):
+            causes.append((f"{path}.failurePolicy", _unsupported(policy, ("Fail", "Ignore"))))
+        match_policy = webhook.get("matchPolicy")
+        if match_policy is not None and match_policy not in ("Equivalent", "Exact"):
+            causes.append((f"{path}.matchPolicy", _unsupported(match_policy, ("Equivalent", "Exact"))))
+        reinvocation = webhook.get("reinvocationPolicy")
+        if reinvocation is not None and reinvocation not in ("IfNeeded", "Never"):
+            causes.append((f"{path}.reinvocationPolicy", _unsupported(reinvocation, ("IfNeeded", "Never"))))
+        timeout = webhook.get("timeoutSeconds")
+        if timeout is not None and (
+            not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 30
+        ):
+            causes.append(
+                (
+                    f"{path}.timeoutSeconds",
+                    f"Invalid value: {json.dumps(timeout)}: the timeout value must be between 1 and 30 seconds",
+                )
+            )
+        causes += _client_config_causes(webhook.get("clientConfig"), f"{path}.clientConfig")
+        causes += _rule_causes(webhook.get("rules"), f"{path}.rules")
+        causes += _selector_causes(webhook.get("namespaceSelector"), f"{path}.namespaceSelector")
+        causes += _selector_causes(webhook.get("objectSelector"), f"{path}.objectSelector")
+    return causes
