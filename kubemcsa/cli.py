@@ -10,9 +10,11 @@ import datetime as dt
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 
 import urllib3
+from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, config, kube
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
             {prog} bootstrap --target-context cluster1 --source-context cluster2
             {prog} bootstrap --target-context c1 --source-context c2 --target-kubeconfig c1 --source-kubeconfig c2
             {prog} bootstrap --target-context c1 --source-context c2 --source-namespaces team-a,team-b
+            {prog} bootstrap --target-context c1 --source-context c2 --wait 60   # until the controller uses it
             {prog} bootstrap --target-context kind-a --source-context kind-b --source-server https://10.0.0.7:6443
             """
         ),
@@ -91,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--legacy-tokens",
         action="store_true",
         help="also let the controller create and read legacy token Secrets in the source (clusters before 1.22)",
+    )
+    boot.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the target's controller to report the bootstrap import Ready (default: no wait)",
     )
     boot.add_argument(
         "--source-server",
@@ -211,16 +221,38 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
             bootstrap.Cluster("target", the_plan.target_name, target_client, target_info.server),
             report=lambda line: print(line, flush=True),
         )
+        print(result.summary(), flush=True)
+        if args.wait > 0:
+            _wait_for_bootstrap_import(target_client, the_plan.import_name, the_plan.target_name, args.wait)
+        elif result.changed:
+            print(
+                f"The controller in {the_plan.target_name!r} can now reach {the_plan.source_name!r}; check with: "
+                f"kubemcsa status -n {api.SYSTEM_NAMESPACE} --context {target_info.context}"
+            )
     finally:
         source_client.close()
         target_client.close()
-    print(result.summary())
-    if result.changed:
-        print(
-            f"The controller in {the_plan.target_name!r} now reaches {the_plan.source_name!r}; check with: "
-            f"kubemcsa status -n {api.SYSTEM_NAMESPACE} --context {target_info.context}"
-        )
     return EXIT_OK
+
+
+def _wait_for_bootstrap_import(client: ApiClient, name: str, target: str, timeout: float) -> None:
+    """Poll the bootstrap import until the controller reports it Ready; CommandError with its reason if not."""
+    from kubemcsa import status
+
+    imports = kube.Resource(client, kube.SERVICE_ACCOUNT_IMPORTS)
+    print(f"Waiting up to {timeout:g}s for the controller in {target!r} to report import {name} Ready...", flush=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        row = status.import_status(imports.get(name, api.SYSTEM_NAMESPACE), dt.datetime.now(dt.UTC))
+        if row.is_ready:
+            print(f"Import {api.SYSTEM_NAMESPACE}/{name} is Ready: {row.message}")
+            return
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"the controller in target cluster {target!r} has not reported import {api.SYSTEM_NAMESPACE}/{name} "
+                f"Ready within {timeout:g}s ({row.reason}: {row.message}); check that it is installed and running."
+            )
+        time.sleep(0.2)  # polling the import's status; a watch would need its own thread for a one-off wait
 
 
 def _run_export(args: argparse.Namespace) -> int:

@@ -231,11 +231,22 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
             what="the bootstrap import to be Ready",
         )
         assert sai["reason"] == api.REASON_TOKEN_ISSUED
+        # A second bootstrap after the controller refreshed the Secret still changes nothing, and --wait sees Ready.
+        assert cli.main(bootstrap_argv(clusters, "--wait", "20")) == 0
+        out = capsys.readouterr().out
+        assert "Nothing to do" in out
+        assert "Import multicluster-service-account/cluster2 is Ready" in out
     finally:
         controller.stop()
-    # A second bootstrap after the controller refreshed the Secret still changes nothing.
-    assert cli.main(bootstrap_argv(clusters)) == 0
-    assert "Nothing to do" in capsys.readouterr().out
+
+
+def test_wait_without_a_controller_fails_with_the_reason(clusters, capsys) -> None:
+    assert cli.main(bootstrap_argv(clusters, "--wait", "0.3")) == cli.EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "Bootstrap complete" in captured.out
+    assert "has not reported import multicluster-service-account/cluster2 Ready within 0.3s (NotReconciled" in (
+        captured.err
+    )
 
 
 def test_a_tampered_or_changed_object_is_updated_and_said(clusters, capsys) -> None:
