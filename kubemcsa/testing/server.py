@@ -23,13 +23,14 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from kubemcsa.testing import errors, patch, rbac, tokens
+from kubemcsa.testing import errors, openapi, patch, rbac, tokens
 from kubemcsa.testing.auth import ADMIN, Authenticator
 from kubemcsa.testing.cluster import Cluster
 from kubemcsa.testing.controllers import Controllers
 from kubemcsa.testing.errors import StatusError
 from kubemcsa.testing.rbac import RequestAttributes, UserInfo
 from kubemcsa.testing.resources import ResourceInfo
+from kubemcsa.testing.store import INITIAL_EVENTS_END, Watcher
 from kubemcsa.testing.tls import ServingCerts, make_serving_certs
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,8 @@ DEFAULT_WATCH_SECONDS = 1800
 BOOKMARK_SECONDS = 1.0
 KUBE_VERSION = {
     "major": "1",
-    "minor": "30",
-    "gitVersion": "v1.30.0-kubemcsa",
+    "minor": "36",
+    "gitVersion": "v1.36.0-kubemcsa",
     "gitCommit": "0000000000000000000000000000000000000000",
     "gitTreeState": "clean",
     "buildDate": "2026-01-01T00:00:00Z",
@@ -624,6 +625,17 @@ class ApiServer:
             return 200, self.authority.openid_configuration(f"{self.url}/openid/v1/jwks")
         if path == "/openid/v1/jwks":
             return 200, self.authority.jwks()
+        if path == "/openapi/v3":
+            return 200, openapi.root_document(self.cluster.registry)
+        if path.startswith("/openapi/v3/"):
+            rest = path[len("/openapi/v3/") :].split("/")
+            doc = None
+            if len(rest) == 2 and rest[0] == "api":
+                doc = openapi.gv_document(self.cluster.registry, "", rest[1])
+            elif len(rest) == 3 and rest[0] == "apis":
+                doc = openapi.gv_document(self.cluster.registry, rest[1], rest[2])
+            if doc is not None:
+                return 200, doc
         raise StatusError(404, "NotFound", "the server could not find the requested resource", {})
 
     def _serve(
@@ -780,13 +792,29 @@ class ApiServer:
         except ValueError:
             raise errors.bad_request(f"invalid timeoutSeconds: {timeout_param!r}") from None
         bookmarks = _flag(query, "allowWatchBookmarks")
+        send_initial = _flag(query, "sendInitialEvents")
+        resource_version = _param(query, "resourceVersion")
+        if send_initial:
+            if not bookmarks or _param(query, "resourceVersionMatch") != "NotOlderThan":
+                raise errors.invalid(
+                    "ListOptions",
+                    "",
+                    [
+                        (
+                            "sendInitialEvents",
+                            "Forbidden: sendInitialEvents requires allowWatchBookmarks=true and "
+                            "resourceVersionMatch=NotOlderThan",
+                        )
+                    ],
+                )
+            resource_version = None  # initial state first (a given resourceVersion is a lower bound)
         try:
             watcher = self.cluster.watch(
                 info,
                 route.namespace or None,
                 _param(query, "labelSelector"),
                 _param(query, "fieldSelector"),
-                _param(query, "resourceVersion"),
+                resource_version,
             )
         except StatusError as exc:
             if exc.code != 410:
@@ -814,14 +842,18 @@ class ApiServer:
                     break
                 if item is not None:
                     kind, obj = item
+                    if kind == INITIAL_EVENTS_END:
+                        if send_initial:
+                            self._send_bookmark(conn, info, obj["metadata"]["resourceVersion"], initial_end=True)
+                        continue
                     line = {"type": kind, "object": self.cluster.present(info, obj)}
                     conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
                     continue
                 if bookmarks and time.monotonic() >= next_bookmark:
-                    self._send_bookmark(conn, info, watcher, store)
+                    self._maybe_bookmark(conn, info, watcher)
                     next_bookmark = time.monotonic() + self.bookmark_seconds
             if bookmarks and not self._stopping.is_set():
-                self._send_bookmark(conn, info, watcher, store)
+                self._maybe_bookmark(conn, info, watcher)
             conn.end_chunked()
         except (OSError, ssl.SSLError):
             conn.close_connection = True
@@ -830,16 +862,20 @@ class ApiServer:
             if self._stopping.is_set():
                 conn.close_connection = True
 
-    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, watcher: Any, store: Any) -> None:
+    def _maybe_bookmark(self, conn: _Connection, info: ResourceInfo, watcher: Watcher) -> None:
         # Under the lock, an empty queue means every event up to the current resourceVersion was sent.
+        store = self.cluster.store
         with store.lock:
             if not watcher.queue.empty():
                 return
             rv = str(store.resource_version)
-        line = {
-            "type": "BOOKMARK",
-            "object": {"kind": info.kind, "apiVersion": info.api_version, "metadata": {"resourceVersion": rv}},
-        }
+        self._send_bookmark(conn, info, rv)
+
+    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, rv: str, initial_end: bool = False) -> None:
+        meta: dict[str, Any] = {"resourceVersion": rv}
+        if initial_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        line = {"type": "BOOKMARK", "object": {"kind": info.kind, "apiVersion": info.api_version, "metadata": meta}}
         conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
 

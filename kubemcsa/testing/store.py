@@ -22,6 +22,7 @@ ObjectMatcher = Callable[[Mapping[str, Any]], bool]
 
 DEFAULT_HISTORY = 5000
 _CLOSED = object()
+INITIAL_EVENTS_END = "INITIAL_EVENTS_END"
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,8 @@ class Store:
                 for obj in objs:
                     if matches(obj):
                         watcher.queue.put(("ADDED", obj))
+                # Marks the end of the synthetic ADDED events (for watch-list's initial-events-end bookmark).
+                watcher.queue.put((INITIAL_EVENTS_END, {"metadata": {"resourceVersion": str(self._rv)}}))
             else:
                 if since < self._compacted:
                     raise errors.gone(f"too old resource version: {since} ({self._compacted + 1})")
