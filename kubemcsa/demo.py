@@ -323,12 +323,10 @@ def _now() -> Any:
 
 
 @contextlib.contextmanager
-def _workdir(keep: bool) -> Iterator[Path]:
-    if keep:
-        yield Path(tempfile.mkdtemp(prefix="kubemcsa-demo-"))
-    else:
-        with tempfile.TemporaryDirectory(prefix="kubemcsa-demo-") as directory:
-            yield Path(directory)
+def _workdir() -> Iterator[Path]:
+    # Removed at the end even with --keep-running: its kubeconfigs point at servers that stop with the demo.
+    with tempfile.TemporaryDirectory(prefix="kubemcsa-demo-") as directory:
+        yield Path(directory)
 
 
 def main(
@@ -343,7 +341,7 @@ def main(
     write = out or (lambda line: print(line, flush=True))
     write_err = err or (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.monotonic()
-    with _workdir(keep_running) as workdir:
+    with _workdir() as workdir:
         demo = Demo(write, workdir)
         try:
             demo.run(keep_running=keep_running, stop=stop)
