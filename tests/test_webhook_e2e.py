@@ -1,0 +1,405 @@
+"""The webhook end to end: the in-memory API server calls it over verified TLS through the real manifests.
+
+The webhook runs with a token of its own ServiceAccount, bound to manifests/webhook/rbac.yaml (so that RBAC is
+proven enough), its certificate is set up by certs.manager as at startup, and the MutatingWebhookConfiguration is
+the one of the manifests, its Service registered with the API server. Pods are created with the official client,
+and the stored pods are checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+import yaml
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from certs import manager, tls
+from kubemcsa import api, kube
+from kubemcsa.testing import ApiServer
+from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
+from webhook.app import MUTATE_PATH
+from webhook.cache import MISS_IMPORT, WatchCache
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+SYSTEM_NS = api.SYSTEM_NAMESPACE
+WEBHOOK_SA = SERVICE_NAME
+ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
+WAIT = 20.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
+    return kube.Resource(client, kube.resource_type_of(obj)).create(obj, obj["metadata"].get("namespace"))
+
+
+@dataclass
+class Env:
+    server: ApiServer
+    admin: ApiClient
+    webhook: WebhookServer
+    webhook_client: ApiClient
+    ca_pem: bytes
+    counter: int = 0
+
+    def namespace(self, labels: dict[str, str] | None = None) -> str:
+        self.counter += 1
+        name = f"apps-{self.counter}"
+        create(self.admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+        return name
+
+    def add_import(self, namespace: str, name: str) -> None:
+        body = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"},
+        }
+        create(self.admin, body)
+
+    def create_pod(self, namespace: str, annotation: str | None, **spec: Any) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": f"pod-{self.counter}-{time.monotonic_ns()}", "namespace": namespace}
+        if annotation is not None:
+            metadata["annotations"] = {api.IMPORT_ANNOTATION: annotation}
+        spec.setdefault("containers", [{"name": "main", "image": "busybox"}])
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+        created = kube.Resource(self.admin, kube.PODS).create(pod, namespace)
+        # What is stored, not only what the create answered.
+        return kube.Resource(self.admin, kube.PODS).get(created["metadata"]["name"], namespace)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    server = ApiServer(name="webhook-e2e").start()
+    admin = server.admin_client()
+    try:
+        for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml"):
+            create(admin, doc)
+        create(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
+        for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
+            for doc in documents(MANIFESTS / "webhook" / name):
+                create(admin, doc)
+        webhook_client = server.client_for_token(server.issue_token(SYSTEM_NS, WEBHOOK_SA, expiration_seconds=3600))
+        # What `kubemcsa-webhook --manage-certificates` does before serving.
+        bundle = manager.ensure_webhook_certificates(
+            webhook_client,
+            namespace=SYSTEM_NS,
+            secret_name=CERT_SECRET_NAME,
+            service_name=SERVICE_NAME,
+            webhook_configuration_name=WEBHOOK_CONFIGURATION_NAME,
+        )
+        cert_file, key_file = manager.write_files(bundle, tmp_path_factory.mktemp("tls"))
+        webhook = WebhookServer(webhook_client, cert_file, key_file).start()
+        server.register_service(SYSTEM_NS, SERVICE_NAME, 443, webhook.url)
+        assert webhook.cache.wait_for_sync(WAIT)
+    except BaseException:
+        server.stop()
+        raise
+    yield Env(server, admin, webhook, webhook_client, bundle.ca_pem)
+    webhook.stop()
+    server.stop()
+
+
+def mounts_of(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in container.get("volumeMounts") or [] if m["mountPath"].startswith(api.MOUNT_ROOT)]
+
+
+def expected_mount(name: str) -> dict[str, Any]:
+    return {"name": api.volume_name_for_import(name), "mountPath": api.mount_path_for_import(name), "readOnly": True}
+
+
+def import_volumes(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    return [v for v in pod["spec"].get("volumes") or [] if "secret" in v]
+
+
+def test_annotated_pod_in_enabled_namespace_gets_volumes_and_mounts(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "cluster2-default-pod-lister")
+    pod = env.create_pod(
+        ns,
+        "cluster2-default-pod-lister",
+        containers=[{"name": "main", "image": "busybox"}, {"name": "sidecar", "image": "nginx"}],
+        initContainers=[{"name": "init", "image": "busybox"}],
+    )
+    assert import_volumes(pod) == [
+        {
+            "name": "sai-cluster2-default-pod-lister",
+            "secret": {"secretName": "cluster2-default-pod-lister-token", **_defaults(import_volumes(pod)[0])},
+        }
+    ]
+    for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert mounts_of(container) == [expected_mount("cluster2-default-pod-lister")], container["name"]
+    # The service-account admission's own projected volume is still there, next to ours.
+    assert any(v["name"].startswith("kube-api-access-") for v in pod["spec"]["volumes"])
+
+
+def _defaults(volume: dict[str, Any]) -> dict[str, Any]:
+    """Fields the API server defaults in a secret volume (defaultMode), which the webhook does not set."""
+    return {k: v for k, v in volume["secret"].items() if k != "secretName"}
+
+
+def test_same_pod_without_the_label_or_without_the_annotation_is_untouched(env: Env) -> None:
+    plain = env.namespace({})
+    env.add_import(plain, "cluster2-default-pod-lister")
+    pod = env.create_pod(plain, "cluster2-default-pod-lister")
+    assert import_volumes(pod) == [] and mounts_of(pod["spec"]["containers"][0]) == []
+
+    enabled = env.namespace(ENABLED)
+    pod = env.create_pod(enabled, None)
+    assert import_volumes(pod) == [] and mounts_of(pod["spec"]["containers"][0]) == []
+
+
+def test_namespace_not_enabled_is_untouched_even_with_a_misconfigured_selector(env: Env) -> None:
+    plain = env.namespace({})
+    env.add_import(plain, "imp")
+    configurations = kube.Resource(env.admin, kube.MUTATING_WEBHOOK_CONFIGURATIONS)
+    configuration = configurations.get(WEBHOOK_CONFIGURATION_NAME)
+    selector = configuration["webhooks"][0]["namespaceSelector"]
+    patch = [{"op": "replace", "path": "/webhooks/0/namespaceSelector", "value": {}}]
+    configurations.patch(WEBHOOK_CONFIGURATION_NAME, patch, patch_type="json")
+    before = allowed_count(env)
+    try:
+        pod = env.create_pod(plain, "imp")
+    finally:
+        restore = [{"op": "replace", "path": "/webhooks/0/namespaceSelector", "value": selector}]
+        configurations.patch(WEBHOOK_CONFIGURATION_NAME, restore, patch_type="json")
+    assert import_volumes(pod) == []
+    assert allowed_count(env) == before + 1, "the webhook was called, and allowed the pod untouched"
+
+
+def allowed_count(env: Env) -> float:
+    metrics = httpx.get(env.webhook.url + "/metrics", verify=False).text
+    line = next(x for x in metrics.splitlines() if x.startswith('kubemcsa_webhook_requests_total{result="allowed"}'))
+    return float(line.split()[-1])
+
+
+def test_several_imports_with_sloppy_separators(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    names = ["cluster2-default-pod-lister", "cluster3-default-pod-lister", "cluster4-default-pod-lister"]
+    for name in names:
+        env.add_import(ns, name)
+    pod = env.create_pod(ns, " cluster2-default-pod-lister,, cluster3-default-pod-lister ,cluster4-default-pod-lister,")
+    assert [v["secret"]["secretName"] for v in import_volumes(pod)] == [api.secret_name_for_import(n) for n in names]
+    assert mounts_of(pod["spec"]["containers"][0]) == [expected_mount(n) for n in names]
+
+
+def test_unknown_import_is_refused_with_a_message_naming_it(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "known")
+    with pytest.raises(ApiException) as caught:
+        env.create_pod(ns, "known,unknown")
+    assert caught.value.status == 403
+    message = kube.error_message(caught.value)
+    assert 'admission webhook "service-account-import-admission-controller.multicluster.admiralty.io" denied' in (
+        message
+    )
+    assert '"unknown"' in message and f'namespace "{ns}"' in message
+    assert kube.Resource(env.admin, kube.PODS).list(ns)["items"] == []
+
+
+def test_pod_created_before_its_secret_exists_is_admitted(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "fresh")
+    secrets = kube.Resource(env.admin, kube.SECRETS)
+    assert all(s["metadata"]["name"] != "fresh-token" for s in secrets.list(ns)["items"])
+    pod = env.create_pod(ns, "fresh")
+    assert import_volumes(pod)[0]["secret"]["secretName"] == "fresh-token"
+
+
+def test_import_created_a_moment_ago_is_found_through_the_api(env: Env) -> None:
+    # A cache that has not watched anything yet: every lookup misses and must ask the API server.
+    cache = WatchCache(env.webhook_client)
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "just-now")
+    assert cache.namespace_labels(ns) == {**ENABLED, "kubernetes.io/metadata.name": ns}
+    assert cache.import_exists(ns, "just-now") is True
+    assert cache.import_exists(ns, "never") is False
+    assert cache.namespace_labels("no-such-namespace") is None
+    assert cache.misses() == {MISS_IMPORT: 2, "namespace": 2}
+    with pytest.raises(Exception, match="LookupWouldBlock|just-now"):
+        cache.cached().import_exists(ns, "just-now")
+
+
+def test_lookups_come_from_the_watch_not_one_call_per_request(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "watched")
+    cached = env.webhook.cache.cached()
+    wait_for(lambda: _exists(cached, ns, "watched"), what="the import in the watch-fed cache")
+    env.server.reset_requests()
+    for _ in range(3):
+        env.create_pod(ns, "watched")
+    webhook_user = f"system:serviceaccount:{SYSTEM_NS}:{WEBHOOK_SA}"
+    calls = [r for r in env.server.requests if r.user == webhook_user and r.verb == "get"]
+    assert calls == []
+
+
+def _exists(cached: Any, namespace: str, name: str) -> bool:
+    try:
+        return bool(cached.namespace_labels(namespace)) and cached.import_exists(namespace, name)
+    except Exception:
+        return False
+
+
+# Reinvocation: a sidecar injector that runs after us (its configuration sorts later) adds a container; with
+# reinvocationPolicy IfNeeded the API server calls us again and the sidecar gets the mounts too, nothing twice.
+
+
+async def _sidecar_injector(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    review = json.loads(body)
+    pod = review["request"]["object"]
+    response: dict[str, Any] = {"uid": review["request"]["uid"], "allowed": True}
+    if not any(c["name"] == "injected" for c in pod["spec"]["containers"]):
+        patch = [{"op": "add", "path": "/spec/containers/-", "value": {"name": "injected", "image": "envoy"}}]
+        response.update(patchType="JSONPatch", patch=base64.b64encode(json.dumps(patch).encode()).decode())
+    answer = json.dumps({"apiVersion": review["apiVersion"], "kind": "AdmissionReview", "response": response})
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": answer.encode()})
+
+
+@pytest.fixture
+def sidecar_injector(env: Env, tmp_path: Path) -> Iterator[None]:
+    ca_cert, ca_key = tls.make_ca("sidecar-ca")
+    cert, key = tls.make_serving_cert(ca_cert, ca_key, ["localhost"], ["127.0.0.1"])
+    (tmp_path / "tls.crt").write_bytes(cert)
+    (tmp_path / "tls.key").write_bytes(key)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(
+        _sidecar_injector,
+        host="127.0.0.1",
+        port=port,
+        ssl_certfile=str(tmp_path / "tls.crt"),
+        ssl_keyfile=str(tmp_path / "tls.key"),
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+    )
+    injector = uvicorn.Server(config)
+    thread = threading.Thread(target=injector.run, daemon=True)
+    thread.start()
+    wait_for(lambda: injector.started, what="the sidecar injector")
+    configuration = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": "zz-sidecar-injector"},
+        "webhooks": [
+            {
+                "name": "sidecar.example.com",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "timeoutSeconds": 5,
+                "clientConfig": {
+                    "url": f"https://127.0.0.1:{port}/inject",
+                    "caBundle": base64.b64encode(ca_cert).decode(),
+                },
+                "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "operations": ["CREATE"]}],
+            }
+        ],
+    }
+    create(env.admin, configuration)
+    try:
+        yield
+    finally:
+        kube.Resource(env.admin, kube.MUTATING_WEBHOOK_CONFIGURATIONS).delete("zz-sidecar-injector")
+        injector.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.usefixtures("sidecar_injector")
+def test_reinvocation_mounts_into_a_container_added_later_and_adds_nothing_twice(env: Env) -> None:
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "cluster2-default-pod-lister")
+    pod = env.create_pod(ns, "cluster2-default-pod-lister", initContainers=[{"name": "init", "image": "busybox"}])
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["main", "injected"]
+    assert len(import_volumes(pod)) == 1
+    for container in pod["spec"]["initContainers"] + pod["spec"]["containers"]:
+        assert mounts_of(container) == [expected_mount("cluster2-default-pod-lister")], container["name"]
+
+
+def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path: Path) -> None:
+    """The console script as deployed: --manage-certificates, its own token, then SIGTERM: exit 0."""
+    kubeconfig = tmp_path / "kubeconfig"
+    env.server.write_kubeconfig(str(kubeconfig), token=env.server.issue_token(SYSTEM_NS, WEBHOOK_SA))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [
+        sys.executable,
+        "-m",
+        "webhook",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--kubeconfig",
+        str(kubeconfig),
+    ]
+    argv += ["--manage-certificates", "--cert-dir", str(tmp_path / "tls"), "--namespace", SYSTEM_NS]
+    argv += ["--shutdown-delay", "0.2"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+
+        def ready() -> bool:
+            try:
+                # The certificate is for the Service's DNS names; here only the CA and readiness matter.
+                with httpx.Client(verify=False) as c:
+                    return c.get(f"https://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=30, what="kubemcsa-webhook to be ready")
+        assert (tmp_path / "tls" / "tls.crt").exists() and (tmp_path / "tls" / "tls.key").stat().st_mode & 0o077 == 0
+        with httpx.Client(verify=False) as c:
+            body = (Path(__file__).parent / "fixtures" / "admissionreview-v1-pod.json").read_bytes()
+            answer = c.post(f"https://127.0.0.1:{port}{MUTATE_PATH}", content=body).json()
+        # Namespace capture-demo does not exist in this cluster: not enabled, so allowed and untouched.
+        assert answer["response"] == {"uid": json.loads(body)["request"]["uid"], "allowed": True}
+    except BaseException:
+        process.kill()
+        raise
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=30)[0].decode()
+    assert process.returncode == 0, output
+    assert "stopping" in output
