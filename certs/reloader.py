@@ -76,7 +76,6 @@ class CertificateReloader:
         self.key_file = Path(key_file)
         self.loop = loop
         self._lock = threading.Lock()
-        self._signature: tuple[Any, ...] | None = None
         self._loaded_digest: str | None = None
         self._rejected_digest: str | None = None
         self._read_problem: str | None = None
@@ -90,15 +89,12 @@ class CertificateReloader:
         with self._lock:
             pair = self._read()
             if pair is not None:
-                self._signature, self._loaded_digest = pair[0], pair[1]
+                self._loaded_digest = pair[0]
 
-    def _stat_signature(self) -> tuple[Any, ...]:
-        cert, key = self.cert_file.stat(), self.key_file.stat()
-        return (cert.st_ino, cert.st_mtime_ns, cert.st_size, key.st_ino, key.st_mtime_ns, key.st_size)
-
-    def _read(self) -> tuple[tuple[Any, ...], str, bytes, bytes] | None:
+    def _read(self) -> tuple[str, bytes, bytes] | None:
+        # Content, not mtime: two renewals within one timestamp tick, on a recycled inode, would look unchanged.
+        # Reading two small files every few seconds costs microseconds.
         try:
-            signature = self._stat_signature()
             cert_pem, key_pem = self.cert_file.read_bytes(), self.key_file.read_bytes()
         except OSError as exc:
             problem = f"{exc.strerror}: {exc.filename}"
@@ -107,22 +103,15 @@ class CertificateReloader:
             self._read_problem = problem
             return None
         self._read_problem = None
-        digest = hashlib.sha256(cert_pem + b"\0" + key_pem).hexdigest()
-        return signature, digest, cert_pem, key_pem
+        return hashlib.sha256(cert_pem + b"\0" + key_pem).hexdigest(), cert_pem, key_pem
 
     def check(self) -> bool:
         """Load the files into the context if they changed and form a valid pair; True if it did. Never raises."""
         with self._lock:
-            try:
-                if self._signature is not None and self._stat_signature() == self._signature:
-                    return False
-            except OSError:
-                pass
             pair = self._read()
             if pair is None:
                 return False
-            signature, digest, cert_pem, key_pem = pair
-            self._signature = signature
+            digest, cert_pem, key_pem = pair
             if digest in (self._loaded_digest, self._rejected_digest):
                 return False
             try:
