@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -147,9 +148,12 @@ def write_secret_files(secret: JSON, directory: Path) -> None:
     for key, value in (secret.get("data") or {}).items():
         (payload / key).write_bytes(base64.b64decode(value))
         os.chmod(payload / key, 0o600)
+    previous = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
     link = directory / "..data_tmp"
     link.symlink_to(payload.name)
     os.replace(link, directory / "..data")
+    if previous:
+        shutil.rmtree(directory / previous, ignore_errors=True)
     for key in secret.get("data") or {}:
         if not (directory / key).is_symlink():
             (directory / key).symlink_to(Path("..data") / key)

@@ -220,3 +220,23 @@ def test_in_cluster_outside_a_pod_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_configuration_is_the_official_clients(tmp_path: Path) -> None:
     mount(tmp_path, "a")
     assert isinstance(config.import_config_and_namespace("a", tmp_path).config, Configuration)
+
+
+def test_the_hook_follows_a_kubelet_style_symlink_swap(tmp_path: Path) -> None:
+    from kubemcsa.credentials import to_secret_data
+    from kubemcsa.demo import write_secret_files
+
+    def secret(token: str) -> dict:
+        creds = Credentials(server="https://c2:6443", ca_crt=FAKE_CA, token=token, namespace="default")
+        return {"data": to_secret_data(creds, "cluster2")}
+
+    write_secret_files(secret("first-token"), tmp_path / "imp")
+    cfg = config.import_config_and_namespace("imp", tmp_path).config
+    assert cfg.get_api_key_with_prefix("BearerToken") == "Bearer first-token"
+    write_secret_files(secret("second-token"), tmp_path / "imp")
+    assert cfg.get_api_key_with_prefix("BearerToken") == "Bearer second-token"
+    assert config.mounted_import_names(tmp_path) == ["imp"]
+    assert (
+        len([p for p in (tmp_path / "imp").iterdir() if p.name.startswith("..") and p.is_dir() and not p.is_symlink()])
+        == 1
+    )
