@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from kubemcsa.testing import rbac
+from kubemcsa.testing.errors import StatusError
 from kubemcsa.testing.rbac import RequestAttributes, UserInfo, authorize, forbidden_message
 
 SA_USER = UserInfo(
@@ -371,3 +373,100 @@ def test_a_user_without_bindings_is_always_denied_and_described(
     assert not allowed(attrs, **default_policy())
     message = forbidden_message(SA_USER, attrs)
     assert "is forbidden: User" in message and f"cannot {verb} resource" in message
+
+
+# --- privilege escalation prevention ------------------------------------------------------------------------
+
+
+def check(obj: dict[str, Any], **policy: Any) -> None:
+    full = {"roles": [], "cluster_roles": [], "role_bindings": [], "cluster_role_bindings": [], **policy}
+    rbac.check_escalation(SA_USER, obj, **full)
+
+
+def forbidden_text(obj: dict[str, Any], **policy: Any) -> str:
+    with pytest.raises(StatusError) as caught:
+        check(obj, **policy)
+    assert caught.value.code == 403 and caught.value.reason == "Forbidden"
+    return caught.value.message
+
+
+def test_a_role_within_the_writers_own_permissions_may_be_created() -> None:
+    policy = in_default(rules=[rule(["get", "list", "create"], ["pods", "roles"], ["", "rbac.authorization.k8s.io"])])
+    check(role("new", "default", rule(["get", "list"], ["pods"])), **policy)
+
+
+def test_a_role_granting_more_is_refused_with_kube_s_message() -> None:
+    policy = in_default(rules=[rule(["list"], ["pods"])])
+    message = forbidden_text(
+        role("new", "default", rule(["list", "delete"], ["pods"]), rule(["get"], ["secrets"])), **policy
+    )
+    assert message == (
+        'roles.rbac.authorization.k8s.io "new" is forbidden: user "system:serviceaccount:default:pod-lister" '
+        '(groups=["system:serviceaccounts" "system:serviceaccounts:default" "system:authenticated"]) is attempting '
+        "to grant RBAC permissions not currently held:\n"
+        '{APIGroups:[""], Resources:["pods"], Verbs:["delete"]}\n'
+        '{APIGroups:[""], Resources:["secrets"], Verbs:["get"]}'
+    )
+
+
+def test_wildcards_are_only_covered_by_wildcards() -> None:
+    policy = in_default(rules=[rule(["get", "list", "watch", "create", "update", "patch", "delete"], ["pods"])])
+    assert 'Verbs:["*"]' in forbidden_text(role("new", "default", rule(["*"], ["pods"])), **policy)
+    star = in_default(rules=[rule(["*"], ["*"], ["*"])])
+    check(role("new", "default", rule(["*"], ["pods", "pods/status"], ["", "apps"])), **star)
+    named = in_default(rules=[rule(["get"], ["secrets"], resourceNames=["a"])])
+    check(role("new", "default", rule(["get"], ["secrets"], resourceNames=["a"])), **named)
+    assert "ResourceNames" in forbidden_text(
+        role("new", "default", rule(["get"], ["secrets"], resourceNames=["b"])), **named
+    )
+    forbidden_text(role("new", "default", rule(["get"], ["secrets"])), **named)
+
+
+def test_escalate_and_bind_verbs_allow_granting_more() -> None:
+    escalate = in_default(rules=[rule(["escalate"], ["roles"], ["rbac.authorization.k8s.io"])])
+    check(role("new", "default", rule(["*"], ["*"], ["*"])), **escalate)
+    bind = in_default(rules=[rule(["bind"], ["clusterroles"], ["rbac.authorization.k8s.io"], resourceNames=["admin"])])
+    bind["cluster_roles"] = rbac.default_cluster_roles()
+    check(binding("b2", "default", "ClusterRole", "admin", {"kind": "User", "name": "x"}), **bind)
+    forbidden_text(binding("b2", "default", "ClusterRole", "cluster-admin", {"kind": "User", "name": "x"}), **bind)
+
+
+def test_bindings_are_checked_against_the_referenced_role_in_the_binding_namespace() -> None:
+    policy = in_default(rules=[rule(["get", "list", "watch"], ["pods"])])
+    policy["cluster_roles"] = rbac.default_cluster_roles()
+    policy["roles"].append(role("reader", "default", rule(["list"], ["pods"])))
+    check(binding("b2", "default", "Role", "reader", {"kind": "User", "name": "x"}), **policy)
+    message = forbidden_text(binding("b2", "default", "ClusterRole", "edit", {"kind": "User", "name": "x"}), **policy)
+    assert message.startswith('rolebindings.rbac.authorization.k8s.io "b2" is forbidden: user ')
+    crb = cluster_binding("c2", "view", {"kind": "User", "name": "x"})
+    assert forbidden_text(crb, **policy).startswith('clusterrolebindings.rbac.authorization.k8s.io "c2" is forbidden')
+    with pytest.raises(StatusError) as caught:
+        check(binding("b3", "default", "Role", "ghost", {"kind": "User", "name": "x"}), **policy)
+    assert caught.value.code == 404
+
+
+def test_masters_and_other_kinds_are_never_checked() -> None:
+    admin = UserInfo("admin", ("system:masters",))
+    rbac.check_escalation(
+        admin,
+        cluster_role("all", rule(["*"], ["*"], ["*"])),
+        roles=[],
+        cluster_roles=[],
+        role_bindings=[],
+        cluster_role_bindings=[],
+    )
+    check({"kind": "Secret", "metadata": {"name": "s"}})
+    check(None)  # type: ignore[arg-type]
+
+
+def test_authorize_aggregates_labelled_cluster_roles_created_later() -> None:
+    extra = cluster_role("sai-view", rule(["list"], ["serviceaccountimports"], ["multicluster.admiralty.io"]))
+    extra["metadata"]["labels"] = {"rbac.authorization.k8s.io/aggregate-to-view": "true"}
+    policy = default_policy(
+        cluster_roles=[extra], role_bindings=[binding("b", "default", "ClusterRole", "edit", sa_subject())]
+    )
+    attrs = RequestAttributes(
+        "list", api_group="multicluster.admiralty.io", resource="serviceaccountimports", namespace="default"
+    )
+    assert allowed(attrs, **policy)
+    assert not allowed(attrs, **default_policy(cluster_roles=[extra]))

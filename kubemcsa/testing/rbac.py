@@ -7,9 +7,11 @@ plugin/pkg/auth/authorizer/rbac/bootstrappolicy a fresh cluster has that this pr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from kubemcsa.testing.errors import StatusError, forbidden, not_found
 
 RBAC_GROUP = "rbac.authorization.k8s.io"
 RBAC_API_VERSION = f"{RBAC_GROUP}/v1"
@@ -145,6 +147,58 @@ def _role_ref(binding: Mapping[str, Any]) -> tuple[str, str]:
     return str(ref.get("kind", "")), str(ref.get("name", ""))
 
 
+class _ClusterRoles:
+    """ClusterRoles by name; an aggregated role's rules are computed as the aggregation controller would."""
+
+    def __init__(self, cluster_roles: Iterable[Mapping[str, Any]]) -> None:
+        self._all = [r for r in cluster_roles if isinstance(r, Mapping)]
+        self._by_name = {_meta(r).get("name"): r for r in self._all}
+        self._aggregated: dict[Any, dict[str, Any]] | None = None
+
+    def rules(self, name: str) -> list[Any]:
+        role = self._by_name.get(name)
+        if isinstance(role, Mapping) and isinstance(role.get("aggregationRule"), Mapping):
+            if self._aggregated is None:
+                self._aggregated = {_meta(r).get("name"): r for r in aggregate_cluster_roles(self._all)}
+            role = self._aggregated.get(name, role)
+        return _rules_of(role)
+
+    def exists(self, name: str) -> bool:
+        return name in self._by_name
+
+
+def _rules_for(
+    user: UserInfo,
+    namespace: str,
+    *,
+    roles: Iterable[Mapping[str, Any]],
+    cluster_roles: _ClusterRoles,
+    role_bindings: Iterable[Mapping[str, Any]],
+    cluster_role_bindings: Iterable[Mapping[str, Any]],
+) -> Iterator[Any]:
+    """Every rule granted to `user` in `namespace` ("" = cluster-wide only), lazily, as kube's RulesFor."""
+    for binding in cluster_role_bindings:
+        if not isinstance(binding, Mapping):
+            continue
+        kind, name = _role_ref(binding)
+        if kind == "ClusterRole" and _binding_applies(user, binding, ""):
+            yield from cluster_roles.rules(name)
+    # RoleBindings grant only inside their namespace.
+    if not namespace:
+        return
+    roles_by_name = {_meta(r).get("name"): r for r in roles if _meta(r).get("namespace") == namespace}
+    for binding in role_bindings:
+        if not isinstance(binding, Mapping) or _meta(binding).get("namespace") != namespace:
+            continue
+        if not _binding_applies(user, binding, namespace):
+            continue
+        kind, name = _role_ref(binding)
+        if kind == "Role":
+            yield from _rules_of(roles_by_name.get(name))
+        elif kind == "ClusterRole":
+            yield from cluster_roles.rules(name)
+
+
 def authorize(
     user: UserInfo,
     attrs: RequestAttributes,
@@ -157,34 +211,158 @@ def authorize(
     """True if RBAC (plus the system:masters superuser group) allows the request."""
     if MASTERS_GROUP in user.groups:
         return True
-    cluster_roles_by_name = {_meta(r).get("name"): r for r in cluster_roles}
+    # Non-resource requests have no namespace: only ClusterRoleBindings can grant them.
+    namespace = attrs.namespace if attrs.resource_request else ""
+    rules = _rules_for(
+        user,
+        namespace,
+        roles=roles,
+        cluster_roles=_ClusterRoles(cluster_roles),
+        role_bindings=role_bindings,
+        cluster_role_bindings=cluster_role_bindings,
+    )
+    return any(rule_allows(rule, attrs) for rule in rules)
 
-    for binding in cluster_role_bindings:
-        kind, name = _role_ref(binding)
-        if kind != "ClusterRole" or not _binding_applies(user, binding, ""):
-            continue
-        if any(rule_allows(rule, attrs) for rule in _rules_of(cluster_roles_by_name.get(name))):
-            return True
 
-    # RoleBindings grant only inside their namespace, and only to resource requests made in it.
-    if not attrs.resource_request or not attrs.namespace:
-        return False
-    roles_by_name = {_meta(r).get("name"): r for r in roles if _meta(r).get("namespace") == attrs.namespace}
-    for binding in role_bindings:
-        if _meta(binding).get("namespace") != attrs.namespace:
-            continue
-        if not _binding_applies(user, binding, attrs.namespace):
-            continue
-        kind, name = _role_ref(binding)
-        if kind == "Role":
-            role = roles_by_name.get(name)
-        elif kind == "ClusterRole":
-            role = cluster_roles_by_name.get(name)
+# --- privilege escalation prevention (pkg/registry/rbac/validation) ---------------------------------------
+
+
+def _rule_atoms(rule: Any) -> list[dict[str, Any]]:
+    """A rule broken down to one verb on one thing each, as kube's BreakdownRule."""
+    if not isinstance(rule, Mapping):
+        return []
+    atoms: list[dict[str, Any]] = []
+    verbs = _strings(rule.get("verbs"))
+    for group in _strings(rule.get("apiGroups")):
+        for resource in _strings(rule.get("resources")):
+            for verb in verbs:
+                names = _strings(rule.get("resourceNames")) or [""]
+                for name in names:
+                    atom: dict[str, Any] = {"verbs": [verb], "apiGroups": [group], "resources": [resource]}
+                    if name:
+                        atom["resourceNames"] = [name]
+                    atoms.append(atom)
+    for url in _strings(rule.get("nonResourceURLs")):
+        atoms.extend({"verbs": [verb], "nonResourceURLs": [url]} for verb in verbs)
+    return atoms
+
+
+def _atom_covered(owner_rules: list[Any], atom: dict[str, Any]) -> bool:
+    verb = atom["verbs"][0]
+    if "nonResourceURLs" in atom:
+        attrs = RequestAttributes(verb, path=atom["nonResourceURLs"][0], resource_request=False)
+    else:
+        resource, _, subresource = atom["resources"][0].partition("/")
+        name = (atom.get("resourceNames") or [""])[0]
+        attrs = RequestAttributes(verb, atom["apiGroups"][0], resource, subresource, "", name)
+    return any(rule_allows(rule, attrs) for rule in owner_rules)
+
+
+def uncovered_rules(owner_rules: Iterable[Any], requested_rules: Iterable[Any]) -> list[dict[str, Any]]:
+    """The parts of `requested_rules` that `owner_rules` do not grant (a "*" is only covered by a "*")."""
+    owner = [r for r in owner_rules if isinstance(r, Mapping)]
+    missing: list[dict[str, Any]] = []
+    for rule in requested_rules:
+        for atom in _rule_atoms(rule):
+            if not _atom_covered(owner, atom) and atom not in missing:
+                missing.append(atom)
+    return missing
+
+
+def _compact(rule: Mapping[str, Any]) -> str:
+    """kube's PolicyRule CompactString: {APIGroups:["" "apps"], Resources:["pods"], Verbs:["get"]}."""
+    parts = []
+    for key, label in (
+        ("apiGroups", "APIGroups"),
+        ("resources", "Resources"),
+        ("resourceNames", "ResourceNames"),
+        ("nonResourceURLs", "NonResourceURLs"),
+        ("verbs", "Verbs"),
+    ):
+        values = _strings(rule.get(key))
+        if values:
+            parts.append(f"{label}:[{' '.join(_go_quote(v) for v in values)}]")
+    return "{" + ", ".join(parts) + "}"
+
+
+def check_escalation(
+    user: UserInfo,
+    obj: Mapping[str, Any],
+    *,
+    roles: Iterable[Mapping[str, Any]],
+    cluster_roles: Iterable[Mapping[str, Any]],
+    role_bindings: Iterable[Mapping[str, Any]],
+    cluster_role_bindings: Iterable[Mapping[str, Any]],
+) -> None:
+    """Refuse (403, kube's words) a Role/ClusterRole/RoleBinding/ClusterRoleBinding write that grants more than
+    the writer holds, unless the writer may `escalate` (roles) or `bind` (bindings), as kube-apiserver does.
+    """
+    if MASTERS_GROUP in user.groups or not isinstance(obj, Mapping):
+        return
+    kind = obj.get("kind")
+    meta = _meta(obj)
+    name = str(meta.get("name") or "")
+    namespace = str(meta.get("namespace") or "") if kind in ("Role", "RoleBinding") else ""
+    policy = {
+        "roles": list(roles),
+        "cluster_roles": list(cluster_roles),
+        "role_bindings": list(role_bindings),
+        "cluster_role_bindings": list(cluster_role_bindings),
+    }
+    index = _ClusterRoles(policy["cluster_roles"])
+
+    def may(verb: str, plural: str, target: str) -> bool:
+        return authorize(user, RequestAttributes(verb, RBAC_GROUP, plural, "", namespace, target), **policy)
+
+    if kind in ("Role", "ClusterRole"):
+        plural = "roles" if kind == "Role" else "clusterroles"
+        if may("escalate", plural, name):
+            return
+        if kind == "ClusterRole" and obj.get("aggregationRule"):
+            raise forbidden(
+                f'{plural}.{RBAC_GROUP} "{name}" is forbidden: must have cluster-admin privileges to use the '
+                "aggregationRule",
+                plural,
+                name,
+                RBAC_GROUP,
+            )
+        requested = _rules_of(obj)
+    elif kind in ("RoleBinding", "ClusterRoleBinding"):
+        plural = "rolebindings" if kind == "RoleBinding" else "clusterrolebindings"
+        ref_kind, ref_name = _role_ref(obj)
+        if may("bind", "roles" if ref_kind == "Role" else "clusterroles", ref_name):
+            return
+        if ref_kind == "Role":
+            role = next(
+                (
+                    r
+                    for r in policy["roles"]
+                    if _meta(r).get("namespace") == namespace and _meta(r).get("name") == ref_name
+                ),
+                None,
+            )
+            if role is None:
+                raise not_found("roles", ref_name, RBAC_GROUP)
+            requested = _rules_of(role)
+        elif ref_kind == "ClusterRole":
+            if not index.exists(ref_name):
+                raise not_found("clusterroles", ref_name, RBAC_GROUP)
+            requested = index.rules(ref_name)
         else:
-            continue
-        if any(rule_allows(rule, attrs) for rule in _rules_of(role)):
-            return True
-    return False
+            return  # the object's own validation refuses an unknown roleRef kind
+    else:
+        return
+    owner = list(
+        _rules_for(user, namespace, cluster_roles=index, **{k: v for k, v in policy.items() if k != "cluster_roles"})
+    )
+    missing = uncovered_rules(owner, requested)
+    if missing:
+        groups = "[" + " ".join(_go_quote(g) for g in user.groups) + "]"
+        message = (
+            f'{plural}.{RBAC_GROUP} "{name}" is forbidden: user {_go_quote(user.username)} (groups={groups}) is '
+            "attempting to grant RBAC permissions not currently held:\n" + "\n".join(_compact(m) for m in missing)
+        )
+        raise StatusError(403, "Forbidden", message, {"name": name, "group": RBAC_GROUP, "kind": plural})
 
 
 def forbidden_message(user: UserInfo, attrs: RequestAttributes, reason: str = "") -> str:
