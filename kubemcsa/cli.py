@@ -258,6 +258,10 @@ def _wait_for_bootstrap_import(client: ApiClient, name: str, target: str, timeou
 def _run_export(args: argparse.Namespace) -> int:
     from kubemcsa import export
 
+    if args.export_name is not None and not api.is_dns_subdomain(args.export_name):
+        raise CommandError(
+            f"--as {args.export_name!r} is not a valid Secret name; use lowercase letters, digits and -."
+        )
     try:
         seconds = export.parse_duration(args.duration) if args.duration else None
     except ValueError as exc:

@@ -80,6 +80,11 @@ def test_bad_duration_is_one_sentence(capsys: pytest.CaptureFixture[str]) -> Non
     assert "--duration 'soon' is not a duration" in one_error_line(capsys)
 
 
+def test_an_invalid_export_name_is_refused_before_any_call(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["export", "x", "--as", "Not_Valid"]) == cli.EXIT_ERROR
+    assert "--as 'Not_Valid' is not a valid Secret name" in one_error_line(capsys)
+
+
 def test_unreachable_server_is_one_sentence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
@@ -94,7 +99,7 @@ def test_unreachable_server_is_one_sentence(tmp_path: Path, capsys: pytest.Captu
     )
     code = cli.main(["export", "sa", "--kubeconfig", str(tmp_path / "kc")])
     assert code == cli.EXIT_ERROR
-    assert "error:" in one_error_line(capsys)
+    assert f"cannot reach cluster 'c' (context 'x') at https://127.0.0.1:{port}" in one_error_line(capsys)
 
 
 def test_console_scripts_run(tmp_path: Path) -> None:
