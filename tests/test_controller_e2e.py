@@ -103,7 +103,7 @@ class Env:
     admin2: ApiClient
     controller_client: ApiClient
     source_kubeconfig: str
-    remote_token: str
+    remote_token: str = field(repr=False)
     controllers: list[Controller] = field(default_factory=list)
 
     @property
@@ -130,11 +130,11 @@ class Env:
         assert controller.wait_until_ready(WAIT)
         return controller
 
-    def create_import(self, name: str, namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    def create_import(self, import_name: str, import_namespace: str = "default", **spec: Any) -> dict[str, Any]:
         body = {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister", **spec}
-        obj = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name, "namespace": namespace}}
-        obj["spec"] = body
-        return kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(obj, namespace)
+        meta = {"name": import_name, "namespace": import_namespace}
+        obj = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": meta, "spec": body}
+        return kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(obj, import_namespace)
 
     def get_import(self, name: str, namespace: str = "default") -> dict[str, Any]:
         return kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).get(name, namespace)
@@ -225,6 +225,37 @@ def env(make_env) -> Env:
     return make_env()
 
 
+def bootstrap_source(env: Env) -> None:
+    """What `kubemcsa bootstrap` leaves in cluster1: an import named cluster2 in the system namespace and its first
+    Secret, whose credentials the controller uses to reach cluster2 and keeps refreshing itself."""
+    imp = create(
+        env.admin1,
+        {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": "cluster2", "namespace": SYSTEM_NS},
+            "spec": {"clusterName": "cluster2", "namespace": "default", "name": REMOTE_SA},
+        },
+    )
+    creds = Credentials(server=env.c2.url, ca_crt=env.c2.ca_pem, token=env.remote_token, namespace="default")
+    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "cluster2", "uid": imp["metadata"]["uid"]}
+    owner.update(controller=True, blockOwnerDeletion=True)
+    create(
+        env.admin1,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": api.secret_name_for_import("cluster2"),
+                "namespace": SYSTEM_NS,
+                "labels": {api.IMPORT_LABEL: "cluster2"},
+                "ownerReferences": [owner],
+            },
+            "data": to_secret_data(creds, "cluster2"),
+        },
+    )
+
+
 def mount(secret: dict[str, Any], directory: Path) -> None:
     """Write a Secret's keys into `directory` as the kubelet does (each file replaced atomically)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -309,7 +340,10 @@ def test_steady_state_makes_no_api_calls(env: Env) -> None:
 
 def test_rotation_keeps_a_long_running_client_working(make_env) -> None:
     env = make_env(max_token_expiration_seconds=4)
-    env.start_controller()
+    # Every token of cluster2 lives 4 s, the controller's own too: it reaches cluster2 through a bootstrapped
+    # import that it refreshes itself.
+    bootstrap_source(env)
+    env.start_controller(source_kubeconfig=None)
     env.create_import("rot")
     env.wait_ready("rot")
     mount_root = env.tmp / "imports"
@@ -346,6 +380,9 @@ def test_rotation_keeps_a_long_running_client_working(make_env) -> None:
             kube.Resource(dead, kube.PODS).list("default")
         assert info.value.status == 401
         assert env.ready("rot")["status"] == "True"
+        assert env.ready("cluster2", SYSTEM_NS)["status"] == "True"
+        own = base64.b64decode(env.secret("cluster2", SYSTEM_NS)["data"]["token"]).decode()
+        assert own != env.remote_token  # the controller's own credential rotated too
     finally:
         stop.set()
         thread.join(5)
@@ -399,7 +436,8 @@ def test_secret_name_conflict_is_reported_and_never_overwritten(env: Env) -> Non
 
 def test_remote_service_account_deleted_then_recreated(make_env) -> None:
     env = make_env(max_token_expiration_seconds=4)
-    env.start_controller()
+    bootstrap_source(env)
+    env.start_controller(source_kubeconfig=None)
     env.create_import("gone")
     env.wait_ready("gone")
     kube.Resource(env.admin2, kube.SERVICE_ACCOUNTS).delete("pod-lister", "default")
@@ -425,7 +463,7 @@ def test_remote_forbidden_then_granted(env: Env) -> None:
     create(env.admin2, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
     create(env.admin2, service_account("other", "reader"))
     env.start_controller()
-    env.create_import("nope", namespace="default", **{"namespace": "other", "name": "reader"})
+    env.create_import("nope", namespace="other", name="reader")
     cond = env.wait_ready("nope", "False", api.REASON_FORBIDDEN)
     assert "serviceaccounts/token" in cond["message"]
     for obj in role("other", "token-requester", TOKEN_RULES, "default", REMOTE_SA):
@@ -435,7 +473,7 @@ def test_remote_forbidden_then_granted(env: Env) -> None:
 
 def test_invalid_spec(env: Env) -> None:
     env.start_controller()
-    env.create_import("bad", namespace="default", **{"namespace": "Not_A_Namespace"})
+    env.create_import("bad", namespace="Not_A_Namespace")
     cond = env.wait_ready("bad", "False", api.REASON_INVALID_SPEC)
     assert "spec.namespace" in cond["message"]
 
