@@ -412,7 +412,7 @@ def test_secret_sources(tmp_path) -> None:
 
 
 # --- leader election (pure parts) ---
-def test_lease_update_counts_transitions_only_on_change_of_hands() -> None:
+def test_lease_update_counts_transitions_on_change_of_hands() -> None:
     from controller.leader import LeaseView, may_acquire, read_lease, released_lease, updated_lease
 
     lease = updated_lease({"metadata": {"name": "l"}, "spec": {}}, "a", 15, NOW)
@@ -425,7 +425,9 @@ def test_lease_update_counts_transitions_only_on_change_of_hands() -> None:
     assert not may_acquire(view, "a", observed_for=1)
     assert may_acquire(view, "a", observed_for=15)
     assert may_acquire(view, "b", observed_for=0)
-    assert may_acquire(read_lease(released_lease(taken, NOW)), "a", observed_for=0)
+    released = released_lease(taken, NOW)
+    assert may_acquire(read_lease(released), "a", observed_for=0)
+    assert read_lease(updated_lease(released, "a", 15, NOW + 1)).transitions == 2  # after a release too
     assert read_lease({"spec": {"leaseDurationSeconds": "x", "leaseTransitions": True}}).duration == 15
 
 
