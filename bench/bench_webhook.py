@@ -1,11 +1,12 @@
 """Benchmark the admission webhook over TLS against a bare uvicorn app, in the same run.
 
-    python bench/bench_webhook.py [--seconds 3] [--connections 1 8]
+    python bench/bench_webhook.py [--seconds 4] [--rounds 4] [--connections 1 8]
 
-Each server runs in its own process (the webhook as deployed: WebhookServer with a cache holding the imports;
-the bare app: a plain ASGI callable that parses the JSON and answers allowed: true). The load generator is a
-third process with one keep-alive HTTPS connection per thread, posting a realistic AdmissionReview (the kubectl
-fixture, annotated with three imports). Prints requests per second and p50/p99 latency as a table.
+Both servers run at once, each in its own process: the webhook as deployed (WebhookServer, its cache holding
+the imports), and a bare app (a plain ASGI callable that parses the JSON and answers allowed: true). The load
+generator is a third process with one keep-alive HTTPS connection per thread, posting a realistic AdmissionReview
+(the kubectl fixture, annotated with three imports); the servers are measured in alternating short rounds, so
+that changes in the machine's load hit both alike. Prints requests per second and p50/p99 latency as a table.
 Target (issue 4): at 8 connections, >= 70 % of the bare app's requests per second and p99 < 5 ms on 2 cores.
 """
 
@@ -163,23 +164,26 @@ def percentile(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, int(len(values) * fraction))] if values else float("nan")
 
 
-def run_case(port: int, ca_file: str, connections: int, seconds: float) -> dict[str, float]:
+def run_case(port: int, ca_file: str, connections: int, seconds: float) -> dict[str, Any]:
     argv = [sys.executable, __file__, "--load", str(port), "--ca", ca_file]
     argv += ["--connections", str(connections), "--seconds", str(seconds)]
-    output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-    result = json.loads(output)
-    latencies = result["latencies"]
+    return json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    latencies = sorted(x for r in rounds for x in r["latencies"])
     return {
-        "rps": result["requests"] / result["elapsed"],
+        "rps": sum(r["requests"] for r in rounds) / sum(r["elapsed"] for r in rounds),
         "p50": percentile(latencies, 0.50) * 1000,
         "p99": percentile(latencies, 0.99) * 1000,
-        "errors": result["errors"],
+        "errors": sum(r["errors"] for r in rounds),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server and case")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--serve", choices=["webhook", "bare"], help=argparse.SUPPRESS)
     parser.add_argument("--load", type=int, help=argparse.SUPPRESS)
@@ -203,23 +207,32 @@ def main() -> None:
         files = {name: os.path.join(directory, name) for name in ("ca.crt", "tls.crt", "tls.key")}
         for name, content in zip(files, (ca_cert, cert, key), strict=True):
             Path(files[name]).write_bytes(content)
+        servers: dict[str, tuple[subprocess.Popen[str], int]] = {}
         results: dict[tuple[str, int], dict[str, float]] = {}
-        for kind in ("bare", "webhook"):
-            port = free_port()
-            argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
-            argv += ["--cert", files["tls.crt"], "--key", files["tls.key"]]
-            server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            try:
+        try:
+            for kind in ("bare", "webhook"):
+                port = free_port()
+                argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
+                argv += ["--cert", files["tls.crt"], "--key", files["tls.key"]]
+                server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                servers[kind] = (server, port)
                 assert server.stdout is not None and server.stdout.readline().strip() == "ready"
                 run_case(port, files["ca.crt"], 2, 1.0)  # warm-up
-                for connections in args.connections:
-                    results[kind, connections] = run_case(port, files["ca.crt"], connections, args.seconds)
-            finally:
+            # Short alternating rounds, so that a change in the machine's load hits both servers alike.
+            for connections in args.connections:
+                rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+                for _ in range(args.rounds):
+                    for kind, (_, port) in servers.items():
+                        rounds[kind].append(run_case(port, files["ca.crt"], connections, args.seconds / args.rounds))
+                for kind in servers:
+                    results[kind, connections] = summarize(rounds[kind])
+        finally:
+            for server, _ in servers.values():
                 assert server.stdin is not None
                 server.stdin.close()
                 server.wait(20)
 
-    print(f"\nAdmission webhook over TLS, pod with {len(IMPORTS)} imports, {args.seconds:.0f} s per case")
+    print(f"\nAdmission webhook over TLS, pod with {len(IMPORTS)} imports, {args.seconds:.0f} s per server and case")
     print(f"{'server':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs bare':>9}")
     for (kind, connections), result in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
         ratio = result["rps"] / results["bare", connections]["rps"]

@@ -152,14 +152,27 @@ class _MutatePods:
         await send({"type": "http.response.body", "body": answer.body})
 
 
+class _WebhookApp(FastAPI):
+    """FastAPI, except that POST /mutate-pods goes straight to its endpoint, without the middleware stack."""
+
+    mutate_pods: _MutatePods
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == MUTATE_PATH and scope["method"] == "POST":
+            await self.mutate_pods(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = None) -> FastAPI:
     """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded."""
-    app = FastAPI(title="multicluster-service-account webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    app = _WebhookApp(title="multicluster-service-account webhook", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = _Metrics(cache)
     app.state.metrics = metrics
     app.state.draining = False
-    # Before FastAPI's own routes, and as a bare ASGI endpoint: this is the hot path.
-    app.router.routes.insert(0, Route(MUTATE_PATH, _MutatePods(cache, metrics), methods=["POST"]))
+    # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
+    app.mutate_pods = _MutatePods(cache, metrics)
+    app.router.routes.append(Route(MUTATE_PATH, app.mutate_pods, methods=["POST"]))  # for the route listing
 
     @app.get("/healthz")
     async def healthz() -> Response:
