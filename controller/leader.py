@@ -61,9 +61,9 @@ def updated_lease(lease: dict[str, Any], identity: str, duration: float, now: fl
     view = read_lease(lease)
     spec = dict(lease.get("spec") or {})
     if view.holder != identity:
-        spec["acquireTime"] = micro_time(now)
         # As client-go: every change of hands counts, after a release too; creating the lease does not.
         existed = "holderIdentity" in spec or "acquireTime" in spec
+        spec["acquireTime"] = micro_time(now)
         spec["leaseTransitions"] = view.transitions + (1 if existed else 0)
     spec["holderIdentity"] = identity
     spec["leaseDurationSeconds"] = int(duration)
