@@ -1,0 +1,137 @@
+"""The installation manifests: `kubectl apply -k manifests/` renders, every object is well formed, the pods are
+hardened, one image tag is used, and a real API server (the in-memory one) accepts every object.
+
+That the RBAC is enough and no more is proven where the code runs with it: tests/test_controller_e2e.py and
+tests/test_webhook_e2e.py run the controller and the webhook with service-account tokens bound to these roles.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kubemcsa import api, kube
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests"
+KUBECTL = shutil.which("kubectl")
+IMAGE = "ghcr.io/admiraltyio/multicluster-service-account"
+CLUSTER_SCOPED = {
+    "Namespace",
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "MutatingWebhookConfiguration",
+}
+
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (pip install -e '.[test]')")
+
+
+def _render(directory: Path = MANIFESTS) -> list[dict]:
+    assert KUBECTL is not None
+    out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module")
+def objects() -> list[dict]:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed (pip install -e '.[test]')")
+    return _render()
+
+
+def test_every_yaml_file_parses():
+    files = sorted(MANIFESTS.rglob("*.yaml"))
+    assert files
+    for path in files:
+        docs = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+        assert docs, f"{path} is empty"
+
+
+def test_objects_have_what_kubernetes_requires(objects):
+    kinds = {obj["kind"] for obj in objects}
+    assert {"CustomResourceDefinition", "Deployment", "MutatingWebhookConfiguration", "ClusterRole"} <= kinds
+    for obj in objects:
+        where = f"{obj.get('kind')} {obj.get('metadata', {}).get('name')}"
+        assert obj.get("apiVersion") and obj.get("kind"), where
+        assert api.is_dns_subdomain(obj["metadata"]["name"].replace(":", "-")), where
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], where
+        else:
+            assert obj["metadata"].get("namespace") == api.SYSTEM_NAMESPACE, where
+
+
+def test_crd_is_the_v1_api_of_the_original(objects):
+    (crd,) = [obj for obj in objects if obj["kind"] == "CustomResourceDefinition"]
+    assert crd["apiVersion"] == "apiextensions.k8s.io/v1"
+    assert crd["metadata"]["name"] == api.CRD_NAME
+    assert crd["spec"]["names"]["kind"] == api.KIND
+    assert api.SHORT_NAME in crd["spec"]["names"]["shortNames"]
+    (version,) = crd["spec"]["versions"]
+    assert version["name"] == api.VERSION and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert set(spec["required"]) == {"clusterName", "namespace", "name"}
+
+
+def test_one_image_tag_and_hardened_pods(objects):
+    workloads = [obj for obj in objects if obj["kind"] in ("Deployment", "Job", "CronJob")]
+    assert workloads
+    for obj in workloads:
+        pod = obj["spec"]["template"]["spec"]
+        where = f"{obj['kind']} {obj['metadata']['name']}"
+        assert pod.get("automountServiceAccountToken") is not False or obj["kind"] != "Deployment", where
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        for container in pod["containers"]:
+            assert container["image"] == f"{IMAGE}:0.6.0", where
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"]["drop"] == ["ALL"], where
+            assert container["resources"]["requests"], where
+            assert container.get("readinessProbe") and container.get("livenessProbe"), where
+
+
+def test_webhook_can_never_block_its_own_recovery(objects):
+    (config,) = [obj for obj in objects if obj["kind"] == "MutatingWebhookConfiguration"]
+    for webhook in config["webhooks"]:
+        expressions = webhook["namespaceSelector"]["matchExpressions"]
+        excluded = {value for e in expressions if e["operator"] == "NotIn" for value in e["values"]}
+        assert {"kube-system", api.SYSTEM_NAMESPACE} <= excluded
+        assert {"key": api.NAMESPACE_LABEL, "operator": "In", "values": [api.NAMESPACE_LABEL_VALUE]} in expressions
+
+
+@needs_kubectl
+def test_kubectl_apply_dry_run_client_accepts_the_manifests(cluster1, tmp_path):
+    kubeconfig = cluster1.write_kubeconfig(tmp_path / "kubeconfig")
+    result = subprocess.run(
+        [KUBECTL, "--kubeconfig", str(kubeconfig), "apply", "-k", str(MANIFESTS), "--dry-run=client"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "serviceaccountimports.multicluster.admiralty.io created (dry run)" in result.stdout
+
+
+def test_the_api_server_accepts_every_object(cluster1, objects):
+    client = cluster1.admin_client()
+    # Namespaces and CRDs first, as kubectl apply orders them.
+    order = {"Namespace": 0, "CustomResourceDefinition": 1}
+    for obj in sorted(objects, key=lambda o: order.get(o["kind"], 2)):
+        try:
+            resource_type = kube.resource_type_of(obj)
+        except ValueError:
+            pytest.fail(f"{obj['kind']} is not known to kubemcsa.kube; add it there")
+        kube.Resource(client, resource_type).create(obj)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("directory", ["certs"])
+def test_alternative_bases_render(directory):
+    assert _render(MANIFESTS / directory)
