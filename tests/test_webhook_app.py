@@ -169,7 +169,7 @@ def adversarial_reviews(draw: st.DrawFn) -> bytes:
         try:
             for key in path[:-1]:
                 target = target[key]
-            value = draw(_interesting | _json)
+            value = copy.deepcopy(draw(_interesting | _json))  # sampled values are shared objects
             if draw(st.integers(0, 4)) == 0 and isinstance(target, dict):
                 target.pop(path[-1], None)
             else:
