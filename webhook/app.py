@@ -94,6 +94,10 @@ class _Metrics:
             self.refusals.labels(answer.reason).inc()
 
 
+class _Disconnected(Exception):
+    """The client went away before sending the whole body: there is no one to answer."""
+
+
 async def _read_body(receive: Receive) -> bytes | None:
     """The body, or None if it is larger than review.MAX_BODY_BYTES (read no further than that)."""
     chunks: list[bytes] = []
@@ -101,7 +105,7 @@ async def _read_body(receive: Receive) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return None  # the client went away
+            raise _Disconnected
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > review.MAX_BODY_BYTES:
@@ -132,7 +136,10 @@ class _MutatePods:
                     await self._send(send, _TOO_LARGE)
                     return
                 break
-        body = await _read_body(receive)
+        try:
+            body = await _read_body(receive)
+        except _Disconnected:
+            return
         started = time.perf_counter()
         if body is None:
             answer = _TOO_LARGE
