@@ -213,3 +213,23 @@ def test_fuzz_review_always_answers_validly(body: bytes) -> None:
 def test_fuzz_through_http_never_500s(client: TestClient, body: bytes) -> None:
     response = client.post(MUTATE_PATH, content=body)
     check_answer(body, response.status_code, response.content)
+
+
+def test_client_gone_mid_body_gets_no_answer_and_no_count() -> None:
+    import asyncio
+
+    app = create_app(StaticCache())
+    sent: list[dict[str, Any]] = []
+    messages = iter([{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": MUTATE_PATH, "headers": [], "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    assert sent == []
+    samples = {s.name: s.value for s in app.state.metrics.latency.collect()[0].samples}
+    assert samples["kubemcsa_webhook_request_duration_seconds_count"] == 0
