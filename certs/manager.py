@@ -149,7 +149,10 @@ def ca_bundle_patch(configuration: dict[str, Any], ca_bundle_b64: str) -> list[d
     """
     ops: list[dict[str, Any]] = []
     for index, webhook in enumerate(configuration.get("webhooks") or []):
+        # A webhook without a name is invalid (the API server refuses it); without one we cannot guard the index.
         if not isinstance(webhook, dict) or not isinstance(webhook.get("clientConfig"), dict):
+            continue
+        if not isinstance(webhook.get("name"), str):
             continue
         if webhook["clientConfig"].get("caBundle") == ca_bundle_b64:
             continue

@@ -5,9 +5,12 @@ import datetime
 import threading
 from pathlib import Path
 
+import jsonpatch
 import pytest
 import yaml
 from certs_tls_server import RequestLoop, TLSServer, client_context, request, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
 from certs import manager, tls
@@ -297,6 +300,7 @@ def test_ca_bundle_patch_only_touches_webhooks_that_differ():
             {"name": "a", "clientConfig": {"caBundle": "X"}},
             {"name": "b", "clientConfig": {}},
             {"name": "c"},
+            {"clientConfig": {}},
             "junk",
         ]
     }
@@ -306,3 +310,38 @@ def test_ca_bundle_patch_only_touches_webhooks_that_differ():
     ]
     assert manager.ca_bundle_patch({"webhooks": None}, "X") == []
     assert manager.ca_bundle_patch({}, "X") == []
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=10,
+)
+_webhooks = st.lists(
+    st.one_of(
+        _json,
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.one_of(st.text(max_size=5), _json),
+                "clientConfig": st.one_of(_json, st.fixed_dictionaries({}, optional={"caBundle": _json})),
+            },
+        ),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(webhooks=_webhooks)
+def test_ca_bundle_patch_applies_to_any_configuration_and_sets_every_bundle(webhooks):
+    configuration = {"webhooks": webhooks}
+    patched = jsonpatch.apply_patch(configuration, manager.ca_bundle_patch(configuration, "CA"))
+    for webhook in patched["webhooks"]:
+        if (
+            isinstance(webhook, dict)
+            and isinstance(webhook.get("clientConfig"), dict)
+            and isinstance(webhook.get("name"), str)
+        ):
+            assert webhook["clientConfig"]["caBundle"] == "CA"
+    assert manager.ca_bundle_patch(patched, "CA") == []
