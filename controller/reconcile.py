@@ -84,6 +84,19 @@ class Decision:
     remember: IssuedToken | None = None  # a token recovered from the Secret, to keep in memory
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a mapping, else {}: objects edited by hand may hold anything."""
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _meta(obj: Any) -> dict[str, Any]:
+    return _dict(_dict(obj).get("metadata"))
+
+
 def inputs_hash(spec: ImportSpec, remote: Remote) -> str:
     """A hash of everything a token depends on: the spec and the remote server and CA."""
     material = dict(spec.fingerprint_fields())
@@ -101,8 +114,8 @@ def data_hash(data: dict[str, str] | None) -> str:
 
 
 def is_controlled_by(obj: dict[str, Any] | None, owner_uid: str) -> bool:
-    for ref in (obj or {}).get("metadata", {}).get("ownerReferences") or []:
-        if ref.get("controller") and ref.get("uid") == owner_uid:
+    for ref in _list(_meta(obj).get("ownerReferences")):
+        if isinstance(ref, dict) and ref.get("controller") is True and ref.get("uid") == owner_uid:
             return True
     return False
 
@@ -155,7 +168,7 @@ def set_condition(conditions: list[dict[str, Any]] | None, new: dict[str, Any], 
     """Conditions with `new` set, keeping lastTransitionTime when the status did not change (metav1.Condition rules)."""
     result: list[dict[str, Any]] = []
     replaced = False
-    for cond in conditions or []:
+    for cond in _list(conditions):
         if not isinstance(cond, dict):
             continue
         if cond.get("type") == new["type"]:
@@ -179,7 +192,7 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
 
 
 def _secret_token_state(secret: dict[str, Any]) -> tuple[float | None, float | None]:
-    annotations = secret.get("metadata", {}).get("annotations") or {}
+    annotations = _dict(_meta(secret).get("annotations"))
     return parse_time(annotations.get(ANNOTATION_ISSUED)), parse_time(annotations.get(ANNOTATION_EXPIRES))
 
 
@@ -195,13 +208,14 @@ def desired_secret(
     """The Secret holding `token` for `imp`, built on `existing` (keeping its resourceVersion and others' keys)."""
     meta = imp["metadata"]
     data = to_secret_data(token.credentials(), cluster_name)
-    old_meta = (existing or {}).get("metadata", {})
-    labels = dict(old_meta.get("labels") or {})
+    old_meta = _meta(existing)
+    labels = {k: v for k, v in _dict(old_meta.get("labels")).items() if isinstance(v, str)}
     labels[api.IMPORT_LABEL] = meta["name"]
     annotations = {
         key: value
-        for key, value in (old_meta.get("annotations") or {}).items()
-        if key not in (ANNOTATION_EXPIRES, ANNOTATION_ISSUED, ANNOTATION_INPUTS_HASH, ANNOTATION_DATA_HASH)
+        for key, value in _dict(old_meta.get("annotations")).items()
+        if isinstance(value, str)
+        and key not in (ANNOTATION_EXPIRES, ANNOTATION_ISSUED, ANNOTATION_INPUTS_HASH, ANNOTATION_DATA_HASH)
     }
     annotations[ANNOTATION_ISSUED] = format_time(token.issued_at)
     if token.expires_at is not None:
@@ -216,7 +230,11 @@ def desired_secret(
         "controller": True,
         "blockOwnerDeletion": True,
     }
-    others = [ref for ref in old_meta.get("ownerReferences") or [] if ref.get("uid") != meta.get("uid")]
+    others = [
+        ref
+        for ref in _list(old_meta.get("ownerReferences"))
+        if isinstance(ref, dict) and ref.get("uid") != meta.get("uid")
+    ]
     new_meta: dict[str, Any] = {
         "name": api.secret_name_for_import(meta["name"]),
         "namespace": meta.get("namespace"),
@@ -230,7 +248,7 @@ def desired_secret(
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": new_meta,
-        "type": (existing or {}).get("type") or "Opaque",
+        "type": _dict(existing).get("type") or "Opaque",
         "data": data,
     }
 
@@ -238,11 +256,11 @@ def desired_secret(
 def token_from_secret(secret: dict[str, Any]) -> IssuedToken | None:
     """The token a current Secret holds (to recreate the Secret after a restart without a new token request)."""
     issued_at, expires_at = _secret_token_state(secret)
-    annotations = secret.get("metadata", {}).get("annotations") or {}
+    annotations = _dict(_meta(secret).get("annotations"))
     if issued_at is None:
         return None
     try:
-        creds = from_secret_data(secret.get("data"))
+        creds = from_secret_data(_dict(secret.get("data")))
     except CredentialsError:
         return None
     return IssuedToken(
@@ -257,8 +275,8 @@ def token_from_secret(secret: dict[str, Any]) -> IssuedToken | None:
 
 
 def _secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) -> bool:
-    annotations = secret.get("metadata", {}).get("annotations") or {}
-    data = secret.get("data") or {}
+    annotations = _dict(_meta(secret).get("annotations"))
+    data = _dict(secret.get("data"))
     if annotations.get(ANNOTATION_INPUTS_HASH) != wanted_inputs:
         return False
     if annotations.get(ANNOTATION_DATA_HASH) != data_hash(data) or any(k not in data for k in api.SECRET_KEYS):
@@ -286,7 +304,7 @@ def _status(
     expires_at: float | None,
 ) -> dict[str, Any] | None:
     """The new status, or None if it equals the current one (so the steady state writes nothing)."""
-    old = imp.get("status") if isinstance(imp.get("status"), dict) else {}
+    old = _dict(imp.get("status"))
     new: dict[str, Any] = {}
     if secret_name:
         new["secrets"] = [{"name": secret_name}]
@@ -295,14 +313,14 @@ def _status(
         new["expirationTimestamp"] = format_time(expires_at)
     if issued_at is not None:
         new["lastRefreshTime"] = format_time(issued_at)
-    generation = imp.get("metadata", {}).get("generation")
+    generation = _meta(imp).get("generation")
     if isinstance(generation, int):
         new["observedGeneration"] = generation
     return None if new == old else new
 
 
 def _condition_changed(imp: dict[str, Any], ready: dict[str, Any]) -> bool:
-    for cond in (imp.get("status") or {}).get("conditions") or []:
+    for cond in _list(_dict(imp.get("status")).get("conditions")):
         if isinstance(cond, dict) and cond.get("type") == api.CONDITION_READY:
             return (cond.get("status"), cond.get("reason"), cond.get("message")) != (
                 ready["status"],
@@ -323,7 +341,7 @@ def decide(
     failure: RemoteFailure | None = None,
 ) -> Decision:
     """Decide what to do for import `imp`, given its Secret as cached (or None), the time and the source cluster."""
-    meta = imp.get("metadata") or {}
+    meta = _meta(imp)
     generation = meta.get("generation")
     decision = Decision()
 
@@ -411,7 +429,7 @@ def decide(
     decision.status = _status(imp, now, ready, secret_name, candidate.issued_at, candidate.expires_at)
     decision.requeue_at = candidate.refresh_at
     if ours is not None:
-        old_token = (ours.get("data") or {}).get(api.KEY_TOKEN)
+        old_token = _dict(ours.get("data")).get(api.KEY_TOKEN)
         new_token = decision.secret["data"][api.KEY_TOKEN]
         if old_token != new_token:
             decision.events.append(
@@ -442,12 +460,12 @@ def decode_token_response(body: dict[str, Any]) -> tuple[str, float | None]:
 
 def legacy_secret_token(secret: dict[str, Any]) -> tuple[str, bytes, str] | None:
     """(token, ca.crt, namespace) of a filled kubernetes.io/service-account-token Secret, else None."""
-    data = secret.get("data") or {}
+    data = _dict(secret.get("data"))
     try:
         token = base64.b64decode(data.get("token") or "").decode()
         ca = base64.b64decode(data.get("ca.crt") or "")
         namespace = base64.b64decode(data.get("namespace") or "").decode()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, TypeError, UnicodeDecodeError):
         return None
     if not token:
         return None

@@ -505,8 +505,9 @@ def test_mounted_import_source_picked_up_while_running(env: Env) -> None:
     env.wait_ready("m")
 
 
-def test_system_namespace_secret_source(env: Env) -> None:
-    env.start_controller(source_kubeconfig=None)
+@pytest.mark.parametrize("watched", [None, "default"], ids=["all-namespaces", "one-namespace"])
+def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
+    env.start_controller(source_kubeconfig=None, namespace=watched)
     env.create_import("s", clusterName="boot2")
     env.wait_ready("s", "False", api.REASON_UNKNOWN_CLUSTER)
     create(

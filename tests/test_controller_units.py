@@ -497,3 +497,28 @@ def test_controller_rbac_is_least_privilege() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/admiraltyio/multicluster-service-account:0.6.0"
     assert container["command"][0] == "kubemcsa-controller"
+
+
+# --- garbage in the cluster never crashes a decision ---
+_junk = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(status=_junk, annotations=_junk, data=_junk, labels=_junk, owners=_junk)
+def test_decide_never_crashes_on_garbage_status_or_secret(status, annotations, data, labels, owners) -> None:
+    imp = {**make_import(), "status": status}
+    secret = {
+        "metadata": {"name": "imp-token", "annotations": annotations, "labels": labels, "ownerReferences": owners},
+        "data": data,
+    }
+    for candidate in (
+        secret,
+        {**secret, "metadata": {**secret["metadata"], "ownerReferences": [{"uid": "uid-1", "controller": True}]}},
+    ):
+        decision = rc.decide(imp, candidate, NOW, remote=REMOTE, issued=issued(make_import()))
+        if decision.secret is not None:
+            assert set(decision.secret["data"]) == set(api.SECRET_KEYS)
