@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from kubemcsa import demo
 
@@ -30,8 +31,14 @@ def test_the_demo_plays_the_whole_flow_and_stops_everything() -> None:
     ):
         assert expected in text, f"{expected!r} missing from the demo's output:\n{text}"
     assert err == []
-    leftover = [t for t in threading.enumerate() if t.ident not in threads_before and not t.daemon]
-    assert leftover == []
+    deadline = time.monotonic() + 10  # a stopped thread may take a moment to finish returning
+
+    def leftover() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.ident not in threads_before and not t.daemon]
+
+    while leftover() and time.monotonic() < deadline:
+        leftover()[0].join(0.1)
+    assert leftover() == []
 
 
 def test_the_demo_keeps_running_until_asked_to_stop() -> None:
