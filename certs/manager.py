@@ -108,6 +108,7 @@ def _ensure_secret(
     api_client: ApiClient,
     namespace: str,
     secret_name: str,
+    webhook_configuration_name: str,
     dns_names: Sequence[str],
     now: datetime.datetime | None,
     plan_options: dict[str, Any],
@@ -121,6 +122,13 @@ def _ensure_secret(
             raise _describe(exc, f"read {where}", _rbac_fix(exc, "retry later")) from None
         current = planning.material_from_secret_data(secret.get("data") if secret else None)
         decided = planning.plan(current, dns_names, now, **plan_options)
+        if planning.ACTION_CREATED_CA in decided.actions:
+            # The Secret lost its CA: keep trusting what the API server trusts now for a while, so replicas still
+            # serving the lost certificate are not cut off before they pick up the new one.
+            previous = trusted_ca_bundles(api_client, webhook_configuration_name)
+            if previous:
+                options = {**plan_options, "previous_ca_bundle_pem": previous}
+                decided = planning.plan(current, dns_names, now, **options)
         if not decided.changed:
             return decided.material, []
         body = _secret_body(secret, namespace, secret_name, planning.material_to_secret_data(decided.material))
@@ -139,6 +147,24 @@ def _ensure_secret(
             raise _describe(exc, f"write {where}", "retry later") from None
         return decided.material, [*decided.actions, f"wrote {where}"]
     raise CertificateError(f"cannot write {where}: it kept changing under us {MAX_ATTEMPTS} times; retry later")
+
+
+def trusted_ca_bundles(api_client: ApiClient, webhook_configuration_name: str) -> bytes:
+    """The PEM CAs the webhook configuration's webhooks trust now (b"" if it cannot be read: best effort)."""
+    try:
+        configuration = kube.Resource(api_client, kube.MUTATING_WEBHOOK_CONFIGURATIONS).get(webhook_configuration_name)
+    except (ApiException, *kube.CONNECTION_ERRORS):
+        return b""
+    bundles: list[bytes] = []
+    for webhook in configuration.get("webhooks") or []:
+        client_config = webhook.get("clientConfig") if isinstance(webhook, dict) else None
+        value = client_config.get("caBundle") if isinstance(client_config, dict) else None
+        if isinstance(value, str):
+            try:
+                bundles.append(base64.b64decode(value, validate=True))
+            except ValueError:
+                continue
+    return b"\n".join(bundles)
 
 
 def ca_bundle_patch(configuration: dict[str, Any], ca_bundle_b64: str) -> list[dict[str, Any]]:
@@ -214,7 +240,9 @@ def ensure_webhook_certificates(
     already written, so a retry only injects the CA).
     """
     names = list(dns_names) if dns_names else tls.service_dns_names(service_name, namespace)
-    material, actions = _ensure_secret(api_client, namespace, secret_name, names, now, plan_options)
+    material, actions = _ensure_secret(
+        api_client, namespace, secret_name, webhook_configuration_name, names, now, plan_options
+    )
     actions += inject_ca_bundle(api_client, webhook_configuration_name, material.ca_bundle_pem)
     return CertificateBundle(
         ca_pem=material.ca_bundle_pem,

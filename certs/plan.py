@@ -24,11 +24,14 @@ SECRET_TYPE_TLS = "kubernetes.io/tls"
 
 # Renew the CA when less than this is left; must exceed the serving certificate's renew_before (see plan()).
 DEFAULT_CA_RENEW_BEFORE = datetime.timedelta(days=365)
+# How long CAs replaced by a new one stay trusted in the bundle: every replica picks up the new certificate well
+# within this (at its next renewal round), and a retired CA is not trusted for years after.
+DEFAULT_CA_OVERLAP = datetime.timedelta(days=7)
 
 ACTION_CREATED_CA = "created a new CA"
-ACTION_RENEWED_CA = "renewed the CA (the old one stays in the CA bundle until it expires)"
+ACTION_RENEWED_CA = "renewed the CA (the old one stays trusted in the CA bundle for a week)"
 ACTION_ISSUED_CERT = "issued a new serving certificate"
-ACTION_PRUNED_CAS = "removed expired CAs from the CA bundle"
+ACTION_PRUNED_CAS = "removed retired CAs from the CA bundle"
 
 
 @dataclass(frozen=True)
@@ -134,13 +137,18 @@ def plan(
     cert_days: int = tls.DEFAULT_CERT_DAYS,
     renew_before: datetime.timedelta = tls.DEFAULT_RENEW_BEFORE,
     ca_renew_before: datetime.timedelta = DEFAULT_CA_RENEW_BEFORE,
+    ca_overlap: datetime.timedelta = DEFAULT_CA_OVERLAP,
+    previous_ca_bundle_pem: bytes = b"",
 ) -> Plan:
     """What the Secret should hold at `now`: `current` untouched when it is fine, else what to change and why.
 
     - A serving certificate that is valid for `dns_names`, signed by the first CA of the bundle, not expiring
       within `renew_before`, with its key, is kept, even without `ca.key` (certificates brought by the user).
-    - The CA is kept while it has at least `ca_renew_before` left; a replaced CA that has not expired yet stays in
-      the bundle after the new one, so servers still presenting its certificates remain trusted.
+    - The CA is kept while it has at least `ca_renew_before` left. A replaced CA stays in the bundle after the new
+      one for `ca_overlap` (or until it expires), so servers still presenting its certificates remain trusted.
+    - When the Secret had no CA at all (deleted, emptied), the CAs of `previous_ca_bundle_pem` (what the
+      webhook configuration trusts now) are kept the same way, so replicas still serving the lost certificate
+      are not cut off while they catch up.
     - The serving certificate is reissued whenever the CA changes, or it needs renewal (tls.needs_renewal).
     """
     now = tls.as_utc(now)
@@ -170,8 +178,13 @@ def plan(
         actions.append(ACTION_RENEWED_CA if bundle else ACTION_CREATED_CA)
         serving_ok = False
 
-    kept = [pem for pem in bundle if pem != signer and _still_valid(pem, now)]
-    if not actions and len(kept) != len(bundle) - (1 if bundle else 0):
+    if signer_key:
+        carried = bundle or _split_bundle(previous_ca_bundle_pem)
+        retire_at = tls.load_certificate(signer).not_valid_before_utc + tls.BACKDATE + ca_overlap
+        kept = list(dict.fromkeys(p for p in carried if p != signer and _still_valid(p, now) and now < retire_at))
+    else:
+        kept = bundle[1:]  # The user's own bundle: theirs to manage.
+    if not actions and kept != bundle[1:]:
         actions.append(ACTION_PRUNED_CAS)
     new_bundle = b"".join([signer, *kept])
 

@@ -217,6 +217,23 @@ def test_a_renewed_ca_keeps_the_old_one_trusted_during_the_overlap(admin, tmp_pa
             server.stop()
 
 
+def test_a_deleted_secret_does_not_cut_off_replicas_still_serving_the_old_certificate(admin, tmp_path):
+    old = manager.ensure_webhook_certificates(admin, **ARGS)
+    kube.Resource(admin, kube.SECRETS).delete(SECRET, NAMESPACE)
+    new = manager.ensure_webhook_certificates(admin, **ARGS)
+    assert planning.ACTION_CREATED_CA in new.actions
+    bundle = _ca_bundles(admin)[0]
+    assert bundle == new.ca_pem
+    assert len(tls.load_certificates(bundle)) == 2 and bundle.endswith(old.ca_pem)
+    for index, pair in enumerate((old, new)):
+        cert_file, key_file = manager.write_files(pair, tmp_path / str(index))
+        server = TLSServer(cert_file, key_file).start()
+        try:
+            assert request(client_context(bundle), server.port, HOST)
+        finally:
+            server.stop()
+
+
 def test_an_existing_secret_keeps_its_type_and_other_keys(admin):
     kube.Resource(admin, kube.SECRETS).create(
         {

@@ -59,7 +59,7 @@ def test_new_service_names_reissue_the_serving_certificate(initial):
     assert tls.dns_names_of(tls.load_certificate(renewed.material.cert_pem)) == names
 
 
-def test_an_expiring_ca_is_renewed_and_the_old_one_stays_trusted_until_it_expires(initial):
+def test_an_expiring_ca_is_renewed_and_the_old_one_stays_trusted_during_the_overlap(initial):
     ca_expiry = tls.not_after(initial.material.ca_bundle_pem)
     when = ca_expiry - 300 * DAY
     renewed = planning.plan(initial.material, NAMES, when)
@@ -69,12 +69,38 @@ def test_an_expiring_ca_is_renewed_and_the_old_one_stays_trusted_until_it_expire
     assert tls.is_signed_by(tls.load_certificate(renewed.material.cert_pem), new_ca)
     assert tls.key_matches(renewed.material.ca_bundle_pem, renewed.material.ca_key_pem)
 
-    # During the overlap nothing changes; once the old CA has expired it leaves the bundle.
-    assert not planning.plan(renewed.material, NAMES, when + 100 * DAY).changed
-    pruned = planning.plan(renewed.material, NAMES, ca_expiry + DAY)
+    # During the overlap nothing changes; after it the old CA leaves the bundle.
+    assert not planning.plan(renewed.material, NAMES, when + 6 * DAY).changed
+    pruned = planning.plan(renewed.material, NAMES, when + planning.DEFAULT_CA_OVERLAP + DAY)
     assert pruned.actions == (planning.ACTION_PRUNED_CAS,)
     assert _bundle_certs(pruned.material) == [new_ca]
     assert pruned.material.cert_pem == renewed.material.cert_pem
+
+
+def test_an_old_ca_that_expires_during_the_overlap_leaves_at_its_expiry(initial):
+    ca_expiry = tls.not_after(initial.material.ca_bundle_pem)
+    renewed = planning.plan(initial.material, NAMES, ca_expiry - 300 * DAY).material
+    long_overlap = {"ca_overlap": 1000 * DAY}
+    assert not planning.plan(renewed, NAMES, ca_expiry - DAY, **long_overlap).changed
+    pruned = planning.plan(renewed, NAMES, ca_expiry + DAY, **long_overlap)
+    assert pruned.actions == (planning.ACTION_PRUNED_CAS,)
+
+
+def test_a_lost_secret_keeps_trusting_what_the_webhook_configuration_trusted(initial):
+    # The Secret was deleted: the new CA is created, and the CA the webhook configuration trusted (that replicas
+    # not yet renewed still serve) stays trusted for the overlap.
+    previous = initial.material.ca_bundle_pem
+    fresh = planning.plan(None, NAMES, NOW + DAY, previous_ca_bundle_pem=previous + b"junk")
+    assert fresh.actions == (planning.ACTION_CREATED_CA, planning.ACTION_ISSUED_CERT)
+    new_ca, old_ca = _bundle_certs(fresh.material)
+    assert old_ca == tls.load_certificate(previous)
+    assert tls.is_signed_by(tls.load_certificate(fresh.material.cert_pem), new_ca)
+    assert not planning.plan(fresh.material, NAMES, NOW + 2 * DAY).changed
+    pruned = planning.plan(fresh.material, NAMES, NOW + DAY + planning.DEFAULT_CA_OVERLAP + DAY)
+    assert pruned.actions == (planning.ACTION_PRUNED_CAS,)
+    # A Secret that still has its CA ignores what the configuration trusts (it is patched to match instead).
+    other = planning.plan(None, NAMES, NOW).material.ca_bundle_pem
+    assert not planning.plan(initial.material, NAMES, NOW, previous_ca_bundle_pem=other).changed
 
 
 def test_a_mismatched_key_reissues_the_serving_certificate(initial):
