@@ -76,6 +76,10 @@ def random_suffix(length: int = 5) -> str:
     return "".join(secrets.choice(_NAME_CHARS) for _ in range(length))
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _meta(obj: Obj) -> dict[str, Any]:
     return obj.setdefault("metadata", {})
 
@@ -351,7 +355,7 @@ class Cluster:
                 spec.setdefault("terminationGracePeriodSeconds", 30)
                 spec.setdefault("enableServiceLinks", True)
                 for kind in ("containers", "initContainers"):
-                    for c in spec.get(kind) or []:
+                    for c in _list(spec.get(kind)):
                         if isinstance(c, dict):
                             c.setdefault("terminationMessagePath", "/dev/termination-log")
                             c.setdefault("terminationMessagePolicy", "File")
@@ -370,7 +374,7 @@ class Cluster:
                         n = self._service_ip
                     spec["clusterIP"] = f"10.96.{n // 250}.{n % 250 + 1}"
                     spec["clusterIPs"] = [spec["clusterIP"]]
-                for port in spec.get("ports") or []:
+                for port in _list(spec.get("ports")):
                     if isinstance(port, dict):
                         port.setdefault("protocol", "TCP")
                         port.setdefault("targetPort", port.get("port"))

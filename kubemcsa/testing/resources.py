@@ -179,8 +179,10 @@ _GROUP_ORDER = (
 
 def resources_from_crd(crd: dict[str, Any]) -> list[ResourceInfo]:
     """The resources a CRD serves (one per served version); [] for a CRD too malformed to serve."""
-    spec = crd.get("spec") or {}
-    names = spec.get("names") or {}
+    spec = crd.get("spec")
+    names = spec.get("names") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(names, dict) or not isinstance(spec.get("versions"), list):
+        return []
     group, plural, kind = spec.get("group"), names.get("plural"), names.get("kind")
     if not (isinstance(group, str) and isinstance(plural, str) and isinstance(kind, str)):
         return []
@@ -189,7 +191,8 @@ def resources_from_crd(crd: dict[str, Any]) -> list[ResourceInfo]:
     for version in spec.get("versions") or []:
         if not isinstance(version, dict) or not version.get("served", True) or not version.get("name"):
             continue
-        subresources = version.get("subresources") or {}
+        subresources = version.get("subresources")
+        subresources = subresources if isinstance(subresources, dict) else {}
         subs = tuple(s for s in ("status", "scale") if s in subresources)
         out.append(
             ResourceInfo(

@@ -16,6 +16,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -36,6 +37,7 @@ from kubemcsa.testing.tls import ServingCerts, make_serving_certs
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit for a request body
+DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # larger bodies are refused by closing the connection
 DEFAULT_WATCH_SECONDS = 1800
 BOOKMARK_SECONDS = 1.0
 KUBE_VERSION = {
@@ -149,6 +151,12 @@ class _Connection(BaseHTTPRequestHandler):
             head.append("Connection: close")
         data = ("\r\n".join(head) + "\r\n\r\n").encode()
         self.wfile.write(data if self.command == "HEAD" else data + payload)
+
+    def send_text(self, text: str) -> None:
+        payload = text.encode()
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                f"Content-Length: {len(payload)}\r\nCache-Control: no-cache, private\r\n\r\n")  # fmt: skip
+        self.wfile.write(head.encode() + (b"" if self.command == "HEAD" else payload))
 
     def start_chunked(self) -> None:
         head = [
@@ -457,7 +465,6 @@ class ApiServer:
         query = parse_qs(split.query, keep_blank_values=True)
         user: UserInfo | None = None
         route: Route | None = None
-        code = 500
         try:
             body = self._read_body(conn)
             assert self._auth is not None
@@ -465,28 +472,25 @@ class ApiServer:
             route = self._route(conn.command, path, query)
             self._auth.authorize(user, route.attributes(path))
             if route.verb == "watch":
-                code = 200
-                self._serve_watch(conn, route, query)
+                self._serve_watch(conn, route, query, lambda: self._record(user, route, path, "watch", 200))
                 return
-            try:
-                code, result = self._serve(conn, route, query, body, user)
-            except _AlreadySent:
-                code = 200
-                return
-            conn.send_json(code, result)
+            code, result = self._serve(conn, route, query, body, user)
+        except _Plain as plain:
+            # Recorded before answering, so that a client that got its answer finds its request recorded.
+            self._record(user, route, path, conn.command.lower(), 200)
+            conn.send_text(plain.text)
+            return
         except StatusError as exc:
-            code = exc.code
-            if code == 413:
-                conn.close_connection = True
-            conn.send_json(code, exc.to_status())
+            code, result = exc.code, exc.to_status()
         except (OSError, ssl.SSLError):
             conn.close_connection = True
+            return
         except Exception as exc:  # a bug: answer 500 with a Status rather than drop the connection
             log.exception("in-memory API server failed on %s %s", conn.command, path)
-            code = 500
-            conn.send_json(500, errors.internal(type(exc).__name__).to_status())
-        finally:
-            self._record(user, route, path, conn.command.lower(), code)
+            code, result = 500, errors.internal(type(exc).__name__).to_status()
+        self._record(user, route, path, conn.command.lower(), code)
+        with contextlib.suppress(OSError, ssl.SSLError):
+            conn.send_json(code, result)
 
     def _read_body(self, conn: _Connection) -> bytes | None:
         if conn.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -500,7 +504,15 @@ class ApiServer:
             conn.close_connection = True
             raise errors.bad_request("invalid Content-Length") from None
         if length > MAX_BODY_BYTES:
-            conn.close_connection = True
+            if length <= DRAIN_LIMIT_BYTES:  # read it so the client sees the answer, not a reset connection
+                remaining = length
+                while remaining > 0:
+                    chunk = conn.rfile.read(min(remaining, 1 << 16))
+                    if not chunk:
+                        break
+                    remaining -= len(chunk)
+            else:
+                conn.close_connection = True
             raise errors.too_large()
         return conn.rfile.read(length) if length > 0 else b""
 
@@ -618,7 +630,7 @@ class ApiServer:
 
     def _serve_nonresource(self, path: str) -> tuple[int, Any]:
         if path in ("/healthz", "/livez", "/readyz") or path.startswith(("/healthz/", "/livez/", "/readyz/")):
-            raise _HealthOk
+            raise _Plain("ok")
         if path == "/version":
             return 200, KUBE_VERSION
         if path == "/.well-known/openid-configuration":
@@ -646,15 +658,7 @@ class ApiServer:
         if route.info is None:
             if conn.command not in ("GET", "HEAD"):
                 raise errors.method_not_allowed()
-            try:
-                return self._serve_nonresource(urlsplit(conn.path).path)
-            except _HealthOk:
-                payload = b"ok"
-                conn.wfile.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 2\r\n"
-                    b"Cache-Control: no-cache, private\r\n\r\n" + payload
-                )
-                raise _AlreadySent from None
+            return self._serve_nonresource(urlsplit(conn.path).path)
         info, ns, name, sub = route.info, route.namespace, route.name, route.subresource
         cluster = self.cluster
         dry_run = "All" in (query.get("dryRun") or [])
@@ -783,7 +787,9 @@ class ApiServer:
 
     # Watches --------------------------------------------------------------------------------------
 
-    def _serve_watch(self, conn: _Connection, route: Route, query: dict[str, list[str]]) -> None:
+    def _serve_watch(
+        self, conn: _Connection, route: Route, query: dict[str, list[str]], record: Callable[[], None]
+    ) -> None:
         info = route.info
         assert info is not None
         timeout_param = _param(query, "timeoutSeconds")
@@ -819,6 +825,7 @@ class ApiServer:
         except StatusError as exc:
             if exc.code != 410:
                 raise
+            record()
             conn.start_chunked()
             conn.write_chunk(json.dumps({"type": "ERROR", "object": exc.to_status()}).encode() + b"\n")
             conn.end_chunked()
@@ -827,6 +834,7 @@ class ApiServer:
         store = self.cluster.store
         deadline = time.monotonic() + max(timeout, 0)
         next_bookmark = time.monotonic() + self.bookmark_seconds
+        record()
         try:
             conn.start_chunked()
             while not self._stopping.is_set():
@@ -879,9 +887,9 @@ class ApiServer:
         conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
 
 
-class _HealthOk(Exception):
-    pass
+class _Plain(Exception):
+    """Answer 200 with this text/plain body (health checks)."""
 
-
-class _AlreadySent(Exception):
-    pass
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text

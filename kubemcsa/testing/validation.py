@@ -38,6 +38,14 @@ def _q(value: Any) -> str:
     return json.dumps(value)
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def name_causes(name: str, rule: str, field: str = "metadata.name") -> list[Cause]:
     """Why `name` is not a valid object name under `rule` ("label", "subdomain" or "path")."""
     if rule == "path":
@@ -201,15 +209,20 @@ def pod_causes(obj: dict[str, Any]) -> list[Cause]:
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
         causes.append(("spec.containers", "Required value"))
+    for kind in ("containers", "initContainers", "volumes"):
+        if spec.get(kind) is not None and not isinstance(spec[kind], list):
+            causes.append((f"spec.{kind}", "Invalid value: must be a list"))
     for kind in ("containers", "initContainers"):
         seen: set[str] = set()
-        for i, c in enumerate(spec.get(kind) or []):
+        for i, c in enumerate(_list(spec.get(kind))):
             where = f"spec.{kind}[{i}]"
             if not isinstance(c, dict):
                 causes.append((where, "Invalid value: must be an object"))
                 continue
             name = c.get("name")
-            if not name:
+            if not isinstance(name, str | None):
+                causes.append((f"{where}.name", f"Invalid value: {_q(name)}: must be a string"))
+            elif not name:
                 causes.append((f"{where}.name", "Required value"))
             elif name in seen:
                 causes.append((f"{where}.name", f"Duplicate value: {_q(name)}"))
@@ -219,24 +232,28 @@ def pod_causes(obj: dict[str, Any]) -> list[Cause]:
             if not c.get("image"):
                 causes.append((f"{where}.image", "Required value"))
     volumes = set()
-    for i, v in enumerate(spec.get("volumes") or []):
+    for i, v in enumerate(_list(spec.get("volumes"))):
         name = v.get("name") if isinstance(v, dict) else None
-        if not name:
+        if not isinstance(name, str) or not name:
             causes.append((f"spec.volumes[{i}].name", "Required value"))
         elif name in volumes:
             causes.append((f"spec.volumes[{i}].name", f"Duplicate value: {_q(name)}"))
         volumes.add(name)
     for kind in ("containers", "initContainers"):
-        for i, c in enumerate(spec.get(kind) or []):
+        for i, c in enumerate(_list(spec.get(kind))):
             paths: set[str] = set()
-            for j, m in enumerate((c.get("volumeMounts") or []) if isinstance(c, dict) else []):
+            for j, m in enumerate(_list(_dict(c).get("volumeMounts"))):
                 where = f"spec.{kind}[{i}].volumeMounts[{j}]"
-                if not isinstance(m, dict) or m.get("name") not in volumes:
-                    causes.append((f"{where}.name", f"Not found: {_q((m or {}).get('name'))}"))
-                elif m.get("mountPath") in paths:
-                    causes.append((f"{where}.mountPath", f"Invalid value: {_q(m.get('mountPath'))}: must be unique"))
-                if isinstance(m, dict):
-                    paths.add(m.get("mountPath"))
+                mount = _dict(m)
+                mount_path = mount.get("mountPath")
+                if not isinstance(mount.get("name"), str) or mount.get("name") not in volumes:
+                    causes.append((f"{where}.name", f"Not found: {_q(mount.get('name'))}"))
+                elif not isinstance(mount_path, str) or not mount_path:
+                    causes.append((f"{where}.mountPath", "Required value"))
+                elif mount_path in paths:
+                    causes.append((f"{where}.mountPath", f"Invalid value: {_q(mount_path)}: must be unique"))
+                else:
+                    paths.add(mount_path)
     return causes
 
 
@@ -247,17 +264,23 @@ def crd_causes(obj: dict[str, Any]) -> list[Cause]:
         return [("spec", "Required value")]
     causes: list[Cause] = []
     group = spec.get("group")
-    names = spec.get("names") or {}
+    names = _dict(spec.get("names"))
     plural = names.get("plural")
     if not group or not isinstance(group, str) or "." not in group:
         causes.append(("spec.group", f"Invalid value: {_q(group)}: should be a domain with at least one dot"))
-    if not plural:
+    if not plural or not isinstance(plural, str):
         causes.append(("spec.names.plural", "Required value"))
-    if not names.get("kind"):
+    elif name_causes(plural, "label"):
+        causes += name_causes(plural, "label", "spec.names.plural")
+    if not names.get("kind") or not isinstance(names.get("kind"), str):
         causes.append(("spec.names.kind", "Required value"))
-    if not names.get("listKind") and names.get("kind"):
-        pass  # defaulted by the caller
-    name = (obj.get("metadata") or {}).get("name")
+    for key in ("singular", "listKind"):
+        if names.get(key) is not None and not isinstance(names[key], str):
+            causes.append((f"spec.names.{key}", "Invalid value: must be a string"))
+    short_names = names.get("shortNames")
+    if short_names is not None and not (isinstance(short_names, list) and all(isinstance(x, str) for x in short_names)):
+        causes.append(("spec.names.shortNames", "Invalid value: must be a list of strings"))
+    name = _dict(obj.get("metadata")).get("name")
     if plural and group and name != f"{plural}.{group}":
         causes.append(("metadata.name", f'Invalid value: {_q(name)}: must be spec.names.plural+"."+spec.group'))
     if spec.get("scope") not in ("Namespaced", "Cluster"):
@@ -275,7 +298,11 @@ def crd_causes(obj: dict[str, Any]) -> list[Cause]:
         if not isinstance(v, dict) or not v.get("name"):
             causes.append((f"spec.versions[{i}].name", "Required value"))
             continue
-        schema = (v.get("schema") or {}).get("openAPIV3Schema")
+        if not isinstance(v["name"], str) or name_causes(v["name"], "label"):
+            causes.append((f"spec.versions[{i}].name", f"Invalid value: {_q(v['name'])}: must be a DNS label"))
+        if v.get("subresources") is not None and not isinstance(v["subresources"], dict):
+            causes.append((f"spec.versions[{i}].subresources", "Invalid value: must be an object"))
+        schema = _dict(v.get("schema")).get("openAPIV3Schema")
         if schema is None:
             causes.append((f"spec.versions[{i}].schema.openAPIV3Schema", "Required value: schemas are required"))
         elif not isinstance(schema, dict) or schema.get("type") != "object":
