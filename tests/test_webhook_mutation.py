@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import jsonpatch
@@ -219,6 +220,8 @@ def test_patch_always_applies_and_reinvocation_adds_nothing(p: dict[str, Any]) -
     if not decision.allowed:
         assert decision.reason in (mutation.REASON_VOLUME_CONFLICT, mutation.REASON_MOUNT_CONFLICT)
         return
+    # The pre-serialized patch (what is sent) says exactly what the operations say.
+    assert json.loads(decision.patch_json or "[]") == decision.patch
     result = jsonpatch.apply_patch(p, decision.patch)
     assert mutation.decide(result, NS, cache) == mutation.Decision(allowed=True)
     names = api.parse_import_annotation(p["metadata"]["annotations"][api.IMPORT_ANNOTATION])

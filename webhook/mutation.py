@@ -7,6 +7,7 @@ reach the outside world (the webhook's watch-fed cache), and only once the pod h
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -52,6 +53,8 @@ class Decision:
     patch: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     message: str = ""
+    # `patch` already serialized (compact JSON), when the decision could do it faster than a generic encoder.
+    patch_json: str | None = field(default=None, compare=False, repr=False)
 
 
 ALLOW = Decision(allowed=True)
@@ -139,6 +142,20 @@ def _names_for(name: str) -> tuple[str, str, str]:
     return api.volume_name_for_import(name), api.secret_name_for_import(name), api.mount_path_for_import(name)
 
 
+@functools.lru_cache(maxsize=4096)
+def _fragments_for(name: str) -> tuple[str, str]:
+    """The compact JSON of an import's volume and of its mount: serialized once, not on every request."""
+    return _compact(_volume_for(name)), _compact(_mount_for(name))
+
+
+_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _add(path: str, value_json: str) -> str:
+    # Paths are built here from field names and indexes: nothing to escape.
+    return f'{{"op":"add","path":"{path}","value":{value_json}}}'
+
+
 def _volume_for(name: str) -> dict[str, Any]:
     volume_name, secret_name, _ = _names_for(name)
     return {"name": volume_name, "secret": {"secretName": secret_name}}
@@ -168,11 +185,13 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
         v["name"]: v for v in volumes or () if isinstance(v, Mapping) and isinstance(v.get("name"), str)
     }
     new_volumes = []
+    new_volume_json = []
     for name in names:
         wanted = _volume_for(name)
         existing = existing_volumes.get(wanted["name"])
         if existing is None:
             new_volumes.append(wanted)
+            new_volume_json.append(_fragments_for(name)[0])
             continue
         secret = existing.get("secret")
         if not (isinstance(secret, Mapping) and secret.get("secretName") == wanted["secret"]["secretName"]):
@@ -181,13 +200,16 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
                 f'The pod already has a volume named "{wanted["name"]}" that is not the Secret of '
                 f'ServiceAccountImport "{name}"; rename that volume, the name is reserved for the import.',
             )
+    encoded: list[str] = []
     if new_volumes:
         if volumes is None:
             operations.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
+            encoded.append(_add("/spec/volumes", f"[{','.join(new_volume_json)}]"))
         else:
             operations.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
+            encoded.extend(_add("/spec/volumes/-", v) for v in new_volume_json)
 
-    wanted_mounts = [_mount_for(name) for name in names]
+    wanted_mounts = [(_mount_for(name), _fragments_for(name)[1]) for name in names]
     for field_name in _CONTAINER_FIELDS:
         containers = spec.get(field_name)
         if containers is None:
@@ -209,9 +231,11 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
                 if isinstance(m, Mapping) and isinstance(m.get("mountPath"), str)
             }
             new_mounts = []
-            for mount in wanted_mounts:
+            new_mount_json = []
+            for mount, mount_json in wanted_mounts:
                 if mount["mountPath"] not in by_path:
                     new_mounts.append(mount)
+                    new_mount_json.append(mount_json)
                 elif (present := by_path[mount["mountPath"]]) != mount["name"]:
                     return refuse(
                         REASON_MOUNT_CONFLICT,
@@ -223,6 +247,8 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
             base = f"/spec/{field_name}/{index}/volumeMounts"
             if mounts is None:
                 operations.append({"op": "add", "path": base, "value": new_mounts})
+                encoded.append(_add(base, f"[{','.join(new_mount_json)}]"))
             else:
                 operations.extend({"op": "add", "path": f"{base}/-", "value": m} for m in new_mounts)
-    return Decision(allowed=True, patch=operations)
+                encoded.extend(_add(f"{base}/-", m) for m in new_mount_json)
+    return Decision(allowed=True, patch=operations, patch_json=f"[{','.join(encoded)}]")
