@@ -339,6 +339,7 @@ def decide(
     known_clusters: list[str] | tuple[str, ...] = (),
     issued: IssuedToken | None = None,
     failure: RemoteFailure | None = None,
+    cluster_error: str | None = None,
 ) -> Decision:
     """Decide what to do for import `imp`, given its Secret as cached (or None), the time and the source cluster."""
     meta = _meta(imp)
@@ -372,10 +373,17 @@ def decide(
 
     if remote is None:
         known = ", ".join(sorted(known_clusters)) or "none"
+        if cluster_error:
+            message = f"The controller cannot use the credentials of cluster {spec.cluster_name}: {cluster_error}"
+        else:
+            message = (
+                f"The controller knows no cluster named {spec.cluster_name} (known: {known}); fix spec.clusterName "
+                "or give the controller credentials for it (--source-kubeconfig context, mounted import, "
+                "kubemcsa bootstrap)."
+            )
         return fail(
             api.REASON_UNKNOWN_CLUSTER,
-            f"The controller knows no cluster named {spec.cluster_name} (known: {known}); fix spec.clusterName or "
-            "give the controller credentials for it (--source-kubeconfig context, mounted import, kubemcsa bootstrap).",
+            message,
             secret_name if ours is not None else None,
             ours_issued,
             ours_expires,

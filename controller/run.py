@@ -271,6 +271,15 @@ class Controller:
                     started = time.perf_counter()
                     self._reconcile(key)
                     self.metrics.latency.observe(time.perf_counter() - started)
+            except ApiException as exc:
+                # Only status and reason: an error body is never logged whole.
+                log.warning("reconciling %s: local API error %s %s; retrying", key, exc.status, kube.error_reason(exc))
+                self.metrics.reconciles.labels("error").inc()
+                self.queue.add_rate_limited(key)
+            except kube.CONNECTION_ERRORS as exc:
+                log.warning("reconciling %s: local API unreachable (%s); retrying", key, type(exc).__name__)
+                self.metrics.reconciles.labels("error").inc()
+                self.queue.add_rate_limited(key)
             except Exception:
                 # A bug must not kill the worker: log (no object content) and retry with backoff.
                 log.exception("reconciling %s failed unexpectedly; retrying", key)
@@ -296,7 +305,10 @@ class Controller:
         remote = source.remote if source is not None else None
         known = self.sources.names()
         now = self._clock()
-        decision = rc.decide(imp, secret, now, remote=remote, known_clusters=known, issued=issued)
+        cluster_error = self.sources.error_for(cluster_name) if source is None and cluster_name else None
+        decision = rc.decide(
+            imp, secret, now, remote=remote, known_clusters=known, issued=issued, cluster_error=cluster_error
+        )
         if decision.remember is not None:
             with self._lock:
                 self._issued[key] = decision.remember

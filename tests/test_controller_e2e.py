@@ -471,6 +471,16 @@ def test_remote_forbidden_then_granted(env: Env) -> None:
     env.wait_ready("nope")
 
 
+def test_remote_unauthorized(env: Env) -> None:
+    env.c2.write_kubeconfig(env.source_kubeconfig, context="cluster2", token="not-a-valid-token")
+    env.start_controller()
+    env.create_import("unauth")
+    cond = env.wait_ready("unauth", "False", api.REASON_UNAUTHORIZED)
+    assert "not-a-valid-token" not in cond["message"]
+    env.c2.write_kubeconfig(env.source_kubeconfig, context="cluster2", token=env.remote_token)
+    env.wait_ready("unauth")
+
+
 def test_invalid_spec(env: Env) -> None:
     env.start_controller()
     env.create_import("bad", namespace="Not_A_Namespace")

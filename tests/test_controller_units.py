@@ -209,6 +209,11 @@ def test_unknown_cluster_lists_known() -> None:
     assert "a, b" in cond["message"]
 
 
+def test_unknown_cluster_says_why_its_credentials_are_unusable() -> None:
+    d = rc.decide(make_import(), None, NOW, remote=None, cluster_error="the mounted import has no file 'token'.")
+    assert "cannot use the credentials of cluster cluster2: the mounted import" in d.status["conditions"][0]["message"]
+
+
 def test_invalid_spec_condition() -> None:
     d = rc.decide(make_import(expirationSeconds=5), None, NOW, remote=REMOTE)
     assert d.status["conditions"][0]["reason"] == api.REASON_INVALID_SPEC
