@@ -329,9 +329,9 @@ class Controller:
 
     def _apply(self, key: str, imp: dict[str, Any], decision: rc.Decision, now: float) -> None:
         namespace, name = _split(key)
+        if not self.is_leader:  # lost the lease while deciding: write nothing, not even an Event
+            return
         if decision.secret is not None:
-            if not self.is_leader:
-                return
             try:
                 if decision.create_secret:
                     written = self._secrets_api.create(decision.secret, namespace)

@@ -583,6 +583,19 @@ def test_only_the_leader_writes_and_stopping_it_hands_over(env: Env) -> None:
     assert lease["spec"]["holderIdentity"] == "second" and lease["spec"]["leaseTransitions"] >= 1
 
 
+def test_a_killed_leader_is_replaced_once_its_lease_expires(env: Env) -> None:
+    election = {"leader_election": True, "lease_duration": 2.0, "renew_deadline": 1.5, "retry_period": 0.1}
+    first = env.start_controller(identity="first", **election)
+    wait_for(lambda: first.is_leader, what="first leader")
+    second = env.start_controller(identity="second", **election)
+    first.elector.stop(release=False)  # a crash: the lease is left held until it expires
+    first.stop()
+    assert not first.is_leader
+    wait_for(lambda: second.is_leader, timeout=15, what="take-over after expiry")
+    env.create_import("after-crash")
+    env.wait_ready("after-crash")
+
+
 # --- the process ----------------------------------------------------------------------------------------------------
 
 
