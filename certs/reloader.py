@@ -34,30 +34,39 @@ log = logging.getLogger(__name__)
 LOOP_SWAP_TIMEOUT_SECONDS = 10.0
 
 
+def _memory_files(contents: tuple[bytes, ...]) -> list[int] | None:
+    """Anonymous in-memory files holding `contents` (Linux), or None where they are not available."""
+    if not hasattr(os, "memfd_create"):
+        return None
+    fds: list[int] = []
+    try:
+        for content in contents:
+            fds.append(os.memfd_create("webhook-tls", 0))
+            os.write(fds[-1], content)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return fds
+
+
 @contextlib.contextmanager
 def _private_pair(cert_pem: bytes, key_pem: bytes) -> Iterator[tuple[str, str]]:
     """Paths to a private, immutable copy of the pair (memory files on Linux, so a read-only root works)."""
-    fds: list[int] = []
-    try:
-        if hasattr(os, "memfd_create"):
-            try:
-                for content in (cert_pem, key_pem):
-                    fd = os.memfd_create("webhook-tls", 0)
-                    fds.append(fd)
-                    os.write(fd, content)
-                yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
-                return
-            except OSError:
-                pass
-        with tempfile.TemporaryDirectory(prefix="webhook-tls-") as directory:
-            cert_path, key_path = Path(directory, "tls.crt"), Path(directory, "tls.key")
-            cert_path.write_bytes(cert_pem)
-            key_path.touch(mode=0o600)
-            key_path.write_bytes(key_pem)
-            yield str(cert_path), str(key_path)
-    finally:
-        for fd in fds:
-            os.close(fd)
+    fds = _memory_files((cert_pem, key_pem))
+    if fds is not None:
+        try:
+            yield f"/proc/self/fd/{fds[0]}", f"/proc/self/fd/{fds[1]}"
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="webhook-tls-") as directory:
+        cert_path, key_path = Path(directory, "tls.crt"), Path(directory, "tls.key")
+        cert_path.write_bytes(cert_pem)
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(key_pem)
+        yield str(cert_path), str(key_path)
 
 
 class CertificateReloader:
@@ -70,11 +79,13 @@ class CertificateReloader:
         key_file: str | os.PathLike[str],
         *,
         loop: asyncio.AbstractEventLoop | None = None,
+        swap_timeout: float = LOOP_SWAP_TIMEOUT_SECONDS,
     ) -> None:
         self.ssl_context = ssl_context
         self.cert_file = Path(cert_file)
         self.key_file = Path(key_file)
         self.loop = loop
+        self.swap_timeout = swap_timeout
         self._lock = threading.Lock()
         self._loaded_digest: str | None = None
         self._rejected_digest: str | None = None
@@ -116,14 +127,18 @@ class CertificateReloader:
                 return False
             try:
                 self._load(cert_pem, key_pem)
-            except (ssl.SSLError, OSError, ValueError, TimeoutError, RuntimeError) as exc:
+            except TimeoutError:
+                # Not the pair's fault: the server's loop was busy. Not remembered, so the next check tries again.
+                log.warning("the server's event loop did not swap the certificate in time; retrying at the next check")
+                return False
+            except (ssl.SSLError, OSError, ValueError, RuntimeError) as exc:
                 self._rejected_digest = digest
                 log.warning(
                     "keeping the current TLS certificate: the pair in %s and %s does not load (%s); "
                     "it is retried when the files change",
                     self.cert_file,
                     self.key_file,
-                    type(exc).__name__ if not isinstance(exc, ssl.SSLError) else exc.reason or "SSLError",
+                    getattr(exc, "reason", None) or type(exc).__name__,
                 )
                 return False
             self._loaded_digest = digest
@@ -145,17 +160,27 @@ class CertificateReloader:
             load()
             return
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        job_lock = threading.Lock()
 
         def run() -> None:
-            try:
-                load()
-            except BaseException as exc:
-                done.set_exception(exc)
-            else:
-                done.set_result(None)
+            with job_lock:
+                if done.cancelled():
+                    return  # We gave up waiting: the private files behind `load` are gone.
+                try:
+                    load()
+                except BaseException as exc:
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
 
         loop.call_soon_threadsafe(run)
-        done.result(timeout=LOOP_SWAP_TIMEOUT_SECONDS)
+        try:
+            done.result(timeout=self.swap_timeout)
+        except concurrent.futures.TimeoutError:
+            with job_lock:
+                if done.cancel():
+                    raise
+            done.result()  # It finished while we took the lock.
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

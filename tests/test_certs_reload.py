@@ -1,10 +1,12 @@
 """certs.reloader and certs.manager.write_files: a running HTTPS server swaps its certificate, dropping nothing."""
 
+import asyncio
 import datetime
 import os
 import socket
 import ssl
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,50 @@ def test_the_client_refuses_a_name_the_certificate_does_not_have(server, materia
     context = client_context(materials[0].ca_bundle_pem)
     with pytest.raises(ssl.SSLCertVerificationError):
         request(context, server.port, "webhook.other.svc")
+
+
+def test_a_busy_event_loop_delays_the_swap_without_losing_it(tmp_path, materials):
+    old, new = materials
+    cert_file, key_file = manager.write_files(_bundle(old), tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    busy = threading.Event()
+    try:
+        wait_for(loop.is_running, "the event loop to run")
+        reloader = CertificateReloader(context, cert_file, key_file, loop=loop, swap_timeout=0.2)
+        reloader.mark_loaded()
+        loop.call_soon_threadsafe(busy.wait)  # a handler hogging the loop
+        manager.write_files(_bundle(new), tmp_path)
+        assert not reloader.check()  # timed out: not the pair's fault, so not remembered as bad
+        busy.set()
+        assert reloader.check()
+        assert reloader.reloads == 1
+    finally:
+        busy.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class _RefusingContext(ssl.SSLContext):
+    """A server context whose every load fails as OpenSSL fails (an SSLError, which is an OSError)."""
+
+    def load_cert_chain(self, certfile, keyfile=None, password=None):
+        raise ssl.SSLError(ssl.SSL_ERROR_SSL, "KEY_VALUES_MISMATCH")
+
+
+def test_an_openssl_error_keeps_the_old_certificate_and_leaks_nothing(tmp_path, materials, caplog):
+    old, new = materials
+    cert_file, key_file = manager.write_files(_bundle(old), tmp_path)
+    reloader = CertificateReloader(_RefusingContext(ssl.PROTOCOL_TLS_SERVER), cert_file, key_file)
+    open_files = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    manager.write_files(_bundle(new), tmp_path)
+    assert not reloader.check()
+    assert not reloader.check()  # the same pair is not retried until the files change
+    assert reloader.reloads == 0
+    assert "does not load" in caplog.text and "PRIVATE" not in caplog.text
+    if open_files is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_files
