@@ -131,7 +131,8 @@ def sources_from_kubeconfig(config: dict[str, Any], base_dir: str) -> tuple[dict
             origin=ORIGIN_KUBECONFIG,
             server=server,
             ca_pem=ca_pem,
-            fingerprint=_fingerprint(cluster, user),
+            # Files the context refers to (a rotated tokenFile, renewed client certificates) count as credentials.
+            fingerprint=_fingerprint(cluster, user, _stat_signature(referenced_files(single, base_dir))),
             build=build,
         )
     return sources, errors
@@ -150,6 +151,29 @@ def _absolutize(config: dict[str, Any], base_dir: str) -> dict[str, Any]:
             if user.get(key):
                 user[key] = os.path.join(base_dir, user[key])
     return result
+
+
+def referenced_files(config: dict[str, Any], base_dir: str) -> list[str]:
+    """The files a kubeconfig refers to (CA, client certificate and key, token file), as absolute paths."""
+    paths = []
+    for entry in _list_of_dicts(config.get("clusters")):
+        path = _dict_of(entry.get("cluster")).get("certificate-authority")
+        if isinstance(path, str) and path:
+            paths.append(os.path.join(base_dir, path))
+    for entry in _list_of_dicts(config.get("users")):
+        user = _dict_of(entry.get("user"))
+        for key in ("client-certificate", "client-key", "tokenFile"):
+            if isinstance(user.get(key), str) and user[key]:
+                paths.append(os.path.join(base_dir, user[key]))
+    return sorted(set(paths))
+
+
+def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _dict_of(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _stat_signature(paths: list[str]) -> tuple[Any, ...]:
@@ -174,6 +198,7 @@ class SourceRegistry:
         self._errors: dict[str, dict[str, str]] = {origin: {} for origin in _ORDER}
         self._signatures: dict[str, tuple[Any, ...]] = {}
         self._clients: dict[str, tuple[str, ApiClient]] = {}
+        self._kubeconfig_files: list[str] = []
 
     # --- lookups -----------------------------------------------------------------------------------------------
     def get(self, name: str) -> SourceCluster | None:
@@ -235,7 +260,7 @@ class SourceRegistry:
         return changed
 
     def _refresh_kubeconfig(self, path: str) -> set[str]:
-        signature = _stat_signature([path])
+        signature = _stat_signature([path, *self._kubeconfig_files])
         if self._signatures.get("kubeconfig") == signature:
             return set()
         self._signatures["kubeconfig"] = signature
@@ -250,7 +275,12 @@ class SourceRegistry:
         except (OSError, ValueError, yaml.YAMLError) as exc:
             log.warning("source kubeconfig %s is unreadable (%s); keeping the clusters read before", path, type(exc))
             return set()
-        sources, errors = sources_from_kubeconfig(config, os.path.dirname(os.path.abspath(path)))
+        base_dir = os.path.dirname(os.path.abspath(path))
+        sources, errors = sources_from_kubeconfig(config, base_dir)
+        files = referenced_files(config, base_dir)
+        if files != self._kubeconfig_files:
+            self._kubeconfig_files = files
+            self._signatures["kubeconfig"] = _stat_signature([path, *files])
         for message in errors.values():
             log.warning("%s", message)
         return self._replace(ORIGIN_KUBECONFIG, sources, errors)

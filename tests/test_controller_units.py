@@ -400,6 +400,23 @@ def test_kubeconfig_sources(tmp_path) -> None:
     assert registry.get("c2") is not None
 
 
+def test_kubeconfig_token_file_rotation_is_a_credential_change(tmp_path) -> None:
+    config = {
+        "clusters": [{"name": "x", "cluster": {"server": "https://1.2.3.4", "certificate-authority": "ca.crt"}}],
+        "users": [{"name": "u", "user": {"tokenFile": "token"}}],
+        "contexts": [{"name": "c2", "context": {"cluster": "x", "user": "u"}}],
+    }
+    (tmp_path / "ca.crt").write_bytes(CA)
+    (tmp_path / "token").write_text("one")
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    registry = SourceRegistry(source_kubeconfig=str(tmp_path / "kubeconfig"))
+    assert registry.refresh_files() == {"c2"}
+    assert registry.get("c2").ca_pem == CA
+    assert registry.refresh_files() == set()
+    (tmp_path / "token").write_text("two-rotated")
+    assert registry.refresh_files() == {"c2"}
+
+
 def test_secret_sources(tmp_path) -> None:
     registry = SourceRegistry()
     creds = Credentials(server="https://5.6.7.8", ca_crt=CA, token="tk", namespace="ns")
