@@ -70,12 +70,17 @@ def _describe(exc: BaseException, what: str, fix: str) -> CertificateError:
     if isinstance(exc, ApiException):
         reason = kube.error_reason(exc) or f"HTTP {exc.status}"
         return CertificateError(f"cannot {what}: {reason}: {kube.error_message(exc)}; {fix}")
-    return CertificateError(f"cannot {what}: the API server is unreachable ({type(exc).__name__}); check the address")
+    return CertificateError(
+        f"cannot {what}: the API server is unreachable ({type(exc).__name__}); check the kubeconfig and the network"
+    )
 
 
 def _rbac_fix(exc: BaseException, default: str) -> str:
     if isinstance(exc, ApiException) and exc.status in (401, 403):
-        return "grant the ServiceAccount the permissions in manifests/certs/rbac.yaml"
+        return (
+            "grant the ServiceAccount get, create and update on this Secret and get and patch on the webhook "
+            "configuration (see manifests/certs/rbac.yaml)"
+        )
     return default
 
 
