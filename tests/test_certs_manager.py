@@ -362,3 +362,18 @@ def test_ca_bundle_patch_applies_to_any_configuration_and_sets_every_bundle(webh
         ):
             assert webhook["clientConfig"]["caBundle"] == "CA"
     assert manager.ca_bundle_patch(patched, "CA") == []
+
+
+def test_the_renewal_loop_survives_errors_and_stops_promptly(api_server_factory, tmp_path):
+    server = api_server_factory(name="flaky")
+    client = server.admin_client()
+    server.stop()
+    loop = RenewalLoop(
+        client, **ARGS, directory=tmp_path, interval_seconds=60, retry_seconds=0.05, run_immediately=True
+    ).start()
+    try:
+        wait_for(lambda: loop.last_error is not None, "the first failure to be recorded")
+        assert "unreachable" in loop.last_error and loop.last_bundle is None
+    finally:
+        loop.stop(timeout=10)
+    assert not loop._thread.is_alive()
