@@ -19,7 +19,7 @@ from typing import Any
 from kubemcsa.testing import errors, patch, selectors, validation
 from kubemcsa.testing.errors import StatusError
 from kubemcsa.testing.resources import Registry, ResourceInfo, crd_schema
-from kubemcsa.testing.store import Obj, Store, Watcher
+from kubemcsa.testing.store import DEFAULT_HISTORY, Obj, Store, Watcher
 
 SA_TOKEN_TYPE = "kubernetes.io/service-account-token"
 SA_NAME_ANNOTATION = "kubernetes.io/service-account.name"
@@ -111,10 +111,10 @@ def event_from_core(obj: Obj) -> Obj:
 class Cluster:
     """One cluster's objects and the rules kube-apiserver applies to them."""
 
-    def __init__(self, name: str, ca_pem: bytes) -> None:
+    def __init__(self, name: str, ca_pem: bytes, history_size: int = DEFAULT_HISTORY) -> None:
         self.name = name
         self.ca_pem = ca_pem
-        self.store = Store()
+        self.store = Store(history_size)
         self.registry = Registry()
         # Mutating admission: set by the server once admission.py is available; (info, attrs...) -> object.
         self.admit: Callable[..., Obj] | None = None

@@ -31,7 +31,7 @@ from kubemcsa.testing.controllers import Controllers
 from kubemcsa.testing.errors import StatusError
 from kubemcsa.testing.rbac import RequestAttributes, UserInfo
 from kubemcsa.testing.resources import ResourceInfo
-from kubemcsa.testing.store import INITIAL_EVENTS_END, Watcher
+from kubemcsa.testing.store import DEFAULT_HISTORY, INITIAL_EVENTS_END, Watcher
 from kubemcsa.testing.tls import ServingCerts, make_serving_certs
 
 log = logging.getLogger(__name__)
@@ -219,14 +219,16 @@ class ApiServer:
         max_token_expiration_seconds: int | None = None,
         port: int = 0,
         bookmark_seconds: float = BOOKMARK_SECONDS,
+        history_size: int = DEFAULT_HISTORY,
     ) -> None:
+        """`history_size`: how many past events a watch may resume from (older resourceVersions get 410 Gone)."""
         self.name = name
         self.max_token_expiration_seconds = max_token_expiration_seconds
         self.bookmark_seconds = bookmark_seconds
         self._port = port
         self._certs: ServingCerts = make_serving_certs(f"{name}-apiserver")
         self.admin_token = secrets.token_urlsafe(32)
-        self.cluster = Cluster(name, self._certs.ca_pem)
+        self.cluster = Cluster(name, self._certs.ca_pem, history_size)
         self._authority: tokens.TokenAuthority | None = None
         self._auth: Authenticator | None = None
         self._controllers: Controllers | None = None
