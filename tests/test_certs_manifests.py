@@ -134,3 +134,15 @@ def test_cert_manager_overlay_makes_the_webhook_serve_the_mounted_secret(cert_ma
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["secret"]["secretName"] == CERT_SECRET_NAME
     assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+
+
+def test_cert_manager_overlay_takes_away_the_webhooks_secret_permissions(cert_manager_overlay):
+    webhook_roles = [
+        doc
+        for doc in cert_manager_overlay
+        if doc["kind"] in ("Role", "ClusterRole") and "admission-controller" in doc["metadata"]["name"]
+    ]
+    assert webhook_roles
+    for doc in webhook_roles:
+        for rule in doc["rules"]:
+            assert "secrets" not in rule["resources"], doc["metadata"]["name"]
