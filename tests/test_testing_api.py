@@ -569,6 +569,35 @@ def test_kubectl_works_against_the_server(cluster1: ApiServer, tmp_path) -> None
     assert waiter.returncode == 0, err
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_imperative_commands_send_protobuf_we_understand(cluster1: ApiServer, tmp_path) -> None:
+    env = {**os.environ, "KUBECONFIG": str(cluster1.write_kubeconfig(tmp_path / "kc")), "HOME": str(tmp_path)}
+
+    def kubectl(*args: str) -> str:
+        done = subprocess.run(["kubectl", *args], capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    kubectl("create", "namespace", "imp")
+    kubectl("create", "serviceaccount", "bot", "-n", "imp")
+    kubectl("create", "secret", "generic", "sec", "-n", "imp", "--from-literal=a=b")
+    kubectl("create", "role", "r", "-n", "imp", "--verb=get", "--resource=secrets", "--resource-name=sec")
+    kubectl("create", "rolebinding", "rb", "-n", "imp", "--role=r", "--serviceaccount=imp:bot")
+    core = client.CoreV1Api(cluster1.admin_client())
+    secret = core.read_namespaced_secret("sec", "imp")
+    assert secret.data == {"a": "Yg=="} and secret.type == "Opaque" and secret.metadata.generate_name is None
+    token = kubectl("create", "token", "bot", "-n", "imp", "--duration=20m", "--audience=x")
+    payload = token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    assert claims["aud"] == ["x"] and claims["exp"] - claims["iat"] == 1200
+    as_bot = ("-n", "imp", "--as=system:serviceaccount:imp:bot")
+    assert kubectl("auth", "can-i", "get", "secrets/sec", *as_bot) == "yes"
+    done = subprocess.run(["kubectl", "auth", "can-i", "get", "secrets/other", *as_bot], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    assert done.stdout.strip() == "no"
+    assert kubectl("get", "secret", "sec", "-o", "name", *as_bot) == "secret/sec"  # impersonation is enforced
+
+
 def test_command_line_serves_until_terminated(tmp_path) -> None:
     kubeconfig = tmp_path / "kc"
     process = subprocess.Popen(

@@ -300,3 +300,63 @@ def test_validation_never_crashes_on_odd_objects(value: object) -> None:
         validation.object_causes(obj, info)
         validation.schema_causes(obj, SCHEMA)
         validation.prune(obj, SCHEMA)
+
+
+# Protobuf request bodies (kubectl's imperative commands) ---------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out += bytes([byte | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _field(number: int, value: bytes | int) -> bytes:
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    return _varint(number << 3 | 2) + _varint(len(value)) + value
+
+
+def _entry(key: str, value: bytes) -> bytes:
+    return _field(1, key.encode()) + _field(2, value)
+
+
+def test_protobuf_secret_is_decoded_like_its_json() -> None:
+    from kubemcsa.testing import protobuf
+
+    meta = _field(1, b"sec") + _field(2, b"") + _field(11, _entry("app", b"x"))
+    secret = _field(1, meta) + _field(2, _entry("k", b"\x00\xff")) + _field(3, b"Opaque") + _field(5, 0)
+    unknown = _field(1, _field(1, b"v1") + _field(2, b"Secret")) + _field(2, secret)
+    assert protobuf.decode(protobuf.MAGIC + unknown) == {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sec", "labels": {"app": "x"}},
+        "data": {"k": "AP8="}, "type": "Opaque", "immutable": False,
+    }  # fmt: skip
+
+
+def test_protobuf_token_request_and_unknown_kinds() -> None:
+    from kubemcsa.testing import protobuf
+
+    spec = _field(1, b"aud") + _field(4, 1200)
+    unknown = _field(1, _field(1, b"authentication.k8s.io/v1") + _field(2, b"TokenRequest")) + _field(
+        2, _field(2, spec)
+    )
+    assert protobuf.decode(protobuf.MAGIC + unknown)["spec"] == {"audiences": ["aud"], "expirationSeconds": 1200}
+    other = _field(1, _field(1, b"apps/v1") + _field(2, b"Deployment")) + _field(2, b"")
+    with pytest.raises(StatusError) as exc:
+        protobuf.decode(protobuf.MAGIC + other)
+    assert exc.value.code == 415
+
+
+@given(st.binary(max_size=64))
+@settings(max_examples=300, deadline=None)
+def test_protobuf_garbage_is_a_400_or_415(data: bytes) -> None:
+    from kubemcsa.testing import protobuf
+
+    for body in (data, protobuf.MAGIC + data):
+        try:
+            protobuf.decode(body)
+        except StatusError as exc:
+            assert exc.code in (400, 415)

@@ -50,6 +50,30 @@ class Authenticator:
             raise errors.unauthorized()
         return tokens.user_for_claims(claims)
 
+    def impersonate(self, user: UserInfo, target: str | None, groups: list[str], uid: str | None) -> UserInfo:
+        """The user named by Impersonate-* headers, if `user` may impersonate them (kubectl --as)."""
+        if not target:
+            if groups or uid:
+                raise errors.StatusError(
+                    500, "InternalError", "Internal error occurred: requested impersonation of groups without a user"
+                )
+            return user
+        sa_prefix = "system:serviceaccount:"
+        if target.startswith(sa_prefix) and target.count(":") == 3:
+            namespace, name = target[len(sa_prefix) :].split(":")
+            attrs = RequestAttributes("impersonate", "", "serviceaccounts", namespace=namespace, name=name)
+        else:
+            attrs = RequestAttributes("impersonate", "", "users", name=target)
+        self.authorize(user, attrs)
+        for group in groups:
+            self.authorize(user, RequestAttributes("impersonate", "", "groups", name=group))
+        if target.startswith(sa_prefix) and not groups:
+            namespace = target[len(sa_prefix) :].split(":")[0]
+            groups = ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"]
+        if target != "system:anonymous" and "system:authenticated" not in groups:
+            groups = [*groups, "system:authenticated"]
+        return UserInfo(target, tuple(groups), uid or "")
+
     def authorize(self, user: UserInfo, attrs: RequestAttributes) -> None:
         """Raise 403 Forbidden with kube's message unless RBAC allows the request."""
         if "system:masters" in user.groups:

@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from kubemcsa.testing import errors, openapi, patch, rbac, tokens
+from kubemcsa.testing import errors, openapi, patch, protobuf, rbac, tokens
 from kubemcsa.testing.auth import ADMIN, Authenticator
 from kubemcsa.testing.cluster import Cluster
 from kubemcsa.testing.controllers import Controllers
@@ -471,6 +471,12 @@ class ApiServer:
             body = self._read_body(conn)
             assert self._auth is not None
             user = self._auth.authenticate(conn.headers.get("Authorization"))
+            user = self._auth.impersonate(
+                user,
+                conn.headers.get("Impersonate-User"),
+                conn.headers.get_all("Impersonate-Group") or [],
+                conn.headers.get("Impersonate-Uid"),
+            )
             route = self._route(conn.command, path, query)
             self._auth.authorize(user, route.attributes(path))
             if route.verb == "watch":
@@ -621,6 +627,8 @@ class ApiServer:
         if patch_request:
             if content_type not in patch.PATCH_TYPES:
                 raise errors.unsupported_media_type(content_type)
+        elif content_type == protobuf.CONTENT_TYPE:
+            return content_type, protobuf.decode(body)
         elif content_type not in ("application/json", "application/yaml", "*/*", ""):
             raise errors.unsupported_media_type(content_type)
         try:
