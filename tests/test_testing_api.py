@@ -88,8 +88,9 @@ JSON = {"Content-Type": "application/json"}
          .encode(), JSON, 400, "BadRequest"),
         ("POST", "/api/v1/namespaces/nope/configmaps", b'{"metadata":{"name":"x"}}', JSON, 404, "NotFound"),
         ("POST", "/api/v1/namespaces/default/configmaps", b'{"metadata":{"name":"Bad_Name"}}', JSON, 422, "Invalid"),
-        ("POST", "/api/v1/namespaces/default/secrets", b'{"metadata":{"name":"s"},"data":{"k":"%%%"}}', JSON, 422,
-         "Invalid"),
+        ("POST", "/api/v1/namespaces/default/secrets", b'{"metadata":{"name":"s"},"data":{"k":"%%%"}}', JSON, 400,
+         "BadRequest"),
+        ("GET", "/api/v1/namespaces/default/configmaps?limit=1&continue=garbage", None, {}, 400, "BadRequest"),
         ("GET", "/api/v1/namespaces/default/configmaps?fieldSelector=data.x%3Dy", None, {}, 400, "BadRequest"),
         ("GET", "/api/v1/namespaces/default/configmaps?labelSelector=a%20in%20(", None, {}, 400, "BadRequest"),
         ("DELETE", "/api/v1/namespaces/default/configmaps/nope", None, {}, 404, "NotFound"),
@@ -172,6 +173,26 @@ def test_service_account_token_is_subject_to_rbac_and_dies_with_its_account(clus
     with pytest.raises(ApiException) as exc:
         as_reader.list_namespaced_secret("default")
     assert exc.value.status == 401
+
+
+def test_rbac_writes_cannot_escalate(cluster1: ApiServer) -> None:
+    admin_rbac = client.RbacAuthorizationV1Api(cluster1.admin_client())
+    client.CoreV1Api(cluster1.admin_client()).create_namespaced_service_account("default", {"metadata": {"name": "rb"}})
+    rules = [{"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+              "verbs": ["create"]}, {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]  # fmt: skip
+    admin_rbac.create_namespaced_role("default", {"metadata": {"name": "writer"}, "rules": rules})
+    admin_rbac.create_namespaced_role_binding("default", {
+        "metadata": {"name": "writer"}, "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                                    "name": "writer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "rb", "namespace": "default"}]})  # fmt: skip
+    as_sa = client.RbacAuthorizationV1Api(cluster1.client_for_token(cluster1.issue_token("default", "rb")))
+    held = {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}
+    as_sa.create_namespaced_role("default", {"metadata": {"name": "ok"}, "rules": [held]})
+    with pytest.raises(ApiException) as exc:
+        as_sa.create_namespaced_role(
+            "default", {"metadata": {"name": "more"}, "rules": [{**held, "resources": ["secrets"]}]}
+        )
+    assert exc.value.status == 403 and "attempting to grant RBAC permissions not currently held" in exc.value.body
 
 
 def test_token_request_honours_the_server_cap(api_server_factory) -> None:
@@ -346,6 +367,20 @@ def test_patch_types_and_generation(cluster1: ApiServer) -> None:
     with pytest.raises(ApiException) as exc:
         apps.patch_namespaced_deployment("nope", "default", {"metadata": {"labels": {"b": "2"}}})
     assert exc.value.status == 404
+
+
+def test_list_pages_with_limit_and_continue(core) -> None:
+    for i in range(5):
+        core.create_namespaced_config_map("default", {"metadata": {"name": f"page-{i}", "labels": {"page": "y"}}})
+    names, token = [], None
+    while True:
+        page = core.list_namespaced_config_map("default", label_selector="page", limit=2, _continue=token)
+        names += [c.metadata.name for c in page.items]
+        token = page.metadata._continue
+        if not token:
+            break
+        assert page.metadata.remaining_item_count > 0
+    assert names == [f"page-{i}" for i in range(5)]
 
 
 def test_a_no_op_update_does_not_bump_the_resource_version(core) -> None:

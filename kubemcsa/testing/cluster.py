@@ -7,8 +7,10 @@ the token controller) is in controllers.py and reacts to the store's events.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
+import json
 import secrets
 import threading
 import time
@@ -27,6 +29,7 @@ SA_UID_ANNOTATION = "kubernetes.io/service-account.uid"
 ROOT_CA_CONFIGMAP = "kube-root-ca.crt"
 SA_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+_B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 _NAME_CHARS = "bcdfghjklmnpqrstvwxz2456789"  # kube's utilrand alphabet (no vowels, no ambiguous digits)
 _SERVER_MANAGED = (
     "uid",
@@ -118,6 +121,8 @@ class Cluster:
         self.registry = Registry()
         # Mutating admission: set by the server once admission.py is available; (info, attrs...) -> object.
         self.admit: Callable[..., Obj] | None = None
+        # Authorization that depends on the object written (RBAC escalation checks): (info, obj, user) -> None.
+        self.check_write: Callable[[ResourceInfo, Obj, Any], None] | None = None
         self._service_ip = 10
         self._ip_lock = threading.Lock()
 
@@ -167,7 +172,10 @@ class Cluster:
         namespace: str | None,
         label_selector: str | None = None,
         field_selector: str | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
     ) -> Obj:
+        """A List; with `limit`, a page and a `continue` token for the next one (items in namespace/name order)."""
         matches = self.matcher(info, label_selector, field_selector)
         pins = selectors.field_selector_pins(field_selector)
         if "name" in pins and (namespace is not None or not info.namespaced):
@@ -177,12 +185,16 @@ class Cluster:
         else:
             objs, rv = self.store.list(info.storage_key, namespace if info.namespaced else None)
         items = [self.present(info, obj) for obj in objs if matches(obj)]
-        return {
-            "kind": info.list_kind,
-            "apiVersion": info.api_version,
-            "metadata": {"resourceVersion": str(rv)},
-            "items": items,
-        }
+        meta: dict[str, Any] = {"resourceVersion": str(rv)}
+        if continue_token:
+            rv, after = _decode_continue(continue_token)
+            meta["resourceVersion"] = str(rv)
+            items = [i for i in items if _sort_key(i) > after]
+        if limit and limit > 0 and len(items) > limit:
+            meta["continue"] = _encode_continue(rv, _sort_key(items[limit - 1]))
+            meta["remainingItemCount"] = len(items) - limit
+            items = items[:limit]
+        return {"kind": info.list_kind, "apiVersion": info.api_version, "metadata": meta, "items": items}
 
     def watch(
         self,
@@ -203,6 +215,22 @@ class Cluster:
 
     # Creates --------------------------------------------------------------------------------------
 
+    def _check_decodable(self, info: ResourceInfo, obj: Obj) -> None:
+        """Fields kube decodes into typed values fail decoding with 400, before any validation (Secret data)."""
+        if info.group == "" and info.plural == "secrets":
+            data = obj.get("data")
+            for value in data.values() if isinstance(data, dict) else ():
+                if not isinstance(value, str):
+                    continue
+                try:
+                    base64.b64decode(value, validate=True)
+                except ValueError:
+                    offset = next((i for i, c in enumerate(value) if c not in _B64_ALPHABET), len(value))
+                    raise errors.bad_request(
+                        f'Secret in version "v1" cannot be handled as a Secret: illegal base64 data at input byte '
+                        f"{offset}"
+                    ) from None
+
     def _check_type(self, info: ResourceInfo, body: Any) -> Obj:
         if not isinstance(body, dict):
             raise errors.bad_request(f"the body must be a {info.kind} object, got {type(body).__name__}")
@@ -221,6 +249,7 @@ class Cluster:
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = info.api_version, info.kind
         obj.setdefault("metadata", {})
+        self._check_decodable(info, obj)
         return obj
 
     def _check_namespace(self, info: ResourceInfo, obj: Obj, namespace: str) -> None:
@@ -294,6 +323,8 @@ class Cluster:
             meta["name"] = meta["generateName"] + random_suffix()
         self._require_namespace(info, namespace, str(meta.get("name") or ""))
         self._validate(info, obj)
+        if self.check_write is not None and user is not None:
+            self.check_write(info, obj, user)
         if info.group == "" and info.plural == "pods":
             self._service_account_admission(obj, namespace)
         if admit and self.admit is not None:
@@ -338,8 +369,6 @@ class Cluster:
             obj.setdefault("type", "Opaque")
             string_data = obj.pop("stringData", None)
             if isinstance(string_data, dict) and all(isinstance(v, str) for v in string_data.values()):
-                import base64
-
                 data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
                 for key, value in string_data.items():
                     data[key] = base64.b64encode(value.encode()).decode()
@@ -476,6 +505,8 @@ class Cluster:
             if _semantic_meta(new) == _semantic_meta(old):
                 return old  # nothing changed: no write, no event, same resourceVersion (as kube)
             self._validate(info, new)
+            if self.check_write is not None and user is not None and subresource == "":
+                self.check_write(info, new, user)
             if admit and self.admit is not None and subresource == "":
                 new = self.admit(info, "UPDATE", new, old, namespace, user, dry_run, subresource)
                 new = self._check_type(info, new)
@@ -746,6 +777,26 @@ class Cluster:
             for obj in objs:
                 if self.store.get(info.storage_key, "", obj["metadata"]["name"]) is None:
                     self.create(info, "", obj, admit=False)
+
+
+def _sort_key(obj: Obj) -> list[str]:
+    return [obj["metadata"].get("namespace", ""), obj["metadata"]["name"]]
+
+
+def _encode_continue(rv: int, after: list[str]) -> str:
+    raw = json.dumps({"rv": rv, "start": after}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_continue(token: str) -> tuple[int, list[str]]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        rv, after = int(data["rv"]), [str(x) for x in data["start"]]
+    except (ValueError, KeyError, TypeError):
+        raise errors.bad_request("continue key is not valid: use the continue token of the previous page") from None
+    if len(after) != 2:
+        raise errors.bad_request("continue key is not valid: use the continue token of the previous page")
+    return rv, after
 
 
 def _crd_status(crd: Obj) -> Obj:

@@ -260,6 +260,7 @@ class ApiServer:
                 lambda ns, sa, secret: authority.legacy_token(namespace=ns, service_account=sa, secret=secret),
             )
             self.cluster.admit = self._admit
+            self.cluster.check_write = self._check_escalation
         assert self._controllers is not None
         self._controllers.start()
         if not self._bootstrapped:
@@ -404,6 +405,20 @@ class ApiServer:
         return self._controllers.wait_idle(timeout) if self._controllers else True
 
     # Admission ------------------------------------------------------------------------------------
+
+    def _check_escalation(self, info: ResourceInfo, obj: dict[str, Any], user: UserInfo) -> None:
+        """RBAC objects may only grant what their writer holds (or may `escalate`/`bind`), as in kube."""
+        if info.group != "rbac.authorization.k8s.io" or "system:masters" in user.groups:
+            return
+        store = self.cluster.store
+        with store.lock:
+            policy = {
+                "roles": store.list("rbac.authorization.k8s.io/roles")[0],
+                "cluster_roles": store.list("rbac.authorization.k8s.io/clusterroles")[0],
+                "role_bindings": store.list("rbac.authorization.k8s.io/rolebindings")[0],
+                "cluster_role_bindings": store.list("rbac.authorization.k8s.io/clusterrolebindings")[0],
+            }
+        rbac.check_escalation(user, obj, **policy)
 
     def _admit(
         self,
@@ -677,7 +692,15 @@ class ApiServer:
                 return 200, cluster.get(info, ns, name)
             raise errors.method_not_allowed()
         if route.verb == "list":
-            return 200, cluster.list(info, ns or None, _param(query, "labelSelector"), _param(query, "fieldSelector"))
+            limit = _param(query, "limit")
+            try:
+                limit_value = int(limit) if limit else None
+            except ValueError:
+                raise errors.bad_request(f"invalid limit {limit!r}: use a positive integer") from None
+            return 200, cluster.list(
+                info, ns or None, _param(query, "labelSelector"), _param(query, "fieldSelector"),
+                limit=limit_value, continue_token=_param(query, "continue"),
+            )  # fmt: skip
         if route.verb == "create":
             _, obj = self._decode(conn, body)
             if sub == "token":
