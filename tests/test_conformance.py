@@ -14,6 +14,8 @@ import base64
 import json
 import os
 import secrets
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +36,7 @@ class Kube:
     def __init__(self, api: client.ApiClient, in_memory: Any = None) -> None:
         self.api = api
         self.in_memory = in_memory
+        self.kubeconfig = ""
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
@@ -75,11 +78,15 @@ class Kube:
 
 
 @pytest.fixture
-def kube(api_server_factory: Callable[..., Any]) -> Kube:
+def kube(api_server_factory: Callable[..., Any], tmp_path: Any) -> Kube:
     if REAL_KUBECONFIG:
-        return Kube(config.new_client_from_config(REAL_KUBECONFIG))
+        kube = Kube(config.new_client_from_config(REAL_KUBECONFIG))
+        kube.kubeconfig = REAL_KUBECONFIG
+        return kube
     server = api_server_factory(name="conformance", history_size=50)
-    return Kube(server.admin_client(), server)
+    kube = Kube(server.admin_client(), server)
+    kube.kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
+    return kube
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
@@ -259,6 +266,21 @@ def test_every_kind_the_project_uses_is_stored(kube: Kube, ns: str) -> None:
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "r"},
              "subjects": [{"kind": "ServiceAccount", "name": "sa", "namespace": ns}]},
     )  # fmt: skip
+    admission = client.AdmissionregistrationV1Api(kube.api)
+    webhook_name = f"conformance-{ns}"
+    admission.create_mutating_webhook_configuration({
+        "metadata": {"name": webhook_name},
+        "webhooks": [{"name": "nothing.conformance.kubemcsa.io", "admissionReviewVersions": ["v1"],
+                      "sideEffects": "None", "failurePolicy": "Ignore",
+                      "clientConfig": {"url": "https://127.0.0.1:1/never"},
+                      "rules": [{"operations": ["CREATE"], "apiGroups": ["conformance.kubemcsa.io"],
+                                 "apiVersions": ["v1"], "resources": ["nothings"]}]}],
+    })  # fmt: skip
+    try:
+        stored = admission.read_mutating_webhook_configuration(webhook_name)
+        assert stored.webhooks[0].client_config.url == "https://127.0.0.1:1/never"
+    finally:
+        admission.delete_mutating_webhook_configuration(webhook_name)
     assert kube.core.read_namespaced_pod("p", ns).status.phase == "Pending"
     assert kube.core.read_namespaced_service("svc", ns).spec.cluster_ip
 
@@ -647,3 +669,33 @@ def test_two_in_memory_clusters_are_independent(api_server_factory) -> None:
     with pytest.raises(ApiException) as exc:
         client.CoreV1Api(two.client_for_token(token)).list_namespaced_config_map("default")
     assert exc.value.status == 401  # a token from one cluster means nothing to the other
+
+
+# 8. kubectl --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_get_create_apply_label_annotate_wait_delete(kube: Kube, ns: str, tmp_path: Any) -> None:
+    env = {**os.environ, "KUBECONFIG": kube.kubeconfig, "HOME": str(tmp_path)}
+
+    def kubectl(*args: str, stdin: str | None = None) -> str:
+        done = subprocess.run(["kubectl", "-n", ns, *args], input=stdin, capture_output=True, text=True, env=env,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    manifest = json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "k"}, "data": {"a": "b"}})
+    kubectl("create", "-f", "-", stdin=manifest)
+    kubectl("apply", "-f", "-", stdin=manifest.replace('"b"', '"c"'))
+    kubectl("label", "configmap", "k", "x=y")
+    kubectl("annotate", "configmap", "k", "z=w")
+    got = json.loads(kubectl("get", "configmap", "k", "-o", "json"))
+    assert got["data"] == {"a": "c"} and got["metadata"]["labels"] == {"x": "y"}
+    assert got["metadata"]["annotations"]["z"] == "w"
+    assert "kubectl.kubernetes.io/last-applied-configuration" in got["metadata"]["annotations"]
+    assert "configmap/k" in kubectl("get", "configmaps", "-o", "name")
+    waiter = subprocess.Popen(["kubectl", "-n", ns, "wait", "--for=delete", "configmap/k", "--timeout=60s"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    kubectl("delete", "configmap", "k")
+    _, err = waiter.communicate(timeout=90)
+    assert waiter.returncode == 0, err
