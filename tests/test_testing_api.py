@@ -594,6 +594,12 @@ def test_kubectl_works_against_the_server(cluster1: ApiServer, tmp_path) -> None
         {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w", "namespace": "default"},
          "spec": {"size": 1}}))  # fmt: skip
     assert "w" in kubectl("get", "widgets")
+    typo = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "typo", "namespace": "default"},
+            "spec": {"size": 1, "colour": "red"}}  # fmt: skip
+    done = subprocess.run(
+        ["kubectl", "create", "-f", "-"], capture_output=True, text=True, env=env, timeout=60, input=json.dumps(typo)
+    )
+    assert done.returncode != 0 and 'unknown field "spec.colour"' in done.stderr
     waiter = subprocess.Popen(
         ["kubectl", "wait", "--for=delete", "configmap/k", "--timeout=30s"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,

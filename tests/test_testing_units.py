@@ -121,6 +121,13 @@ def test_strategic_merge_patch_merges_lists_by_key() -> None:
     assert out["spec"]["containers"][1] == {"name": "c2", "image": "j"}
 
 
+def test_strategic_merge_patch_directives() -> None:
+    target = {"metadata": {"finalizers": ["a", "b"]}, "spec": {"x": 1, "y": 2}}
+    p = {"metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}, "spec": {"$patch": "replace", "z": 3},
+         "$setElementOrder/volumes": [{"name": "v"}]}  # fmt: skip
+    assert patch.strategic_merge_patch(target, p) == {"metadata": {"finalizers": ["b"]}, "spec": {"z": 3}}
+
+
 def test_strategic_merge_patch_replaces_lists_without_merge_key() -> None:
     assert patch.strategic_merge_patch({"args": ["a"]}, {"args": ["b"]}) == {"args": ["b"]}
 
@@ -198,6 +205,11 @@ def test_schema_validation_reports_each_violation() -> None:
     assert "must be of type string" in causes["spec.tags[0]"]
     assert validation.schema_causes({"spec": {}}, SCHEMA) == [("spec.size", "Required value")]
     assert "must be of type integer" in validation.schema_causes({"spec": {"size": "1"}}, SCHEMA)[0][1]
+
+
+def test_unknown_fields_are_listed_for_strict_validation() -> None:
+    obj = {"metadata": {"x": 1}, "spec": {"size": 1, "colour": "red", "free": {"a": 1}, "tags": ["a"]}, "other": 1}
+    assert validation.unknown_fields(obj, SCHEMA) == ["spec.colour", "other"]
 
 
 def test_pruning_drops_unknown_fields_but_keeps_preserved_ones() -> None:

@@ -291,6 +291,17 @@ class Cluster:
         if causes:
             raise self._invalid(info, str(_meta(obj).get("name") or ""), causes)
 
+    def _check_strict(self, info: ResourceInfo, obj: Obj, strict: bool) -> None:
+        """fieldValidation=Strict: a custom resource's unknown fields are an error instead of being pruned."""
+        if not strict or not info.custom:
+            return
+        crd = self.registry.crd_for(info)
+        schema = crd_schema(crd, info.version) if crd else None
+        unknown = validation.unknown_fields(obj, schema)
+        if unknown:
+            fields = ", ".join(f'unknown field "{path}"' for path in unknown)
+            raise errors.bad_request(f"strict decoding error: {fields}")
+
     def _prune(self, info: ResourceInfo, obj: Obj) -> Obj:
         if not info.custom:
             return obj
@@ -307,6 +318,7 @@ class Cluster:
         user: Any = None,
         dry_run: bool = False,
         admit: bool = True,
+        strict: bool = False,
     ) -> Obj:
         if not info.stored:
             raise errors.method_not_allowed()
@@ -317,6 +329,7 @@ class Cluster:
             meta.pop(key, None)
         if info.has_status and info.plural != "namespaces":
             obj.pop("status", None)
+        self._check_strict(info, obj, strict)
         obj = self._prune(info, obj)
         self._default(info, obj)
         if not meta.get("name") and meta.get("generateName") and isinstance(meta["generateName"], str):
@@ -474,9 +487,11 @@ class Cluster:
         dry_run: bool = False,
         admit: bool = True,
         current: Obj | None = None,
+        strict: bool = False,
     ) -> Obj:
         """PUT; `current` (for patches) is the object the body was computed from."""
         obj = self._check_type(info, body)
+        self._check_strict(info, obj, strict)
         meta = _meta(obj)
         if meta.get("name") and meta["name"] != name:
             raise errors.bad_request(
@@ -606,6 +621,7 @@ class Cluster:
         subresource: str = "",
         user: Any = None,
         dry_run: bool = False,
+        strict: bool = False,
     ) -> Obj:
         if content_type == patch.STRATEGIC_PATCH and info.custom:
             raise StatusError(
@@ -638,6 +654,7 @@ class Cluster:
                     user=user,
                     dry_run=dry_run,
                     current=current,
+                    strict=strict,
                 )
             except StatusError as exc:
                 if exc.reason == "Conflict" and not (

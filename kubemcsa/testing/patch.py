@@ -72,9 +72,16 @@ def strategic_merge_patch(target: Any, patch: Any, field_name: str = "") -> Any:
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     result = dict(target) if isinstance(target, dict) else {}
+    if patch.get("$patch") == "replace":
+        return {k: copy.deepcopy(v) for k, v in patch.items() if not k.startswith("$")}
     for key, value in patch.items():
+        if key.startswith("$deleteFromPrimitiveList/") and isinstance(value, list):
+            field = key.split("/", 1)[1]
+            if isinstance(result.get(field), list):
+                result[field] = [v for v in result[field] if v not in value]
+            continue
         if key.startswith("$"):
-            continue  # directives ($patch, $retainKeys, $setElementOrder) are not supported; ignore them
+            continue  # other directives ($retainKeys, $setElementOrder) only order or prune; ignored
         if value is None:
             result.pop(key, None)
         elif isinstance(value, list) and isinstance(result.get(key), list):

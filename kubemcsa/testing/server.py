@@ -687,6 +687,7 @@ class ApiServer:
         info, ns, name, sub = route.info, route.namespace, route.name, route.subresource
         cluster = self.cluster
         dry_run = "All" in (query.get("dryRun") or [])
+        strict = _param(query, "fieldValidation") == "Strict"
         if route.verb == "get":
             if sub == "status" or not sub:
                 return 200, cluster.get(info, ns, name)
@@ -709,13 +710,15 @@ class ApiServer:
                 return 201, self._token_review(obj)
             if info.plural in ("selfsubjectaccessreviews", "subjectaccessreviews"):
                 return 201, self._access_review(info, obj, user)
-            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run)
+            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict)
         if route.verb == "update":
             _, obj = self._decode(conn, body)
-            return 200, cluster.update(info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run)
+            return 200, cluster.update(info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict)
         if route.verb == "patch":
             content_type, obj = self._decode(conn, body, patch_request=True)
-            return 200, cluster.patch(info, ns, name, content_type, obj, subresource=sub, user=user, dry_run=dry_run)
+            return 200, cluster.patch(
+                info, ns, name, content_type, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict
+            )
         if route.verb == "delete":
             options = self._delete_options(conn, body, query)
             return cluster.delete(info, ns, name, options, dry_run=dry_run)

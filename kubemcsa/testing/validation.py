@@ -362,6 +362,32 @@ def prune(value: Any, schema: dict[str, Any] | None, root: bool = True) -> Any:
     return value
 
 
+def unknown_fields(value: Any, schema: dict[str, Any] | None, path: str = "") -> list[str]:
+    """The paths of fields `prune` would drop (for fieldValidation=Strict), e.g. ["spec.colour"]."""
+    if schema is None:
+        return []
+    out: list[str] = []
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and not schema.get("properties"):
+            return []
+        props = schema.get("properties") or {}
+        additional = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = f"{path}.{key}" if path else key
+            if not path and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if key in props:
+                out += unknown_fields(item, props[key], sub)
+            elif isinstance(additional, dict):
+                out += unknown_fields(item, additional, sub)
+            elif additional is not True and not schema.get("x-kubernetes-preserve-unknown-fields"):
+                out.append(sub)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            out += unknown_fields(item, schema["items"], f"{path}[{i}]")
+    return out
+
+
 def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Cause]:
     """Causes for `value` against an OpenAPI v3 structural schema (type, required, enum, bounds, ...)."""
     field = path or "<root>"
