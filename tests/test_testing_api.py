@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
@@ -666,3 +668,221 @@ def test_tls_certificate_names_loopback(cluster1: ApiServer) -> None:
             url = cluster1.url.replace("127.0.0.1", host) + "/healthz"
             with urllib.request.urlopen(url, context=ctx, timeout=5) as response:
                 assert response.read() == b"ok"
+
+
+# Fuzzing: no input makes the server answer 500 or drop the connection ---------------------------
+
+_PATHS = st.sampled_from(
+    [
+        "/api/v1/namespaces/default/configmaps",
+        "/api/v1/namespaces/default/configmaps/fuzz",
+        "/api/v1/namespaces/default/secrets/fuzz",
+        "/api/v1/namespaces/default/pods/fuzz",
+        "/api/v1/namespaces/default/pods/fuzz/status",
+        "/api/v1/namespaces/fuzz",
+        "/api/v1/namespaces",
+        "/api/v1/namespaces/default/serviceaccounts/default/token",
+        "/apis/apps/v1/namespaces/default/deployments/fuzz",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/fuzz.example.com",
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/default/roles/fuzz",
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/fuzz",
+        "/api/v1/services",
+    ]
+)
+_QUERIES = st.sampled_from(
+    [
+        "",
+        "?watch=1&timeoutSeconds=0",
+        "?labelSelector=a%3Db",
+        "?fieldSelector=metadata.name%3Dx",
+        "?limit=1",
+        "?dryRun=All",
+        "?propagationPolicy=Foreground",
+        "?resourceVersion=zz",
+    ]
+)
+_BODIES = st.one_of(
+    st.none(),
+    st.binary(max_size=40),
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+        lambda c: (
+            st.lists(c, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(
+                    [
+                        "metadata",
+                        "name",
+                        "spec",
+                        "data",
+                        "kind",
+                        "apiVersion",
+                        "containers",
+                        "labels",
+                        "finalizers",
+                        "ownerReferences",
+                        "status",
+                        "token",
+                        "rules",
+                        "webhooks",
+                        "names",
+                        "x",
+                    ]
+                ),
+                c,
+                max_size=4,
+            )
+        ),
+        max_leaves=10,
+    ).map(lambda v: json.dumps(v).encode()),
+)
+_TYPES = st.sampled_from(
+    [
+        "application/json",
+        "application/merge-patch+json",
+        "application/json-patch+json",
+        "application/strategic-merge-patch+json",
+        "application/yaml",
+        "text/plain",
+        "application/vnd.kubernetes.protobuf",
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[ApiServer]:
+    with ApiServer(name="fuzz") as server:
+        yield server
+
+
+@given(st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE"]), _PATHS, _QUERIES, _BODIES, _TYPES)
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_request_makes_the_server_fail(fuzz_server: ApiServer, method, path, query, body, content_type) -> None:
+    code, answer = raw(fuzz_server, method, path + query, body, {"Content-Type": content_type})
+    assert code < 500, answer
+    if code >= 400:
+        assert answer["kind"] == "Status" and answer["code"] == code
+
+
+_VALID = {
+    "/api/v1/namespaces/default/pods": {
+        "metadata": {"name": "p"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "i",
+                    "volumeMounts": [{"name": "v", "mountPath": "/v"}],
+                    "ports": [{"containerPort": 1}],
+                }
+            ],
+            "volumes": [{"name": "v", "emptyDir": {}}],
+        },
+    },
+    "/api/v1/namespaces/default/services": {"metadata": {"name": "s"}, "spec": {"ports": [{"port": 80}]}},
+    "/api/v1/namespaces/default/secrets": {
+        "metadata": {"name": "s", "labels": {"a": "b"}},
+        "data": {"k": "dg=="},
+        "stringData": {"x": "y"},
+        "type": "kubernetes.io/service-account-token",
+    },
+    "/api/v1/namespaces/default/serviceaccounts/default/token": {
+        "spec": {"audiences": ["a"], "expirationSeconds": 700}
+    },
+    "/apis/authentication.k8s.io/v1/tokenreviews": {"spec": {"token": "abc", "audiences": ["a"]}},
+    "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews": {"spec": {"resourceAttributes": {"verb": "get"}}},
+    "/apis/apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "metadata": {"name": "things.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "things", "kind": "Thing"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "properties": {"spec": {"type": "object", "properties": {"n": {"type": "integer"}}}},
+                        }
+                    },
+                }
+            ],
+        },
+    },
+    "/apis/rbac.authorization.k8s.io/v1/namespaces/default/rolebindings": {
+        "metadata": {"name": "rb"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "view"},
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "default"}],
+    },
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations": {
+        "metadata": {"name": "m"},
+        "webhooks": [
+            {
+                "name": "m.example.com",
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Ignore",
+                "clientConfig": {"url": "https://127.0.0.1:1/x"},
+                "namespaceSelector": {"matchLabels": {"a": "b"}},
+                "rules": [
+                    {"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["configmaps"]}
+                ],
+            }
+        ],
+    },
+    "/api/v1/namespaces/default/configmaps": {
+        "metadata": {
+            "name": "c",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "u"}],
+            "finalizers": ["a/b"],
+        },
+        "data": {"a": "b"},
+    },
+}
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for key, item in value.items():
+            out += _paths(item, (*prefix, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            out += _paths(item, (*prefix, i))
+    return out
+
+
+def _replace(value: Any, path: tuple, new: Any) -> Any:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replace(copy[path[0]], path[1:], new)
+    return copy
+
+
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda c: st.lists(c, max_size=2) | st.dictionaries(st.text(max_size=4), c, max_size=2),
+    max_leaves=6,
+)
+
+
+@given(st.sampled_from(sorted(_VALID)), st.data(), _ANY_JSON, st.sampled_from(["POST", "PUT", "PATCH"]))
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_no_mutated_object_makes_the_server_fail(
+    fuzz_server: ApiServer, path: str, data, new: Any, method: str
+) -> None:
+    valid = _VALID[path]
+    where = data.draw(st.sampled_from(_paths(valid)[1:]))
+    body = json.dumps(_replace(valid, where, new)).encode()
+    name = valid.get("metadata", {}).get("name", "x")
+    target = path if method == "POST" or path.endswith(("token", "reviews")) else f"{path}/{name}"
+    content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
+    code, answer = raw(fuzz_server, method, target, body, {"Content-Type": content_type})
+    assert code < 500, answer

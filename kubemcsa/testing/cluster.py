@@ -83,6 +83,10 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _meta(obj: Obj) -> dict[str, Any]:
     return obj.setdefault("metadata", {})
 
@@ -248,7 +252,15 @@ class Cluster:
             raise errors.bad_request("metadata must be an object")
         obj = copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = info.api_version, info.kind
-        obj.setdefault("metadata", {})
+        if obj.get("metadata") is None:
+            obj["metadata"] = {}
+        for key in ("name", "namespace", "generateName", "resourceVersion", "uid"):
+            value = obj["metadata"].get(key)
+            if value is not None and not isinstance(value, str):
+                raise errors.bad_request(
+                    f"{info.kind} in version {info.version!r} cannot be handled as a {info.kind}: "
+                    f"metadata.{key} must be a string"
+                )
         self._check_decodable(info, obj)
         return obj
 
@@ -363,8 +375,8 @@ class Cluster:
         meta = _meta(obj)
         if info.group != "":
             if info.plural == "customresourcedefinitions" and info.group == "apiextensions.k8s.io":
-                names = (obj.get("spec") or {}).get("names")
-                if isinstance(names, dict) and names.get("kind"):
+                names = _dict(obj.get("spec")).get("names")
+                if isinstance(names, dict) and isinstance(names.get("kind"), str) and names["kind"]:
                     names.setdefault("listKind", names["kind"] + "List")
                     names.setdefault("singular", str(names["kind"]).lower())
                 if isinstance(obj.get("spec"), dict):
@@ -444,11 +456,15 @@ class Cluster:
             automount = sa.get("automountServiceAccountToken", True)
         if not automount:
             return
-        containers = [c for kind in ("initContainers", "containers") for c in spec.get(kind) or []]
-        if any(m.get("mountPath") == SA_MOUNT_PATH for c in containers for m in c.get("volumeMounts") or []):
+        containers = [
+            c for kind in ("initContainers", "containers") for c in _list(spec.get(kind)) if isinstance(c, dict)
+        ]
+        if any(_dict(m).get("mountPath") == SA_MOUNT_PATH for c in containers for m in _list(c.get("volumeMounts"))):
             return
         volume_name = f"kube-api-access-{random_suffix()}"
-        spec.setdefault("volumes", []).append(
+        if not isinstance(spec.get("volumes"), list):
+            spec["volumes"] = []
+        spec["volumes"].append(
             {
                 "name": volume_name,
                 "projected": {
@@ -471,7 +487,9 @@ class Cluster:
             }
         )
         for c in containers:
-            c.setdefault("volumeMounts", []).append({"name": volume_name, "readOnly": True, "mountPath": SA_MOUNT_PATH})
+            if not isinstance(c.get("volumeMounts"), list):
+                c["volumeMounts"] = []
+            c["volumeMounts"].append({"name": volume_name, "readOnly": True, "mountPath": SA_MOUNT_PATH})
 
     # Updates --------------------------------------------------------------------------------------
 
@@ -638,6 +656,8 @@ class Cluster:
             patched = patch.apply_patch(content_type, current, patch_body)
             if not isinstance(patched, dict):
                 raise errors.bad_request("the patch produced something that is not an object")
+            if patched.get("metadata") is not None and not isinstance(patched["metadata"], dict):
+                raise errors.bad_request(f"{info.kind}.metadata must be an object")
             patched_rv = (patched.get("metadata") or {}).get("resourceVersion")
             if patched_rv and patched_rv != current["metadata"]["resourceVersion"]:
                 raise errors.conflict(info.plural, name, info.group)

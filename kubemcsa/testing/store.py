@@ -220,16 +220,17 @@ class Store:
             if new is None and uid:
                 self._uids.pop(uid, None)
             for ref in old["metadata"].get("ownerReferences") or []:
-                deps = self._dependents.get(ref.get("uid", ""))
+                owner = ref.get("uid") if isinstance(ref, dict) else None
+                deps = self._dependents.get(owner) if isinstance(owner, str) else None
                 if deps is not None:
                     deps.discard(uid)
                     if not deps:
-                        del self._dependents[ref.get("uid", "")]
+                        del self._dependents[owner]
         if new is not None:
             uid = new["metadata"]["uid"]
             self._uids[uid] = (storage_key, *_meta_key(new))
             for ref in new["metadata"].get("ownerReferences") or []:
-                if isinstance(ref, dict) and ref.get("uid"):
+                if isinstance(ref, dict) and isinstance(ref.get("uid"), str) and ref["uid"]:
                     self._dependents.setdefault(ref["uid"], set()).add(uid)
 
     def _emit(self, event: Event) -> None:

@@ -140,7 +140,7 @@ def metadata_causes(obj: dict[str, Any], info: ResourceInfo) -> list[Cause]:
                     causes.append((where, "Invalid value: must be an object"))
                     continue
                 for key in ("apiVersion", "kind", "name", "uid"):
-                    if not ref.get(key):
+                    if not ref.get(key) or not isinstance(ref.get(key), str):
                         causes.append((f"{where}.{key}", 'Invalid value: "": ' + f"{key} must not be empty"))
             controllers = [r for r in refs if isinstance(r, dict) and r.get("controller")]
             if len(controllers) > 1:
@@ -229,8 +229,14 @@ def pod_causes(obj: dict[str, Any]) -> list[Cause]:
             else:
                 seen.add(name)
                 causes.extend(name_causes(str(name), "label", f"{where}.name"))
-            if not c.get("image"):
+            if not c.get("image") or not isinstance(c.get("image"), str):
                 causes.append((f"{where}.image", "Required value"))
+            for key in ("volumeMounts", "env", "ports", "args", "command", "envFrom"):
+                if c.get(key) is not None and not isinstance(c[key], list):
+                    causes.append((f"{where}.{key}", "Invalid value: must be a list"))
+            for j, mount in enumerate(_list(c.get("volumeMounts"))):
+                if not isinstance(mount, dict):
+                    causes.append((f"{where}.volumeMounts[{j}]", "Invalid value: must be an object"))
     volumes = set()
     for i, v in enumerate(_list(spec.get("volumes"))):
         name = v.get("name") if isinstance(v, dict) else None
@@ -238,7 +244,8 @@ def pod_causes(obj: dict[str, Any]) -> list[Cause]:
             causes.append((f"spec.volumes[{i}].name", "Required value"))
         elif name in volumes:
             causes.append((f"spec.volumes[{i}].name", f"Duplicate value: {_q(name)}"))
-        volumes.add(name)
+        else:
+            volumes.add(name)
     for kind in ("containers", "initContainers"):
         for i, c in enumerate(_list(spec.get(kind))):
             paths: set[str] = set()
@@ -312,6 +319,171 @@ def crd_causes(obj: dict[str, Any]) -> list[Cause]:
     return causes
 
 
+def _strings_causes(value: Any, field: str, required: bool = False) -> list[Cause]:
+    if value is None:
+        return [(field, "Required value")] if required else []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return [(field, f"Invalid value: {_q(value)}: must be a list of strings")]
+    if required and not value:
+        return [(field, "Required value")]
+    return []
+
+
+def _label_selector_causes(value: Any, field: str) -> list[Cause]:
+    if value is None:
+        return []
+    if not isinstance(value, dict):
+        return [(field, "Invalid value: must be a label selector object")]
+    causes: list[Cause] = []
+    labels = value.get("matchLabels")
+    if labels is not None and (not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values())):
+        causes.append((f"{field}.matchLabels", "Invalid value: must be a map of strings"))
+    expressions = value.get("matchExpressions")
+    if expressions is not None and not isinstance(expressions, list):
+        causes.append((f"{field}.matchExpressions", "Invalid value: must be a list"))
+    for i, expr in enumerate(_list(expressions)):
+        where = f"{field}.matchExpressions[{i}]"
+        if not isinstance(expr, dict) or not isinstance(expr.get("key"), str):
+            causes.append((f"{where}.key", "Required value"))
+            continue
+        op = expr.get("operator")
+        if op not in ("In", "NotIn", "Exists", "DoesNotExist"):
+            causes.append((f"{where}.operator", f'Unsupported value: {_q(op)}: supported values: "DoesNotExist", '
+                           '"Exists", "In", "NotIn"'))  # fmt: skip
+        causes += _strings_causes(expr.get("values"), f"{where}.values", required=op in ("In", "NotIn"))
+    return causes
+
+
+def webhook_configuration_causes(obj: dict[str, Any]) -> list[Cause]:
+    """admissionregistration/v1 webhook configurations: the fields the API server relies on to call webhooks."""
+    webhooks = obj.get("webhooks")
+    if webhooks is None:
+        return []
+    if not isinstance(webhooks, list):
+        return [("webhooks", "Invalid value: must be a list")]
+    causes: list[Cause] = []
+    names: set[str] = set()
+    for i, hook in enumerate(webhooks):
+        where = f"webhooks[{i}]"
+        if not isinstance(hook, dict):
+            causes.append((where, "Invalid value: must be an object"))
+            continue
+        name = hook.get("name")
+        if not isinstance(name, str) or name.count(".") < 2 or name_causes(name, "subdomain"):
+            message = "should be a domain with at least three segments separated by dots"
+            causes.append((f"{where}.name", f"Invalid value: {_q(name)}: {message}"))  # fmt: skip
+        elif name in names:
+            causes.append((f"{where}.name", f"Duplicate value: {_q(name)}"))
+        else:
+            names.add(name)
+        causes += _strings_causes(hook.get("admissionReviewVersions"), f"{where}.admissionReviewVersions", True)
+        if hook.get("sideEffects") not in ("None", "NoneOnDryRun"):
+            causes.append((f"{where}.sideEffects", f'Unsupported value: {_q(hook.get("sideEffects"))}: supported '
+                           'values: "None", "NoneOnDryRun"'))  # fmt: skip
+        if hook.get("failurePolicy") not in (None, "Ignore", "Fail"):
+            causes.append((f"{where}.failurePolicy", f'Unsupported value: {_q(hook.get("failurePolicy"))}: supported '
+                           'values: "Fail", "Ignore"'))  # fmt: skip
+        if hook.get("matchPolicy") not in (None, "Exact", "Equivalent"):
+            causes.append((f"{where}.matchPolicy", f"Unsupported value: {_q(hook.get('matchPolicy'))}"))
+        if hook.get("reinvocationPolicy") not in (None, "Never", "IfNeeded"):
+            causes.append((f"{where}.reinvocationPolicy", f"Unsupported value: {_q(hook.get('reinvocationPolicy'))}"))
+        timeout = hook.get("timeoutSeconds")
+        if timeout is not None and (
+            not isinstance(timeout, int) or isinstance(timeout, bool) or not 1 <= timeout <= 30
+        ):
+            causes.append((f"{where}.timeoutSeconds", f"Invalid value: {_q(timeout)}: the timeout value must be "
+                           "between 1 and 30 seconds"))  # fmt: skip
+        config = hook.get("clientConfig")
+        if not isinstance(config, dict) or (config.get("url") is None) == (config.get("service") is None):
+            causes.append((f"{where}.clientConfig", "Required value: exactly one of url or service is required"))
+        else:
+            url, service = config.get("url"), config.get("service")
+            if url is not None and (not isinstance(url, str) or not url.startswith("https://")):
+                causes.append((f"{where}.clientConfig.url", f"Invalid value: {_q(url)}: 'https' is the only allowed "
+                               "URL scheme"))  # fmt: skip
+            if service is not None and (
+                not isinstance(service, dict) or not isinstance(service.get("name"), str)
+                or not isinstance(service.get("namespace"), str)
+                or not isinstance(service.get("port", 443), int) or not isinstance(service.get("path", ""), str)
+            ):  # fmt: skip
+                causes.append((f"{where}.clientConfig.service", "Invalid value: needs a namespace, a name and a port"))
+            bundle = config.get("caBundle")
+            if bundle is not None and not isinstance(bundle, str):
+                causes.append((f"{where}.clientConfig.caBundle", "Invalid value: must be base64-encoded PEM"))
+        rules = hook.get("rules")
+        if rules is not None and not isinstance(rules, list):
+            causes.append((f"{where}.rules", "Invalid value: must be a list"))
+        for j, rule in enumerate(_list(rules)):
+            rule_where = f"{where}.rules[{j}]"
+            if not isinstance(rule, dict):
+                causes.append((rule_where, "Invalid value: must be an object"))
+                continue
+            for key in ("operations", "apiGroups", "apiVersions", "resources"):
+                causes += _strings_causes(rule.get(key), f"{rule_where}.{key}", required=True)
+            if rule.get("scope") not in (None, "*", "Cluster", "Namespaced"):
+                causes.append((f"{rule_where}.scope", f"Unsupported value: {_q(rule.get('scope'))}"))
+        causes += _label_selector_causes(hook.get("namespaceSelector"), f"{where}.namespaceSelector")
+        causes += _label_selector_causes(hook.get("objectSelector"), f"{where}.objectSelector")
+    return causes
+
+
+def rbac_causes(obj: dict[str, Any], kind: str) -> list[Cause]:
+    """Roles' rules and bindings' roleRef and subjects, as kube validates them."""
+    causes: list[Cause] = []
+    if kind in ("Role", "ClusterRole"):
+        rules = obj.get("rules")
+        if rules is not None and not isinstance(rules, list):
+            return [("rules", "Invalid value: must be a list")]
+        for i, rule in enumerate(_list(rules)):
+            where = f"rules[{i}]"
+            if not isinstance(rule, dict):
+                causes.append((where, "Invalid value: must be an object"))
+                continue
+            causes += _strings_causes(rule.get("verbs"), f"{where}.verbs", required=True)
+            for key in ("apiGroups", "resources", "resourceNames", "nonResourceURLs"):
+                causes += _strings_causes(rule.get(key), f"{where}.{key}")
+        if kind == "ClusterRole" and obj.get("aggregationRule") is not None:
+            rule = obj["aggregationRule"]
+            selectors = rule.get("clusterRoleSelectors") if isinstance(rule, dict) else None
+            if not isinstance(selectors, list):
+                causes.append(("aggregationRule.clusterRoleSelectors", "Required value"))
+            for i, selector in enumerate(_list(selectors)):
+                causes += _label_selector_causes(selector, f"aggregationRule.clusterRoleSelectors[{i}]")
+        return causes
+    ref = obj.get("roleRef")
+    if not isinstance(ref, dict):
+        causes.append(("roleRef", "Required value"))
+    else:
+        if ref.get("apiGroup") != "rbac.authorization.k8s.io":
+            causes.append(("roleRef.apiGroup", f'Unsupported value: {_q(ref.get("apiGroup"))}: supported values: '
+                           '"rbac.authorization.k8s.io"'))  # fmt: skip
+        allowed = ("Role", "ClusterRole") if kind == "RoleBinding" else ("ClusterRole",)
+        if ref.get("kind") not in allowed:
+            causes.append(("roleRef.kind", f"Unsupported value: {_q(ref.get('kind'))}: supported values: "
+                           + ", ".join(_q(a) for a in allowed)))  # fmt: skip
+        if not isinstance(ref.get("name"), str) or not ref.get("name"):
+            causes.append(("roleRef.name", "Required value"))
+    subjects = obj.get("subjects")
+    if subjects is not None and not isinstance(subjects, list):
+        causes.append(("subjects", "Invalid value: must be a list"))
+    for i, subject in enumerate(_list(subjects)):
+        where = f"subjects[{i}]"
+        if not isinstance(subject, dict):
+            causes.append((where, "Invalid value: must be an object"))
+            continue
+        if subject.get("kind") not in ("ServiceAccount", "User", "Group"):
+            causes.append((f"{where}.kind", f'Unsupported value: {_q(subject.get("kind"))}: supported values: '
+                           '"ServiceAccount", "User", "Group"'))  # fmt: skip
+        if not isinstance(subject.get("name"), str) or not subject.get("name"):
+            causes.append((f"{where}.name", "Required value"))
+        for key in ("namespace", "apiGroup"):
+            if subject.get(key) is not None and not isinstance(subject[key], str):
+                causes.append((f"{where}.{key}", "Invalid value: must be a string"))
+        if subject.get("kind") == "ServiceAccount" and kind == "ClusterRoleBinding" and not subject.get("namespace"):
+            causes.append((f"{where}.namespace", "Required value"))
+    return causes
+
+
 def object_causes(obj: dict[str, Any], info: ResourceInfo) -> list[Cause]:
     causes = metadata_causes(obj, info)
     if info.group == "" and info.plural == "secrets":
@@ -322,6 +494,10 @@ def object_causes(obj: dict[str, Any], info: ResourceInfo) -> list[Cause]:
         causes += pod_causes(obj)
     elif info.plural == "customresourcedefinitions" and info.group == "apiextensions.k8s.io":
         causes += crd_causes(obj)
+    elif info.group == "admissionregistration.k8s.io":
+        causes += webhook_configuration_causes(obj)
+    elif info.group == "rbac.authorization.k8s.io":
+        causes += rbac_causes(obj, info.kind)
     return causes
 
 
