@@ -502,11 +502,13 @@ def test_requests_are_recorded(cluster1: ApiServer, core) -> None:
 def webhook_service(cluster1: ApiServer) -> Iterator[bytes]:
     """A webhook at service hook.default.svc:443 adding a label to pods; yields its CA."""
     certs = make_serving_certs("hook", dns_names=("hook.default.svc",), ips=())
+    reviews: list[dict[str, Any]] = []
 
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             review = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             request = review["request"]
+            reviews.append(request)
             patch = [{"op": "add", "path": "/metadata/labels", "value": {"mutated": "yes"}}]
             response = {"uid": request["uid"], "allowed": True, "patchType": "JSONPatch",
                         "patch": base64.b64encode(json.dumps(patch).encode()).decode()}  # fmt: skip
@@ -527,6 +529,7 @@ def webhook_service(cluster1: ApiServer) -> Iterator[bytes]:
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     cluster1.register_service("default", "hook", 443, f"https://127.0.0.1:{httpd.server_address[1]}")
+    cluster1.webhook_reviews = reviews  # type: ignore[attr-defined]
     yield certs.ca_pem
     httpd.shutdown()
     httpd.server_close()
@@ -553,7 +556,13 @@ def test_mutating_webhook_is_called_on_pod_creation(cluster1: ApiServer, core, w
     with pytest.raises(ApiException) as exc:
         core.create_namespaced_pod("default", {**pod, "metadata": {"name": "denied"}})
     assert exc.value.status == 403 and "no way" in status_of(exc)["message"]
+    calls = len(cluster1.webhook_reviews)
     core.create_namespaced_config_map("default", {"metadata": {"name": "not-a-pod"}})  # rules do not match
+    assert len(cluster1.webhook_reviews) == calls
+    generated = core.create_namespaced_pod("default", {**pod, "metadata": {"generateName": "rs-"}})
+    request = cluster1.webhook_reviews[-1]
+    assert not request.get("name")  # names are generated after admission, as in kube
+    assert "name" not in request["object"]["metadata"] and generated.metadata.name.startswith("rs-")
 
 
 def test_pod_needs_its_service_account(core) -> None:
