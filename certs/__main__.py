@@ -14,24 +14,12 @@ import datetime
 import sys
 from collections.abc import Sequence
 
-from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 
 from certs import manager, tls
+from kubemcsa import kube
 
 EXIT_FAILED = 1
-
-
-def _api_client(kubeconfig: str | None) -> client.ApiClient:
-    """--kubeconfig, else the pod's service account, else KUBECONFIG or ~/.kube/config."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except ConfigException:
-        return config.new_client_from_config()
-    return client.ApiClient(configuration)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        api_client = _api_client(args.kubeconfig)
+        api_client = kube.local_api_client(args.kubeconfig)
     except (ConfigException, OSError, ValueError) as exc:
         print(f"error: no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod", file=sys.stderr)
         return EXIT_FAILED

@@ -10,9 +10,8 @@ import sys
 import threading
 
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient
 
-from kubemcsa import api
+from kubemcsa import api, kube
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,17 +28,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def local_client(kubeconfig: str | None) -> ApiClient:
-    """The local cluster's client: --kubeconfig, else in-cluster, else KUBECONFIG / ~/.kube/config."""
-    if kubeconfig:
-        return kube_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
-    if os.environ.get("KUBERNETES_SERVICE_HOST"):
-        configuration = type.__call__(kube_config.kube_config.Configuration)
-        kube_config.load_incluster_config(client_configuration=configuration)
-        return ApiClient(configuration)
-    return kube_config.new_client_from_config(persist_config=False)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -48,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from controller.run import Controller  # imported late so --help is fast
 
     try:
-        client = local_client(args.kubeconfig)
+        client = kube.local_api_client(args.kubeconfig)
     except (kube_config.ConfigException, OSError) as exc:
         print(
             f"kubemcsa-controller: cannot load the local cluster's configuration ({exc}); "

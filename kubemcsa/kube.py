@@ -20,7 +20,8 @@ from typing import Any
 from urllib.parse import quote
 
 import urllib3
-from kubernetes.client import ApiClient
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -108,6 +109,22 @@ def resource_type_of(obj: JSON) -> ResourceType:
         return RESOURCE_TYPES[key]
     except KeyError:
         raise ValueError(f"unknown resource {key[0]} {key[1]}: add it to kubemcsa.kube.RESOURCE_TYPES") from None
+
+
+def local_api_client(kubeconfig: str | None = None) -> ApiClient:
+    """The client of the cluster a component runs in: --kubeconfig, else in-cluster, else KUBECONFIG/~/.kube/config.
+
+    In a pod, the service-account token is a projected token that the kubelet rotates; the in-cluster loader
+    re-reads it, so long-running components keep authenticating. Raises kubernetes' ConfigException or OSError.
+    """
+    if kubeconfig:
+        return kube_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
+    configuration = Configuration()
+    try:
+        kube_config.load_incluster_config(client_configuration=configuration)
+    except kube_config.ConfigException:
+        return kube_config.new_client_from_config(persist_config=False)
+    return ApiClient(configuration)
 
 
 def error_status(exc: ApiException) -> JSON:

@@ -27,12 +27,12 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.config.config_exception import ConfigException
 
 from certs import manager
 from certs.reloader import CertificateReloader, RenewalLoop
-from kubemcsa import api
+from kubemcsa import api, kube
 from webhook.app import WebhookCache, create_app
 from webhook.cache import WatchCache
 
@@ -171,18 +171,6 @@ class WebhookServer:
         self.stop()
 
 
-def _api_client(kubeconfig: str | None) -> client.ApiClient:
-    """--kubeconfig, else the pod's service account, else KUBECONFIG or ~/.kube/config."""
-    if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-    except ConfigException:
-        return config.new_client_from_config()
-    return client.ApiClient(configuration)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubemcsa-webhook",
@@ -245,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: pass --tls-cert-file and --tls-key-file, or --manage-certificates", file=sys.stderr)
         return 2
     try:
-        api_client = _api_client(args.kubeconfig)
+        api_client = kube.local_api_client(args.kubeconfig)
     except (ConfigException, OSError, ValueError) as exc:
         print(f"error: no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod", file=sys.stderr)
         return EXIT_FAILED
