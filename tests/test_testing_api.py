@@ -385,6 +385,15 @@ def test_list_pages_with_limit_and_continue(core) -> None:
     assert names == [f"page-{i}" for i in range(5)]
 
 
+def test_immutable_secrets_and_secret_type(core) -> None:
+    core.create_namespaced_secret("default", {"metadata": {"name": "frozen"}, "data": {"a": "Yg=="}, "immutable": True})
+    for change in ({"data": {"a": "Yw=="}}, {"immutable": False}, {"type": "kubernetes.io/tls"}):
+        with pytest.raises(ApiException) as exc:
+            core.patch_namespaced_secret("frozen", "default", change)
+        assert exc.value.status == 422
+    core.patch_namespaced_secret("frozen", "default", {"metadata": {"labels": {"still": "ok"}}})
+
+
 def test_a_no_op_update_does_not_bump_the_resource_version(core) -> None:
     created = core.create_namespaced_config_map("default", {"metadata": {"name": "same"}, "data": {"a": "b"}})
     again = core.patch_namespaced_config_map("same", "default", {"data": {"a": "b"}})

@@ -551,13 +551,15 @@ class Cluster:
             new = self._merge_update(info, old, obj, subresource)
             if _semantic_meta(new) == _semantic_meta(old):
                 return old  # nothing changed: no write, no event, same resourceVersion (as kube)
-            self._validate(info, new)
+            causes = validation.metadata_causes(new, info)
+            if causes:
+                raise self._invalid(info, name, causes)
             if self.check_write is not None and user is not None and subresource == "":
                 self.check_write(info, new, user)
             if admit and self.admit is not None and subresource == "":
                 new = self.admit(info, "UPDATE", new, old, namespace, user, dry_run, subresource)
                 new = self._check_type(info, new)
-                self._validate(info, new)
+            self._validate(info, new)
             self._finish_update(info, old, new)
             if dry_run:
                 return new
@@ -635,6 +637,18 @@ class Cluster:
                         )
                     ],
                 )
+        if info.group == "" and info.plural in ("secrets", "configmaps"):
+            causes = []
+            if info.plural == "secrets" and new.get("type") != old.get("type"):
+                causes.append(("type", f"Invalid value: {json.dumps(new.get('type'))}: field is immutable"))
+            if old.get("immutable") is True:
+                for key in ("data", "binaryData"):
+                    if new.get(key) != old.get(key):
+                        causes.append((key, "Forbidden: field is immutable when `immutable` is set"))
+                if new.get("immutable") is not True:
+                    causes.append(("immutable", "Forbidden: field is immutable when `immutable` is set"))
+            if causes:
+                raise self._invalid(info, meta["name"], causes)
         if info.has_generation:
             skip = ("metadata", "status") if info.has_status else ("metadata",)
             if _without(new, *skip) != _without(old, *skip):
