@@ -22,6 +22,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, bootstrap, config, kube
+from kubemcsa.testing import wait
 
 JSON = dict[str, Any]
 CRD_MANIFEST = Path("manifests") / "crd" / "serviceaccountimports.yaml"
@@ -44,16 +45,10 @@ def find_crd_manifest() -> Path:
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = WAIT_SECONDS) -> Any:
     """Poll `condition` until it returns something truthy; DemoError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f"timed out after {timeout:.0f}s waiting for {what}.")
-        time.sleep(delay)  # polling an in-process server; backs off to 0.2s
-        delay = min(delay * 2, 0.2)
+    try:
+        return wait.wait_for(condition, what, timeout)
+    except wait.WaitTimeout as exc:
+        raise DemoError(f"{exc}.") from None
 
 
 def webhook_configuration(url: str, ca_pem: bytes) -> JSON:

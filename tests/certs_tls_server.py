@@ -7,13 +7,12 @@ import json
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import uvicorn
 
 from certs.reloader import CertificateReloader
+from kubemcsa.testing.wait import wait_for
 
 
 async def _app(scope, receive, send):
@@ -74,14 +73,6 @@ class TLSServer:
         self._thread.join(10)
         self.loop.close()
         self.sock.close()
-
-
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def client_context(ca_pem: bytes) -> ssl.SSLContext:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,19 +11,10 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, bootstrap, cli, kube
 from kubemcsa.credentials import from_secret_data
+from kubemcsa.testing.wait import wait_for
 
 CRD = Path(__file__).resolve().parents[1] / "manifests" / "crd" / "serviceaccountimports.yaml"
 SYSTEM = api.SYSTEM_NAMESPACE
-
-
-def poll(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -211,12 +200,12 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
             except ApiException:
                 return None
 
-        secret = poll(imported, what="the import's Secret")
+        secret = wait_for(imported, what="the import's Secret")
         creds = from_secret_data(secret["data"])
         as_pod_lister = clusters["cluster2"].client_for_token(creds.token)
         assert kube.Resource(as_pod_lister, kube.PODS).list("default")["items"] == []
         # The bootstrap import itself is refreshed by the controller and reported Ready.
-        sai = poll(
+        sai = wait_for(
             lambda: next(
                 (
                     c
@@ -295,7 +284,7 @@ def test_a_deleted_secret_or_a_recreated_import_gets_a_fresh_secret(clusters, ca
 
     imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
     imports.delete("cluster2", SYSTEM)
-    poll(lambda: not imports.list(SYSTEM)["items"], what="the import to be gone")
+    wait_for(lambda: not imports.list(SYSTEM)["items"], what="the import to be gone")
     assert cli.main(bootstrap_argv(clusters)) == 0
     out = capsys.readouterr().out
     assert "ServiceAccountImport multicluster-service-account/cluster2 created" in out

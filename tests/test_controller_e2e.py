@@ -31,6 +31,7 @@ from controller.run import Controller
 from kubemcsa import api, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
+from kubemcsa.testing.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -38,18 +39,6 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 CONTROLLER_SA = "service-account-import-controller"
 REMOTE_SA = "import-controller"  # the controller's identity in cluster2
 WAIT = 30.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:

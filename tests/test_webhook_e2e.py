@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from kubernetes.client.exceptions import ApiException
 from certs import manager, tls
 from kubemcsa import api, kube
 from kubemcsa.testing import ApiServer
+from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.app import MUTATE_PATH
 from webhook.cache import MISS_IMPORT, WatchCache
@@ -42,17 +43,6 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 WEBHOOK_SA = SERVICE_NAME
 ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
 WAIT = 20.0
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def documents(path: Path) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 
 from certs import tls
 from kubemcsa import api
+from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import WebhookServer, main
 from webhook.app import MUTATE_PATH
 from webhook.cache import StaticCache
@@ -38,14 +38,6 @@ def write_pair(directory: Path, ca: tuple[bytes, bytes]) -> tuple[Path, Path]:
 def served_certificate(url: str) -> bytes:
     host, port = url.removeprefix("https://").rsplit(":", 1)
     return ssl.get_server_certificate((host, int(port))).encode()
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
 
 
 @pytest.fixture
