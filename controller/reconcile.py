@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.spec import ImportSpec, SpecError, parse_spec
-from controller.timefmt import format_time, parse_time
 from kubemcsa import api
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, to_secret_data
+from kubemcsa.timefmt import format_time, parse_time
 
 ANNOTATION_PREFIX = "multicluster.admiralty.io/"
 ANNOTATION_EXPIRES = ANNOTATION_PREFIX + "token-expiration"

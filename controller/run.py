@@ -23,8 +23,8 @@ from controller.metrics import HealthServer, Metrics
 from controller.queue import WorkQueue
 from controller.sources import SourceCluster, SourceRegistry
 from controller.spec import ImportSpec
-from controller.timefmt import format_time
 from kubemcsa import api, kube
+from kubemcsa.timefmt import format_time
 
 log = logging.getLogger(__name__)
 

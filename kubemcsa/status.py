@@ -12,6 +12,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from kubemcsa import api, kube
+from kubemcsa.timefmt import parse_time
 
 HEADERS = ("NAMESPACE", "NAME", "CLUSTER", "REMOTE", "READY", "REASON", "EXPIRES IN")
 
@@ -30,17 +31,6 @@ class ImportStatus:
     @property
     def is_ready(self) -> bool:
         return self.ready == "True"
-
-
-def parse_time(value: Any) -> dt.datetime | None:
-    """An RFC 3339 timestamp (as the API server writes them) as an aware datetime, or None if absent or invalid."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
 def humanize_seconds(seconds: float) -> str:
@@ -63,7 +53,7 @@ def expires_in(expiration: Any, now: dt.datetime) -> str:
     when = parse_time(expiration)
     if when is None:
         return "-"
-    delta = (when - now).total_seconds()
+    delta = when - now.timestamp()
     if delta <= 0:
         return f"expired {humanize_seconds(-delta)} ago"
     return humanize_seconds(delta)

@@ -14,9 +14,9 @@ from controller import reconcile as rc
 from controller.queue import WorkQueue
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
 from controller.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
-from controller.timefmt import format_time, parse_time
 from kubemcsa import api
 from kubemcsa.credentials import Credentials, from_secret_data
+from kubemcsa.timefmt import format_time, parse_time
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 REMOTE = rc.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
