@@ -50,10 +50,7 @@ class IssuedToken:
 
     @property
     def refresh_at(self) -> float | None:
-        if self.expires_at is None:
-            return None
-        lifetime = max(0.0, self.expires_at - self.issued_at)
-        return self.issued_at + api.REFRESH_FRACTION * lifetime
+        return refresh_time(self.issued_at, self.expires_at)
 
     def credentials(self) -> Credentials:
         return Credentials(server=self.server, ca_crt=self.ca_pem, token=self.token, namespace=self.namespace)
@@ -196,7 +193,8 @@ def _secret_token_state(secret: dict[str, Any]) -> tuple[float | None, float | N
     return parse_time(annotations.get(ANNOTATION_ISSUED)), parse_time(annotations.get(ANNOTATION_EXPIRES))
 
 
-def _refresh_at(issued_at: float, expires_at: float | None) -> float | None:
+def refresh_time(issued_at: float, expires_at: float | None) -> float | None:
+    """When to replace a token: after REFRESH_FRACTION of its real lifetime; None for a token that never expires."""
     if expires_at is None:
         return None
     return issued_at + api.REFRESH_FRACTION * max(0.0, expires_at - issued_at)
@@ -284,7 +282,7 @@ def _secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) -
     issued_at, expires_at = _secret_token_state(secret)
     if issued_at is None:
         return False
-    refresh_at = _refresh_at(issued_at, expires_at)
+    refresh_at = refresh_time(issued_at, expires_at)
     return refresh_at is None or now < refresh_at
 
 
@@ -393,7 +391,7 @@ def decide(
     if ours is not None and _secret_is_current(ours, wanted, now):
         ready = _ready("True", api.REASON_TOKEN_ISSUED, _ready_message(spec, ours_expires), generation)
         decision.status = _status(imp, now, ready, secret_name, ours_issued, ours_expires)
-        decision.requeue_at = _refresh_at(ours_issued or now, ours_expires)
+        decision.requeue_at = refresh_time(ours_issued or now, ours_expires)
         recovered = token_from_secret(ours)
         if recovered is not None and (issued is None or issued.issued_at < recovered.issued_at):
             decision.remember = recovered
