@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
@@ -25,7 +24,6 @@ from kubemcsa import api, bootstrap, config, kube
 from kubemcsa.testing import wait
 
 JSON = dict[str, Any]
-CRD_MANIFEST = Path("manifests") / "crd" / "serviceaccountimports.yaml"
 WEBHOOK_CONFIGURATION = "service-account-import-admission-controller"
 IMPORT_NAME = "cluster2-default-pod-lister"
 WAIT_SECONDS = 30.0
@@ -33,14 +31,6 @@ WAIT_SECONDS = 30.0
 
 class DemoError(Exception):
     """A step of the demo failed; the message is one sentence saying which."""
-
-
-def find_crd_manifest() -> Path:
-    """The CRD manifest of this checkout (next to the package when installed editable, else under the cwd)."""
-    for base in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (base / CRD_MANIFEST).is_file():
-            return base / CRD_MANIFEST
-    raise DemoError(f"cannot find {CRD_MANIFEST}; run the demo from a clone of the repository.")
 
 
 def wait_for(what: str, condition: Callable[[], Any], timeout: float = WAIT_SECONDS) -> Any:
@@ -186,7 +176,7 @@ class Demo:
         admin2 = self._client(cluster2.admin_client())
 
         self.step("Installing multicluster-service-account in cluster1: the ServiceAccountImport CRD")
-        crd = yaml.safe_load(find_crd_manifest().read_text())
+        crd = api.crd_manifest()
         kube.Resource(admin1, kube.CRDS).create(crd)
         self.say(f"created CustomResourceDefinition {crd['metadata']['name']}")
 

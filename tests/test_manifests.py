@@ -135,3 +135,11 @@ def test_the_api_server_accepts_every_object(cluster1, objects):
 @pytest.mark.parametrize("directory", ["certs"])
 def test_alternative_bases_render(directory):
     assert _render(MANIFESTS / directory)
+
+
+def test_the_packaged_crd_is_the_installed_one():
+    """kubemcsa ships the CRD (for the demo and tests outside a clone); it must be manifests/' own, byte for byte."""
+    assert (ROOT / "kubemcsa" / "crd.yaml").read_bytes() == (
+        MANIFESTS / "crd" / "serviceaccountimports.yaml"
+    ).read_bytes()
+    assert api.crd_manifest()["metadata"]["name"] == api.CRD_NAME
