@@ -519,8 +519,9 @@ def webhook_service(cluster1: ApiServer) -> Iterator[bytes]:
             request = review["request"]
             reviews.append(request)
             patch = [{"op": "add", "path": "/metadata/labels", "value": {"mutated": "yes"}}]
-            response = {"uid": request["uid"], "allowed": True, "patchType": "JSONPatch",
-                        "patch": base64.b64encode(json.dumps(patch).encode()).decode()}  # fmt: skip
+            encoded = base64.b64encode(json.dumps(patch).encode()).decode()
+            response = {"uid": request["uid"], "allowed": True, "patchType": "JSONPatch", "patch": encoded,
+                        "warnings": ['look "out"']}  # fmt: skip
             if request["object"]["metadata"].get("name") == "denied":
                 response = {"uid": request["uid"], "allowed": False, "status": {"code": 403, "message": "no way"}}
             data = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response})
@@ -561,6 +562,15 @@ def test_mutating_webhook_is_called_on_pod_creation(cluster1: ApiServer, core, w
     pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}}
     created = core.create_namespaced_pod("default", pod)
     assert created.metadata.labels == {"mutated": "yes"}
+    request = urllib.request.Request(
+        cluster1.url + "/api/v1/namespaces/default/pods", method="POST",
+        data=json.dumps({**pod, "metadata": {"name": "warned"}}).encode(),
+        headers={**JSON, "Authorization": f"Bearer {cluster1.admin_token}"},
+    )  # fmt: skip
+    ctx = ssl.create_default_context(cadata=cluster1.ca_pem.decode())
+    with urllib.request.urlopen(request, context=ctx, timeout=10) as response:
+        assert response.status == 201 and response.headers["Warning"] == '299 - "look \\"out\\""'
+
     assert created.spec.volumes[0].name.startswith("kube-api-access-")  # the ServiceAccount plugin ran first
     with pytest.raises(ApiException) as exc:
         core.create_namespaced_pod("default", {**pod, "metadata": {"name": "denied"}})

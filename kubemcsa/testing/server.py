@@ -95,6 +95,12 @@ class Route:
         )
 
 
+def _warning_header(text: str) -> str:
+    """A Warning header as kube-apiserver writes it: `299 - "text"` (one line, quotes escaped)."""
+    clean = " ".join(text.split()).replace("\\", "\\\\").replace('"', '\\"')
+    return f'299 - "{clean}"'
+
+
 def _not_found() -> StatusError:
     return StatusError(404, "NotFound", "the server could not find the requested resource", {})
 
@@ -136,7 +142,7 @@ class _Connection(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
-    def send_json(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    def send_json(self, code: int, body: Any, headers: list[tuple[str, str]] | None = None) -> None:
         payload = json.dumps(body, separators=(",", ":")).encode()
         head = [
             f"HTTP/1.1 {code} {self.responses.get(code, ('',))[0]}",
@@ -145,7 +151,7 @@ class _Connection(BaseHTTPRequestHandler):
             "Cache-Control: no-cache, private",
             f"Audit-Id: {secrets.token_hex(8)}",
         ]
-        for key, value in (headers or {}).items():
+        for key, value in headers or ():
             head.append(f"{key}: {value}")
         if self.close_connection:
             head.append("Connection: close")
@@ -239,6 +245,7 @@ class ApiServer:
         self._requests_lock = threading.Lock()
         self._bootstrapped = False
         self._stopping = threading.Event()
+        self._request_local = threading.local()  # per-request state: the admission warnings to send back
 
     def __repr__(self) -> str:
         return f"ApiServer(name={self.name!r}, url={self.url if self._port else None!r})"
@@ -458,7 +465,8 @@ class ApiServer:
             user=user or ADMIN,
             dry_run=dry_run,
         )
-        return admission.run_mutating_webhooks(configs, attrs, resolve_service=self.resolve_service)
+        warnings = getattr(self._request_local, "warnings", None)
+        return admission.run_mutating_webhooks(configs, attrs, resolve_service=self.resolve_service, warnings=warnings)
 
     # Requests -------------------------------------------------------------------------------------
 
@@ -482,6 +490,8 @@ class ApiServer:
         query = parse_qs(split.query, keep_blank_values=True)
         user: UserInfo | None = None
         route: Route | None = None
+        warnings: list[str] = []
+        self._request_local.warnings = warnings
         try:
             body = self._read_body(conn)
             assert self._auth is not None
@@ -513,7 +523,7 @@ class ApiServer:
             code, result = 500, errors.internal(type(exc).__name__).to_status()
         self._record(user, route, path, conn.command.lower(), code)
         with contextlib.suppress(OSError, ssl.SSLError):
-            conn.send_json(code, result)
+            conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings])
 
     def _read_body(self, conn: _Connection) -> bytes | None:
         if conn.headers.get("Transfer-Encoding", "").lower() == "chunked":
