@@ -865,14 +865,17 @@ def _decode_continue(token: str) -> tuple[int, list[str]]:
 
 
 def _crd_status(crd: Obj) -> Obj:
-    """A CRD's status once established (the in-memory server accepts names at once)."""
-    names = dict((crd.get("spec") or {}).get("names") or {})
-    stamp = ((crd.get("status") or {}).get("conditions") or [{}])[0].get("lastTransitionTime") or now_rfc3339()
-    versions = [v.get("name") for v in (crd.get("spec") or {}).get("versions") or [] if isinstance(v, dict)]
-    storage = [
-        v.get("name") for v in (crd.get("spec") or {}).get("versions") or [] if isinstance(v, dict) and v.get("storage")
-    ]
-    del versions
+    """A CRD's status once established (the in-memory server accepts names at once).
+
+    storedVersions keeps every version ever used for storage, as kube does, until someone edits the status.
+    """
+    status = _dict(crd.get("status"))
+    names = dict(_dict(_dict(crd.get("spec")).get("names")))
+    conditions = _list(status.get("conditions"))
+    stamp = _dict(conditions[0] if conditions else None).get("lastTransitionTime") or now_rfc3339()
+    storage = [str(v.get("name")) for v in _list(_dict(crd.get("spec")).get("versions")) if _dict(v).get("storage")]
+    stored = [v for v in _list(status.get("storedVersions")) if isinstance(v, str)]
+    storage = stored + [v for v in storage if v not in stored]
     return {
         "acceptedNames": names,
         "conditions": [

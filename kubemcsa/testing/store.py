@@ -203,14 +203,13 @@ class Store:
         """Forget a whole storage (a CRD's objects once it is deleted); returns the removed objects."""
         removed = []
         with self.lock:
-            for ns, objs in sorted(self._objects.get(storage_key, {}).items()):
+            for _, objs in sorted(self._objects.get(storage_key, {}).items()):
                 for name in sorted(objs):
                     current = objs[name]
                     self._index(storage_key, None, current)
                     gone = self._with_rv(current, self._next_rv())
                     self._emit(Event(self._rv, storage_key, "DELETED", gone, current))
                     removed.append(gone)
-                del ns
             self._objects.pop(storage_key, None)
         return removed
 
