@@ -62,6 +62,24 @@ def status_of(exc: pytest.ExceptionInfo[ApiException]) -> dict[str, Any]:
     return json.loads(exc.value.body)
 
 
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.com"},
+    "spec": {
+        "group": "example.com",
+        "scope": "Namespaced",
+        "names": {"plural": "widgets", "singular": "widget", "kind": "Widget"},
+        "versions": [{
+            "name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {"type": "object", "properties": {
+                "spec": {"type": "object", "required": ["size"], "properties": {
+                    "size": {"type": "integer", "minimum": 1}, "color": {"type": "string"}}}}}},
+        }],
+    },
+}  # fmt: skip
+
+
 @pytest.fixture
 def core(cluster1: ApiServer) -> client.CoreV1Api:
     return client.CoreV1Api(cluster1.admin_client())
@@ -401,8 +419,6 @@ def test_a_no_op_update_does_not_bump_the_resource_version(core) -> None:
 
 
 def test_custom_resource_update_needs_a_resource_version(cluster1: ApiServer) -> None:
-    from tests.test_testing_server import CRD
-
     client.ApiextensionsV1Api(cluster1.admin_client()).create_custom_resource_definition(CRD)
     custom = client.CustomObjectsApi(cluster1.admin_client())
     body = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}, "spec": {"size": 1}}
@@ -616,8 +632,6 @@ def test_kubectl_works_against_the_server(cluster1: ApiServer, tmp_path) -> None
     assert got["data"] == {"a": "c"} and got["metadata"]["labels"] == {"x": "y"}
     assert got["metadata"]["annotations"]["z"] == "w"
     assert "k" in kubectl("get", "cm")
-    from tests.test_testing_server import CRD
-
     kubectl("apply", "-f", "-", stdin=json.dumps(CRD))
     kubectl("wait", "--for=condition=established", "crd/widgets.example.com", "--timeout=20s")
     kubectl("create", "-f", "-", stdin=json.dumps(
