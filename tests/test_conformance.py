@@ -515,6 +515,8 @@ def test_watch_from_a_too_old_resource_version_is_410_gone(kube: Kube, ns: str) 
         kube.core.create_namespaced_config_map(ns, {"metadata": {"name": f"fill-{i}"}})
     code, text = kube.raw("GET", f"/api/v1/namespaces/{ns}/configmaps?watch=true&resourceVersion=1&timeoutSeconds=5")
     first = json.loads(text.splitlines()[0]) if isinstance(text, str) else text
+    if REAL_KUBECONFIG and first["type"] != "ERROR":
+        pytest.skip("this cluster has not compacted etcd since it started (kube does every 5 minutes); run again later")
     assert code == 200 and first["type"] == "ERROR"
     assert first["object"]["code"] == 410 and first["object"]["reason"] == "Expired"
 
