@@ -17,13 +17,14 @@ import secrets
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
+
+from kubemcsa.testing.wait import wait_for as shared_wait_for
 
 pytestmark = pytest.mark.realcluster
 
@@ -89,15 +90,9 @@ def kube(api_server_factory: Callable[..., Any], tmp_path: Any) -> Kube:
     return kube
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
+def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
+    """A real cluster may take longer than the in-memory one (namespace deletion, token controller)."""
+    return shared_wait_for(condition, timeout=timeout)
 
 
 def gone(read: Callable[[], Any]) -> bool:

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -27,17 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.testing import ApiServer
 from kubemcsa.testing.tls import make_serving_certs
-
-
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
+from kubemcsa.testing.wait import wait_for
 
 
 def raw(server: ApiServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,

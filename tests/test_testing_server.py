@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.testing import ApiServer
-
-
-def wait_for(condition, timeout: float = 10.0, interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(interval)
 
 
 @pytest.fixture
