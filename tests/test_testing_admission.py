@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
-import ipaddress
 import json
 import ssl
 import tempfile
@@ -16,13 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from certs import tls
 from kubemcsa.testing import admission
 from kubemcsa.testing.admission import AdmissionAttributes, run_mutating_webhooks
 from kubemcsa.testing.errors import StatusError
@@ -52,72 +47,6 @@ FIXTURE = {
 # --- a throwaway PKI and an HTTPS webhook -------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def make_serving_cert(
-    ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, dns_names: list[str]
-) -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
-    sans.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("webhook"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 Handler = Callable[[dict[str, Any]], Any]  # review -> response review (dict), or (status, bytes)
 
 
@@ -125,8 +54,8 @@ class Webhook:
     """An HTTPS server whose answer per path is a function of the AdmissionReview it receives."""
 
     def __init__(self, dns_names: list[str]) -> None:
-        self.ca_key, self.ca_cert = make_ca("webhook-ca")
-        cert_pem, key_pem = make_serving_cert(self.ca_key, self.ca_cert, dns_names)
+        self.ca_pem, ca_key_pem = tls.make_ca("webhook-ca")
+        cert_pem, key_pem = tls.make_serving_cert(self.ca_pem, ca_key_pem, dns_names, ["127.0.0.1"])
         self.handlers: dict[str, Handler] = {}
         self.calls: list[dict[str, Any]] = []
         self.release = threading.Event()  # ends the handlers that hang, at teardown
@@ -167,7 +96,7 @@ class Webhook:
 
     @property
     def ca_bundle(self) -> str:
-        return base64.b64encode(self.ca_cert.public_bytes(serialization.Encoding.PEM)).decode()
+        return base64.b64encode(self.ca_pem).decode()
 
     def url(self, path: str) -> str:
         return f"https://127.0.0.1:{self.port}{path}"
@@ -408,9 +337,9 @@ def test_bad_responses_are_call_failures(hook: Webhook) -> None:
 
 def test_tls_is_verified_against_the_ca_bundle_and_the_host(hook: Webhook) -> None:
     hook.handlers["/mutate"] = add_label("a", "b")
-    _, other_ca = make_ca("someone-else")
+    other_ca_pem, _ = tls.make_ca("someone-else")
     wrong_ca = on(hook, "/mutate", name="w.example.com")
-    wrong_ca["clientConfig"]["caBundle"] = base64.b64encode(other_ca.public_bytes(serialization.Encoding.PEM)).decode()
+    wrong_ca["clientConfig"]["caBundle"] = base64.b64encode(other_ca_pem).decode()
     status = status_of(lambda: run([config("c", wrong_ca)]))
     assert "x509: certificate signed by unknown authority" in status["message"]
     no_bundle = on(hook, "/mutate", name="n.example.com")
