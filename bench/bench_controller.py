@@ -5,12 +5,16 @@
 - API calls per import on the two clusters together, by verb;
 - API calls by the controller during a steady-state window (leader election renewals shown apart).
 
-Usage: python bench/bench_controller.py [--imports 1000] [--workers 4] [--window 5]
+Each in-memory API server runs in a process of its own, as a real API server is not in the controller's
+process; --in-process puts them in the benchmark's process (all of it then shares one GIL).
+
+Usage: python bench/bench_controller.py [--imports 1000] [--workers 4] [--window 5] [--in-process]
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -34,6 +38,62 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 CONTROLLER_SA = "service-account-import-controller"
 
 
+def _serve(name: str, conn) -> None:
+    """Child process: run one ApiServer and answer the parent's method calls over a pipe until told to stop."""
+    server = ApiServer(name=name).start()
+    conn.send(None)
+    while True:
+        method, args, kwargs = conn.recv()
+        if method == "stop":
+            server.stop()
+            conn.send(None)
+            return
+        value = server.requests if method == "requests" else getattr(server, method)(*args, **kwargs)
+        conn.send(value)
+
+
+class ServerProcess:
+    """The part of ApiServer's interface this benchmark uses, for a server running in another process."""
+
+    def __init__(self, name: str) -> None:
+        self._conn, child = multiprocessing.Pipe()
+        self._process = multiprocessing.get_context("spawn").Process(target=_serve, args=(name, child), daemon=True)
+        self._process.start()
+        self._conn.recv()
+
+    def _call(self, method: str, *args, **kwargs):
+        self._conn.send((method, args, kwargs))
+        return self._conn.recv()
+
+    @property
+    def requests(self):
+        return self._call("requests")
+
+    def reset_requests(self) -> None:
+        self._call("reset_requests")
+
+    def issue_token(self, *args, **kwargs) -> str:
+        return self._call("issue_token", *args, **kwargs)
+
+    def write_kubeconfig(self, *args, **kwargs) -> str:
+        return self._call("write_kubeconfig", *args, **kwargs)
+
+    def client_for_token(self, token: str):
+        from kubernetes import config
+
+        return config.new_client_from_config_dict(self._call("kubeconfig", token=token))
+
+    def admin_client(self):
+        return self.client_for_token(self._call("kubeconfig")["users"][0]["user"]["token"])
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call("stop")
+        self._process.join(10)
+
+
 def create(client, obj):
     try:
         return kube.Resource(client, kube.resource_type_of(obj)).create(obj, obj["metadata"].get("namespace"))
@@ -43,7 +103,7 @@ def create(client, obj):
         return None
 
 
-def setup(c1: ApiServer, c2: ApiServer, tmp: str):
+def setup(c1, c2, tmp: str):
     admin1, admin2 = c1.admin_client(), c2.admin_client()
     for path in (
         "crd/serviceaccountimports.yaml",
@@ -115,9 +175,13 @@ def main() -> int:
     parser.add_argument("--single", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument("--in-process", action="store_true", help="run the API servers in this process")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp, ApiServer(name="cluster1") as c1, ApiServer(name="cluster2") as c2:
+    server = ApiServer if args.in_process else ServerProcess
+    where = "in the benchmark's process" if args.in_process else "each in its own process"
+    print(f"two in-memory API servers, {where}; the controller with {args.workers} workers")
+    with tempfile.TemporaryDirectory() as tmp, server(name="cluster1") as c1, server(name="cluster2") as c2:
         admin1, local, source = setup(c1, c2, tmp)
         controller_user = f"system:serviceaccount:{SYSTEM_NS}:{CONTROLLER_SA}"
         remote_user = "system:serviceaccount:default:import-controller"
@@ -181,7 +245,7 @@ def main() -> int:
         )
         time.sleep(1.0)  # let the last status writes' watch events be reconciled before counting
 
-        def calls(server: ApiServer, user: str) -> Counter:
+        def calls(server, user: str) -> Counter:
             return Counter(
                 f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}"
                 for r in server.requests
