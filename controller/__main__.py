@@ -22,6 +22,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--namespace", help="watch only this namespace (default: all)")
     parser.add_argument("--system-namespace", default=api.SYSTEM_NAMESPACE, help="namespace of the Lease and sources")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    parser.add_argument(
+        "--workers", type=int, default=4, help="imports reconciled at once; raise it for slow source clusters"
+    )
     parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--identity", help="leader election identity (default: hostname and a random suffix)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -30,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.workers < 1:
+        print("kubemcsa-controller: --workers must be at least 1.", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -58,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         leader_election=args.leader_election,
         identity=args.identity,
         metrics_port=args.metrics_port,
+        workers=args.workers,
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
