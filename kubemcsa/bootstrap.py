@@ -131,13 +131,14 @@ def rbac_name_for_target(target_name: str) -> str:
 
 
 def controller_rules(legacy_tokens: bool) -> list[JSON]:
-    """The least the target's controller needs in the source: read service accounts and request their tokens."""
-    rules: list[JSON] = [
-        {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},
-        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]},
-    ]
+    """The least the target's controller needs in the source: request service accounts' tokens.
+
+    Legacy long-lived tokens live in Secrets the controller creates and reads back; while one stays empty, the
+    controller reads the service account to tell a missing account from a slow token controller.
+    """
+    rules: list[JSON] = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
     if legacy_tokens:
-        # Legacy long-lived tokens live in Secrets the controller creates and reads back.
+        rules.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
         rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]})
     return rules
 

@@ -60,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the controller of a target cluster import service accounts from a source cluster",
         description=(
             "In the source cluster, create the namespace multicluster-service-account, a service account named "
-            "after the target cluster and the least RBAC the controller needs (request tokens, read service "
-            "accounts). In the target cluster, create a ServiceAccountImport named after the source cluster for that "
+            "after the target cluster and the least RBAC the controller needs (request service accounts' tokens). "
+            "In the target cluster, create a ServiceAccountImport named after the source cluster for that "
             "service account, and its first Secret, so that the controller reaches the source at once. Running it "
             "again changes nothing and says so."
         ),
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument(
         "--legacy-tokens",
         action="store_true",
-        help="also let the controller create and read legacy token Secrets in the source (clusters before 1.22)",
+        help="also let the controller read service accounts and create and read legacy token Secrets in the source "
+        "(clusters before 1.22)",
     )
     boot.add_argument(
         "--wait",

@@ -40,7 +40,7 @@ def test_plan_cluster_wide() -> None:
     }
     rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
     granted = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("serviceaccounts", "get"), ("serviceaccounts/token", "create")}
+    assert granted == {("serviceaccounts/token", "create")}
     binding = by_kind(plan.source, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cluster1", "namespace": api.SYSTEM_NAMESPACE}]
     assert binding["roleRef"]["name"] == plan.rbac_name
