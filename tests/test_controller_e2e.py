@@ -642,3 +642,38 @@ def test_main_serves_metrics_and_stops_on_sigterm(env: Env) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _granted(*paths: Path) -> set[tuple[str, str, str]]:
+    """(verb, resource, subresource) for every rule of the controller's RBAC manifests."""
+    granted = set()
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc["kind"] in ("ClusterRole", "Role"):
+                for rule in doc["rules"]:
+                    for resource in rule["resources"]:
+                        name, _, sub = resource.partition("/")
+                        granted |= {(verb, name, sub) for verb in rule["verbs"]}
+    return granted
+
+
+def test_every_permission_in_the_manifests_is_one_the_controller_uses(make_env) -> None:
+    """Least privilege, the other way round from the tests above: nothing is granted that the code never calls."""
+    env = make_env(max_token_expiration_seconds=4)
+    env.c1.reset_requests()
+
+    def controller_calls() -> set[tuple[str, str, str]]:
+        return {(r.verb, r.resource, r.subresource) for r in env.c1.requests if r.user == env.controller_user}
+
+    env.start_controller(leader_election=True)
+    env.create_import("used")
+    env.wait_ready("used")
+    wait_for(lambda: ("update", "secrets", "") in controller_calls(), what="a token refresh (Secret update)")
+    env.create_import("broken", clusterName="nowhere")
+    env.wait_ready("broken", status="False", reason=api.REASON_UNKNOWN_CLUSTER)
+    wait_for(lambda: ("create", "events", "") in controller_calls(), what="a Warning event")
+    refused = [(r.verb, r.path) for r in env.c1.requests if r.user == env.controller_user and r.code in (401, 403)]
+    assert not refused
+    granted = _granted(MANIFESTS / "controller" / "rbac.yaml")
+    # The one exception, documented in the manifest: an admission plugin of some clusters checks it.
+    assert granted - controller_calls() == {("update", "serviceaccountimports", "finalizers")}
