@@ -312,14 +312,17 @@ class SourceRegistry:
         return self._replace(ORIGIN_MOUNTED, sources, errors)
 
     # --- system namespace Secrets ----------------------------------------------------------------------------------
+    def _secret_origin(self, secret: dict[str, Any]) -> tuple[str | None, dict[str, SourceCluster], dict[str, str]]:
+        """The cluster name a system-namespace Secret stands for, and copies of that origin's sources and errors."""
+        name = ((secret.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
+        with self._lock:
+            return name, dict(self._by_origin[ORIGIN_SECRET]), dict(self._errors[ORIGIN_SECRET])
+
     def set_secret(self, secret: dict[str, Any]) -> set[str]:
         """Add or update the cluster an import Secret of the system namespace gives; return changed names."""
-        name = ((secret.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
+        name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()
-        with self._lock:
-            sources = dict(self._by_origin[ORIGIN_SECRET])
-            errors = dict(self._errors[ORIGIN_SECRET])
         try:
             creds = from_secret_data(secret.get("data"), where=f"Secret {secret['metadata'].get('name')}")
         except CredentialsError as exc:
@@ -331,12 +334,9 @@ class SourceRegistry:
         return self._replace(ORIGIN_SECRET, sources, errors)
 
     def remove_secret(self, secret: dict[str, Any]) -> set[str]:
-        name = ((secret.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
+        name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()
-        with self._lock:
-            sources = dict(self._by_origin[ORIGIN_SECRET])
-            errors = dict(self._errors[ORIGIN_SECRET])
         sources.pop(name, None)
         errors.pop(name, None)
         return self._replace(ORIGIN_SECRET, sources, errors)
