@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import yaml
 
-from kubemcsa.testing import errors, openapi, patch, protobuf, rbac, tokens
+from kubemcsa.testing import errors, openapi, patch, protobuf, rbac, table, tokens
 from kubemcsa.testing.auth import ADMIN, Authenticator
 from kubemcsa.testing.cluster import Cluster
 from kubemcsa.testing.controllers import Controllers
@@ -508,6 +508,14 @@ class ApiServer:
                 self._serve_watch(conn, route, query, lambda: self._record(user, route, path, "watch", 200))
                 return
             code, result = self._serve(conn, route, query, body, user)
+            info = route.info
+            if (
+                code == 200
+                and info is not None
+                and route.verb in ("get", "list")
+                and table.wants_table(conn.headers.get("Accept"))
+            ):
+                result = table.to_table(result, self._printer_columns(info), custom=info.custom)
         except _Plain as plain:
             # Recorded before answering, so that a client that got its answer finds its request recorded.
             self._record(user, route, path, conn.command.lower(), 200)
@@ -524,6 +532,18 @@ class ApiServer:
         self._record(user, route, path, conn.command.lower(), code)
         with contextlib.suppress(OSError, ssl.SSLError):
             conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings])
+
+    def _printer_columns(self, info: ResourceInfo) -> list[dict[str, Any]] | None:
+        """A custom resource's additionalPrinterColumns, from its CRD (None for built-in resources)."""
+        if not info.custom:
+            return None
+        crd = self.cluster.store.get(
+            "apiextensions.k8s.io/customresourcedefinitions", "", f"{info.plural}.{info.group}"
+        )
+        for version in ((crd or {}).get("spec") or {}).get("versions") or []:
+            if version.get("name") == info.version:
+                return version.get("additionalPrinterColumns") or None
+        return None
 
     def _read_body(self, conn: _Connection) -> bytes | None:
         if conn.headers.get("Transfer-Encoding", "").lower() == "chunked":
