@@ -37,10 +37,6 @@ class WorkQueue:
         with self._cond:
             return len(self._queue)
 
-    @property
-    def shutting_down(self) -> bool:
-        return self._shutting_down
-
     def add(self, key: str) -> None:
         """Queue `key` now (a no-op if it is already queued)."""
         with self._cond:

@@ -58,11 +58,10 @@ class IssuedToken:
 
 @dataclass(frozen=True)
 class RemoteFailure:
-    """Why a token could not be obtained; `retry_after` overrides the worker's backoff (seconds)."""
+    """Why a token could not be obtained."""
 
     reason: str
     message: str
-    retry_after: float | None = None
 
 
 @dataclass
@@ -75,7 +74,7 @@ class Decision:
     create_secret: bool = False  # True: create it; False: replace the existing one
     status: dict[str, Any] | None = None  # the new status, only if it differs from the current one
     requeue_at: float | None = None
-    failed: bool = False  # the worker backs off (unless failure.retry_after says when)
+    failed: bool = False  # the worker backs off
     failure: RemoteFailure | None = None
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     remember: IssuedToken | None = None  # a token recovered from the Secret, to keep in memory

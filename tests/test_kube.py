@@ -80,3 +80,23 @@ def test_informer_follows_changes_and_relists_after_the_api_server_comes_back(cl
     finally:
         informer.stop()
     assert {m["metadata"]["name"] for m in informer.list()} >= {"added", "after-restart"}
+
+
+def test_a_403_names_the_missing_role_a_binding_points_at(cluster1):
+    """kube-apiserver appends "RBAC: clusterrole ... not found" when a user's binding references no role."""
+    admin = cluster1.admin_client()
+    kube.Resource(admin, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "orphan"}}, "default")
+    kube.Resource(admin, kube.ROLE_BINDINGS).create(
+        {
+            "metadata": {"name": "orphan", "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "nonexistent"},
+            "subjects": [{"kind": "ServiceAccount", "name": "orphan", "namespace": "default"}],
+        }
+    )
+    as_orphan = cluster1.client_for_token(cluster1.issue_token("default", "orphan"))
+    with pytest.raises(ApiException) as info:
+        kube.Resource(as_orphan, kube.SECRETS).list("default")
+    assert info.value.status == 403
+    assert kube.error_message(info.value).endswith(
+        'in the namespace "default": RBAC: clusterrole.rbac.authorization.k8s.io "nonexistent" not found'
+    )

@@ -31,7 +31,6 @@ RESULT_BAD_REQUEST = "bad_request"
 RESULT_ERROR = "error"
 
 REASON_NOT_A_POD = "NotAPod"
-REASON_INVALID_REQUEST = "InvalidRequest"
 REASON_INTERNAL = "InternalError"
 
 _STATUS_REASONS = {400: "BadRequest", 403: "Forbidden", 500: "InternalError", 503: "ServiceUnavailable"}

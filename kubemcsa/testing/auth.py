@@ -84,15 +84,15 @@ class Authenticator:
             bindings = self.store.list("rbac.authorization.k8s.io/rolebindings", namespace)[0] if namespace else []
             cluster_roles = self.store.list("rbac.authorization.k8s.io/clusterroles")[0]
             cluster_bindings = self.store.list("rbac.authorization.k8s.io/clusterrolebindings")[0]
-        allowed = rbac.authorize(
-            user,
-            attrs,
-            roles=roles,
-            cluster_roles=cluster_roles,
-            role_bindings=bindings,
-            cluster_role_bindings=cluster_bindings,
-        )
-        if not allowed:
+        policy = {
+            "roles": roles,
+            "cluster_roles": cluster_roles,
+            "role_bindings": bindings,
+            "cluster_role_bindings": cluster_bindings,
+        }
+        if not rbac.authorize(user, attrs, **policy):
+            # kube names the roles a user's bindings point at but that do not exist: a common misconfiguration.
+            reason = rbac.missing_role_reasons(user, attrs, **policy)
             raise errors.StatusError(
-                403, "Forbidden", rbac.forbidden_message(user, attrs), rbac.forbidden_details(attrs)
+                403, "Forbidden", rbac.forbidden_message(user, attrs, reason), rbac.forbidden_details(attrs)
             )

@@ -16,7 +16,6 @@ from kubemcsa.testing.errors import StatusError
 JSON_PATCH = "application/json-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_PATCH = "application/strategic-merge-patch+json"
-APPLY_PATCH = "application/apply-patch+yaml"
 PATCH_TYPES = (JSON_PATCH, MERGE_PATCH, STRATEGIC_PATCH)
 
 # field name -> merge key, for lists merged by key in strategic merge patch (wherever they appear).

@@ -20,7 +20,6 @@ MAGIC = b"k8s\x00"
 # strings), "bmap" (map of bytes), a nested schema dict, or a one-item list of any of these for repeated fields.
 Schema = dict[int, tuple[str, Any]]
 
-TIME: Schema = {1: ("seconds", "int"), 2: ("nanos", "int")}
 OWNER_REFERENCE: Schema = {
     1: ("kind", "string"), 3: ("name", "string"), 4: ("uid", "string"), 5: ("apiVersion", "string"),
     6: ("controller", "bool"), 7: ("blockOwnerDeletion", "bool"),

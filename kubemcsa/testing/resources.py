@@ -295,14 +295,6 @@ class Registry:
     def lookup(self, group: str, version: str, plural: str) -> ResourceInfo | None:
         return self._by_gvr.get((group, version, plural))
 
-    def by_kind(self, api_version: str, kind: str) -> ResourceInfo | None:
-        group, _, version = api_version.rpartition("/")
-        with self._lock:
-            for info in self._by_gvr.values():
-                if info.group == group and info.version == version and info.kind == kind:
-                    return info
-        return None
-
     def set_crd(self, crd: dict[str, Any]) -> None:
         """Serve (or re-serve, after an update) the resources of a CRD."""
         name = crd["metadata"]["name"]
