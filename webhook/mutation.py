@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kubemcsa import api
@@ -50,11 +50,15 @@ class Decision:
     """Allow (with RFC 6902 operations, possibly none) or refuse (with a reason and a message for the user)."""
 
     allowed: bool
-    patch: list[dict[str, Any]] = field(default_factory=list)
     reason: str = ""
     message: str = ""
-    # `patch` already serialized (compact JSON), when the decision could do it faster than a generic encoder.
-    patch_json: str | None = field(default=None, compare=False, repr=False)
+    # The operations as compact JSON, assembled from cached fragments: what the answer carries (hot path).
+    patch_json: str = "[]"
+
+    @property
+    def patch(self) -> list[dict[str, Any]]:
+        """The operations as data."""
+        return json.loads(self.patch_json)
 
 
 ALLOW = Decision(allowed=True)
@@ -175,7 +179,7 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
     spec = pod.get("spec")
     if not isinstance(spec, Mapping):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
-    operations: list[dict[str, Any]] = []
+    operations: list[str] = []  # each one compact JSON
 
     volumes = spec.get("volumes")
     if volumes is not None and not isinstance(volumes, list):
@@ -185,31 +189,25 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
         v["name"]: v for v in volumes or () if isinstance(v, Mapping) and isinstance(v.get("name"), str)
     }
     new_volumes = []
-    new_volume_json = []
     for name in names:
-        wanted = _volume_for(name)
-        existing = existing_volumes.get(wanted["name"])
+        volume_name, secret_name, _ = _names_for(name)
+        existing = existing_volumes.get(volume_name)
         if existing is None:
-            new_volumes.append(wanted)
-            new_volume_json.append(_fragments_for(name)[0])
+            new_volumes.append(_fragments_for(name)[0])
             continue
         secret = existing.get("secret")
-        if not (isinstance(secret, Mapping) and secret.get("secretName") == wanted["secret"]["secretName"]):
+        if not (isinstance(secret, Mapping) and secret.get("secretName") == secret_name):
             return refuse(
                 REASON_VOLUME_CONFLICT,
-                f'The pod already has a volume named "{wanted["name"]}" that is not the Secret of '
+                f'The pod already has a volume named "{volume_name}" that is not the Secret of '
                 f'ServiceAccountImport "{name}"; rename that volume, the name is reserved for the import.',
             )
-    encoded: list[str] = []
     if new_volumes:
         if volumes is None:
-            operations.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
-            encoded.append(_add("/spec/volumes", f"[{','.join(new_volume_json)}]"))
+            operations.append(_add("/spec/volumes", f"[{','.join(new_volumes)}]"))
         else:
-            operations.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
-            encoded.extend(_add("/spec/volumes/-", v) for v in new_volume_json)
+            operations.extend(_add("/spec/volumes/-", v) for v in new_volumes)
 
-    wanted_mounts = [(_mount_for(name), _fragments_for(name)[1]) for name in names]
     for field_name in _CONTAINER_FIELDS:
         containers = spec.get(field_name)
         if containers is None:
@@ -231,24 +229,21 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
                 if isinstance(m, Mapping) and isinstance(m.get("mountPath"), str)
             }
             new_mounts = []
-            new_mount_json = []
-            for mount, mount_json in wanted_mounts:
-                if mount["mountPath"] not in by_path:
-                    new_mounts.append(mount)
-                    new_mount_json.append(mount_json)
-                elif (present := by_path[mount["mountPath"]]) != mount["name"]:
+            for name in names:
+                volume_name, _, mount_path = _names_for(name)
+                if mount_path not in by_path:
+                    new_mounts.append(_fragments_for(name)[1])
+                elif (present := by_path[mount_path]) != volume_name:
                     return refuse(
                         REASON_MOUNT_CONFLICT,
                         f'Container "{container.get("name")}" already mounts volume "{present}" at '
-                        f"{mount['mountPath']}; remove that mount, the path is reserved for the import's credentials.",
+                        f"{mount_path}; remove that mount, the path is reserved for the import's credentials.",
                     )
             if not new_mounts:
                 continue
             base = f"/spec/{field_name}/{index}/volumeMounts"
             if mounts is None:
-                operations.append({"op": "add", "path": base, "value": new_mounts})
-                encoded.append(_add(base, f"[{','.join(new_mount_json)}]"))
+                operations.append(_add(base, f"[{','.join(new_mounts)}]"))
             else:
-                operations.extend({"op": "add", "path": f"{base}/-", "value": m} for m in new_mounts)
-                encoded.extend(_add(f"{base}/-", m) for m in new_mount_json)
-    return Decision(allowed=True, patch=operations, patch_json=f"[{','.join(encoded)}]")
+                operations.extend(_add(f"{base}/-", m) for m in new_mounts)
+    return Decision(allowed=True, patch_json=f"[{','.join(operations)}]")

@@ -66,10 +66,10 @@ def _respond(api_version: str, uid: str, response: dict[str, Any]) -> bytes:
     return _dumps({"apiVersion": api_version, "kind": KIND, "response": response}).encode()
 
 
-def _allow(api_version: str, uid: str, patch: list[dict[str, Any]], patch_json: str | None = None) -> Answer:
-    if not patch:
+def _allow(api_version: str, uid: str, patch_json: str = "[]") -> Answer:
+    if patch_json == "[]":
         return Answer(200, _respond(api_version, uid, {"allowed": True}), RESULT_ALLOWED)
-    encoded = base64.b64encode((patch_json if patch_json is not None else _dumps(patch)).encode())
+    encoded = base64.b64encode(patch_json.encode())
     # Formatted by hand: the base64 text needs no escaping, and a generic encoder would scan it all (hot path).
     body = (
         f'{{"apiVersion":"{api_version}","kind":"{KIND}","response":{{"uid":{_dumps(uid)},"allowed":true,'
@@ -142,10 +142,10 @@ def review(body: bytes, lookup: mutation.ImportLookup) -> Answer:
 
 def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup: mutation.ImportLookup) -> Answer:
     if request.get("operation") != "CREATE":
-        return _allow(api_version, uid, [])
+        return _allow(api_version, uid)
     if request.get("subResource"):
         # pods/binding, pods/eviction, ...: not a pod being created, not ours to judge.
-        return _allow(api_version, uid, [])
+        return _allow(api_version, uid)
     group, kind = _group_kind(request.get("kind"))
     pod = request.get("object")
     if (
@@ -168,6 +168,6 @@ def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup:
         namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
     decision = mutation.decide(pod, namespace if isinstance(namespace, str) else "", lookup)
     if decision.allowed:
-        return _allow(api_version, uid, decision.patch, decision.patch_json)
+        return _allow(api_version, uid, decision.patch_json)
     code = 400 if decision.reason == mutation.REASON_INVALID_POD else 403
     return _refuse(api_version, uid, decision.reason, decision.message, code=code)
