@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         client = kube.local_api_client(args.kubeconfig)
-    except (kube_config.ConfigException, OSError) as exc:
+    except (kube_config.ConfigException, OSError, ValueError) as exc:
         print(
             f"kubemcsa-controller: cannot load the local cluster's configuration ({exc}); "
             "pass --kubeconfig or run in a pod.",

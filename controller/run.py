@@ -21,7 +21,7 @@ from controller import reconcile as rc
 from controller.leader import LeaderElector
 from controller.metrics import HealthServer, Metrics
 from controller.queue import WorkQueue
-from controller.sources import SourceCluster, SourceRegistry
+from controller.sources import SourceCluster, SourceRegistry, client_error_message
 from controller.spec import ImportSpec
 from kubemcsa import api, kube
 from kubemcsa.timefmt import format_time
@@ -418,8 +418,7 @@ class Controller:
             raise TokenFailure(
                 rc.RemoteFailure(
                     api.REASON_REMOTE_ERROR,
-                    f"The controller cannot build a client for cluster {source.name} from its {source.origin} "
-                    f"({type(exc).__name__}); fix that configuration.",
+                    client_error_message(source, exc),
                 )
             ) from None
         try:

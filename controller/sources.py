@@ -11,8 +11,6 @@ credentials change. `refresh_files` returns the names whose credentials changed,
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -24,11 +22,17 @@ from typing import Any
 
 import yaml
 from kubernetes.client import ApiClient, Configuration
-from kubernetes.config.kube_config import new_client_from_config_dict
 
 from controller.reconcile import Remote
 from kubemcsa import api
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
+from kubemcsa.kubeconfig import (
+    ConfigError,
+    absolutize,
+    api_client_for,
+    referenced_files,
+    resolve_context,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,23 @@ def client_for_credentials(creds: Credentials) -> ApiClient:
     return ApiClient(config)
 
 
+def client_error_message(source: SourceCluster, exc: Exception) -> str:
+    """Why no client could be built for `source`, in one sentence for the import's condition (never a secret).
+
+    A failure of the controller's own filesystem says so: the configuration it came from is not to blame.
+    """
+    where = f"The controller cannot build a client for cluster {source.name}"
+    if isinstance(exc, CredentialsError):
+        return f"{where} from its {source.origin}: {exc}"
+    if isinstance(exc, OSError):
+        detail = exc.strerror or type(exc).__name__
+        return (
+            f"{where}: its local filesystem refused ({detail}), which is no fault of the {source.origin}; "
+            "give the controller's pod a writable /tmp (an emptyDir) or report it."
+        )
+    return f"{where} from its {source.origin} ({type(exc).__name__}); fix that configuration."
+
+
 def source_from_credentials(name: str, origin: str, creds: Credentials) -> SourceCluster:
     return SourceCluster(
         name=name,
@@ -79,101 +100,37 @@ def source_from_credentials(name: str, origin: str, creds: Credentials) -> Sourc
     )
 
 
-def _named(entries: Any, name: str) -> dict[str, Any]:
-    for entry in entries or []:
-        if isinstance(entry, dict) and entry.get("name") == name:
-            return entry
-    return {}
-
-
 def sources_from_kubeconfig(config: dict[str, Any], base_dir: str) -> tuple[dict[str, SourceCluster], dict[str, str]]:
-    """Source clusters named after the contexts of a kubeconfig dict, and errors for contexts that are unusable."""
+    """Source clusters named after the contexts of a kubeconfig dict, and errors for contexts that are unusable.
+
+    Read by kubemcsa.kubeconfig, as every kubeconfig of the project: paths relative to `base_dir`, the CA kept in
+    memory, a tokenFile followed when it rotates.
+    """
+    config = absolutize(config, base_dir)
     sources: dict[str, SourceCluster] = {}
     errors: dict[str, str] = {}
     for ctx in config.get("contexts") or []:
         if not isinstance(ctx, dict) or not isinstance(ctx.get("name"), str):
             continue
         name = ctx["name"]
-        context = ctx.get("context") or {}
-        cluster = _named(config.get("clusters"), context.get("cluster", "")).get("cluster") or {}
-        user = _named(config.get("users"), context.get("user", "")).get("user") or {}
-        server = str(cluster.get("server") or "")
-        ca_pem = b""
         try:
-            if cluster.get("certificate-authority-data"):
-                ca_pem = base64.b64decode(cluster["certificate-authority-data"])
-            elif cluster.get("certificate-authority"):
-                path = os.path.join(base_dir, cluster["certificate-authority"])
-                with open(path, "rb") as handle:
-                    ca_pem = handle.read()
-        except (OSError, binascii.Error, ValueError):
-            errors[name] = f"context {name} of the source kubeconfig has an unreadable certificate authority; fix it."
+            context = resolve_context(config, name, where="the source kubeconfig")
+        except ConfigError as exc:
+            errors[name] = f"context {name} of the source kubeconfig is unusable: {exc}"
             continue
-        if not server.startswith("https://"):
+        if not context.server.startswith("https://"):
             errors[name] = f"context {name} of the source kubeconfig has no https:// server; fix it."
             continue
-        # A minimal config holding this context only, so the client cannot drift to another one.
-        single = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "c", "cluster": cluster}],
-            "users": [{"name": "u", "user": user}],
-            "contexts": [{"name": name, "context": {"cluster": "c", "user": "u"}}],
-            "current-context": name,
-        }
-
-        def build(single: dict[str, Any] = single, base_dir: str = base_dir) -> ApiClient:
-            cwd_relative = _absolutize(single, base_dir)
-            return new_client_from_config_dict(cwd_relative, persist_config=False)
-
         sources[name] = SourceCluster(
             name=name,
             origin=ORIGIN_KUBECONFIG,
-            server=server,
-            ca_pem=ca_pem,
+            server=context.server,
+            ca_pem=context.ca_pem,
             # Files the context refers to (a rotated tokenFile, renewed client certificates) count as credentials.
-            fingerprint=_fingerprint(cluster, user, _stat_signature(referenced_files(single, base_dir))),
-            build=build,
+            fingerprint=_fingerprint(context.cluster, context.user, _stat_signature(context.files())),
+            build=lambda context=context: api_client_for(context),
         )
     return sources, errors
-
-
-def _absolutize(config: dict[str, Any], base_dir: str) -> dict[str, Any]:
-    """File paths in a kubeconfig are relative to the kubeconfig's directory, not to the process's."""
-    result = json.loads(json.dumps(config))
-    for entry in result["clusters"]:
-        cluster = entry["cluster"]
-        if cluster.get("certificate-authority"):
-            cluster["certificate-authority"] = os.path.join(base_dir, cluster["certificate-authority"])
-    for entry in result["users"]:
-        user = entry["user"]
-        for key in ("client-certificate", "client-key", "tokenFile"):
-            if user.get(key):
-                user[key] = os.path.join(base_dir, user[key])
-    return result
-
-
-def referenced_files(config: dict[str, Any], base_dir: str) -> list[str]:
-    """The files a kubeconfig refers to (CA, client certificate and key, token file), as absolute paths."""
-    paths = []
-    for entry in _list_of_dicts(config.get("clusters")):
-        path = _dict_of(entry.get("cluster")).get("certificate-authority")
-        if isinstance(path, str) and path:
-            paths.append(os.path.join(base_dir, path))
-    for entry in _list_of_dicts(config.get("users")):
-        user = _dict_of(entry.get("user"))
-        for key in ("client-certificate", "client-key", "tokenFile"):
-            if isinstance(user.get(key), str) and user[key]:
-                paths.append(os.path.join(base_dir, user[key]))
-    return sorted(set(paths))
-
-
-def _list_of_dicts(value: Any) -> list[dict[str, Any]]:
-    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
-
-
-def _dict_of(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
 
 
 def _stat_signature(paths: list[str]) -> tuple[Any, ...]:

@@ -21,28 +21,52 @@ refreshes the Secret and the kubelet swaps the files.
 
 from __future__ import annotations
 
-import base64
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubernetes.client import ApiClient, Configuration
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
-from kubernetes.config.kube_config import load_kube_config
 
 from kubemcsa import api
-from kubemcsa.credentials import CredentialsError, read_mounted
+from kubemcsa.credentials import read_mounted
+from kubemcsa.kubeconfig import (
+    ConfigError,
+    TokenFileRefresher,
+    configuration_for,
+    default_kubeconfig_path,
+    kubeconfig_cluster,
+    kubeconfig_context,
+    kubeconfig_exists,
+    load_kubeconfig_dict,
+    resolve_context,
+    set_bearer_token,
+)
+
+# The public names. The kubeconfig helpers live in kubemcsa.kubeconfig and stay importable from here.
+__all__ = [
+    "ClusterInfo",
+    "ConfigAndNamespace",
+    "ConfigError",
+    "all_import_configs_and_namespaces",
+    "all_named_configs_and_namespaces",
+    "api_client",
+    "config_and_namespace",
+    "context_cluster_info",
+    "context_config_and_namespace",
+    "default_kubeconfig_path",
+    "import_config_and_namespace",
+    "in_cluster_config_and_namespace",
+    "kubeconfig_cluster",
+    "kubeconfig_context",
+    "kubeconfig_exists",
+    "load_kubeconfig_dict",
+    "mounted_import_names",
+]
 
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-DEFAULT_KUBECONFIG = "~/.kube/config"
-
-
-class ConfigError(CredentialsError):
-    """No usable client configuration was found; the message says where we looked and what to do."""
 
 
 @dataclass(frozen=True)
@@ -77,49 +101,12 @@ def mounted_import_names(mount_root: str | os.PathLike[str] = api.MOUNT_ROOT) ->
     return sorted(entry.name for entry in entries if entry.is_dir() and not entry.name.startswith("."))
 
 
-class _MountedTokenRefresher:
-    """A refresh_api_key_hook that re-reads a mounted token file whenever it changed.
-
-    The kubelet updates a Secret volume by swapping the `..data` symlink, which changes the inode, size or
-    mtime seen through the `token` symlink; comparing those costs one stat per request.
-    """
-
-    def __init__(self, token_path: str) -> None:
-        self._path = token_path
-        self._lock = threading.Lock()
-        self._signature = self._stat()
-
-    def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            stat = os.stat(self._path)
-        except OSError:
-            return None
-        return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-    def __call__(self, configuration: Configuration) -> None:
-        signature = self._stat()
-        if signature is None or signature == self._signature:
-            return  # unchanged, or briefly absent during a swap: keep the token we have
-        with self._lock:
-            try:
-                token = Path(self._path).read_text().strip()
-            except (OSError, UnicodeDecodeError):
-                return
-            if token:  # an empty file is a write in progress; try again on the next request
-                configuration.api_key["BearerToken"] = token
-                self._signature = signature
-
-    def __repr__(self) -> str:
-        return f"_MountedTokenRefresher({self._path!r})"
-
-
 def _import_config(directory: Path) -> ConfigAndNamespace:
     creds = read_mounted(directory)
     configuration = Configuration(host=creds.server.rstrip("/"))
     configuration.ssl_ca_cert = str(directory / api.KEY_CA_CRT)
-    configuration.api_key["BearerToken"] = creds.token
-    configuration.api_key_prefix["BearerToken"] = "Bearer"
-    configuration.refresh_api_key_hook = _MountedTokenRefresher(str(directory / api.KEY_TOKEN))
+    set_bearer_token(configuration, creds.token)
+    configuration.refresh_api_key_hook = TokenFileRefresher(str(directory / api.KEY_TOKEN))
     return ConfigAndNamespace(config=configuration, namespace=creds.namespace)
 
 
@@ -158,67 +145,7 @@ def all_import_configs_and_namespaces(
     return {name: _import_config(root / name) for name in mounted_import_names(root)}
 
 
-# --- kubeconfig contexts ---------------------------------------------------------------------------------------
-
-
-def default_kubeconfig_path() -> str:
-    """The kubeconfig kubectl would use: $KUBECONFIG (possibly a ':'-separated list), else ~/.kube/config."""
-    return os.environ.get("KUBECONFIG") or os.path.expanduser(DEFAULT_KUBECONFIG)
-
-
-def _kubeconfig_files(path: str) -> list[str]:
-    return [os.path.expanduser(p) for p in path.split(os.pathsep) if p]
-
-
-def kubeconfig_exists(kubeconfig: str | None = None) -> bool:
-    """True if at least one of the kubeconfig files exists."""
-    return any(os.path.isfile(p) for p in _kubeconfig_files(kubeconfig or default_kubeconfig_path()))
-
-
-def load_kubeconfig_dict(kubeconfig: str | None = None) -> dict[str, Any]:
-    """The kubeconfig as a dict, merged like kubectl does when $KUBECONFIG lists several files (first wins)."""
-    path = kubeconfig or default_kubeconfig_path()
-    merged: dict[str, Any] = {"clusters": [], "users": [], "contexts": [], "current-context": ""}
-    found = False
-    for file in _kubeconfig_files(path):
-        if not os.path.isfile(file):
-            continue
-        found = True
-        try:
-            with open(file) as handle:
-                doc = yaml.safe_load(handle) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read kubeconfig {file} ({type(exc).__name__}); fix or replace it.") from None
-        if not isinstance(doc, dict):
-            raise ConfigError(f"kubeconfig {file} is not a YAML mapping; fix or replace it.")
-        for key in ("clusters", "users", "contexts"):
-            seen = {item.get("name") for item in merged[key]}
-            merged[key].extend(
-                item for item in (doc.get(key) or []) if isinstance(item, dict) and item.get("name") not in seen
-            )
-        merged["current-context"] = merged["current-context"] or doc.get("current-context") or ""
-    if not found:
-        raise ConfigError(f"no kubeconfig found at {path}; pass --kubeconfig or set KUBECONFIG.")
-    return merged
-
-
-def kubeconfig_context(kubeconfig_dict: dict[str, Any], context: str | None = None) -> dict[str, Any]:
-    """The `context` mapping (cluster, user, namespace) of a context, the current one by default."""
-    name = context or kubeconfig_dict.get("current-context")
-    if not name:
-        raise ConfigError("the kubeconfig has no current context; pass a context name.")
-    for item in kubeconfig_dict.get("contexts") or []:
-        if item.get("name") == name:
-            return dict(item.get("context") or {}, name=name)
-    raise ConfigError(f"context {name!r} is not in the kubeconfig; list them with `kubectl config get-contexts`.")
-
-
-def kubeconfig_cluster(kubeconfig_dict: dict[str, Any], cluster_name: str) -> dict[str, Any]:
-    """The `cluster` mapping (server, certificate-authority[-data]) of a cluster entry of the kubeconfig."""
-    for item in kubeconfig_dict.get("clusters") or []:
-        if item.get("name") == cluster_name:
-            return dict(item.get("cluster") or {})
-    raise ConfigError(f"cluster {cluster_name!r} is not in the kubeconfig; fix the context that names it.")
+# --- kubeconfig contexts (read by kubemcsa.kubeconfig, the one loader) -------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -235,54 +162,27 @@ class ClusterInfo:
 def context_cluster_info(context: str | None = None, kubeconfig: str | None = None) -> ClusterInfo:
     """The cluster name, server and CA certificate (PEM) of a kubeconfig context (the current one by default)."""
     path = kubeconfig or default_kubeconfig_path()
-    doc = load_kubeconfig_dict(path)
-    ctx = kubeconfig_context(doc, context)
-    cluster_name = ctx.get("cluster") or ""
-    cluster = kubeconfig_cluster(doc, cluster_name)
-    server = str(cluster.get("server") or "").rstrip("/")
-    if not server.startswith("https://"):
-        raise ConfigError(f"cluster {cluster_name!r} of context {ctx['name']!r} has no https:// server; fix {path}.")
-    if cluster.get("certificate-authority-data"):
-        try:
-            ca_pem = base64.b64decode(cluster["certificate-authority-data"], validate=True)
-        except (ValueError, TypeError):
-            raise ConfigError(
-                f"cluster {cluster_name!r} in {path} has certificate-authority-data that is not base64; fix it."
-            ) from None
-    elif cluster.get("certificate-authority"):
-        ca_path = Path(os.path.expanduser(cluster["certificate-authority"]))
-        if not ca_path.is_absolute():  # relative to the kubeconfig file, as kubectl reads it
-            ca_path = Path(_kubeconfig_files(path)[0]).parent / ca_path
-        try:
-            ca_pem = ca_path.read_bytes()
-        except OSError:
-            raise ConfigError(f"cannot read the CA file {ca_path} of cluster {cluster_name!r}; fix {path}.") from None
-    else:
+    ctx = resolve_context(load_kubeconfig_dict(path), context, where=path)
+    if not ctx.server.startswith("https://"):
+        raise ConfigError(f"cluster {ctx.cluster_name!r} of context {ctx.name!r} has no https:// server; fix {path}.")
+    if not ctx.ca_pem:
         raise ConfigError(
-            f"cluster {cluster_name!r} in {path} has no certificate authority, which other clusters need to "
+            f"cluster {ctx.cluster_name!r} in {path} has no certificate authority, which other clusters need to "
             "trust it; add certificate-authority-data."
         )
     return ClusterInfo(
-        context=ctx["name"],
-        cluster_name=cluster_name,
-        server=server,
-        ca_pem=ca_pem,
-        namespace=ctx.get("namespace") or "default",
+        context=ctx.name, cluster_name=ctx.cluster_name, server=ctx.server, ca_pem=ctx.ca_pem, namespace=ctx.namespace
     )
 
 
 def context_config_and_namespace(context: str | None = None, kubeconfig: str | None = None) -> ConfigAndNamespace:
-    """The configuration and namespace of a kubeconfig context (the current one by default)."""
+    """The configuration and namespace of a kubeconfig context (the current one by default).
+
+    The CA and any client key stay in memory, and a tokenFile is followed when it rotates (kubemcsa.kubeconfig).
+    """
     path = kubeconfig or default_kubeconfig_path()
-    ctx = kubeconfig_context(load_kubeconfig_dict(path), context)
-    configuration = Configuration()
-    try:
-        load_kube_config(
-            config_file=path, context=ctx["name"], client_configuration=configuration, persist_config=False
-        )
-    except ConfigException as exc:
-        raise ConfigError(f"cannot load context {ctx['name']!r} from {path}: {exc}") from None
-    return ConfigAndNamespace(config=configuration, namespace=ctx.get("namespace") or "default")
+    ctx = resolve_context(load_kubeconfig_dict(path), context, where=path)
+    return ConfigAndNamespace(config=configuration_for(ctx), namespace=ctx.namespace)
 
 
 # --- in-cluster ------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from kubemcsa import api
+from kubemcsa.kubeconfig import load_api_client
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +116,16 @@ def local_api_client(kubeconfig: str | None = None) -> ApiClient:
     """The client of the cluster a component runs in: --kubeconfig, else in-cluster, else KUBECONFIG/~/.kube/config.
 
     In a pod, the service-account token is a projected token that the kubelet rotates; the in-cluster loader
-    re-reads it, so long-running components keep authenticating. Raises kubernetes' ConfigException or OSError.
+    re-reads it, so long-running components keep authenticating. A kubeconfig is read by kubemcsa.kubeconfig, which
+    writes nothing to the local filesystem. Raises kubernetes' ConfigException, kubemcsa's ConfigError or OSError.
     """
     if kubeconfig:
-        return kube_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
+        return load_api_client(kubeconfig)
     configuration = Configuration()
     try:
         kube_config.load_incluster_config(client_configuration=configuration)
     except kube_config.ConfigException:
-        return kube_config.new_client_from_config(persist_config=False)
+        return load_api_client()
     return ApiClient(configuration)
 
 
