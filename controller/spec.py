@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemcsa import api
+from kubemcsa.argocd import ArgoCDCluster
 
 TOKEN_TYPE_TOKEN_REQUEST = "TokenRequest"
 TOKEN_TYPE_LEGACY = "Legacy"
@@ -28,6 +29,7 @@ class ImportSpec:
     audiences: tuple[str, ...] = ()
     expiration_seconds: int = api.DEFAULT_EXPIRATION_SECONDS
     token_type: str = TOKEN_TYPE_TOKEN_REQUEST
+    argocd: ArgoCDCluster | None = None  # spec.argoCD: also keep an Argo CD cluster Secret
 
     @property
     def legacy(self) -> bool:
@@ -94,9 +96,42 @@ def parse_spec(obj: Any) -> ImportSpec:
 
     return ImportSpec(
         cluster_name=cluster_name,
+        argocd=_parse_argocd(spec.get("argoCD"), cluster_name),
         namespace=namespace,
         name=name,
         audiences=audiences,
         expiration_seconds=expiration,
         token_type=token_type,
     )
+
+
+def _parse_argocd(value: Any, cluster_name: str) -> ArgoCDCluster | None:
+    """spec.argoCD, with its name defaulting to spec.clusterName; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SpecError("spec.argoCD must be an object (for example {name: prod-eu}); fix or remove it.")
+    name = value.get("name")
+    if name is None:
+        name = cluster_name
+    elif not isinstance(name, str) or not name.strip():
+        raise SpecError("spec.argoCD.name must be a non-empty string (or omitted for spec.clusterName); fix it.")
+    project = value.get("project")
+    if project is not None and (not isinstance(project, str) or not api.is_dns_subdomain(project)):
+        raise SpecError(f"spec.argoCD.project {project!r} is not a valid Argo CD project name; fix or remove it.")
+    raw_namespaces = value.get("namespaces")
+    if raw_namespaces is None:
+        namespaces: tuple[str, ...] = ()
+    elif isinstance(raw_namespaces, list) and all(isinstance(n, str) and api.is_dns_label(n) for n in raw_namespaces):
+        namespaces = tuple(dict.fromkeys(raw_namespaces))
+    else:
+        raise SpecError("spec.argoCD.namespaces must be a list of namespace names; fix or remove it.")
+    cluster_resources = value.get("clusterResources")
+    if cluster_resources is not None and not isinstance(cluster_resources, bool):
+        raise SpecError("spec.argoCD.clusterResources must be true or false; fix or remove it.")
+    if cluster_resources is not None and not namespaces:
+        raise SpecError(
+            "spec.argoCD.clusterResources only applies with spec.argoCD.namespaces (without them Argo CD manages "
+            "cluster-scoped resources anyway); set namespaces or remove clusterResources."
+        )
+    return ArgoCDCluster(name=name.strip(), namespaces=namespaces, cluster_resources=cluster_resources, project=project)

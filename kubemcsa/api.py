@@ -66,6 +66,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9
 _MAX_LABEL = 63
 _MAX_SUBDOMAIN = 253
 _SECRET_SUFFIX = "-token"
+_ARGOCD_SECRET_SUFFIX = "-argocd"
 _VOLUME_PREFIX = "sai-"
 
 
@@ -83,17 +84,27 @@ def _short_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:8]
 
 
+def _suffixed_name(import_name: str, suffix: str) -> str:
+    """`<import><suffix>`, cut and disambiguated with a hash of the full name if too long for an object name."""
+    name = import_name + suffix
+    if len(name) <= _MAX_SUBDOMAIN:
+        return name
+    head = import_name[: _MAX_SUBDOMAIN - len(suffix) - 9].rstrip(".-")
+    return f"{head}-{_short_hash(import_name)}{suffix}"
+
+
 def secret_name_for_import(import_name: str) -> str:
     """The name of the Secret the controller keeps for an import: `<import>-token`.
 
     Deterministic so that the webhook can mount it before the controller has created it. A name too long
     to take the suffix is cut and disambiguated with a hash of the full name.
     """
-    name = import_name + _SECRET_SUFFIX
-    if len(name) <= _MAX_SUBDOMAIN:
-        return name
-    head = import_name[: _MAX_SUBDOMAIN - len(_SECRET_SUFFIX) - 9].rstrip(".-")
-    return f"{head}-{_short_hash(import_name)}{_SECRET_SUFFIX}"
+    return _suffixed_name(import_name, _SECRET_SUFFIX)
+
+
+def argocd_secret_name_for_import(import_name: str) -> str:
+    """The name of the Argo CD cluster Secret the controller keeps for an import with spec.argoCD: `<import>-argocd`."""
+    return _suffixed_name(import_name, _ARGOCD_SECRET_SUFFIX)
 
 
 def volume_name_for_import(import_name: str) -> str:

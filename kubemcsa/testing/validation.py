@@ -633,6 +633,14 @@ def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Ca
         if isinstance(items, dict):
             for i, item in enumerate(value):
                 causes.extend(schema_causes(item, items, f"{path}[{i}]"))
+        if schema.get("x-kubernetes-list-type") == "set":
+            # kube-apiserver rejects a repeated item of a set list at the index where it repeats.
+            seen: list[Any] = []
+            for i, item in enumerate(value):
+                if item in seen:
+                    causes.append((f"{path}[{i}]", f"Duplicate value: {_q(item)}"))
+                else:
+                    seen.append(item)
     if isinstance(value, dict):
         for key in schema.get("required") or []:
             if key not in value:
