@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -34,6 +35,8 @@ NAMESPACE_LABEL_VALUE = "enabled"
 
 MOUNT_ROOT = "/var/run/secrets/admiralty.io/serviceaccountimports"
 SYSTEM_NAMESPACE = "multicluster-service-account"
+# The most imports one pod may ask for: a pod has no use for more, and it bounds the webhook's work per request.
+MAX_IMPORTS_PER_POD = 32
 
 # The keys of an import's Secret (and of `kubemcsa export`'s output).
 KEY_CA_CRT = "ca.crt"
@@ -108,17 +111,37 @@ def argocd_secret_name_for_import(import_name: str) -> str:
 
 
 def volume_name_for_import(import_name: str) -> str:
-    """The pod volume name for an import: `sai-<import>`, made a valid DNS label.
+    """The pod volume name for an import: `sai-<import>` when that is a DNS label, else `sai--<head>-<hash>`.
 
-    Import names may contain dots and be up to 253 characters, volume names may not; such names are
-    shortened and disambiguated with a hash of the full name.
+    The two forms never meet: a DNS label cannot start with "-", so no import name gives `sai--...` in the
+    first form. In the second, `<head>` is the import name made a label and cut, `<hash>` a short hash of the
+    full name; see volume_names_for_imports for the names of a whole pod, which are distinct by construction.
     """
     name = _VOLUME_PREFIX + import_name
     if is_dns_label(name):
         return name
     cleaned = re.sub(r"[^a-z0-9-]", "-", import_name.lower())
-    head = (_VOLUME_PREFIX + cleaned)[: _MAX_LABEL - 9].rstrip("-")
+    # Room for "-" + hash, and for the "-NN" that volume_names_for_imports may add.
+    head = (_VOLUME_PREFIX + "-" + cleaned)[: _MAX_LABEL - 9 - 3].rstrip("-")
     return f"{head}-{_short_hash(import_name)}"
+
+
+def volume_names_for_imports(import_names: Sequence[str]) -> list[str]:
+    """The volume names of a pod's imports (distinct names in, distinct DNS labels out, in the same order).
+
+    Each is volume_name_for_import's, except when two hashed names collide (two names with the same head and
+    the same short hash): the later one gets its position as a suffix, `-<index>`. A hashed name ends with 8 hex
+    digits and a suffixed one with "-" and at most two digits (MAX_IMPORTS_PER_POD), so they never meet either.
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+    for index, import_name in enumerate(import_names):
+        name = volume_name_for_import(import_name)
+        if name in seen:
+            name = f"{name}-{index}"
+        seen.add(name)
+        names.append(name)
+    return names
 
 
 def mount_path_for_import(import_name: str) -> str:
@@ -126,19 +149,28 @@ def mount_path_for_import(import_name: str) -> str:
     return f"{MOUNT_ROOT}/{import_name}"
 
 
-def parse_import_annotation(value: str | None) -> list[str]:
+def parse_import_annotation(value: str | None, limit: int | None = None) -> list[str]:
     """The import names in a pod's annotation, in order, without blanks or repeats.
 
     `" a, ,b,a "` gives `["a", "b"]`: whitespace and empty items are tolerated, as users write lists by hand.
+    Linear in the length of the value. With `limit`, stops after `limit + 1` names: enough to tell that there
+    are too many, without reading on.
     """
     if not value:
         return []
-    names: list[str] = []
-    for item in value.split(","):
-        name = item.strip()
+    names: dict[str, None] = {}  # ordered, with O(1) membership
+    start = 0
+    while start <= len(value):
+        end = value.find(",", start)
+        if end < 0:
+            end = len(value)
+        name = value[start:end].strip()
+        start = end + 1
         if name and name not in names:
-            names.append(name)
-    return names
+            names[name] = None
+            if limit is not None and len(names) > limit:
+                break
+    return list(names)
 
 
 def namespace_enabled(labels: dict[str, str] | None) -> bool:

@@ -184,14 +184,19 @@ class Resource:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(response.data) if response.data else {}
 
-    def get(self, name: str, namespace: str | None = None) -> JSON:
-        return self._json("GET", self.type.path(namespace, name))
+    def get(self, name: str, namespace: str | None = None, *, timeout: float | None = None) -> JSON:
+        return self._json("GET", self.type.path(namespace, name), timeout=timeout)
 
     def list(
-        self, namespace: str | None = None, label_selector: str | None = None, field_selector: str | None = None
+        self,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        *,
+        timeout: float | None = None,
     ) -> JSON:
         query = [("labelSelector", label_selector), ("fieldSelector", field_selector)]
-        return self._json("GET", self.type.path(namespace), query=query)
+        return self._json("GET", self.type.path(namespace), query=query, timeout=timeout)
 
     def create(self, body: JSON, namespace: str | None = None) -> JSON:
         return self._json("POST", self.type.path(namespace or _namespace_of(body)), body=body)

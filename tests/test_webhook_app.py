@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,14 @@ def test_metrics_count_results_refusals_latency_and_misses() -> None:
                 def namespace_labels(self, namespace: str) -> Any:
                     return outer.namespaces.get(namespace)
 
-                def import_exists(self, namespace: str, name: str) -> bool:
-                    raise LookupWouldBlock(name)
+                def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+                    raise LookupWouldBlock(namespace)
 
             return View()
 
-        def import_exists(self, namespace: str, name: str) -> bool:
+        def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
             self.blocking_calls += 1
-            return super().import_exists(namespace, name)
+            return super().missing_imports(namespace, names)
 
         def misses(self) -> dict[str, int]:
             return {"import": self.blocking_calls, "namespace": 0}
@@ -94,7 +94,7 @@ def test_metrics_count_results_refusals_latency_and_misses() -> None:
     assert 'kubemcsa_webhook_requests_total{result="refused"} 1.0' in text
     assert 'kubemcsa_webhook_requests_total{result="bad_request"} 1.0' in text
     assert 'kubemcsa_webhook_refusals_total{reason="ImportNotFound"} 1.0' in text
-    assert 'kubemcsa_webhook_cache_misses_total{kind="import"} 2.0' in text
+    assert 'kubemcsa_webhook_cache_misses_total{kind="import"} 1.0' in text
     assert "kubemcsa_webhook_request_duration_seconds_count 2.0" in text
 
 
@@ -233,3 +233,46 @@ def test_client_gone_mid_body_gets_no_answer_and_no_count() -> None:
     assert sent == []
     samples = {s.name: s.value for s in app.state.metrics.latency.collect()[0].samples}
     assert samples["kubemcsa_webhook_request_duration_seconds_count"] == 0
+
+
+def _review_with(annotation: str, **spec: Any) -> bytes:
+    document = copy.deepcopy(POD_REVIEW)
+    document["request"]["object"]["metadata"]["annotations"][api.IMPORT_ANNOTATION] = annotation
+    document["request"]["object"]["spec"].update(spec)
+    return json.dumps(document).encode()
+
+
+def test_attack_bodies_get_prompt_well_formed_answers_and_health_keeps_answering() -> None:
+    from webhook import app as webhook_app
+    from webhook.mutation import REASON_TOO_MANY_IMPORTS
+
+    eighty_thousand = _review_with(",".join(f"name-{i}" for i in range(80_000)))
+    env = [{"name": "x"}] * 210_000
+    three_megabytes = _review_with("cluster2-default-pod-lister", containers=[{"name": "c", "env": env}])
+    assert len(eighty_thousand) > webhook_app.INLINE_BODY_BYTES and len(three_megabytes) > 3_000_000
+    many_mounts = _review_with("cluster2-default-pod-lister", containers=[{"name": f"c{i}"} for i in range(250)])
+    with TestClient(create_app(StaticCache({NS: ENABLED}, IMPORTS))) as c:
+        refused = c.post(MUTATE_PATH, content=eighty_thousand)
+        check_answer(eighty_thousand, refused.status_code, refused.content)
+        assert REASON_TOO_MANY_IMPORTS not in refused.text  # the reason is a metric label; the message says it
+        assert f"more than {api.MAX_IMPORTS_PER_POD} imports" in refused.json()["response"]["status"]["message"]
+        assert c.get("/healthz").status_code == 200
+        patched = c.post(MUTATE_PATH, content=three_megabytes)
+        check_answer(three_megabytes, patched.status_code, patched.content)
+        assert patched.json()["response"]["allowed"] is True
+        assert c.post(MUTATE_PATH, content=many_mounts).json()["response"]["allowed"] is True
+        too_large = c.post(MUTATE_PATH, content=b" " * (review.MAX_BODY_BYTES + 1))
+        assert too_large.status_code == 400 and "larger than" in too_large.json()["message"]
+        text = c.get("/metrics").text
+    assert 'kubemcsa_webhook_refusals_total{reason="TooManyImports"} 1.0' in text
+
+
+def test_request_timeout_comes_from_the_query() -> None:
+    from webhook.app import DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS, request_timeout
+
+    assert request_timeout(b"timeout=5s") == 5
+    assert request_timeout(b"a=b&timeout=7s") == 7
+    assert request_timeout(b"") == DEFAULT_TIMEOUT_SECONDS
+    assert request_timeout(b"timeout=999s") == MAX_TIMEOUT_SECONDS
+    assert request_timeout(b"timeout=0s") == 1
+    assert request_timeout(b"timeout=5m") == DEFAULT_TIMEOUT_SECONDS

@@ -36,6 +36,7 @@ from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.app import MUTATE_PATH
 from webhook.cache import MISS_IMPORT, WatchCache
+from webhook.mutation import LookupFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -43,6 +44,7 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 WEBHOOK_SA = SERVICE_NAME
 ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
 WAIT = 20.0
+WEBHOOK_USER = f"system:serviceaccount:{SYSTEM_NS}:{WEBHOOK_SA}"
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -232,12 +234,24 @@ def test_import_created_a_moment_ago_is_found_through_the_api(env: Env) -> None:
     ns = env.namespace(ENABLED)
     env.add_import(ns, "just-now")
     assert cache.namespace_labels(ns) == {**ENABLED, "kubernetes.io/metadata.name": ns}
-    assert cache.import_exists(ns, "just-now") is True
-    assert cache.import_exists(ns, "never") is False
+    assert cache.missing_imports(ns, ["just-now", "never"]) == ["never"]
     assert cache.namespace_labels("no-such-namespace") is None
-    assert cache.misses() == {MISS_IMPORT: 2, "namespace": 2}
-    with pytest.raises(Exception, match="LookupWouldBlock|just-now"):
-        cache.cached().import_exists(ns, "just-now")
+    assert cache.misses() == {MISS_IMPORT: 1, "namespace": 2}
+    # What that one LIST said is remembered for a moment: the event loop's view answers without a call.
+    assert cache.cached().missing_imports(ns, ["just-now", "never"]) == ["never"]
+    assert cache.cached().namespace_labels("no-such-namespace") is None
+    assert cache.misses() == {MISS_IMPORT: 1, "namespace": 2}
+    with pytest.raises(Exception, match="LookupWouldBlock|apps"):
+        WatchCache(env.webhook_client).cached().missing_imports(ns, ["just-now"])
+
+
+def test_a_lookup_never_outlives_the_callers_deadline(env: Env) -> None:
+    cache = WatchCache(env.webhook_client)
+    ns = env.namespace(ENABLED)
+    env.server.reset_requests()
+    with pytest.raises(LookupFailed, match="no time left"):
+        cache.before(time.monotonic()).missing_imports(ns, ["x"])
+    assert [r for r in env.server.requests if r.user == WEBHOOK_USER] == []
 
 
 def test_lookups_come_from_the_watch_not_one_call_per_request(env: Env) -> None:
@@ -248,14 +262,59 @@ def test_lookups_come_from_the_watch_not_one_call_per_request(env: Env) -> None:
     env.server.reset_requests()
     for _ in range(3):
         env.create_pod(ns, "watched")
-    webhook_user = f"system:serviceaccount:{SYSTEM_NS}:{WEBHOOK_SA}"
-    calls = [r for r in env.server.requests if r.user == webhook_user and r.verb == "get"]
+    calls = [r for r in env.server.requests if r.user == WEBHOOK_USER and r.verb in ("get", "list")]
     assert calls == []
+
+
+def test_unknown_names_cost_one_api_call_per_request_at_most(env: Env) -> None:
+    # Once: a pod naming 39,000 unknown imports made 39,001 GETs over 95 s. Now the cap refuses it before any
+    # lookup, and a pod at the cap of unknown names costs one LIST, remembered for the next pods.
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "known")
+    cached = env.webhook.cache.cached()
+    wait_for(lambda: _exists(cached, ns, "known"), what="the import in the watch-fed cache")
+    env.server.reset_requests()
+    with pytest.raises(ApiException) as refused:
+        env.create_pod(ns, ",".join(_base36(i) for i in range(39_000)))  # short names: under 256 KiB
+    assert f"more than {api.MAX_IMPORTS_PER_POD} imports" in json.loads(refused.value.body)["message"]
+    assert [r for r in env.server.requests if r.user == WEBHOOK_USER] == []
+
+    at_cap = ",".join(f"unknown-{i}" for i in range(api.MAX_IMPORTS_PER_POD))
+    results: list[str] = []
+
+    def attack() -> None:
+        try:
+            env.create_pod(ns, at_cap)
+            results.append("admitted")
+        except ApiException as exc:
+            results.append(json.loads(exc.body)["message"])
+
+    attackers = [threading.Thread(target=attack) for _ in range(4)]
+    for thread in attackers:
+        thread.start()
+    ordinary = [env.create_pod(ns, "known") for _ in range(10)]
+    for thread in attackers:
+        thread.join(WAIT)
+    assert all(import_volumes(pod) for pod in ordinary)
+    assert len(results) == 4 and all("do not exist" in message for message in results), results
+    calls = [r for r in env.server.requests if r.user == WEBHOOK_USER]
+    # Four pods naming 32 unknown imports each: one LIST between them (the others waited for it, then reused it).
+    assert [(r.verb, r.resource) for r in calls] == [("list", api.PLURAL)]
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    text = ""
+    while True:
+        number, digit = divmod(number, 36)
+        text = digits[digit] + text
+        if not number:
+            return text
 
 
 def _exists(cached: Any, namespace: str, name: str) -> bool:
     try:
-        return bool(cached.namespace_labels(namespace)) and cached.import_exists(namespace, name)
+        return bool(cached.namespace_labels(namespace)) and not cached.missing_imports(namespace, [name])
     except Exception:
         return False
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import jsonpatch
@@ -41,7 +42,7 @@ def test_no_annotation_is_allowed_without_patch_and_without_lookup() -> None:
         def namespace_labels(self, namespace: str) -> None:
             raise AssertionError("looked up")
 
-        def import_exists(self, namespace: str, name: str) -> bool:
+        def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
             raise AssertionError("looked up")
 
     assert mutation.decide(pod(None), NS, Explodes()) == mutation.ALLOW
@@ -231,3 +232,53 @@ def test_patch_always_applies_and_reinvocation_adds_nothing(p: dict[str, Any]) -
         for container in result["spec"]["containers"] + result["spec"].get("initContainers", []):
             paths = {m["mountPath"].rstrip("/"): m["name"] for m in container["volumeMounts"]}
             assert paths[api.mount_path_for_import(name)] == api.volume_name_for_import(name)
+
+
+def test_more_imports_than_the_cap_are_refused_naming_the_cap() -> None:
+    names = [f"i{n}" for n in range(api.MAX_IMPORTS_PER_POD + 1)]
+    decision = mutation.decide(pod(",".join(names)), NS, lookup(*names))
+    assert decision.reason == mutation.REASON_TOO_MANY_IMPORTS
+    assert f"more than {api.MAX_IMPORTS_PER_POD} imports" in decision.message
+    at_cap = mutation.decide(pod(",".join(names[:-1])), NS, lookup(*names))
+    assert at_cap.allowed and len(at_cap.patch) == 2
+
+
+def test_eighty_thousand_names_are_refused_after_reading_only_the_first_ones() -> None:
+    prepared = mutation.prepare(pod(",".join(f"n{i}" for i in range(80_000))))
+    assert len(prepared.names) == api.MAX_IMPORTS_PER_POD + 1 and prepared.planned is None
+    assert mutation.finish(prepared, NS, lookup()).reason == mutation.REASON_TOO_MANY_IMPORTS
+
+
+def test_pods_with_too_many_containers_are_refused() -> None:
+    many = [{"name": f"c{i}"} for i in range(mutation.MAX_CONTAINERS + 1)]
+    decision = mutation.decide(pod("a", containers=many), NS, lookup("a"))
+    assert decision.reason == mutation.REASON_TOO_MANY_CONTAINERS
+    assert str(mutation.MAX_CONTAINERS) in decision.message
+
+
+def test_a_huge_invalid_name_is_cut_in_the_message() -> None:
+    decision = mutation.decide(pod("x" * 1_000_000 + ".-"), NS, lookup())
+    assert decision.reason == mutation.REASON_INVALID_IMPORT_NAME
+    assert len(decision.message) < 400
+
+
+def test_unknown_names_are_looked_up_once_for_all() -> None:
+    calls: list[tuple[str, ...]] = []
+
+    class Counting(StaticCache):
+        def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+            calls.append(tuple(names))
+            return super().missing_imports(namespace, names)
+
+    names = [f"u{i}" for i in range(api.MAX_IMPORTS_PER_POD)]
+    decision = mutation.decide(pod(",".join(names)), NS, Counting({NS: ENABLED}, set()))
+    assert decision.reason == mutation.REASON_IMPORT_NOT_FOUND and len(calls) == 1
+
+
+def test_colliding_volume_names_get_two_volumes() -> None:
+    a, b = "a" * 60 + ".136926", "a" * 60 + ".170219"
+    p = pod(f"{a},{b}")
+    result = mutated(p, mutation.decide(p, NS, lookup(a, b)))
+    volumes = [v["name"] for v in result["spec"]["volumes"]]
+    assert len(set(volumes)) == 2
+    assert mutation.decide(result, NS, lookup(a, b)) == mutation.Decision(allowed=True)

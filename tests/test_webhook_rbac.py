@@ -56,7 +56,7 @@ def test_the_webhook_is_granted_exactly_what_it_calls(cluster1, tmp_path):
     try:
         assert webhook.cache.wait_for_sync(20)
         # Cache misses: the webhook asks the API once before refusing (an import or namespace made a moment ago).
-        assert not webhook.cache.import_exists("default", "made-a-moment-ago")
+        assert webhook.cache.missing_imports("default", ["made-a-moment-ago"]) == ["made-a-moment-ago"]
         assert webhook.cache.namespace_labels("made-a-moment-ago") is None
     finally:
         webhook.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def test_other_operations_are_allowed(operation: str | None) -> None:
 
 def test_lookup_failure_is_a_refusal_that_says_to_retry() -> None:
     class Unreachable(StaticCache):
-        def import_exists(self, namespace: str, name: str) -> bool:
+        def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
             raise mutation.LookupFailed("could not look up; retry")
 
     result, response = answer(fixture("admissionreview-v1-pod.json"), Unreachable({NS: ENABLED}))
@@ -138,8 +139,8 @@ def test_a_bug_in_the_lookup_is_a_refusal_not_an_exception() -> None:
 
 def test_would_block_is_passed_to_the_caller() -> None:
     class CacheOnly(StaticCache):
-        def import_exists(self, namespace: str, name: str) -> bool:
-            raise mutation.LookupWouldBlock(name)
+        def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+            raise mutation.LookupWouldBlock(namespace)
 
     with pytest.raises(mutation.LookupWouldBlock):
         answer(fixture("admissionreview-v1-pod.json"), CacheOnly({NS: ENABLED}))
@@ -204,3 +205,46 @@ def test_subresources_are_not_judged() -> None:
     document = _with(["request", "subResource"], "binding")
     result, _ = answer(document)
     assert result.result == review.RESULT_ALLOWED
+
+
+def _pod_review(annotation: str, **spec: Any) -> bytes:
+    document = fixture("admissionreview-v1-pod.json")
+    document["request"]["object"]["metadata"]["annotations"][api.IMPORT_ANNOTATION] = annotation
+    document["request"]["object"]["spec"].update(spec)
+    return json.dumps(document).encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _pod_review("cluster2-default-pod-lister,cluster3-default-pod-lister"),
+        _pod_review("cluster2-default-pod-lister,unknown"),
+        _pod_review(",".join(f"n{i}" for i in range(80_000))),
+        _pod_review("UPPER," + "x" * 100_000),
+        _pod_review("cluster2-default-pod-lister", volumes=[{"name": "sai-cluster2-default-pod-lister"}]),
+        _pod_review("cluster2-default-pod-lister", containers=[{"name": f"c{i}"} for i in range(300)]),
+        b"{}",
+    ],
+)
+def test_parsing_elsewhere_gives_the_same_answer(body: bytes) -> None:
+    # What a worker process sends back (pickled) completes to the answer that reviewing in place gives.
+    import pickle
+
+    cache = StaticCache({NS: ENABLED}, IMPORTS)
+    parsed = pickle.loads(pickle.dumps(review.parse(body)))
+    elsewhere = parsed if isinstance(parsed, review.Answer) else review.complete(parsed, cache)
+    assert elsewhere == review.review(body, cache)
+    assert len(pickle.dumps(parsed)) < 64 * 1024 or b"patch" in elsewhere.body
+
+
+def test_small_bodies_that_need_many_mounts_are_sent_elsewhere() -> None:
+    body = _pod_review("cluster2-default-pod-lister", containers=[{"name": f"c{i}"} for i in range(200)])
+    assert isinstance(review.parse(body, max_mounts=300), review.Pending)
+    with pytest.raises(mutation.TooMuchWork):
+        review.parse(body, max_mounts=100)
+
+
+def test_bodies_over_the_cap_are_refused_unread() -> None:
+    assert review.MAX_BODY_BYTES >= 3 * 1024 * 1024 + 64 * 1024
+    result, response = answer(b" " * (review.MAX_BODY_BYTES + 1))
+    assert result.status_code == 400 and "larger than" in response["message"]

@@ -2,13 +2,22 @@
 
 The request path stays lean: a bare ASGI endpoint, body bytes in, `review.review` against the cache's dict-only
 view, bytes out (FastAPI's request and validation layers cost as much as the review itself).
-Only when the cache misses does the review run again in the thread pool, where it may ask the API server.
+Only when the cache misses does the review complete in the thread pool, where it may ask the API server; bodies
+too large to parse within a millisecond are parsed in a worker process.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import re
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
 from fastapi import FastAPI
@@ -21,7 +30,9 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from webhook import review
-from webhook.mutation import ImportLookup, LookupWouldBlock
+from webhook.mutation import ImportLookup, LookupWouldBlock, TooMuchWork
+
+log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 MUTATE_PATH = "/mutate-pods"
@@ -35,6 +46,8 @@ class WebhookCache(ImportLookup, Protocol):
     def has_synced(self) -> bool: ...
 
     def cached(self) -> ImportLookup: ...
+
+    def before(self, deadline: float) -> ImportLookup: ...
 
     def misses(self) -> Mapping[str, int]: ...
 
@@ -98,38 +111,125 @@ class _Disconnected(Exception):
     """The client went away before sending the whole body: there is no one to answer."""
 
 
-async def _read_body(receive: Receive) -> bytes | None:
-    """The body, or None if it is larger than review.MAX_BODY_BYTES (read no further than that)."""
+# Bodies up to this size are parsed on the event loop: the costliest JSON of this size (many tiny objects) parses
+# in well under a millisecond. Larger ones are parsed in a worker process (see _Parser), which the GIL cannot tie
+# to the event loop. Pods that need more mounts than INLINE_MAX_MOUNTS (imports x containers) go there too.
+INLINE_BODY_BYTES = 16 * 1024
+INLINE_MAX_MOUNTS = 256
+# At most this many large bodies are held (read, or being parsed) at once; others wait, within their deadline.
+LARGE_BODIES_AT_ONCE = 4
+# kube-apiserver sends ?timeout=<timeoutSeconds>s; answer (or give up) a little before it does.
+DEFAULT_TIMEOUT_SECONDS = 10.0
+MAX_TIMEOUT_SECONDS = 30.0
+_TIMEOUT_MARGIN_SECONDS = 0.25
+_TIMEOUT_QUERY = re.compile(rb"(?:^|&)timeout=(\d{1,3})s(?:&|$)")
+
+
+def request_timeout(query_string: bytes) -> float:
+    """The caller's timeout in seconds, from the ?timeout=Ns that kube-apiserver adds (10 if absent)."""
+    match = _TIMEOUT_QUERY.search(query_string)
+    seconds = float(match.group(1)) if match else DEFAULT_TIMEOUT_SECONDS
+    return min(max(seconds, 1.0), MAX_TIMEOUT_SECONDS)
+
+
+class _Parser:
+    """review.parse for large bodies, in one worker process (started on first use; restarted if it dies)."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.slots = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn: the server has threads, which fork would copy in whatever state they are.
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def warm(self) -> None:
+        """Start the worker process now rather than on the first large body."""
+        self._executor().submit(int).result(timeout=60)
+
+    async def parse(self, body: bytes) -> review.Answer | review.Pending:
+        pool = self._executor()
+        try:
+            return await asyncio.wrap_future(pool.submit(review.parse, body))
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _read_body(receive: Receive, first_limit: int, slots: asyncio.Semaphore) -> tuple[bytes | None, bool]:
+    """(body, holds_slot): the body, or None if larger than review.MAX_BODY_BYTES (read no further than that).
+
+    Past `first_limit` bytes the reader takes one of the `slots` for large bodies (released by the caller).
+    """
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > review.MAX_BODY_BYTES:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    holds_slot = False
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _Disconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > review.MAX_BODY_BYTES:
+                return None, holds_slot
+            if size > first_limit and not holds_slot:
+                await slots.acquire()
+                holds_slot = True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), holds_slot
+    except BaseException:
+        if holds_slot:
+            slots.release()
+        raise
 
 
 _JSON_HEADERS = [(b"content-type", JSON_TYPE.encode())]
 _TOO_LARGE = review.bad_request(
     f"The request body is larger than {review.MAX_BODY_BYTES} bytes; send a single AdmissionReview."
 )
+_TOO_SLOW = review.bad_request(
+    "The request body did not arrive within the request's timeout; send it at once (kube-apiserver does)."
+)
+
+
+REASON_TIMEOUT = "Timeout"
+
+
+def _timed_out(pending: review.Pending) -> review.Answer:
+    message = "The webhook could not answer within the API server's timeout; retry."
+    return review.refusal(pending.api_version, pending.uid, REASON_TIMEOUT, message, code=503)
 
 
 class _MutatePods:
-    """POST /mutate-pods as a plain ASGI endpoint: no request object, no validation layer, bytes in and out."""
+    """POST /mutate-pods as a plain ASGI endpoint: no request object, no validation layer, bytes in and out.
+
+    Work per request is bounded: the body by review.MAX_BODY_BYTES and the caller's timeout; parsing by the
+    body's size (large ones in a worker process); lookups by one API call per kind, ending by the deadline.
+    """
 
     def __init__(self, cache: WebhookCache, metrics: _Metrics) -> None:
         self.cache = cache
         self.cached = cache.cached()
         self.metrics = metrics
+        self.parser = _Parser()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        deadline = time.monotonic() + request_timeout(scope.get("query_string", b"")) - _TIMEOUT_MARGIN_SECONDS
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > review.MAX_BODY_BYTES:
@@ -137,26 +237,64 @@ class _MutatePods:
                     return
                 break
         try:
-            body = await _read_body(receive)
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                body, holds_slot = await _read_body(receive, INLINE_BODY_BYTES, self.parser.slots)
         except _Disconnected:
             return
+        except TimeoutError:
+            self.metrics.record(_TOO_SLOW, 0.0)
+            await self._send(send, _TOO_SLOW)
+            return
         started = time.perf_counter()
-        if body is None:
-            answer = _TOO_LARGE
-        else:
-            try:
-                answer = review.review(body, self.cached)
-            except LookupWouldBlock:
-                # Something is not in the cache yet: decide in a worker thread, where the cache may ask the API.
-                answer = await run_in_threadpool(review.review, body, self.cache)
+        try:
+            answer = await self._answer(body, holds_slot, deadline)
+        finally:
+            if holds_slot:
+                self.parser.slots.release()
         self.metrics.record(answer, time.perf_counter() - started)
         await self._send(send, answer)
+
+    async def _answer(self, body: bytes | None, large: bool, deadline: float) -> review.Answer:
+        if body is None:
+            return _TOO_LARGE
+        parsed: review.Answer | review.Pending | None = None
+        if not large:
+            with contextlib.suppress(TooMuchWork):
+                parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                if parsed is None and large:
+                    parsed = await self.parser.parse(body)
+                elif parsed is None:
+                    async with self.parser.slots:  # a small pod that needs many mounts: take a slot too
+                        parsed = await self.parser.parse(body)
+                if isinstance(parsed, review.Answer):
+                    return parsed
+                try:
+                    return review.complete(parsed, self.cached)
+                except LookupWouldBlock:
+                    # Not in the cache yet: decide in a worker thread, where the cache may ask the API server
+                    # (calls that end by the deadline, so no work outlives the caller's patience).
+                    return await run_in_threadpool(review.complete, parsed, self.cache.before(deadline))
+        except TimeoutError:
+            if isinstance(parsed, review.Pending):
+                return _timed_out(parsed)
+            return review.bad_request("The webhook could not read the request within its timeout; retry.")
+        except BrokenProcessPool:
+            log.error("the webhook's parsing process died; it is restarted for the next large request")
+            return review.bad_request("The webhook could not parse this large request; retry.")
 
     @staticmethod
     async def _send(send: Send, answer: review.Answer) -> None:
         headers = [*_JSON_HEADERS, (b"content-length", str(len(answer.body)).encode())]
         await send({"type": "http.response.start", "status": answer.status_code, "headers": headers})
         await send({"type": "http.response.body", "body": answer.body})
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_deadline - time.monotonic())
 
 
 class _WebhookApp(FastAPI):
@@ -179,6 +317,7 @@ def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = No
     app.state.draining = False
     # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
     app.mutate_pods = _MutatePods(cache, metrics)
+    app.state.parser = app.mutate_pods.parser
     app.router.routes.append(Route(MUTATE_PATH, app.mutate_pods, methods=["POST"]))  # for the route listing
 
     @app.get("/healthz")

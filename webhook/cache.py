@@ -1,13 +1,17 @@
 """What the webhook knows about its cluster: which ServiceAccountImports exist, and the namespaces' labels.
 
 Fed by two watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
-namespace created a moment ago, not yet seen by the watch) it asks the API server once before answering.
+namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
+namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
+waits past the caller's deadline.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
@@ -19,6 +23,38 @@ MISS_IMPORT = "import"
 MISS_NAMESPACE = "namespace"
 # Below the webhook's timeoutSeconds (5), so a slow API server gives a clear refusal, not a webhook timeout.
 API_TIMEOUT_SECONDS = 3.0
+# How long what a miss learnt from the API server answers again (found or not): long enough that a storm of pods
+# naming unknown imports costs one call per namespace per period, short enough that a fix is seen at once.
+RECENT_SECONDS = 2.0
+
+
+class _Recent:
+    """What the last API call about a key said, for RECENT_SECONDS; one call in flight per key (single flight)."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._answers: dict[str, tuple[float, object]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, key: str) -> object | None:
+        entry = self._answers.get(key)
+        if entry is None or time.monotonic() - entry[0] > self._ttl:
+            return None
+        return entry[1]
+
+    def put(self, key: str, answer: object) -> None:
+        now = time.monotonic()
+        with self._guard:
+            if len(self._answers) > 1024:  # forget stale entries: the map stays as small as the recent traffic
+                self._answers = {k: v for k, v in self._answers.items() if now - v[0] <= self._ttl}
+            self._answers[key] = (now, answer)
+
+    def lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            if len(self._locks) > 1024:
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            return self._locks.setdefault(key, threading.Lock())
 
 
 class _CacheOnly:
@@ -29,24 +65,47 @@ class _CacheOnly:
 
     def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
         labels = self._cache._namespaces.get(namespace)
-        if labels is None:
+        if labels is not None:
+            return labels
+        recent = self._cache._recent_namespaces.get(namespace)
+        if recent is None:
             raise LookupWouldBlock(namespace)
-        return labels
+        return recent.labels  # type: ignore[attr-defined]
 
-    def import_exists(self, namespace: str, name: str) -> bool:
-        if (namespace, name) not in self._cache._imports:
-            raise LookupWouldBlock(name)
-        return True
+    def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+        known = self._cache._imports
+        unknown = [name for name in names if (namespace, name) not in known]
+        if not unknown:
+            return []
+        recent = self._cache._recent_imports.get(namespace)
+        if recent is None:
+            raise LookupWouldBlock(namespace)
+        return [name for name in unknown if name not in recent]  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class _NamespaceAnswer:
+    labels: Mapping[str, str] | None
 
 
 class WatchCache:
-    """Watch-fed lookups for the webhook; `cached()` gives the non-blocking view used on the request path."""
+    """Watch-fed lookups for the webhook; `cached()` gives the non-blocking view used on the request path.
 
-    def __init__(self, api_client: ApiClient, *, api_timeout: float = API_TIMEOUT_SECONDS) -> None:
+    A miss makes one API call: a GET of the namespace, or one LIST of the namespace's imports (whatever the
+    number of names), remembered for RECENT_SECONDS, and made by one thread at a time per namespace.
+    `before(deadline)` gives a view whose calls end by that time.monotonic() deadline (the caller's timeout).
+    """
+
+    def __init__(
+        self, api_client: ApiClient, *, api_timeout: float = API_TIMEOUT_SECONDS, recent_seconds: float = RECENT_SECONDS
+    ) -> None:
         self._imports_api = kube.Resource(api_client, kube.SERVICE_ACCOUNT_IMPORTS, timeout=api_timeout)
         self._namespaces_api = kube.Resource(api_client, kube.NAMESPACES, timeout=api_timeout)
+        self._api_timeout = api_timeout
         self._imports: set[tuple[str, str]] = set()
         self._namespaces: dict[str, Mapping[str, str]] = {}
+        self._recent_imports = _Recent(recent_seconds)
+        self._recent_namespaces = _Recent(recent_seconds)
         self._misses = {MISS_IMPORT: 0, MISS_NAMESPACE: 0}
         self._misses_lock = threading.Lock()
         self._import_informer = kube.Informer(self._imports_api, name="webhook-serviceaccountimports")
@@ -89,6 +148,10 @@ class WatchCache:
     def cached(self) -> ImportLookup:
         return self._view
 
+    def before(self, deadline: float) -> ImportLookup:
+        """The blocking lookups, each API call ending by `deadline` (time.monotonic())."""
+        return _Blocking(self, deadline)
+
     def misses(self) -> dict[str, int]:
         """How many lookups missed the cache and went to the API server, by kind."""
         with self._misses_lock:
@@ -98,42 +161,90 @@ class WatchCache:
         with self._misses_lock:
             self._misses[kind] += 1
 
-    # The blocking lookups (a thread of the pool, never the event loop).
+    # The blocking lookups (a thread of the pool, never the event loop), without a deadline of their own.
     def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
-        labels = self._namespaces.get(namespace)
-        if labels is not None:
+        return self.before(time.monotonic() + self._api_timeout).namespace_labels(namespace)
+
+    def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+        return self.before(time.monotonic() + self._api_timeout).missing_imports(namespace, names)
+
+
+class _Blocking:
+    """WatchCache's lookups that may ask the API server (once per request and kind), within a deadline."""
+
+    def __init__(self, cache: WatchCache, deadline: float) -> None:
+        self._cache = cache
+        self._deadline = deadline
+
+    def _remaining(self, what: str) -> float:
+        left = min(self._deadline - time.monotonic(), self._cache._api_timeout)
+        if left <= 0.05:
+            raise LookupFailed(_failure(what, "no time left before the API server's timeout"))
+        return left
+
+    def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
+        cache = self._cache
+        try:
+            return cache._view.namespace_labels(namespace)
+        except LookupWouldBlock:
+            pass
+        what = f'namespace "{namespace}"'
+        lock = cache._recent_namespaces.lock(namespace)
+        if not lock.acquire(timeout=self._remaining(what)):
+            raise LookupFailed(_failure(what, "timed out waiting for another lookup of it"))
+        try:
+            recent = cache._recent_namespaces.get(namespace)
+            if recent is not None:  # another request asked while this one waited
+                return recent.labels  # type: ignore[attr-defined]
+            cache._count_miss(MISS_NAMESPACE)
+            try:
+                obj = cache._namespaces_api.get(namespace, timeout=self._remaining(what))
+                labels: Mapping[str, str] | None = dict((obj.get("metadata") or {}).get("labels") or {})
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
+                labels = None
+            except kube.CONNECTION_ERRORS as exc:
+                raise LookupFailed(_failure(what, type(exc).__name__)) from None
+            cache._recent_namespaces.put(namespace, _NamespaceAnswer(labels))
             return labels
-        self._count_miss(MISS_NAMESPACE)
+        finally:
+            lock.release()
+
+    def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+        cache = self._cache
         try:
-            obj = self._namespaces_api.get(namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise LookupFailed(_failure("namespace", f'"{namespace}"', f"HTTP {exc.status}")) from None
-        except kube.CONNECTION_ERRORS as exc:
-            raise LookupFailed(_failure("namespace", f'"{namespace}"', type(exc).__name__)) from None
-        return dict((obj.get("metadata") or {}).get("labels") or {})
-
-    def import_exists(self, namespace: str, name: str) -> bool:
-        if (namespace, name) in self._imports:
-            return True
-        self._count_miss(MISS_IMPORT)
+            return cache._view.missing_imports(namespace, names)
+        except LookupWouldBlock:
+            pass
+        what = f'ServiceAccountImports in namespace "{namespace}"'
+        lock = cache._recent_imports.lock(namespace)
+        if not lock.acquire(timeout=self._remaining(what)):
+            raise LookupFailed(_failure(what, "timed out waiting for another lookup of them"))
         try:
-            self._imports_api.get(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            what = f'"{name}" in namespace "{namespace}"'
-            raise LookupFailed(_failure("ServiceAccountImport", what, f"HTTP {exc.status}")) from None
-        except kube.CONNECTION_ERRORS as exc:
-            what = f'"{name}" in namespace "{namespace}"'
-            raise LookupFailed(_failure("ServiceAccountImport", what, type(exc).__name__)) from None
-        return True
+            try:
+                return cache._view.missing_imports(namespace, names)  # another request asked while this one waited
+            except LookupWouldBlock:
+                pass
+            cache._count_miss(MISS_IMPORT)
+            try:
+                listed = cache._imports_api.list(namespace, timeout=self._remaining(what))
+            except ApiException as exc:
+                raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
+            except kube.CONNECTION_ERRORS as exc:
+                raise LookupFailed(_failure(what, type(exc).__name__)) from None
+            present = frozenset(
+                (item.get("metadata") or {}).get("name") for item in listed.get("items") or () if isinstance(item, dict)
+            )
+            cache._recent_imports.put(namespace, present)
+            return [name for name in names if (namespace, name) not in cache._imports and name not in present]
+        finally:
+            lock.release()
 
 
-def _failure(kind: str, what: str, cause: str) -> str:
+def _failure(what: str, cause: str) -> str:
     return (
-        f"The webhook could not look up {kind} {what} with the API server ({cause}); retry, and check the "
+        f"The webhook could not look up {what} with the API server ({cause}); retry, and check the "
         "webhook's RBAC and its connection to the API server if it persists."
     )
 
@@ -165,5 +276,8 @@ class StaticCache:
     def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
         return self.namespaces.get(namespace)
 
-    def import_exists(self, namespace: str, name: str) -> bool:
-        return (namespace, name) in self.imports
+    def before(self, deadline: float) -> ImportLookup:
+        return self
+
+    def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+        return [name for name in names if (namespace, name) not in self.imports]

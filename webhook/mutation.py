@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +21,12 @@ REASON_VOLUME_CONFLICT = "VolumeConflict"
 REASON_MOUNT_CONFLICT = "MountConflict"
 REASON_INVALID_POD = "InvalidPod"
 REASON_LOOKUP_FAILED = "LookupFailed"
+REASON_TOO_MANY_IMPORTS = "TooManyImports"
+REASON_TOO_MANY_CONTAINERS = "TooManyContainers"
+
+# The most containers (init, regular and ephemeral together) the webhook mounts imports into: with the import cap,
+# it bounds the patch (and the work) to MAX_CONTAINERS * MAX_IMPORTS_PER_POD mounts.
+MAX_CONTAINERS = 256
 
 _CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 
@@ -32,13 +38,17 @@ class ImportLookup(Protocol):
         """The labels of a namespace, or None if it does not exist."""
         ...
 
-    def import_exists(self, namespace: str, name: str) -> bool:
-        """True if a ServiceAccountImport with this name exists in this namespace."""
+    def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
+        """Those of `names` (at most MAX_IMPORTS_PER_POD) that are not ServiceAccountImports in this namespace."""
         ...
 
 
 class LookupFailed(Exception):
     """The lookup could not tell (API unreachable); the message says so without any secret."""
+
+
+class TooMuchWork(Exception):
+    """prepare() was asked to stay small and the pod needs more mounts than that: prepare it elsewhere."""
 
 
 class LookupWouldBlock(Exception):
@@ -69,7 +79,10 @@ def refuse(reason: str, message: str) -> Decision:
 
 
 def requested_imports(pod: Mapping[str, Any]) -> list[str] | None:
-    """The import names the pod asks for ([] if none), or None if its metadata is malformed."""
+    """The import names the pod asks for ([] if none), or None if its metadata is malformed.
+
+    At most MAX_IMPORTS_PER_POD + 1 names: one more than allowed is enough to refuse the pod.
+    """
     metadata = pod.get("metadata")
     if metadata is None:
         return []
@@ -85,49 +98,98 @@ def requested_imports(pod: Mapping[str, Any]) -> list[str] | None:
         return []
     if not isinstance(value, str):
         return None
-    return api.parse_import_annotation(value)
+    return api.parse_import_annotation(value, limit=api.MAX_IMPORTS_PER_POD)
 
 
-def _quoted(names: list[str]) -> str:
-    return ", ".join(f'"{name}"' for name in names)
+_SHOWN_NAME_LENGTH = 80
 
 
-def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
-    """Decide what to do with a pod created in `namespace`.
+def _quoted(names: Sequence[str]) -> str:
+    # A name in a message is cut: the annotation may hold a megabyte-long "name".
+    return ", ".join(
+        f'"{name[:_SHOWN_NAME_LENGTH]}…"' if len(name) > _SHOWN_NAME_LENGTH else f'"{name}"' for name in names
+    )
 
-    No annotation, or a namespace that is not enabled: allowed untouched (even if the API server's
-    namespaceSelector is misconfigured). Otherwise every import must exist in the namespace, and the pod
-    gets one Secret volume per import and one read-only mount per import in every container; what is
-    already there (reinvocation) is not added again, and what collides with the pod's own volumes or
-    mounts is refused. May raise LookupFailed.
+
+def _shown(names: Sequence[str]) -> tuple[str, ...]:
+    return tuple(name[: _SHOWN_NAME_LENGTH + 1] for name in names)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """All the decision needs from a pod, worked out without the cluster: small (bounded by the import cap),
+    picklable, so that a large pod can be prepared in another process (see webhook.review)."""
+
+    # The answer when there is nothing to look up: no annotation, or a malformed pod.
+    early: Decision | None
+    # The requested imports (at most MAX_IMPORTS_PER_POD + 1), and those of them that are not valid names.
+    names: tuple[str, ...] = ()
+    invalid: tuple[str, ...] = ()
+    # The patch (or a conflict refusal) to answer once every import is known to exist.
+    planned: Decision | None = None
+
+
+def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
+    """The lookup-free part of the decision: linear in the size of the pod, whatever it holds.
+
+    With `max_mounts`, raises TooMuchWork rather than plan more mounts (imports x containers) than that.
     """
     if not isinstance(pod, Mapping):
-        return refuse(
-            REASON_INVALID_POD, "The request's object is not a pod; only pods can be admitted by this webhook."
+        return Prepared(
+            refuse(REASON_INVALID_POD, "The request's object is not a pod; only pods can be admitted by this webhook.")
         )
     names = requested_imports(pod)
     if names is None:
-        return refuse(
-            REASON_INVALID_POD,
-            f"The pod's metadata.annotations is malformed; set {api.IMPORT_ANNOTATION} to a comma-separated string.",
+        return Prepared(
+            refuse(
+                REASON_INVALID_POD,
+                f"The pod's metadata.annotations is malformed; set {api.IMPORT_ANNOTATION} to a comma-separated "
+                "string.",
+            )
         )
     if not names:
-        return ALLOW
+        return Prepared(ALLOW)
+    if len(names) > api.MAX_IMPORTS_PER_POD:
+        return Prepared(None, tuple(names))
+    invalid = [name for name in names if not api.is_dns_subdomain(name)]
+    if invalid:
+        # Only the start of a name is ever shown: the rest is not kept (nor sent back from a worker process).
+        return Prepared(None, _shown(names), _shown(invalid))
+    if max_mounts is not None and len(names) * _containers_count(pod.get("spec")) > max_mounts:
+        raise TooMuchWork
+    return Prepared(None, tuple(names), planned=plan_patch(pod, names))
+
+
+def _containers_count(spec: Any) -> int:
+    if not isinstance(spec, Mapping):
+        return 0
+    return sum(len(c) for f in _CONTAINER_FIELDS if isinstance(c := spec.get(f), list))
+
+
+def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision:
+    """The decision for a prepared pod created in `namespace`: at most one namespace and one import lookup."""
+    if prepared.early is not None:
+        return prepared.early
     if not (isinstance(namespace, str) and api.is_dns_label(namespace)):
         return refuse(
             REASON_INVALID_POD, "The pod's namespace is not a valid namespace name; create it in a namespace."
         )
     if not api.namespace_enabled(lookup.namespace_labels(namespace)):
         return ALLOW
-
-    invalid = [name for name in names if not api.is_dns_subdomain(name)]
-    if invalid:
+    if len(prepared.names) > api.MAX_IMPORTS_PER_POD:
+        return refuse(
+            REASON_TOO_MANY_IMPORTS,
+            f"{api.IMPORT_ANNOTATION} names more than {api.MAX_IMPORTS_PER_POD} imports, the most a pod may ask "
+            "for; name only the imports this pod uses.",
+        )
+    if prepared.invalid:
+        invalid = prepared.invalid
         return refuse(
             REASON_INVALID_IMPORT_NAME,
             f"{api.IMPORT_ANNOTATION} names {_quoted(invalid)}, which {'is' if len(invalid) == 1 else 'are'} not a "
             "valid ServiceAccountImport name; use lowercase names of ServiceAccountImports, separated by commas.",
         )
-    missing = [name for name in names if not lookup.import_exists(namespace, name)]
+    missing = lookup.missing_imports(namespace, prepared.names)
     if missing:
         plural = len(missing) > 1
         return refuse(
@@ -137,19 +199,51 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
             f"{'them' if plural else 'it'} there first (kubectl get serviceaccountimports -n {namespace}) "
             f"or fix the pod's {api.IMPORT_ANNOTATION} annotation.",
         )
-    return plan_patch(pod, names)
+    assert prepared.planned is not None
+    return prepared.planned
+
+
+def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
+    """Decide what to do with a pod created in `namespace`: finish(prepare(pod), namespace, lookup).
+
+    No annotation, or a namespace that is not enabled: allowed untouched (even if the API server's
+    namespaceSelector is misconfigured). Otherwise the pod may ask for at most MAX_IMPORTS_PER_POD imports,
+    every one must exist in the namespace, and the pod gets one Secret volume per import and one read-only
+    mount per import in every container (of at most MAX_CONTAINERS); what is already there (reinvocation) is
+    not added again, and what collides with the pod's own volumes or mounts is refused. May raise LookupFailed.
+    """
+    return finish(prepare(pod), namespace, lookup)
+
+
+@dataclass(frozen=True)
+class _Mounted:
+    """One import as the pod gets it: its volume, Secret and mount path, and their JSON fragments."""
+
+    name: str
+    volume_name: str
+    secret_name: str
+    mount_path: str
+    volume_json: str
+    mount_json: str
 
 
 @functools.lru_cache(maxsize=4096)
-def _names_for(name: str) -> tuple[str, str, str]:
-    """(volume name, Secret name, mount path) of an import: pure, and the same few names come back all day."""
-    return api.volume_name_for_import(name), api.secret_name_for_import(name), api.mount_path_for_import(name)
+def _mounted(name: str, volume_name: str) -> _Mounted:
+    # Pure, and the same few imports come back all day: names derived and JSON serialized once, not per request.
+    secret_name, mount_path = api.secret_name_for_import(name), api.mount_path_for_import(name)
+    volume = {"name": volume_name, "secret": {"secretName": secret_name}}
+    mount = {"name": volume_name, "mountPath": mount_path, "readOnly": True}
+    return _Mounted(name, volume_name, secret_name, mount_path, _compact(volume), _compact(mount))
 
 
-@functools.lru_cache(maxsize=4096)
-def _fragments_for(name: str) -> tuple[str, str]:
-    """The compact JSON of an import's volume and of its mount: serialized once, not on every request."""
-    return _compact(_volume_for(name)), _compact(_mount_for(name))
+_volume_name = functools.lru_cache(maxsize=4096)(api.volume_name_for_import)
+
+
+def _mounts_for(names: Sequence[str]) -> list[_Mounted]:
+    volume_names = [_volume_name(name) for name in names]
+    if len(set(volume_names)) != len(volume_names):  # two hashed names collided: let api disambiguate
+        volume_names = api.volume_names_for_imports(names)
+    return [_mounted(name, volume_name) for name, volume_name in zip(names, volume_names, strict=True)]
 
 
 _compact = json.JSONEncoder(separators=(",", ":")).encode
@@ -160,25 +254,23 @@ def _add(path: str, value_json: str) -> str:
     return f'{{"op":"add","path":"{path}","value":{value_json}}}'
 
 
-def _volume_for(name: str) -> dict[str, Any]:
-    volume_name, secret_name, _ = _names_for(name)
-    return {"name": volume_name, "secret": {"secretName": secret_name}}
-
-
-def _mount_for(name: str) -> dict[str, Any]:
-    volume_name, _, mount_path = _names_for(name)
-    return {"name": volume_name, "mountPath": mount_path, "readOnly": True}
-
-
 def _normalized_path(path: str) -> str:
     return path.rstrip("/") or "/"
 
 
-def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
+def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
     """The RFC 6902 operations that mount these imports into the pod, or a refusal if they collide."""
     spec = pod.get("spec")
     if not isinstance(spec, Mapping):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
+    containers_count = _containers_count(spec)
+    if containers_count > MAX_CONTAINERS:
+        return refuse(
+            REASON_TOO_MANY_CONTAINERS,
+            f"The pod has {containers_count} containers; the webhook mounts imports into pods of at most "
+            f"{MAX_CONTAINERS} containers (init and ephemeral ones included).",
+        )
+    mounted = _mounts_for(names)
     operations: list[str] = []  # each one compact JSON
 
     volumes = spec.get("volumes")
@@ -189,18 +281,17 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
         v["name"]: v for v in volumes or () if isinstance(v, Mapping) and isinstance(v.get("name"), str)
     }
     new_volumes = []
-    for name in names:
-        volume_name, secret_name, _ = _names_for(name)
-        existing = existing_volumes.get(volume_name)
+    for item in mounted:
+        existing = existing_volumes.get(item.volume_name)
         if existing is None:
-            new_volumes.append(_fragments_for(name)[0])
+            new_volumes.append(item.volume_json)
             continue
         secret = existing.get("secret")
-        if not (isinstance(secret, Mapping) and secret.get("secretName") == secret_name):
+        if not (isinstance(secret, Mapping) and secret.get("secretName") == item.secret_name):
             return refuse(
                 REASON_VOLUME_CONFLICT,
-                f'The pod already has a volume named "{volume_name}" that is not the Secret of '
-                f'ServiceAccountImport "{name}"; rename that volume, the name is reserved for the import.',
+                f'The pod already has a volume named "{item.volume_name}" that is not the Secret of '
+                f'ServiceAccountImport "{item.name}"; rename that volume, the name is reserved for the import.',
             )
     if new_volumes:
         if volumes is None:
@@ -229,15 +320,15 @@ def plan_patch(pod: Mapping[str, Any], names: list[str]) -> Decision:
                 if isinstance(m, Mapping) and isinstance(m.get("mountPath"), str)
             }
             new_mounts = []
-            for name in names:
-                volume_name, _, mount_path = _names_for(name)
-                if mount_path not in by_path:
-                    new_mounts.append(_fragments_for(name)[1])
-                elif (present := by_path[mount_path]) != volume_name:
+            for item in mounted:
+                if item.mount_path not in by_path:
+                    new_mounts.append(item.mount_json)
+                elif (present := by_path[item.mount_path]) != item.volume_name:
                     return refuse(
                         REASON_MOUNT_CONFLICT,
-                        f'Container "{container.get("name")}" already mounts volume "{present}" at '
-                        f"{mount_path}; remove that mount, the path is reserved for the import's credentials.",
+                        f'Container "{str(container.get("name"))[:_SHOWN_NAME_LENGTH]}" already mounts volume '
+                        f'"{str(present)[:_SHOWN_NAME_LENGTH]}" at {item.mount_path}; remove that mount, the path '
+                        "is reserved for the import's credentials.",
                     )
             if not new_mounts:
                 continue

@@ -19,7 +19,11 @@ from webhook import mutation
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 3 * 1024 * 1024
+# kube-apiserver refuses request bodies over 3 MiB, but it runs mutating admission before it checks the size of
+# annotations, and the AdmissionReview it sends wraps the object with the request's envelope (userInfo, options)
+# and the managedFields it adds: 1 MiB more than the object leaves room for those.
+MAX_OBJECT_BYTES = 3 * 1024 * 1024
+MAX_BODY_BYTES = MAX_OBJECT_BYTES + 1024 * 1024
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 KIND = "AdmissionReview"
 
@@ -78,7 +82,8 @@ def _allow(api_version: str, uid: str, patch_json: str = "[]") -> Answer:
     return Answer(200, body + encoded + b'"}}', RESULT_PATCHED)
 
 
-def _refuse(api_version: str, uid: str, reason: str, message: str, code: int = 403) -> Answer:
+def refusal(api_version: str, uid: str, reason: str, message: str, code: int = 403) -> Answer:
+    """allowed: false with a Status of this code, reason and message."""
     status = {"code": code, "reason": _STATUS_REASONS.get(code, "Forbidden"), "message": message}
     return Answer(200, _respond(api_version, uid, {"allowed": False, "status": status}), RESULT_REFUSED, reason)
 
@@ -89,8 +94,30 @@ def _group_kind(value: Any) -> tuple[Any, Any]:
     return value.get("group"), value.get("kind") or value.get("resource")
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A parsed AdmissionReview whose answer needs the cluster: small and picklable (see mutation.Prepared)."""
+
+    api_version: str
+    uid: str
+    namespace: str
+    prepared: mutation.Prepared
+    # The answer once every import is found (patch encoded here, where the CPU is spent), else None.
+    found: Answer | None = None
+
+
 def review(body: bytes, lookup: mutation.ImportLookup) -> Answer:
-    """Answer one AdmissionReview request body."""
+    """Answer one AdmissionReview request body: complete(parse(body), lookup)."""
+    parsed = parse(body)
+    return parsed if isinstance(parsed, Answer) else complete(parsed, lookup)
+
+
+def parse(body: bytes, *, max_mounts: int | None = None) -> Answer | Pending:
+    """The cluster-free part of the review: the answer if it needs no lookup, else what complete() needs.
+
+    Linear in the size of the body, with no I/O: run it wherever a large body cannot stall anything else.
+    With `max_mounts`, raises mutation.TooMuchWork for a pod that needs more mounts than that.
+    """
     if len(body) > MAX_BODY_BYTES:
         return bad_request(f"The request body is larger than {MAX_BODY_BYTES} bytes; send a single AdmissionReview.")
     try:
@@ -111,36 +138,52 @@ def review(body: bytes, lookup: mutation.ImportLookup) -> Answer:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         return bad_request("The AdmissionReview request has no uid; the API server sends one with every review.")
+    if len(uid) > 128:
+        return bad_request("The AdmissionReview request's uid is not a UID; the API server sends a UUID.")
     try:
-        return _review_request(api_version, uid, request, lookup)
+        return _parse_request(api_version, uid, request, max_mounts)
+    except mutation.TooMuchWork:
+        raise
+    except Exception:
+        return _internal_error(api_version, uid)
+
+
+def complete(pending: Pending, lookup: mutation.ImportLookup) -> Answer:
+    """The answer to a parsed review, with at most one lookup per kind. Raises only LookupWouldBlock."""
+    api_version, uid = pending.api_version, pending.uid
+    try:
+        decision = mutation.finish(pending.prepared, pending.namespace, lookup)
+        if decision is pending.prepared.planned and pending.found is not None:
+            return pending.found  # (pickling keeps that identity: both come from one object graph)
     except mutation.LookupWouldBlock:
         raise
     except mutation.LookupFailed as exc:
-        return _refuse(api_version, uid, mutation.REASON_LOOKUP_FAILED, str(exc), code=503)
+        return refusal(api_version, uid, mutation.REASON_LOOKUP_FAILED, str(exc), code=503)
     except Exception:
-        # A bug must not take pod creation down with a 500 loop; refuse this pod and log the details.
-        log.exception("unexpected error while reviewing request %s", uid[:64])
-        return Answer(
-            200,
-            _respond(
-                api_version,
-                uid,
-                {
-                    "allowed": False,
-                    "status": {
-                        "code": 500,
-                        "reason": "InternalError",
-                        "message": "The service account import webhook failed unexpectedly; retry, and report it "
-                        "with the webhook's logs if it persists.",
-                    },
-                },
-            ),
-            RESULT_ERROR,
-            REASON_INTERNAL,
-        )
+        return _internal_error(api_version, uid)
+    return _answer(api_version, uid, decision)
 
 
-def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup: mutation.ImportLookup) -> Answer:
+def _answer(api_version: str, uid: str, decision: mutation.Decision) -> Answer:
+    if decision.allowed:
+        return _allow(api_version, uid, decision.patch_json)
+    code = 400 if decision.reason == mutation.REASON_INVALID_POD else 403
+    return refusal(api_version, uid, decision.reason, decision.message, code=code)
+
+
+def _internal_error(api_version: str, uid: str) -> Answer:
+    # A bug must not take pod creation down with a 500 loop; refuse this pod and log the details.
+    log.exception("unexpected error while reviewing request %s", uid)
+    status = {
+        "code": 500,
+        "reason": "InternalError",
+        "message": "The service account import webhook failed unexpectedly; retry, and report it "
+        "with the webhook's logs if it persists.",
+    }
+    return Answer(200, _respond(api_version, uid, {"allowed": False, "status": status}), RESULT_ERROR, REASON_INTERNAL)
+
+
+def _parse_request(api_version: str, uid: str, request: dict[str, Any], max_mounts: int | None) -> Answer | Pending:
     if request.get("operation") != "CREATE":
         return _allow(api_version, uid)
     if request.get("subResource"):
@@ -155,7 +198,7 @@ def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup:
         or pod.get("kind", "Pod") != "Pod"
         or pod.get("apiVersion", "v1") != "v1"
     ):
-        return _refuse(
+        return refusal(
             api_version,
             uid,
             REASON_NOT_A_POD,
@@ -166,8 +209,8 @@ def _review_request(api_version: str, uid: str, request: dict[str, Any], lookup:
     if not namespace:
         metadata = pod.get("metadata")
         namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
-    decision = mutation.decide(pod, namespace if isinstance(namespace, str) else "", lookup)
-    if decision.allowed:
-        return _allow(api_version, uid, decision.patch_json)
-    code = 400 if decision.reason == mutation.REASON_INVALID_POD else 403
-    return _refuse(api_version, uid, decision.reason, decision.message, code=code)
+    prepared = mutation.prepare(pod, max_mounts=max_mounts)
+    if prepared.early is not None:
+        return _answer(api_version, uid, prepared.early)
+    found = _answer(api_version, uid, prepared.planned) if prepared.planned is not None else None
+    return Pending(api_version, uid, namespace if isinstance(namespace, str) else "", prepared, found)
