@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kubernetes.client import ApiClient
@@ -182,34 +182,45 @@ class _Blocking:
             raise LookupFailed(_failure(what, "no time left before the API server's timeout"))
         return left
 
+    def _ask_once(self, recent: _Recent, key: str, kind: str, what: str, call: Callable[[float], object]) -> object:
+        """`call(timeout)`'s answer, remembered under `key`; or the answer another thread got while this one waited."""
+        lock = recent.lock(key)
+        if not lock.acquire(timeout=self._remaining(what)):
+            raise LookupFailed(_failure(what, "timed out waiting for another lookup"))
+        try:
+            answer = recent.get(key)
+            if answer is not None:
+                return answer
+            self._cache._count_miss(kind)
+            try:
+                answer = call(self._remaining(what))
+            except ApiException as exc:
+                raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
+            except kube.CONNECTION_ERRORS as exc:
+                raise LookupFailed(_failure(what, type(exc).__name__)) from None
+            recent.put(key, answer)
+            return answer
+        finally:
+            lock.release()
+
     def namespace_labels(self, namespace: str) -> Mapping[str, str] | None:
         cache = self._cache
         try:
             return cache._view.namespace_labels(namespace)
         except LookupWouldBlock:
             pass
-        what = f'namespace "{namespace}"'
-        lock = cache._recent_namespaces.lock(namespace)
-        if not lock.acquire(timeout=self._remaining(what)):
-            raise LookupFailed(_failure(what, "timed out waiting for another lookup of it"))
-        try:
-            recent = cache._recent_namespaces.get(namespace)
-            if recent is not None:  # another request asked while this one waited
-                return recent.labels  # type: ignore[attr-defined]
-            cache._count_miss(MISS_NAMESPACE)
+
+        def get(timeout: float) -> _NamespaceAnswer:
             try:
-                obj = cache._namespaces_api.get(namespace, timeout=self._remaining(what))
-                labels: Mapping[str, str] | None = dict((obj.get("metadata") or {}).get("labels") or {})
+                obj = cache._namespaces_api.get(namespace, timeout=timeout)
             except ApiException as exc:
-                if exc.status != 404:
-                    raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
-                labels = None
-            except kube.CONNECTION_ERRORS as exc:
-                raise LookupFailed(_failure(what, type(exc).__name__)) from None
-            cache._recent_namespaces.put(namespace, _NamespaceAnswer(labels))
-            return labels
-        finally:
-            lock.release()
+                if exc.status == 404:
+                    return _NamespaceAnswer(None)
+                raise
+            return _NamespaceAnswer(dict((obj.get("metadata") or {}).get("labels") or {}))
+
+        answer = self._ask_once(cache._recent_namespaces, namespace, MISS_NAMESPACE, f'namespace "{namespace}"', get)
+        return answer.labels  # type: ignore[attr-defined]
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         cache = self._cache
@@ -217,29 +228,15 @@ class _Blocking:
             return cache._view.missing_imports(namespace, names)
         except LookupWouldBlock:
             pass
+
+        def list_names(timeout: float) -> frozenset[str]:
+            listed = cache._imports_api.list(namespace, timeout=timeout)
+            items = listed.get("items") or ()
+            return frozenset((item.get("metadata") or {}).get("name") for item in items if isinstance(item, dict))
+
         what = f'ServiceAccountImports in namespace "{namespace}"'
-        lock = cache._recent_imports.lock(namespace)
-        if not lock.acquire(timeout=self._remaining(what)):
-            raise LookupFailed(_failure(what, "timed out waiting for another lookup of them"))
-        try:
-            try:
-                return cache._view.missing_imports(namespace, names)  # another request asked while this one waited
-            except LookupWouldBlock:
-                pass
-            cache._count_miss(MISS_IMPORT)
-            try:
-                listed = cache._imports_api.list(namespace, timeout=self._remaining(what))
-            except ApiException as exc:
-                raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
-            except kube.CONNECTION_ERRORS as exc:
-                raise LookupFailed(_failure(what, type(exc).__name__)) from None
-            present = frozenset(
-                (item.get("metadata") or {}).get("name") for item in listed.get("items") or () if isinstance(item, dict)
-            )
-            cache._recent_imports.put(namespace, present)
-            return [name for name in names if (namespace, name) not in cache._imports and name not in present]
-        finally:
-            lock.release()
+        present = self._ask_once(cache._recent_imports, namespace, MISS_IMPORT, what, list_names)
+        return [name for name in names if (namespace, name) not in cache._imports and name not in present]  # type: ignore[operator]
 
 
 def _failure(what: str, cause: str) -> str:
