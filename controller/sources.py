@@ -24,7 +24,7 @@ import yaml
 from kubernetes.client import ApiClient, Configuration
 
 from controller.reconcile import Remote
-from kubemcsa import api
+from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
 from kubemcsa.kubeconfig import (
     ConfigError,
@@ -80,10 +80,10 @@ def client_error_message(source: SourceCluster, exc: Exception) -> str:
     where = f"The controller cannot build a client for cluster {source.name}"
     if isinstance(exc, CredentialsError):
         return f"{where} from its {source.origin}: {exc}"
-    if isinstance(exc, OSError):
-        detail = exc.strerror or type(exc).__name__
+    problem = kube.local_file_problem(exc)
+    if problem:
         return (
-            f"{where}: its local filesystem refused ({detail}), which is no fault of the {source.origin}; "
+            f"{where}: its local filesystem refused ({problem}), which is no fault of the {source.origin}; "
             "give the controller's pod a writable /tmp (an emptyDir) or report it."
         )
     return f"{where} from its {source.origin} ({type(exc).__name__}); fix that configuration."

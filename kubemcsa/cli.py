@@ -311,7 +311,13 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from kubemcsa import demo
+    try:
+        from kubemcsa import demo
+    except ImportError as exc:  # kubemcsa.testing or a dependency of it: the image and plain installs leave them out
+        raise CommandError(
+            f"the demo needs the in-memory API server and its dependencies ({exc.name or exc} is missing), which "
+            "this installation leaves out; install the test extras: pip install -e '.[test]' in a source checkout."
+        ) from None
 
     return demo.main(keep_running=args.keep_running)
 
@@ -322,6 +328,12 @@ COMMANDS = {"bootstrap": _run_bootstrap, "export": _run_export, "status": _run_s
 def _error_sentence(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"the API server refused the request: {kube.error_message(exc)}."
+    problem = kube.local_file_problem(exc)
+    if problem:
+        return (
+            f"a file on this machine could not be used ({problem}); the cluster and its configuration are not at "
+            "fault: set TMPDIR to a writable directory, or fix that path."
+        )
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
         return f"cannot reach the API server ({type(exc).__name__}); check the context, the server URL and the network."
     return str(exc)

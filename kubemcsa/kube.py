@@ -9,10 +9,12 @@ speaks plain JSON dicts above it, so that the logic that decides things can take
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import random
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +40,20 @@ PATCH_CONTENT_TYPES = {
 }
 # Errors that mean "could not talk to the API server at all" (as opposed to an API answer).
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (urllib3.exceptions.HTTPError, OSError)
+# OSErrors that come from this machine's files (a read-only root, no /tmp, a missing path), not from the network.
+_LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_LOCAL_FILE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_NETWORK_ERRORS = (ssl.SSLError, ConnectionError, TimeoutError, socket.gaierror, socket.herror)
+
+
+def local_file_problem(exc: BaseException) -> str | None:
+    """What failed, if `exc` is an error of this machine's filesystem rather than of the network; else None."""
+    if not isinstance(exc, OSError) or isinstance(exc, _NETWORK_ERRORS):
+        return None
+    if not (isinstance(exc, _LOCAL_FILE_ERRORS) or exc.errno in _LOCAL_FILE_ERRNOS):
+        return None
+    detail = exc.strerror or type(exc).__name__
+    return f"{detail}: {exc.filename}" if exc.filename else detail
 
 
 @dataclass(frozen=True)

@@ -517,7 +517,7 @@ def test_controller_rbac_is_least_privilege() -> None:
     assert verbs[(api.GROUP, api.PLURAL)] == {"list", "watch"}  # from the cache only; see test_controller_e2e
     deployment = yaml.safe_load((root / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == "ghcr.io/admiraltyio/multicluster-service-account:0.6.0"
+    assert container["image"] == "multicluster-service-account:0.6.0"
     assert container["command"][0] == "kubemcsa-controller"
 
 

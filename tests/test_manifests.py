@@ -19,7 +19,7 @@ from kubemcsa import api, kube
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 KUBECTL = shutil.which("kubectl")
-IMAGE = "ghcr.io/admiraltyio/multicluster-service-account"
+IMAGE = "multicluster-service-account"
 CLUSTER_SCOPED = {
     "Namespace",
     "CustomResourceDefinition",

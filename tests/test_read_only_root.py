@@ -9,9 +9,11 @@ writes to a temporary file.
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -309,3 +311,26 @@ def test_a_component_without_any_cluster_configuration_says_what_to_do(entry_poi
     assert done.returncode != 0
     assert "--kubeconfig" in done.stderr
     assert_clean(done.stderr)
+
+
+def test_kubemcsa_demo_on_a_read_only_root_blames_the_filesystem_not_the_network(tmp_path: Path) -> None:
+    done = run(tmp_path, "kubemcsa.cli:main", "demo")
+    assert done.returncode == 2
+    assert "a file on this machine could not be used (No usable temporary directory found" in done.stderr
+    assert "set TMPDIR to a writable directory" in done.stderr and "cannot reach" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "local"),
+    [
+        (FileNotFoundError(2, "No usable temporary directory found in ['/tmp']"), True),
+        (OSError(errno.EROFS, "Read-only file system", "/tmp/x"), True),
+        (PermissionError(13, "Permission denied", "/etc/kubemcsa/ca.crt"), True),
+        (ConnectionRefusedError(111, "Connection refused"), False),
+        (socket.gaierror(-2, "Name or service not known"), False),
+        (ssl.SSLCertVerificationError(1, "certificate verify failed"), False),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), False),
+    ],
+)
+def test_local_file_errors_are_told_apart_from_network_errors(error: OSError, local: bool) -> None:
+    assert (kube.local_file_problem(error) is not None) == local

@@ -73,7 +73,7 @@ def test_deployment_is_highly_available_and_hardened() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
-    assert container["image"] == "ghcr.io/admiraltyio/multicluster-service-account:0.6.0"
+    assert container["image"] == "multicluster-service-account:0.6.0"
     assert container["command"][0] == "kubemcsa-webhook"
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
