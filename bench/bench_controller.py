@@ -29,7 +29,7 @@ from kubernetes.client.exceptions import ApiException
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from controller.run import Controller
+from controller.run import Controller, Options
 from kubemcsa import api, kube
 from kubemcsa.testing import ApiServer
 
@@ -202,7 +202,7 @@ def main() -> int:
         watcher.wait_for_sync(30)
 
         controller = Controller(
-            local, source_kubeconfig=source, workers=args.workers, leader_election=True, retry_period=2.0
+            local, Options(source_kubeconfig=source, workers=args.workers, leader_election=True, retry_period=2.0)
         )
         controller.start()
         controller.wait_until_ready(30)

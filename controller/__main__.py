@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from controller.run import Controller  # imported late so --help is fast
+    from controller.run import Controller, Options  # imported late so --help is fast
 
     try:
         client = kube.local_api_client(args.kubeconfig)
@@ -55,8 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).warning(
             "--source-kubeconfig %s does not exist yet; watching for it", source_kubeconfig
         )
-    controller = Controller(
-        client,
+    options = Options(
         source_kubeconfig=source_kubeconfig,
         imports_dir=args.imports_dir,
         namespace=args.namespace,
@@ -66,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=args.metrics_port,
         workers=args.workers,
     )
+    controller = Controller(client, options)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from kubernetes.client import ApiClient, Configuration
 
-from controller.reconcile import Remote
+from controller.assess import Remote
 from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
 from kubemcsa.kubeconfig import (

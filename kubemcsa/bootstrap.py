@@ -12,13 +12,10 @@ source at once and keeps reaching it, without a restart.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import copy
-import datetime as dt
 import hashlib
-import json
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +24,11 @@ import urllib3
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, kube
-from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, to_secret_data
+from kubemcsa import api, imports, kube
+from kubemcsa.credentials import Credentials
 from kubemcsa.export import ExportError, issue_token
+from kubemcsa.spec import parse_spec
+from kubemcsa.tokens import IssuedToken
 
 JSON = dict[str, Any]
 
@@ -39,8 +38,9 @@ MANAGED_BY_VALUE = "kubemcsa"
 TARGET_LABEL = "multicluster.admiralty.io/bootstrap-target"
 RBAC_API_VERSION = "rbac.authorization.k8s.io/v1"
 _MAX_NAME = 253
-# A token that expires sooner than this is replaced, so the controller has time for its first refresh.
-MIN_TOKEN_REMAINING = dt.timedelta(minutes=10)
+# The lifetime of the controller's own credential for the source: longer than the imports it serves, so that a
+# source outage of less than (1 - REFRESH_FRACTION) of it heals by itself. The controller rotates it at 80 %.
+DEFAULT_CREDENTIAL_SECONDS = 30 * 86400
 
 
 class BootstrapError(Exception):
@@ -59,6 +59,7 @@ class Plan:
     target_label: str  # the value of TARGET_LABEL on the source RBAC objects
     legacy_tokens: bool
     source_namespaces: tuple[str, ...] | None
+    credential_seconds: int = DEFAULT_CREDENTIAL_SECONDS
 
     @property
     def service_account(self) -> str:
@@ -149,6 +150,7 @@ def plan(
     *,
     source_namespaces: list[str] | None = None,
     legacy_tokens: bool = False,
+    credential_seconds: int = DEFAULT_CREDENTIAL_SECONDS,
 ) -> Plan:
     """The desired objects in each cluster; BootstrapError if a name is invalid."""
     check_cluster_name(target_name, "target", "--target-name")
@@ -211,7 +213,12 @@ def plan(
             "apiVersion": api.API_VERSION,
             "kind": api.KIND,
             "metadata": {"name": source_name, "namespace": system, "labels": labels},
-            "spec": {"clusterName": source_name, "namespace": system, "name": target_name},
+            "spec": {
+                "clusterName": source_name,
+                "namespace": system,
+                "name": target_name,
+                "expirationSeconds": credential_seconds,
+            },
         },
     ]
     return Plan(
@@ -223,6 +230,7 @@ def plan(
         target_label=target_label,
         legacy_tokens=legacy_tokens,
         source_namespaces=namespaces,
+        credential_seconds=credential_seconds,
     )
 
 
@@ -305,83 +313,23 @@ def stale_bindings(existing: list[JSON], desired: list[JSON]) -> list[JSON]:
 # --- pure: the import's first Secret ---------------------------------------------------------------------------
 
 
-def owner_reference(import_obj: JSON) -> JSON:
-    """A controller ownerReference to the import, so deleting the import deletes the Secret."""
-    meta = import_obj["metadata"]
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "name": meta["name"],
-        "uid": meta["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+def wanted_inputs(import_obj: JSON, server: str, ca_pem: bytes) -> str:
+    """What the controller will expect the bootstrap import's token to be issued for (kubemcsa.imports)."""
+    return imports.inputs_hash(parse_spec(import_obj), server, ca_pem)
 
 
-def import_secret(import_obj: JSON, creds: Credentials) -> JSON:
-    """The Secret the controller would keep for `import_obj`, with `creds` (cluster name = the import's)."""
-    name = import_obj["metadata"]["name"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": api.secret_name_for_import(name),
-            "namespace": import_obj["metadata"]["namespace"],
-            "labels": {api.IMPORT_LABEL: name},
-            "ownerReferences": [owner_reference(import_obj)],
-        },
-        "type": "Opaque",
-        "data": to_secret_data(creds, import_obj["spec"]["clusterName"]),
-    }
+def secret_is_current(existing: JSON, import_obj: JSON, *, server: str, ca_pem: bytes, now: float) -> bool:
+    """True if the import Secret is one the controller would keep as it is (then a re-run leaves it alone).
 
-
-def jwt_claims(token: str) -> JSON:
-    """The payload of a JWT, unverified ({} if it is not one): enough to read its expiry and subject."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return {}
-    try:
-        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
-        claims = json.loads(payload)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return {}
-    return claims if isinstance(claims, dict) else {}
-
-
-def secret_is_current(
-    existing: JSON,
-    import_obj: JSON,
-    *,
-    server: str,
-    ca_pem: bytes,
-    service_account: str,
-    now: dt.datetime,
-) -> bool:
-    """True if the existing import Secret already lets the controller reach the source as `service_account`.
-
-    Its token is kept (a second run must not churn it) unless it is for another server, CA or service account,
-    or expires within MIN_TOKEN_REMAINING; the label and ownerReference must also be in place.
+    The same test as the controller's: owned by this import, unedited, issued for this spec, server and CA,
+    and not yet due for refresh. A Secret the controller refreshed since passes too.
     """
     meta = existing.get("metadata") or {}
     if (meta.get("labels") or {}).get(api.IMPORT_LABEL) != import_obj["metadata"]["name"]:
         return False
-    uid = import_obj["metadata"].get("uid")
-    if not any(ref.get("uid") == uid and ref.get("controller") for ref in meta.get("ownerReferences") or []):
+    if not imports.is_controlled_by(existing, import_obj["metadata"].get("uid", "")):
         return False
-    try:
-        creds = from_secret_data(existing.get("data"))
-    except CredentialsError:
-        return False
-    if creds.server.rstrip("/") != server.rstrip("/") or creds.ca_crt.strip() != ca_pem.strip():
-        return False
-    if creds.namespace != api.SYSTEM_NAMESPACE:
-        return False
-    claims = jwt_claims(creds.token)
-    expected_subject = f"system:serviceaccount:{api.SYSTEM_NAMESPACE}:{service_account}"
-    if "sub" in claims and claims["sub"] != expected_subject:
-        return False
-    exp = claims.get("exp")
-    return not (isinstance(exp, int | float) and dt.datetime.fromtimestamp(exp, dt.UTC) - now < MIN_TOKEN_REMAINING)
+    return imports.secret_is_current(existing, wanted_inputs(import_obj, server, ca_pem), now)
 
 
 # --- the edge: API calls ---------------------------------------------------------------------------------------
@@ -502,8 +450,7 @@ def apply(
     target: Cluster,
     *,
     report: Callable[[str], None] = print,
-    now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-    token_seconds: int = api.DEFAULT_EXPIRATION_SECONDS,
+    clock: Callable[[], float] = time.time,
 ) -> Result:
     """Make both clusters match `the_plan`, reporting each object as it is handled; BootstrapError on failure."""
     result = Result()
@@ -523,12 +470,12 @@ def apply(
         stored = dst.ensure(obj)
         if obj["kind"] == api.KIND:
             stored_import = stored
-    _ensure_import_secret(the_plan, stored_import, source, dst, now(), token_seconds)
+    _ensure_import_secret(the_plan, stored_import, source, dst, clock)
     return result
 
 
 def _ensure_import_secret(
-    the_plan: Plan, import_obj: JSON, source: Cluster, dst: _Applier, now: dt.datetime, token_seconds: int
+    the_plan: Plan, import_obj: JSON, source: Cluster, dst: _Applier, clock: Callable[[], float]
 ) -> None:
     secrets = kube.Resource(dst.cluster.client, kube.SECRETS)
     name = api.secret_name_for_import(the_plan.import_name)
@@ -542,12 +489,7 @@ def _ensure_import_secret(
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise BootstrapError(_advice(exc, dst.cluster, probe)) from None
     if existing is not None and secret_is_current(
-        existing,
-        import_obj,
-        server=source.server,
-        ca_pem=source.ca_pem,
-        service_account=the_plan.service_account,
-        now=now,
+        existing, import_obj, server=source.server, ca_pem=source.ca_pem, now=clock()
     ):
         dst.step(probe, "unchanged")
         return
@@ -557,16 +499,20 @@ def _ensure_import_secret(
             source.client,
             the_plan.service_account,
             api.SYSTEM_NAMESPACE,
-            expiration_seconds=token_seconds,
+            expiration_seconds=the_plan.credential_seconds,
             where=where,
         )
     except ExportError as exc:
         raise BootstrapError(f"cannot get a token for the controller: {exc}") from None
     creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=issued.token, namespace=api.SYSTEM_NAMESPACE)
-    desired = import_secret(import_obj, creds)
+    if issued.expires_at is None:  # an answer without expiry: the requested one, as the controller assumes
+        issued = IssuedToken(issued.token, issued.issued_at, issued.issued_at + the_plan.credential_seconds)
+    token = imports.ImportToken(creds, issued, wanted_inputs(import_obj, source.server, source.ca_pem))
+    # Built as the controller builds it, so the controller adopts it without a token request of its own.
+    desired = imports.import_secret(import_obj, token, the_plan.source_name, existing)
     if existing is None:
         dst._call(desired, lambda: secrets.create(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "created")
     else:
-        dst._call(desired, lambda: secrets.replace(merged(existing, desired), namespace=api.SYSTEM_NAMESPACE))
+        dst._call(desired, lambda: secrets.replace(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "updated")

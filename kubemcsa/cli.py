@@ -97,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(clusters before 1.22)",
     )
     boot.add_argument(
+        "--credential-duration",
+        default="30d",
+        metavar="DURATION",
+        help="lifetime of the controller's own credential for the source, rotated by the controller at 80 %% "
+        "(default: 30d; a source outage shorter than a fifth of it heals by itself)",
+    )
+    boot.add_argument(
         "--wait",
         type=float,
         default=0,
@@ -196,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_bootstrap(args: argparse.Namespace) -> int:
     from kubemcsa import bootstrap
+    from kubemcsa.export import parse_duration
 
+    try:
+        credential_seconds = parse_duration(args.credential_duration)
+    except ValueError as exc:
+        raise CommandError(f"--credential-duration {exc}") from None
     source_info = config.context_cluster_info(args.source_context, args.source_kubeconfig)
     target_info = config.context_cluster_info(args.target_context, args.target_kubeconfig)
     the_plan = bootstrap.plan(
@@ -204,6 +216,7 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
         args.source_name or source_info.cluster_name,
         source_namespaces=args.source_namespaces.split(",") if args.source_namespaces is not None else None,
         legacy_tokens=args.legacy_tokens,
+        credential_seconds=credential_seconds,
     )
     source_server = (args.source_server or source_info.server).rstrip("/")
     if not source_server.startswith("https://"):

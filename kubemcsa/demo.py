@@ -193,9 +193,9 @@ class Demo:
         self.say(result.summary())
 
         self.step("Starting the service account import controller against cluster1")
-        from controller.run import Controller
+        from controller.run import Controller, Options
 
-        controller = Controller(self._client(cluster1.admin_client()), leader_election=False)
+        controller = Controller(self._client(cluster1.admin_client()), Options(leader_election=False))
         controller.start()
         self._stack.callback(controller.stop)
         if not controller.wait_until_ready(WAIT_SECONDS):

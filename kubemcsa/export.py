@@ -1,15 +1,12 @@
 """`kubemcsa export`: a Secret manifest with a service account's credentials, for `kubectl apply -f -` elsewhere.
 
-The pure part (durations, TokenRequest bodies, the manifest) is separate from the two API calls at the edge
-(`issue_token`, `legacy_token`).
+The pure part (durations, the manifest) is separate from the API calls at the edge, which kubemcsa.tokens makes
+(the same code the controller uses).
 """
 
 from __future__ import annotations
 
-import base64
 import re
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import urllib3
@@ -17,15 +14,14 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, config, kube
+from kubemcsa import api, config, kube, tokens
 from kubemcsa.credentials import Credentials, to_secret_data
 
 # Where the exported Secret says what it holds; the token's expiry lets a reader see when to export again.
 EXPIRATION_ANNOTATION = "multicluster.admiralty.io/token-expiration-timestamp"
 EXPORTED_FROM_ANNOTATION = "multicluster.admiralty.io/exported-from"
-LEGACY_TOKEN_TYPE = "kubernetes.io/service-account-token"
-SERVICE_ACCOUNT_NAME_ANNOTATION = "kubernetes.io/service-account.name"
-LEGACY_SECRET_SUFFIX = "-kubemcsa-token"
+# How long `--legacy` waits for the token controller to fill the token Secret.
+LEGACY_WAIT_SECONDS = 30
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -50,34 +46,6 @@ def parse_duration(text: str) -> int:
             f"{text!r} is shorter than the API server's minimum of {api.MIN_EXPIRATION_SECONDS}s; ask for at least 10m."
         )
     return seconds
-
-
-def token_request_body(audiences: list[str] | None, expiration_seconds: int | None) -> dict[str, Any]:
-    """The body of a TokenRequest; empty fields let the API server pick its own audiences and expiration."""
-    spec: dict[str, Any] = {}
-    if audiences:
-        spec["audiences"] = list(audiences)
-    if expiration_seconds:
-        spec["expirationSeconds"] = int(expiration_seconds)
-    return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
-
-
-@dataclass(frozen=True)
-class IssuedToken:
-    token: str
-    expiration_timestamp: str | None  # RFC 3339, as the API server answered; None for a legacy token
-
-    def __repr__(self) -> str:
-        return f"IssuedToken(token=<redacted>, expiration_timestamp={self.expiration_timestamp!r})"
-
-
-def token_from_response(response: dict[str, Any]) -> IssuedToken:
-    """The token and its real expiry from a TokenRequest response; ExportError if it has no token."""
-    status = response.get("status") or {}
-    token = status.get("token")
-    if not isinstance(token, str) or not token:
-        raise ExportError("the API server answered the TokenRequest without a token; check its version (1.22+).")
-    return IssuedToken(token=token, expiration_timestamp=status.get("expirationTimestamp"))
 
 
 def default_export_name(name: str) -> str:
@@ -117,31 +85,6 @@ def render_yaml(manifest: dict[str, Any]) -> str:
     return yaml.safe_dump(manifest, sort_keys=False)
 
 
-def legacy_secret_manifest(service_account: str, namespace: str) -> dict[str, Any]:
-    """A `kubernetes.io/service-account-token` Secret that the token controller fills with a long-lived token."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": service_account + LEGACY_SECRET_SUFFIX,
-            "namespace": namespace,
-            "annotations": {SERVICE_ACCOUNT_NAME_ANNOTATION: service_account},
-        },
-        "type": LEGACY_TOKEN_TYPE,
-    }
-
-
-def legacy_token_of(secret: dict[str, Any]) -> str | None:
-    """The token the token controller wrote into a legacy token Secret, or None while it is still empty."""
-    encoded = (secret.get("data") or {}).get(api.KEY_TOKEN)
-    if not encoded:
-        return None
-    try:
-        return base64.b64decode(encoded, validate=True).decode().strip() or None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
 # --- the edge: API calls ---------------------------------------------------------------------------------------
 
 
@@ -152,47 +95,33 @@ def issue_token(
     *,
     audiences: list[str] | None = None,
     expiration_seconds: int | None = None,
+    legacy: bool = False,
     where: str = "the cluster",
-) -> IssuedToken:
-    """A TokenRequest for `namespace/service_account`; ExportError naming the object and the fix on failure."""
-    body = token_request_body(audiences, expiration_seconds)
+) -> tokens.IssuedToken:
+    """A token of `namespace/service_account` (TokenRequest, or a legacy token Secret); ExportError on failure."""
+    what = f"service account {namespace}/{service_account}"
     try:
-        response = kube.Resource(client, kube.SERVICE_ACCOUNTS).create_subresource(
-            service_account, "token", body, namespace=namespace
+        if legacy:
+            return tokens.legacy_token(client, namespace, service_account, wait_seconds=LEGACY_WAIT_SECONDS)
+        return tokens.request_token(
+            client, namespace, service_account, audiences=audiences, expiration_seconds=expiration_seconds
         )
     except ApiException as exc:
-        raise ExportError(_explain(exc, f"service account {namespace}/{service_account}", where)) from None
-    return token_from_response(response)
-
-
-def legacy_token(
-    client: ApiClient, service_account: str, namespace: str, *, timeout: float = 30, where: str = "the cluster"
-) -> IssuedToken:
-    """A long-lived token from a `kubernetes.io/service-account-token` Secret, created if needed."""
-    secrets = kube.Resource(client, kube.SECRETS)
-    manifest = legacy_secret_manifest(service_account, namespace)
-    name = manifest["metadata"]["name"]
-    what = f"Secret {namespace}/{name}"
-    try:
-        kube.Resource(client, kube.SERVICE_ACCOUNTS).get(service_account, namespace=namespace)
-        try:
-            secret = secrets.create(manifest, namespace=namespace)
-        except ApiException as exc:
-            if kube.error_reason(exc) != "AlreadyExists":
-                raise
-            secret = secrets.get(name, namespace=namespace)
-        deadline = time.monotonic() + timeout
-        while (token := legacy_token_of(secret)) is None:
-            if time.monotonic() > deadline:
-                raise ExportError(
-                    f"the token controller of {where} did not fill {what} within {timeout:.0f}s; "
-                    "check that kube-controller-manager runs, or export without --legacy."
-                )
-            time.sleep(0.2)  # polling the token controller, which has no event to wait on here
-            secret = secrets.get(name, namespace=namespace)
-    except ApiException as exc:
         raise ExportError(_explain(exc, what, where)) from None
-    return IssuedToken(token=token, expiration_timestamp=None)
+    except tokens.TokenAnswerError:
+        raise ExportError(
+            "the API server answered the TokenRequest without a token; check its version (1.22+)."
+        ) from None
+    except tokens.LegacyTokenPending as exc:
+        raise ExportError(
+            f"the token controller of {where} did not fill Secret {namespace}/{exc} within {LEGACY_WAIT_SECONDS}s; "
+            "check that kube-controller-manager runs, or export without --legacy."
+        ) from None
+    except tokens.LegacySecretConflict as exc:
+        raise ExportError(
+            f"Secret {namespace}/{exc} in {where} is not a token Secret of {what}; "
+            "delete it or export without --legacy."
+        ) from None
 
 
 def _explain(exc: ApiException, what: str, where: str) -> str:
@@ -223,12 +152,9 @@ def export(
     where = f"cluster {info.cluster_name!r} (context {info.context!r})"
     client = config.context_config_and_namespace(info.context, kubeconfig).api_client()
     try:
-        if legacy:
-            issued = legacy_token(client, name, ns, where=where)
-        else:
-            issued = issue_token(
-                client, name, ns, audiences=audiences, expiration_seconds=expiration_seconds, where=where
-            )
+        issued = issue_token(
+            client, name, ns, audiences=audiences, expiration_seconds=expiration_seconds, legacy=legacy, where=where
+        )
     except (urllib3.exceptions.HTTPError, OSError):
         raise ExportError(f"cannot reach {where} at {info.server}; check the context and the network.") from None
     finally:

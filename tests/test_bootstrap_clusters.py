@@ -73,7 +73,13 @@ def test_bootstrap_from_nothing_then_a_second_run_changes_nothing(clusters, caps
 
     c1 = clusters["cluster1"].admin_client()
     sai = kube.Resource(c1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)
-    assert sai["spec"] == {"clusterName": "cluster2", "namespace": SYSTEM, "name": "cluster1"}
+    thirty_days = 30 * 86400
+    assert sai["spec"] == {
+        "clusterName": "cluster2",
+        "namespace": SYSTEM,
+        "name": "cluster1",
+        "expirationSeconds": thirty_days,
+    }
     secret = kube.Resource(c1, kube.SECRETS).get("cluster2-token", SYSTEM)
     assert secret["metadata"]["labels"][api.IMPORT_LABEL] == "cluster2"
     assert secret["metadata"]["ownerReferences"][0]["uid"] == sai["metadata"]["uid"]
@@ -179,7 +185,10 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
         },
         "default",
     )
-    controller = controller_run.Controller(clusters["cluster1"].admin_client(), leader_election=False)
+    secret_version = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)["metadata"]["resourceVersion"]
+    controller = controller_run.Controller(
+        clusters["cluster1"].admin_client(), controller_run.Options(leader_election=False)
+    )
     controller.start()
     try:
         assert controller.wait_until_ready(20)
@@ -220,6 +229,12 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
             what="the bootstrap import to be Ready",
         )
         assert sai["reason"] == api.REASON_TOKEN_ISSUED
+        # The controller adopted bootstrap's Secret as it was: no token request for its own credential.
+        own = [r for r in clusters["cluster2"].requests if r.subresource == "token" and r.name == "cluster1"]
+        assert len(own) == 1  # bootstrap's, made with the admin's credentials
+        assert kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)["metadata"]["resourceVersion"] == (
+            secret_version
+        )
         # A second bootstrap after the controller refreshed the Secret still changes nothing, and --wait sees Ready.
         assert cli.main(bootstrap_argv(clusters, "--wait", "20")) == 0
         out = capsys.readouterr().out

@@ -10,18 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa import api, bootstrap
+from kubemcsa import api, bootstrap, imports
 from kubemcsa.credentials import Credentials, from_secret_data
+from kubemcsa.tokens import IssuedToken
 
-NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+NOW_TS = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC).timestamp()
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-
-
-def fake_jwt(claims: dict) -> str:
-    def part(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'RS256'})}.{part(claims)}.c2ln"
 
 
 def by_kind(objects: list[dict], kind: str) -> list[dict]:
@@ -47,7 +41,12 @@ def test_plan_cluster_wide() -> None:
     sai = by_kind(plan.target, api.KIND)[0]
     assert sai["metadata"]["name"] == "cluster2"
     assert sai["metadata"]["namespace"] == api.SYSTEM_NAMESPACE
-    assert sai["spec"] == {"clusterName": "cluster2", "namespace": api.SYSTEM_NAMESPACE, "name": "cluster1"}
+    assert sai["spec"] == {
+        "clusterName": "cluster2",
+        "namespace": api.SYSTEM_NAMESPACE,
+        "name": "cluster1",
+        "expirationSeconds": bootstrap.DEFAULT_CREDENTIAL_SECONDS,
+    }
 
 
 def test_plan_with_source_namespaces_binds_only_there_and_legacy_adds_secrets() -> None:
@@ -129,49 +128,56 @@ def imported(uid: str = "uid-1") -> dict:
     return {**sai, "metadata": {**sai["metadata"], "uid": uid}}
 
 
-def secret_with(token: str, uid: str = "uid-1", server: str = "https://c2:6443") -> dict:
+def secret_with(
+    token: str = "tok", uid: str = "uid-1", server: str = "https://c2:6443", issued_at: float = NOW_TS
+) -> dict:
+    """The bootstrap import's Secret, as bootstrap writes it."""
+    imp = imported(uid)
     creds = Credentials(server=server, ca_crt=CA, token=token, namespace=api.SYSTEM_NAMESPACE)
-    return bootstrap.import_secret(imported(uid), creds)
+    lifetime = bootstrap.DEFAULT_CREDENTIAL_SECONDS
+    issued = IssuedToken(token, issued_at, issued_at + lifetime)
+    held = imports.ImportToken(creds, issued, bootstrap.wanted_inputs(imp, server, CA))
+    return imports.import_secret(imp, held, "c2")
 
 
 def test_import_secret_is_labelled_owned_and_holds_the_five_keys() -> None:
-    token = fake_jwt({"sub": "system:serviceaccount:multicluster-service-account:c1"})
-    secret = secret_with(token)
+    secret = secret_with("tok-1")
     assert secret["metadata"]["name"] == api.secret_name_for_import("c2")
     assert secret["metadata"]["labels"] == {api.IMPORT_LABEL: "c2"}
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert secret["metadata"]["ownerReferences"][0]["controller"] is True
     assert sorted(secret["data"]) == sorted(api.SECRET_KEYS)
-    assert from_secret_data(secret["data"]).token == token
+    assert from_secret_data(secret["data"]).token == "tok-1"
     assert "cluster: c2" in base64.b64decode(secret["data"]["config"]).decode()
 
 
-def is_current(secret: dict, uid: str = "uid-1", server: str = "https://c2:6443", now: dt.datetime = NOW) -> bool:
-    return bootstrap.secret_is_current(secret, imported(uid), server=server, ca_pem=CA, service_account="c1", now=now)
+def test_the_plan_asks_for_the_credential_duration() -> None:
+    assert imported()["spec"]["expirationSeconds"] == 30 * 86400
+    sai = bootstrap.plan("c1", "c2", credential_seconds=3600).target[1]
+    assert sai["spec"]["expirationSeconds"] == 3600
+
+
+def is_current(secret: dict, uid: str = "uid-1", server: str = "https://c2:6443", now: float = NOW_TS) -> bool:
+    return bootstrap.secret_is_current(secret, imported(uid), server=server, ca_pem=CA, now=now)
 
 
 def test_secret_is_current_keeps_a_good_token_and_replaces_a_bad_one() -> None:
-    sub = "system:serviceaccount:multicluster-service-account:c1"
-    later = int((NOW + dt.timedelta(hours=20)).timestamp())
-    good = secret_with(fake_jwt({"sub": sub, "exp": later}))
+    good = secret_with()
     assert is_current(good)
-    assert is_current(secret_with("opaque-legacy-token"))  # not a JWT: nothing to check, keep it
     assert not is_current(good, uid="uid-2")  # import recreated
     assert not is_current(good, server="https://elsewhere:6443")
-    assert not is_current(secret_with(fake_jwt({"sub": "system:serviceaccount:x:y", "exp": later})))
-    soon = int((NOW + dt.timedelta(minutes=5)).timestamp())
-    assert not is_current(secret_with(fake_jwt({"sub": sub, "exp": soon})))
-    broken = secret_with(fake_jwt({"sub": sub}))
+    lifetime = bootstrap.DEFAULT_CREDENTIAL_SECONDS
+    assert not is_current(good, now=NOW_TS + 0.81 * lifetime)  # due for refresh: the controller would refresh it
+    broken = secret_with()
     del broken["data"]["token"]
     assert not is_current(broken)
-    unlabelled = secret_with(fake_jwt({"sub": sub}))
+    edited = secret_with()
+    edited["data"]["token"] = base64.b64encode(b"other").decode()
+    assert not is_current(edited)
+    unlabelled = secret_with()
     unlabelled["metadata"]["labels"] = {}
     assert not is_current(unlabelled)
-
-
-@given(st.text(max_size=200))
-def test_jwt_claims_never_crashes(token: str) -> None:
-    assert isinstance(bootstrap.jwt_claims(token), dict)
+    assert not is_current({"metadata": {"labels": {api.IMPORT_LABEL: "c2"}}})  # made before the annotations
 
 
 def test_summary_says_nothing_changed_or_counts() -> None:

@@ -27,7 +27,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from controller.run import Controller
+from controller.run import Controller, Options
 from kubemcsa import api, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
@@ -80,7 +80,11 @@ def service_account(namespace: str, name: str) -> dict[str, Any]:
 
 
 TOKEN_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
-LEGACY_RULES = [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]}]
+# As bootstrap --legacy-tokens grants (kubemcsa.bootstrap.controller_rules).
+LEGACY_RULES = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
+    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},
+]
 
 
 @dataclass
@@ -113,7 +117,7 @@ class Env:
             "backoff_max": 1.0,
         }
         options.update(kwargs)
-        controller = Controller(client or self.controller_client, **options)
+        controller = Controller(client or self.controller_client, Options(**options))
         self.controllers.append(controller)
         controller.start()
         assert controller.wait_until_ready(WAIT)

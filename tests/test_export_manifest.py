@@ -1,8 +1,6 @@
-"""The pure part of export: durations, TokenRequest bodies and responses, the manifest."""
+"""The pure part of export: durations and the manifest (token requests: test_tokens.py)."""
 
 from __future__ import annotations
-
-import base64
 
 import pytest
 import yaml
@@ -37,21 +35,6 @@ def test_parse_duration_only_raises_value_error(text: str) -> None:
         pass
 
 
-def test_token_request_body_leaves_defaults_to_the_server() -> None:
-    assert export.token_request_body(None, None)["spec"] == {}
-    body = export.token_request_body(["a", "b"], 3600)
-    assert body["kind"] == "TokenRequest"
-    assert body["spec"] == {"audiences": ["a", "b"], "expirationSeconds": 3600}
-
-
-def test_token_from_response() -> None:
-    issued = export.token_from_response({"status": {"token": "t0k", "expirationTimestamp": "2026-11-22T21:59:03Z"}})
-    assert issued.expiration_timestamp == "2026-11-22T21:59:03Z"
-    assert "t0k" not in repr(issued)
-    with pytest.raises(export.ExportError, match="without a token"):
-        export.token_from_response({"status": {}})
-
-
 def test_manifest_has_the_five_keys_and_annotations_and_round_trips_through_yaml() -> None:
     creds = Credentials(server="https://c2:6443", ca_crt=CA, token="secret-token", namespace="default")
     manifest = export.export_manifest(
@@ -72,15 +55,6 @@ def test_manifest_has_the_five_keys_and_annotations_and_round_trips_through_yaml
     }
     assert sorted(parsed["data"]) == sorted(api.SECRET_KEYS)
     assert from_secret_data(parsed["data"]) == creds
-
-
-def test_legacy_secret_and_its_token() -> None:
-    manifest = export.legacy_secret_manifest("bot", "ci")
-    assert manifest["type"] == "kubernetes.io/service-account-token"
-    assert manifest["metadata"]["annotations"] == {"kubernetes.io/service-account.name": "bot"}
-    assert export.legacy_token_of(manifest) is None
-    assert export.legacy_token_of({"data": {"token": "!!"}}) is None
-    assert export.legacy_token_of({"data": {"token": base64.b64encode(b"tok\n").decode()}}) == "tok"
 
 
 def test_default_export_name() -> None:

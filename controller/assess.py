@@ -1,0 +1,297 @@
+"""What one ServiceAccountImport needs, decided from data alone (no API call, no clock, no I/O).
+
+A reconcile pass (controller/reconciler.py) observes the caches into an `Observation`, calls `assess` once,
+acts on the answer (a token request only for `NeedsToken`), then calls `plan` with what it has in the end: a
+`HasToken` or a `Blocked`. `plan` says what to write. Neither runs twice.
+
+To add a reason an import is blocked (say, the source does not export the service account), add a check to
+`CHECKS`: a function of the Observation and the spec that returns a `Blocked`, or None to let the import on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubemcsa import api
+from kubemcsa.imports import (
+    ImportToken,
+    as_dict,
+    as_list,
+    import_secret,
+    inputs_hash,
+    is_controlled_by,
+    metadata_of,
+    secret_is_current,
+    token_from_secret,
+    token_times,
+)
+from kubemcsa.spec import ImportSpec, SpecError, parse_spec
+from kubemcsa.timefmt import format_time
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where a source cluster's API is and the CA that proves it (from the controller's own config for it)."""
+
+    cluster_name: str
+    server: str
+    ca_pem: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything a reconcile pass knows about one import, read from caches and memory."""
+
+    imp: dict[str, Any]
+    secret: dict[str, Any] | None  # the Secret named after the import, as cached (or as last written)
+    now: float
+    source: Remote | None = None  # the import's source cluster, if the controller knows it
+    known_clusters: tuple[str, ...] = ()
+    cluster_error: str | None = None  # why the source's credentials are unusable, if they are
+    held: ImportToken | None = None  # the token kept in memory for this import
+
+    @property
+    def own_secret(self) -> dict[str, Any] | None:
+        """The Secret, if this import controls it."""
+        if self.secret is not None and is_controlled_by(self.secret, metadata_of(self.imp).get("uid", "")):
+            return self.secret
+        return None
+
+
+# --- assessments -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """The import cannot get a token now. `retry`: look again with backoff (a remote failure may pass)."""
+
+    reason: str
+    message: str
+    retry: bool = False
+    spec: ImportSpec | None = None
+    retry_at: float | None = None  # a time known to be worth a look (the source is expected back)
+
+
+@dataclass(frozen=True)
+class NeedsToken:
+    spec: ImportSpec
+    source: Remote
+
+
+@dataclass(frozen=True)
+class HasToken:
+    """A usable token: `current` if the Secret already holds it (then nothing is written but the status)."""
+
+    spec: ImportSpec
+    token: ImportToken
+    current: bool = False
+
+
+Assessment = Blocked | NeedsToken | HasToken
+Check = Callable[[Observation, ImportSpec], Blocked | None]
+
+
+def check_secret_conflict(obs: Observation, spec: ImportSpec) -> Blocked | None:
+    if obs.secret is None or obs.own_secret is not None:
+        return None
+    meta = metadata_of(obs.imp)
+    name = api.secret_name_for_import(meta.get("name", ""))
+    return Blocked(
+        api.REASON_SECRET_CONFLICT,
+        f"A Secret named {name} already exists in namespace {meta.get('namespace')} and is not controlled "
+        "by this import; delete or rename that Secret, or rename the import.",
+        spec=spec,
+    )
+
+
+def check_source_known(obs: Observation, spec: ImportSpec) -> Blocked | None:
+    if obs.source is not None:
+        return None
+    if obs.cluster_error:
+        message = f"The controller cannot use the credentials of cluster {spec.cluster_name}: {obs.cluster_error}"
+    else:
+        known = ", ".join(sorted(obs.known_clusters)) or "none"
+        message = (
+            f"The controller knows no cluster named {spec.cluster_name} (known: {known}); fix spec.clusterName "
+            "or give the controller credentials for it (--source-kubeconfig context, mounted import, "
+            "kubemcsa bootstrap)."
+        )
+    return Blocked(api.REASON_UNKNOWN_CLUSTER, message, spec=spec)
+
+
+# In order: the first that blocks wins.
+CHECKS: list[Check] = [check_secret_conflict, check_source_known]
+
+
+def assess(obs: Observation) -> Assessment:
+    """Whether the import's Secret is current, needs a token from the source, or is blocked (and why)."""
+    try:
+        spec = parse_spec(obs.imp)
+    except SpecError as exc:
+        return Blocked(api.REASON_INVALID_SPEC, str(exc))
+    for check in CHECKS:
+        blocked = check(obs, spec)
+        if blocked is not None:
+            return blocked
+    assert obs.source is not None  # check_source_known
+    wanted = inputs_hash(spec, obs.source.server, obs.source.ca_pem)
+    ours = obs.own_secret
+    if ours is not None and secret_is_current(ours, wanted, obs.now):
+        recovered = token_from_secret(ours)
+        if recovered is not None:
+            return HasToken(spec, recovered, current=True)
+    held = obs.held
+    if held is not None and held.inputs_hash == wanted and (held.refresh_at is None or obs.now < held.refresh_at):
+        return HasToken(spec, held)  # the Secret is missing or was edited: rewrite it from memory
+    return NeedsToken(spec, obs.source)
+
+
+# --- what to write ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecretWrite:
+    body: dict[str, Any]
+    create: bool  # True: create it; False: replace the existing one
+
+
+@dataclass
+class Writes:
+    """What a reconcile pass writes and when it looks again. Empty: nothing (the steady state)."""
+
+    secrets: list[SecretWrite] = field(default_factory=list)
+    status: dict[str, Any] | None = None  # the new status, only if it differs from the current one
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    requeue_at: float | None = None
+    retry: bool = False  # back off and look again
+    failure_reason: str | None = None
+    remember: ImportToken | None = None  # the token to keep in memory
+    expires_at: float | None = None  # of the token the Secret holds after this pass, for the expiry metric
+
+
+def plan(obs: Observation, state: Blocked | HasToken) -> Writes:
+    """The writes that bring the cluster to `state` (after assess, and after the token request if any)."""
+    if isinstance(state, HasToken):
+        return _plan_token(obs, state)
+    return _plan_blocked(obs, state)
+
+
+def _plan_token(obs: Observation, state: HasToken) -> Writes:
+    spec, token = state.spec, state.token
+    name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
+    ours = obs.own_secret
+    writes = Writes(requeue_at=token.refresh_at, remember=token, expires_at=token.expires_at)
+    if not state.current:
+        body = import_secret(obs.imp, token, spec.cluster_name, ours)
+        writes.secrets.append(SecretWrite(body, create=ours is None))
+        if ours is not None and as_dict(ours.get("data")).get(api.KEY_TOKEN) != body["data"][api.KEY_TOKEN]:
+            until = "" if token.expires_at is None else f", valid until {format_time(token.expires_at)}"
+            writes.events.append(("Normal", "TokenRefreshed", f"Refreshed the token in Secret {name}{until}."))
+    ready = _ready("True", api.REASON_TOKEN_ISSUED, _ready_message(spec, token.expires_at), obs.imp)
+    writes.status = _status(obs.imp, obs.now, ready, name, token.issued.issued_at, token.expires_at)
+    return writes
+
+
+def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
+    ours = obs.own_secret
+    name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
+    keeps = ours is not None and state.reason not in (api.REASON_INVALID_SPEC, api.REASON_SECRET_CONFLICT)
+    issued_at, expires_at = token_times(ours) if keeps else (None, None)
+    reason, message = state.reason, state.message
+    writes = Writes(retry=state.retry, failure_reason=reason if state.retry else None, requeue_at=state.retry_at)
+    if state.retry and expires_at is not None:
+        if obs.now < expires_at:
+            message = f"{message} The last token stays in Secret {name} until it expires at {format_time(expires_at)}."
+            writes.requeue_at = min(expires_at, state.retry_at or expires_at)
+            writes.expires_at = expires_at
+        else:
+            reason = api.REASON_TOKEN_EXPIRED
+            message = f"The token in Secret {name} expired at {format_time(expires_at)} and could not be refreshed: "
+            message += state.message
+    ready = _ready("False", reason, message, obs.imp)
+    writes.status = _status(obs.imp, obs.now, ready, name if keeps else None, issued_at, expires_at)
+    if writes.status is not None and _condition_changed(obs.imp, ready):
+        writes.events.append(("Warning", reason, message))
+    return writes
+
+
+# --- status ----------------------------------------------------------------------------------------------------
+
+
+def set_condition(conditions: Any, new: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    """Conditions with `new` set, keeping lastTransitionTime when the status did not change (metav1.Condition rules)."""
+    result: list[dict[str, Any]] = []
+    replaced = False
+    for cond in as_list(conditions):
+        if not isinstance(cond, dict):
+            continue
+        if cond.get("type") == new["type"]:
+            merged = dict(new)
+            same = cond.get("status") == new["status"] and cond.get("lastTransitionTime")
+            merged["lastTransitionTime"] = cond["lastTransitionTime"] if same else format_time(now)
+            result.append(merged)
+            replaced = True
+        else:
+            result.append(cond)
+    if not replaced:
+        result.append({**new, "lastTransitionTime": format_time(now)})
+    return result
+
+
+def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch turning status `old` into `new` (fields that disappear are set to null)."""
+    patch: dict[str, Any] = {key: None for key in (old or {}) if key not in new}
+    patch.update(new)
+    return {"status": patch}
+
+
+def _ready(status: str, reason: str, message: str, imp: dict[str, Any]) -> dict[str, Any]:
+    cond = {"type": api.CONDITION_READY, "status": status, "reason": reason, "message": message}
+    generation = metadata_of(imp).get("generation")
+    if isinstance(generation, int):
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def _status(
+    imp: dict[str, Any],
+    now: float,
+    ready: dict[str, Any],
+    secret_name: str | None,
+    issued_at: float | None,
+    expires_at: float | None,
+) -> dict[str, Any] | None:
+    """The new status, or None if it equals the current one (so the steady state writes nothing)."""
+    old = as_dict(imp.get("status"))
+    new: dict[str, Any] = {}
+    if secret_name:
+        new["secrets"] = [{"name": secret_name}]
+    new["conditions"] = set_condition(old.get("conditions"), ready, now)
+    if expires_at is not None:
+        new["expirationTimestamp"] = format_time(expires_at)
+    if issued_at is not None:
+        new["lastRefreshTime"] = format_time(issued_at)
+    generation = metadata_of(imp).get("generation")
+    if isinstance(generation, int):
+        new["observedGeneration"] = generation
+    return None if new == old else new
+
+
+def _condition_changed(imp: dict[str, Any], ready: dict[str, Any]) -> bool:
+    for cond in as_list(as_dict(imp.get("status")).get("conditions")):
+        if isinstance(cond, dict) and cond.get("type") == api.CONDITION_READY:
+            return (cond.get("status"), cond.get("reason"), cond.get("message")) != (
+                ready["status"],
+                ready["reason"],
+                ready["message"],
+            )
+    return True
+
+
+def _ready_message(spec: ImportSpec, expires_at: float | None) -> str:
+    what = f"service account {spec.namespace}/{spec.name} of cluster {spec.cluster_name}"
+    if expires_at is None:
+        return f"The Secret holds a legacy long-lived token of {what}."
+    return f"The Secret holds a token of {what}, refreshed before it expires."

@@ -1,0 +1,183 @@
+"""One reconcile pass for one ServiceAccountImport, top to bottom: observe, assess, act.
+
+- observe: the import, its Secret, the source cluster and the token in memory, from caches only;
+- assess (pure, controller/assess.py): current, needs a token, or blocked with a reason;
+- act: the token request if one is needed, then the writes `plan` asks for (Secret, status, Events).
+It returns a Result saying when to look again, as controller-runtime's Reconcile does.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from controller.assess import Blocked, HasToken, NeedsToken, Observation, Writes, assess, plan, status_patch
+from controller.metrics import Metrics
+from controller.remote import RemoteFailure, fetch_token
+from controller.runtime.events import EventRecorder
+from controller.runtime.manager import Result
+from controller.runtime.writes import RecentWrites
+from controller.sources import SourceRegistry, client_error_message
+from kubemcsa import api, kube
+from kubemcsa.imports import ImportToken
+
+log = logging.getLogger(__name__)
+
+
+def import_key(namespace: str | None, name: str) -> str:
+    return f"{namespace or ''}/{name}"
+
+
+def split_key(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
+
+
+@dataclass
+class Caches:
+    """What the reconciler reads and writes locally: the two informers and their resources."""
+
+    imports: kube.Informer
+    secrets: kube.Informer
+    imports_api: kube.Resource
+    secrets_api: kube.Resource
+
+
+class Reconciler:
+    def __init__(
+        self,
+        caches: Caches,
+        sources: SourceRegistry,
+        recorder: EventRecorder,
+        metrics: Metrics,
+        *,
+        may_write: Callable[[], bool],
+        remote_timeout: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.caches = caches
+        self.sources = sources
+        self.recorder = recorder
+        self.metrics = metrics
+        self.may_write = may_write
+        self.remote_timeout = remote_timeout
+        self.clock = clock
+        self.import_writes = RecentWrites()
+        self.secret_writes = RecentWrites()
+        self._held: dict[str, ImportToken] = {}
+        self._lock = threading.Lock()
+
+    # --- what the informers say ---
+    def import_seen(self, obj: dict[str, Any]) -> None:
+        self.import_writes.seen(kube.object_key(obj), obj)
+
+    def import_deleted(self, key: str) -> None:
+        self.import_writes.forget(split_key(key))
+        with self._lock:
+            self._held.pop(key, None)
+        self.metrics.set_expiry(key, None)
+
+    def secret_seen(self, obj: dict[str, Any], deleted: bool = False) -> None:
+        if deleted:
+            self.secret_writes.forget(kube.object_key(obj))
+        else:
+            self.secret_writes.seen(kube.object_key(obj), obj)
+
+    # --- the pass ---
+    def reconcile(self, key: str) -> Result:
+        observation = self.observe(key)
+        if observation is None:
+            return Result(outcome="skipped")  # gone or going: its Secret goes with it (ownerReference)
+        state = assess(observation)
+        if isinstance(state, NeedsToken):
+            if not self.may_write():
+                return Result(outcome="skipped")
+            state = self.request_token(state)
+        return self.act(key, observation, plan(observation, state))
+
+    def observe(self, key: str) -> Observation | None:
+        namespace, name = split_key(key)
+        imp = self.import_writes.get((namespace, name), self.caches.imports.get(name, namespace))
+        if imp is None or (imp.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+        secret_key = (namespace, api.secret_name_for_import(name))
+        secret = self.secret_writes.get(secret_key, self.caches.secrets.get(secret_key[1], namespace))
+        spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
+        cluster = spec.get("clusterName")
+        source = self.sources.get(cluster) if isinstance(cluster, str) else None
+        with self._lock:
+            held = self._held.get(key)
+        return Observation(
+            imp=imp,
+            secret=secret,
+            now=self.clock(),
+            source=source.remote if source is not None else None,
+            known_clusters=tuple(self.sources.names()),
+            cluster_error=self.sources.error_for(cluster) if source is None and isinstance(cluster, str) else None,
+            held=held,
+        )
+
+    def request_token(self, need: NeedsToken) -> HasToken | Blocked:
+        source = self.sources.get(need.source.cluster_name)
+        if source is None:  # removed meanwhile
+            return Blocked(api.REASON_UNKNOWN_CLUSTER, f"Cluster {need.source.cluster_name} was just removed.")
+        try:
+            client = self.sources.client(source)
+        except Exception as exc:  # a kubeconfig the client cannot load (exec plugin missing, bad files, ...)
+            return Blocked(api.REASON_REMOTE_ERROR, client_error_message(source, exc), retry=True, spec=need.spec)
+        try:
+            token = fetch_token(client, need.source, need.spec, timeout=self.remote_timeout, clock=self.clock)
+        except RemoteFailure as failure:
+            return Blocked(failure.reason, failure.message, retry=True, spec=need.spec)
+        self.metrics.tokens_refreshed.inc()
+        return HasToken(need.spec, token)
+
+    def act(self, key: str, observation: Observation, writes: Writes) -> Result:
+        if not self.may_write():  # lost the lease meanwhile: write nothing, not even an Event
+            return Result(outcome="skipped")
+        namespace, name = split_key(key)
+        if writes.remember is not None:
+            with self._lock:
+                self._held[key] = writes.remember
+        for write in writes.secrets:
+            secret_key = kube.object_key(write.body)
+            try:
+                if write.create:
+                    written = self.caches.secrets_api.create(write.body, namespace)
+                else:
+                    written = self.caches.secrets_api.replace(write.body, namespace)
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+                # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
+                self.secret_writes.forget(secret_key)
+                return Result(retry=True, outcome="conflict")
+            self.secret_writes.wrote(secret_key, written)
+        if writes.status is not None:
+            old = observation.imp.get("status")
+            patch = status_patch(old if isinstance(old, dict) else None, writes.status)
+            try:
+                self.import_writes.wrote(
+                    (namespace, name), self.caches.imports_api.patch_status(name, patch, namespace)
+                )
+            except ApiException as exc:
+                if exc.status != 404:  # 404: the import was deleted meanwhile, nothing to report on
+                    raise
+        for event_type, reason, message in writes.events:
+            self.recorder.record(observation.imp, event_type, reason, message)
+            if event_type == "Warning" and not writes.retry:
+                self.metrics.errors.labels(reason).inc()
+        if writes.expires_at is not None:
+            self.metrics.set_expiry(key, writes.expires_at)
+        requeue_after = None if writes.requeue_at is None else writes.requeue_at - observation.now
+        if writes.retry:
+            self.metrics.errors.labels(writes.failure_reason or "Unknown").inc()
+            log.info("import %s: %s; retrying with backoff", key, writes.failure_reason)
+            return Result(requeue_after=requeue_after, retry=True, outcome="error")
+        return Result(requeue_after=requeue_after)

@@ -1,0 +1,170 @@
+"""The Secret of a ServiceAccountImport: its data, labels, annotations and ownerReference, built in one place.
+
+Used by the controller (every import), by `kubemcsa bootstrap` (the first Secret of the controller's own
+import) and by the tests, so a Secret written by any of them is one the controller recognises as current and
+adopts without a new token request. The annotations record when the token was issued, when it expires, what
+it was issued for (a hash of the spec and the source's server and CA) and a hash of the data (so an edit
+shows in the cache alone). Pure functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from kubemcsa import api
+from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, to_secret_data
+from kubemcsa.spec import ImportSpec
+from kubemcsa.timefmt import format_time, parse_time
+from kubemcsa.tokens import IssuedToken
+
+ANNOTATION_PREFIX = "multicluster.admiralty.io/"
+ANNOTATION_EXPIRES = ANNOTATION_PREFIX + "token-expiration"
+ANNOTATION_ISSUED = ANNOTATION_PREFIX + "token-issued"
+ANNOTATION_INPUTS_HASH = ANNOTATION_PREFIX + "inputs-hash"
+ANNOTATION_DATA_HASH = ANNOTATION_PREFIX + "data-hash"
+_OURS = (ANNOTATION_EXPIRES, ANNOTATION_ISSUED, ANNOTATION_INPUTS_HASH, ANNOTATION_DATA_HASH)
+
+
+@dataclass(frozen=True)
+class ImportToken:
+    """A token held for an import: the credentials it makes, when it was issued, and what it was issued for."""
+
+    credentials: Credentials
+    issued: IssuedToken
+    inputs_hash: str
+
+    @property
+    def refresh_at(self) -> float | None:
+        return self.issued.refresh_at
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.issued.expires_at
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a mapping, else {}: objects edited by hand may hold anything."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def metadata_of(obj: Any) -> dict[str, Any]:
+    return as_dict(as_dict(obj).get("metadata"))
+
+
+def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes) -> str:
+    """A hash of everything a token depends on: the spec and the source's server and CA."""
+    material = dict(spec.fingerprint_fields())
+    material["server"] = server
+    material["ca"] = hashlib.sha256(ca_pem).hexdigest()
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_hash(data: dict[str, Any] | None) -> str:
+    """A hash of a Secret's data, recorded in an annotation so that an edit can be told from the cache alone."""
+    digest = hashlib.sha256()
+    for key in sorted(data or {}):
+        digest.update(key.encode() + b"\0" + str((data or {})[key]).encode() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def owner_reference(imp: dict[str, Any]) -> dict[str, Any]:
+    """A controller ownerReference to the import, so deleting the import deletes the Secret."""
+    meta = metadata_of(imp)
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": meta.get("name", ""),
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def is_controlled_by(obj: dict[str, Any] | None, owner_uid: str) -> bool:
+    for ref in as_list(metadata_of(obj).get("ownerReferences")):
+        if isinstance(ref, dict) and ref.get("controller") is True and ref.get("uid") == owner_uid:
+            return True
+    return False
+
+
+def import_secret(
+    imp: dict[str, Any], token: ImportToken, cluster_name: str, existing: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The Secret holding `token` for import `imp`, built on `existing` (keeping its version and others' keys)."""
+    meta = metadata_of(imp)
+    data = to_secret_data(token.credentials, cluster_name)
+    old_meta = metadata_of(existing)
+    labels = {k: v for k, v in as_dict(old_meta.get("labels")).items() if isinstance(v, str)}
+    labels[api.IMPORT_LABEL] = meta["name"]
+    annotations = {
+        k: v for k, v in as_dict(old_meta.get("annotations")).items() if isinstance(v, str) and k not in _OURS
+    }
+    annotations[ANNOTATION_ISSUED] = format_time(token.issued.issued_at)
+    if token.expires_at is not None:
+        annotations[ANNOTATION_EXPIRES] = format_time(token.expires_at)
+    annotations[ANNOTATION_INPUTS_HASH] = token.inputs_hash
+    annotations[ANNOTATION_DATA_HASH] = data_hash(data)
+    others = [
+        ref
+        for ref in as_list(old_meta.get("ownerReferences"))
+        if isinstance(ref, dict)
+        and ref.get("uid") != meta.get("uid")
+        and (ref.get("kind"), ref.get("name")) != (api.KIND, meta.get("name"))
+    ]
+    new_meta: dict[str, Any] = {
+        "name": api.secret_name_for_import(meta["name"]),
+        "namespace": meta.get("namespace"),
+        "labels": labels,
+        "annotations": annotations,
+        "ownerReferences": [owner_reference(imp), *others],
+    }
+    if old_meta.get("resourceVersion"):
+        new_meta["resourceVersion"] = old_meta["resourceVersion"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": new_meta,
+        "type": as_dict(existing).get("type") or "Opaque",
+        "data": data,
+    }
+
+
+def token_times(secret: dict[str, Any] | None) -> tuple[float | None, float | None]:
+    """(issued at, expires at) as the Secret's annotations record them."""
+    annotations = as_dict(metadata_of(secret).get("annotations"))
+    return parse_time(annotations.get(ANNOTATION_ISSUED)), parse_time(annotations.get(ANNOTATION_EXPIRES))
+
+
+def token_from_secret(secret: dict[str, Any]) -> ImportToken | None:
+    """The token a Secret holds (so a restarted controller needs no token request), None if unreadable."""
+    issued_at, expires_at = token_times(secret)
+    if issued_at is None:
+        return None
+    try:
+        creds = from_secret_data(as_dict(secret.get("data")))
+    except CredentialsError:
+        return None
+    inputs = as_dict(metadata_of(secret).get("annotations")).get(ANNOTATION_INPUTS_HASH, "")
+    return ImportToken(creds, IssuedToken(creds.token, issued_at, expires_at), str(inputs))
+
+
+def secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) -> bool:
+    """True if the Secret holds an unedited token, issued for these inputs, that is not due for refresh."""
+    annotations = as_dict(metadata_of(secret).get("annotations"))
+    data = as_dict(secret.get("data"))
+    if annotations.get(ANNOTATION_INPUTS_HASH) != wanted_inputs:
+        return False
+    if annotations.get(ANNOTATION_DATA_HASH) != data_hash(data) or any(k not in data for k in api.SECRET_KEYS):
+        return False
+    issued_at, expires_at = token_times(secret)
+    if issued_at is None:
+        return False
+    refresh_at = IssuedToken("", issued_at, expires_at).refresh_at
+    return refresh_at is None or now < refresh_at
