@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from controller.spec import SpecError, parse_spec
 from kubemcsa import api, argocd, kube
+from kubemcsa.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
