@@ -14,8 +14,6 @@ import datetime
 import sys
 from collections.abc import Sequence
 
-from kubernetes.config.config_exception import ConfigException
-
 from certs import manager, tls
 from kubemcsa import kube
 
@@ -44,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         api_client = kube.local_api_client(args.kubeconfig)
-    except (ConfigException, OSError, ValueError) as exc:
-        print(f"error: no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod", file=sys.stderr)
+    except kube.LOCAL_CLIENT_ERRORS as exc:
+        print(f"error: {kube.local_client_problem(exc)}", file=sys.stderr)
         return EXIT_FAILED
     try:
         with api_client:

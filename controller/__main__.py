@@ -9,8 +9,6 @@ import signal
 import sys
 import threading
 
-from kubernetes import config as kube_config
-
 from kubemcsa import api, kube
 
 
@@ -43,12 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         client = kube.local_api_client(args.kubeconfig)
-    except (kube_config.ConfigException, OSError, ValueError) as exc:
-        print(
-            f"kubemcsa-controller: cannot load the local cluster's configuration ({exc}); "
-            "pass --kubeconfig or run in a pod.",
-            file=sys.stderr,
-        )
+    except kube.LOCAL_CLIENT_ERRORS as exc:
+        print(f"kubemcsa-controller: {kube.local_client_problem(exc)}.", file=sys.stderr)
         return 2
     source_kubeconfig = args.source_kubeconfig
     if source_kubeconfig and not os.path.exists(source_kubeconfig):

@@ -128,6 +128,21 @@ def resource_type_of(obj: JSON) -> ResourceType:
         raise ValueError(f"unknown resource {key[0]} {key[1]}: add it to kubemcsa.kube.RESOURCE_TYPES") from None
 
 
+# What local_api_client raises: no usable configuration, or a file of this machine that could not be used.
+LOCAL_CLIENT_ERRORS: tuple[type[BaseException], ...] = (kube_config.ConfigException, OSError, ValueError)
+
+
+def local_client_problem(exc: BaseException) -> str:
+    """What went wrong in local_api_client, for a component's one-line startup error (no final period)."""
+    problem = local_file_problem(exc)
+    if problem:
+        return (
+            f"a file on this machine could not be used ({problem}), which is no fault of the cluster configuration; "
+            "check the pod's volumes"
+        )
+    return f"no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod"
+
+
 def local_api_client(kubeconfig: str | None = None) -> ApiClient:
     """The client of the cluster a component runs in: --kubeconfig, else in-cluster, else KUBECONFIG/~/.kube/config.
 

@@ -28,7 +28,6 @@ from typing import Any
 
 import uvicorn
 from kubernetes import client
-from kubernetes.config.config_exception import ConfigException
 
 from certs import manager
 from certs.reloader import CertificateReloader, RenewalLoop
@@ -234,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         api_client = kube.local_api_client(args.kubeconfig)
-    except (ConfigException, OSError, ValueError) as exc:
-        print(f"error: no usable cluster configuration ({exc}); pass --kubeconfig or run in a pod", file=sys.stderr)
+    except kube.LOCAL_CLIENT_ERRORS as exc:
+        print(f"error: {kube.local_client_problem(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
     stop = threading.Event()
