@@ -605,6 +605,17 @@ def test_garbage_token_is_401(kube: Kube) -> None:
     assert code == 401 and status["reason"] == "Unauthorized" and status["kind"] == "Status"
 
 
+def test_self_subject_review_names_a_service_account_with_its_groups_and_uid(kube: Kube, ns: str) -> None:
+    sa = kube.core.create_namespaced_service_account(ns, {"metadata": {"name": "me"}})
+    token = kube.core.create_namespaced_service_account_token("me", ns, {"spec": {}}).status.token
+    review = client.AuthenticationV1Api(kube.as_token(token)).create_self_subject_review(
+        {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+    )
+    user = review.status.user_info
+    assert user.username == f"system:serviceaccount:{ns}:me" and user.uid == sa.metadata.uid
+    assert {"system:serviceaccounts", f"system:serviceaccounts:{ns}", "system:authenticated"} <= set(user.groups)
+
+
 def test_rbac_for_service_account_tokens(kube: Kube, ns: str) -> None:
     kube.core.create_namespaced_service_account(ns, {"metadata": {"name": "limited"}})
     token = kube.core.create_namespaced_service_account_token("limited", ns, {"spec": {}}).status.token

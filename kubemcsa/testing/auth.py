@@ -1,7 +1,8 @@
 """Authentication and authorization of requests to the in-memory API server.
 
 The admin token is a `system:masters` user; a service-account token is verified by tokens.py and is only
-alive while its ServiceAccount (and, for a legacy token, its Secret) is; no token is `system:anonymous`.
+alive while its ServiceAccount (and, for a legacy token, its Secret) is; a token of another issuer that the
+server's AuthenticationConfiguration trusts is verified by oidc.py; no token is `system:anonymous`.
 Authorization is RBAC over the objects in the store (rbac.py).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-from kubemcsa.testing import errors, rbac, tokens
+from kubemcsa.testing import errors, oidc, rbac, tokens
 from kubemcsa.testing.rbac import RequestAttributes, UserInfo
 from kubemcsa.testing.store import Store
 
@@ -23,6 +24,7 @@ class Authenticator:
         self.store = store
         self.authority = authority
         self._admin_token = admin_token
+        self.jwt = oidc.JWTAuthenticators()
 
     def __repr__(self) -> str:
         return "Authenticator(<redacted>)"
@@ -46,9 +48,12 @@ class Authenticator:
         claims = self.authority.authenticate(
             token, lookup_service_account=self._lookup_sa, lookup_secret=self._lookup_secret
         )
-        if claims is None:
+        if claims is not None:
+            return tokens.user_for_claims(claims)
+        federated = self.jwt.authenticate(token)
+        if federated is None:
             raise errors.unauthorized()
-        return tokens.user_for_claims(claims)
+        return federated
 
     def impersonate(self, user: UserInfo, target: str | None, groups: list[str], uid: str | None) -> UserInfo:
         """The user named by Impersonate-* headers, if `user` may impersonate them (kubectl --as)."""

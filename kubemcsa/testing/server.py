@@ -226,8 +226,13 @@ class ApiServer:
         port: int = 0,
         bookmark_seconds: float = BOOKMARK_SECONDS,
         history_size: int = DEFAULT_HISTORY,
+        authentication_config: dict[str, Any] | str | None = None,
     ) -> None:
-        """`history_size`: how many past events a watch may resume from (older resourceVersions get 410 Gone)."""
+        """`history_size`: how many past events a watch may resume from (older resourceVersions get 410 Gone).
+
+        `authentication_config`: an AuthenticationConfiguration (as kube-apiserver's `--authentication-config`
+        file) whose `jwt` issuers this server trusts; change it later with configure_authentication().
+        """
         self.name = name
         self.max_token_expiration_seconds = max_token_expiration_seconds
         self.bookmark_seconds = bookmark_seconds
@@ -246,6 +251,7 @@ class ApiServer:
         self._bootstrapped = False
         self._stopping = threading.Event()
         self._request_local = threading.local()  # per-request state: the admission warnings to send back
+        self._authentication_config = authentication_config
 
     def __repr__(self) -> str:
         return f"ApiServer(name={self.name!r}, url={self.url if self._port else None!r})"
@@ -261,6 +267,7 @@ class ApiServer:
         if self._authority is None:
             self._authority = tokens.TokenAuthority(self.url)
             self._auth = Authenticator(self.cluster.store, self._authority, self.admin_token)
+            self._auth.jwt.configure(self._authentication_config)
             authority = self._authority
             self._controllers = Controllers(
                 self.cluster,
@@ -317,6 +324,18 @@ class ApiServer:
         if self._authority is None:
             raise RuntimeError("start the ApiServer first: its token issuer is its URL")
         return self._authority
+
+    def configure_authentication(self, config: dict[str, Any] | str | None) -> None:
+        """Trust the JWT issuers of this AuthenticationConfiguration from now on (None: none), as kube-apiserver
+        reloads its `--authentication-config` file; oidc.ConfigurationError if kube-apiserver would refuse it."""
+        if self._auth is None:
+            from kubemcsa.testing.oidc import parse_authentication_configuration
+
+            parse_authentication_configuration(config) if config is not None else None
+            self._authentication_config = config
+            return
+        self._auth.jwt.configure(config)
+        self._authentication_config = config
 
     # Clients --------------------------------------------------------------------------------------
 
@@ -738,6 +757,8 @@ class ApiServer:
                 return 201, self._token_request(ns, name, obj)
             if info.plural == "tokenreviews":
                 return 201, self._token_review(obj)
+            if info.plural == "selfsubjectreviews":
+                return 201, tokens.self_subject_review(user)
             if info.plural in ("selfsubjectaccessreviews", "subjectaccessreviews"):
                 return 201, self._access_review(info, obj, user)
             return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict)

@@ -78,6 +78,20 @@ def user_for_claims(claims: TokenClaims) -> UserInfo:
     )
 
 
+def self_subject_review(user: UserInfo) -> dict[str, Any]:
+    """Answer POST /apis/authentication.k8s.io/v1/selfsubjectreviews: who the caller is (no uid when it has none)."""
+    info: dict[str, Any] = {"username": user.username}
+    if user.uid:
+        info["uid"] = user.uid
+    info["groups"] = list(user.groups)
+    return {
+        "kind": "SelfSubjectReview",
+        "apiVersion": AUTHENTICATION_API_VERSION,
+        "metadata": {"creationTimestamp": None},
+        "status": {"userInfo": info},
+    }
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -505,6 +519,7 @@ __all__ = [
     "TokenClaims",
     "decode_unverified",
     "rfc3339",
+    "self_subject_review",
     "service_account_groups",
     "service_account_username",
     "user_for_claims",
