@@ -1,4 +1,4 @@
-"""The `kubemcsa` command (also the kubectl plugin `kubectl mcsa`): bootstrap, export, status, demo.
+"""The `kubemcsa` command (also the kubectl plugin `kubectl mcsa`): bootstrap, federate, export, status, demo.
 
 Each command prints what it does on stdout; an error is one sentence on stderr and a non-zero exit status.
 """
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_examples(
             f"""
             {prog} bootstrap --target-context cluster1 --source-context cluster2
+            {prog} federate --target-context cluster1 --source-context cluster2
             {prog} export pod-lister -n default --context cluster2 | kubectl --context cluster1 apply -f -
             {prog} status -A
             {prog} demo
@@ -114,6 +115,57 @@ def build_parser() -> argparse.ArgumentParser:
         "--source-server",
         metavar="URL",
         help="URL the target reaches the source at, if not the one in the source kubeconfig (e.g. kind clusters)",
+    )
+
+    fed = commands.add_parser(
+        "federate",
+        help="let a source cluster trust the target cluster's own service-account tokens (no token copied)",
+        description=(
+            "Federated trust: pods of the target cluster call the source cluster with their own projected tokens. "
+            "federate reads the target's service-account issuer, creates in the target the ClusterRoleBinding that "
+            "lets anyone (the source's API server included) read its public discovery document and signing keys "
+            "(--no-discovery-binding to skip), records the federated source in the target's namespace "
+            "multicluster-service-account (a ConfigMap the controller picks up at once), and prints the "
+            "AuthenticationConfiguration to add to the source's kube-apiserver, which no client can change. "
+            "--check only asks the source whether it trusts the target already, and as which user."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} federate --target-context cluster1 --source-context cluster2
+            {prog} federate --target-context cluster1 --source-context cluster2 --check
+            {prog} federate --target-context c1 --source-context c2 --audience c2.example --user-prefix c1:
+            """
+        ),
+    )
+    fed.add_argument("--target-context", required=True, help="kubeconfig context of the cluster whose pods call out")
+    fed.add_argument("--source-context", required=True, help="kubeconfig context of the cluster they call")
+    fed.add_argument("--target-kubeconfig", help="kubeconfig file for the target (default: $KUBECONFIG)")
+    fed.add_argument("--source-kubeconfig", help="kubeconfig file for the source (default: $KUBECONFIG)")
+    fed.add_argument("--target-name", help="name of the target cluster (default: the context's cluster name)")
+    fed.add_argument(
+        "--source-name",
+        help="name of the source cluster, i.e. the clusterName imports use (default: the context's cluster name)",
+    )
+    fed.add_argument("--audience", help="audience the source accepts (default: the source cluster's name)")
+    fed.add_argument(
+        "--user-prefix", help="prefix of the user names the source gives the target's pods (default: '<target>:')"
+    )
+    fed.add_argument(
+        "--no-discovery-binding",
+        action="store_true",
+        help="do not let anonymous clients read the target's discovery document and keys (serve them another way)",
+    )
+    fed.add_argument(
+        "--source-server", metavar="URL", help="URL the target's pods reach the source at (default: the kubeconfig's)"
+    )
+    fed.add_argument(
+        "--target-server",
+        metavar="URL",
+        help="URL the source's API server reaches the target at, for discovery (default: the kubeconfig's)",
+    )
+    fed.add_argument(
+        "--check", action="store_true", help="only check whether the source trusts the target; exit 1 if not"
     )
 
     exp = commands.add_parser(
@@ -249,6 +301,67 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _run_federate(args: argparse.Namespace) -> int:
+    from kubemcsa import bootstrap, federate, federation
+
+    source_info = config.context_cluster_info(args.source_context, args.source_kubeconfig)
+    target_info = config.context_cluster_info(args.target_context, args.target_kubeconfig)
+    target_name = args.target_name or target_info.cluster_name
+    source_name = args.source_name or source_info.cluster_name
+    bootstrap.check_cluster_name(target_name, "target", "--target-name")
+    bootstrap.check_cluster_name(source_name, "source", "--source-name")
+    servers = {"--source-server": args.source_server or source_info.server, "--target-server": args.target_server}
+    for flag, url in servers.items():
+        if url and not url.startswith("https://"):
+            raise CommandError(f"{flag} {url!r} is not an https:// URL; give the API server's URL.")
+    wanted = federation.FederatedSource(
+        cluster_name=source_name,
+        server=servers["--source-server"].rstrip("/"),
+        ca_pem=source_info.ca_pem,
+        audience=args.audience or source_name,
+        user_prefix=args.user_prefix if args.user_prefix is not None else federation.default_user_prefix(target_name),
+    )
+    target_client = config.context_config_and_namespace(target_info.context, args.target_kubeconfig).api_client()
+    target = bootstrap.Cluster(
+        "target", target_name, target_client, (args.target_server or target_info.server).rstrip("/"), target_info.ca_pem
+    )
+    try:
+        if args.check:
+            source = federate.recorded_source(target, source_name) or wanted
+            result = federate.check(source, target)
+            if not result.trusted:
+                print(
+                    f"Source cluster {source_name!r} does not trust target cluster {target_name!r} yet: "
+                    f"{result.problem}. Run kubemcsa federate without --check and add the configuration it prints."
+                )
+                return EXIT_NOT_READY
+            print(
+                f"Source cluster {source_name!r} trusts target cluster {target_name!r}: a token of "
+                f"{federate.CHECK_NAMESPACE}/{federate.CHECK_SERVICE_ACCOUNT} is user {result.username!r} there."
+            )
+            return EXIT_OK
+        print(
+            f"Federating target cluster {target_name!r} (context {target_info.context!r}) with source cluster "
+            f"{source_name!r} (context {source_info.context!r})",
+            flush=True,
+        )
+        if not args.no_discovery_binding:
+            print(
+                f"The ClusterRoleBinding {federation.DISCOVERY_BINDING_NAME} lets anyone read the OIDC discovery "
+                f"document and public signing keys of {target_name!r}, as the source's API server must "
+                "(--no-discovery-binding to serve them another way).",
+                flush=True,
+            )
+        issuer, result = federate.apply(
+            wanted, target, discovery_binding=not args.no_discovery_binding, report=lambda x: print(x, flush=True)
+        )
+        print(f"Target cluster {target_name!r} issues service-account tokens as {issuer.url}.")
+        print(federate.instructions(issuer, target, wanted))
+    finally:
+        target_client.close()
+    return EXIT_OK
+
+
 def _wait_for_bootstrap_import(client: ApiClient, name: str, target: str, timeout: float) -> None:
     """Poll the bootstrap import until the controller reports it Ready; CommandError with its reason if not."""
     from kubemcsa import status
@@ -335,7 +448,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.main(keep_running=args.keep_running)
 
 
-COMMANDS = {"bootstrap": _run_bootstrap, "export": _run_export, "status": _run_status, "demo": _run_demo}
+COMMANDS = {
+    "bootstrap": _run_bootstrap,
+    "federate": _run_federate,
+    "export": _run_export,
+    "status": _run_status,
+    "demo": _run_demo,
+}
 
 
 def _error_sentence(exc: BaseException) -> str:
@@ -358,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from kubemcsa.bootstrap import BootstrapError
     from kubemcsa.export import ExportError
+    from kubemcsa.federate import FederateError
 
     try:
         return COMMANDS[args.command](args)
@@ -366,6 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CredentialsError,
         BootstrapError,
         ExportError,
+        FederateError,
         ApiException,
         urllib3.exceptions.HTTPError,
     ) as exc:

@@ -93,6 +93,9 @@ CLUSTER_ROLES = ResourceType("rbac.authorization.k8s.io/v1", "clusterroles", "Cl
 ROLE_BINDINGS = ResourceType("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding")
 CLUSTER_ROLE_BINDINGS = ResourceType("rbac.authorization.k8s.io/v1", "clusterrolebindings", "ClusterRoleBinding", False)
 DEPLOYMENTS = ResourceType("apps/v1", "deployments", "Deployment")
+SELF_SUBJECT_REVIEWS = ResourceType(
+    "authentication.k8s.io/v1", "selfsubjectreviews", "SelfSubjectReview", namespaced=False
+)
 
 RESOURCE_TYPES = {
     (t.api_version, t.kind): t
@@ -117,6 +120,18 @@ RESOURCE_TYPES = {
         ResourceType("batch/v1", "jobs", "Job"),
     )
 }
+
+
+def whoami(api_client: ApiClient, timeout: float = 10) -> JSON:
+    """The caller's `userInfo` (username, groups, uid) as the API server sees it (SelfSubjectReview)."""
+    review = {"apiVersion": SELF_SUBJECT_REVIEWS.api_version, "kind": SELF_SUBJECT_REVIEWS.kind}
+    answer = Resource(api_client, SELF_SUBJECT_REVIEWS, timeout=timeout).create(review)
+    return dict((answer.get("status") or {}).get("userInfo") or {})
+
+
+def get_path(api_client: ApiClient, path: str, timeout: float = 10) -> JSON:
+    """GET a non-resource path that answers JSON (e.g. /.well-known/openid-configuration)."""
+    return Resource(api_client, NAMESPACES, timeout=timeout)._json("GET", path)
 
 
 def resource_type_of(obj: JSON) -> ResourceType:

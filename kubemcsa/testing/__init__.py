@@ -10,8 +10,8 @@ RBAC, CRDs and their custom resources, mutating webhooks, garbage collection and
 official client and kubectl cannot tell it from kube-apiserver for what this project uses. Like kube-apiserver
 with `--authentication-config`, it can trust another server's service-account tokens
 (`ApiServer(authentication_config=...)` or `configure_authentication`, see oidc.py), and `kubelet.Kubelet` writes
-a pod's Secret and projected volumes (projected service-account tokens included) as files, as the kubelet does. The pytest fixtures
-`api_server_factory`, `cluster1` and `cluster2` are in kubemcsa.testing.pytest_plugin. From a shell:
+a pod's Secret and projected volumes (projected service-account tokens included) as files, as the kubelet does.
+The pytest fixtures `api_server_factory`, `cluster1` and `cluster2` are in kubemcsa.testing.pytest_plugin. From a shell:
 `python -m kubemcsa.testing --port 6443 --kubeconfig-out kubeconfig` serves until SIGINT/SIGTERM.
 
 Where it knowingly differs from kube-apiserver (tests/test_conformance.py pins down what it shares):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -611,7 +611,7 @@ class ApiServer:
     # Routing --------------------------------------------------------------------------------------
 
     def _route(self, method: str, path: str, query: dict[str, list[str]]) -> Route:
-        segs = [s for s in path.split("/") if s]
+        segs = [unquote(s) for s in path.split("/") if s]  # kube-apiserver decodes each segment (e.g. %3A in names)
         verb = {
             "GET": "get",
             "HEAD": "get",

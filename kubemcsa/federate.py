@@ -1,0 +1,188 @@
+"""`kubemcsa federate`: make a target cluster's service-account issuer trusted by a source cluster, as far as a
+client can.
+
+A client cannot change an API server's flags, so federate does the rest and prints the stanza the source's
+administrator adds: it reads the target's issuer and discovery document, lets anyone read that public document
+(unless told not to), records the federated source in the target's system namespace (a ConfigMap the controller
+and the webhook watch) and prints the AuthenticationConfiguration. `--check` asks the source whether it already
+trusts the target: a token of the target for the source's audience, sent to the source's SelfSubjectReview.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import urllib3
+import yaml
+from kubernetes import config as kube_config
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa import api, federation, kube
+from kubemcsa.bootstrap import Cluster, Result, _Applier
+from kubemcsa.credentials import Credentials, build_kubeconfig
+from kubemcsa.export import ExportError, issue_token
+from kubemcsa.federation import FederatedSource, FederationError
+
+# The service account whose token --check sends to the source: it exists in every cluster.
+CHECK_NAMESPACE = "default"
+CHECK_SERVICE_ACCOUNT = "default"
+CHECK_TOKEN_SECONDS = 600
+
+
+class FederateError(Exception):
+    """Federate failed: one sentence naming the cluster and what to do. Never holds a token."""
+
+
+@dataclass(frozen=True)
+class Issuer:
+    """The target cluster's service-account issuer, as its discovery document says."""
+
+    url: str
+    jwks_uri: str
+
+
+def read_issuer(target: Cluster) -> Issuer:
+    """The target's issuer, from its discovery document; FederateError if it serves none."""
+    where = f"target cluster {target.name!r}"
+    try:
+        doc = kube.get_path(target.client, federation.DISCOVERY_PATH)
+    except ApiException as exc:
+        raise FederateError(
+            f"{where} refused to serve its OIDC discovery document ({kube.error_message(exc)}); use a context "
+            "with cluster-admin rights there."
+        ) from None
+    except (urllib3.exceptions.HTTPError, OSError):
+        raise FederateError(f"cannot reach {where} at {target.server}; check the context and the network.") from None
+    issuer, jwks_uri = doc.get("issuer"), doc.get("jwks_uri")
+    if not isinstance(issuer, str) or not issuer.startswith("https://") or not isinstance(jwks_uri, str):
+        raise FederateError(
+            f"{where} serves no usable discovery document (issuer {issuer!r}); set its kube-apiserver's "
+            "--service-account-issuer to an https URL and --service-account-jwks-uri to where others can fetch keys."
+        )
+    return Issuer(issuer, jwks_uri)
+
+
+def apply(
+    source: FederatedSource,
+    target: Cluster,
+    *,
+    discovery_binding: bool = True,
+    report: Callable[[str], None] = print,
+) -> tuple[Issuer, Result]:
+    """Read the target's issuer, bind discovery for anyone (unless told not to) and record the federated source
+    in the target's system namespace; report each object."""
+    try:
+        federation.check_source(source)
+    except FederationError as exc:
+        raise FederateError(str(exc)) from None
+    issuer = read_issuer(target)
+    result = Result()
+    applier = _Applier(target, result, report)
+    if discovery_binding:
+        applier.ensure(federation.discovery_binding())
+    applier.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": api.SYSTEM_NAMESPACE}})
+    recorded = FederatedSource(**{**source.__dict__, "issuer": issuer.url})
+    applier.ensure(federation.source_configmap(recorded, {"app.kubernetes.io/managed-by": "kubemcsa"}))
+    return issuer, result
+
+
+def recorded_source(target: Cluster, cluster_name: str) -> FederatedSource | None:
+    """The federated source recorded in the target for `cluster_name`, if any."""
+    configmaps = kube.Resource(target.client, kube.CONFIG_MAPS)
+    try:
+        obj = configmaps.get(federation.configmap_name(cluster_name), namespace=api.SYSTEM_NAMESPACE)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    try:
+        return federation.source_from_configmap(obj)
+    except FederationError as exc:
+        raise FederateError(str(exc)) from None
+
+
+def source_client(source: FederatedSource, token: str) -> ApiClient:
+    """A client of the source's API server that authenticates with `token` (the target's JWT)."""
+    creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
+    kubeconfig = yaml.safe_load(build_kubeconfig(creds, source.cluster_name))
+    return kube_config.new_client_from_config_dict(kubeconfig)
+
+
+@dataclass(frozen=True)
+class TrustCheck:
+    """Whether the source trusts a token of the target, and as whom; `problem` says what failed (no token)."""
+
+    username: str | None
+    problem: str = ""
+
+    @property
+    def trusted(self) -> bool:
+        return self.username is not None
+
+
+def check_trust(source: FederatedSource, token: str) -> TrustCheck:
+    """Send `token` (the target's, for the source's audience) to the source's SelfSubjectReview."""
+    client = source_client(source, token)
+    try:
+        user = kube.whoami(client)
+    except ApiException as exc:
+        if exc.status == 401:
+            return TrustCheck(None, f"source cluster {source.cluster_name!r} does not accept the token (401)")
+        return TrustCheck(None, f"source cluster {source.cluster_name!r} answered {kube.error_message(exc)}")
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        return TrustCheck(None, f"cannot reach source cluster {source.cluster_name!r} at {source.server} ({exc})")
+    finally:
+        client.close()
+    username = user.get("username")
+    if not isinstance(username, str) or not username:
+        return TrustCheck(None, f"source cluster {source.cluster_name!r} answered no user name")
+    return TrustCheck(username)
+
+
+def check(source: FederatedSource, target: Cluster) -> TrustCheck:
+    """Whether the source trusts the target now, with a short-lived token of the target's default service
+    account of namespace default (never printed)."""
+    try:
+        issued = issue_token(
+            target.client,
+            CHECK_SERVICE_ACCOUNT,
+            CHECK_NAMESPACE,
+            audiences=[source.audience],
+            expiration_seconds=CHECK_TOKEN_SECONDS,
+            where=f"target cluster {target.name!r}",
+        )
+    except ExportError as exc:
+        raise FederateError(f"cannot get a token to check with: {exc}") from None
+    return check_trust(source, issued.token)
+
+
+def instructions(issuer: Issuer, target: Cluster, source: FederatedSource) -> str:
+    """What the source cluster's administrator adds, and the RBAC a federated user needs there."""
+    config = federation.authentication_configuration(issuer.url, target.server, target.ca_pem, source)
+    lines = [
+        f"Add this to the --authentication-config file of source cluster {source.cluster_name!r}'s kube-apiserver "
+        "(it reloads the file by itself; merge the jwt entry if the file exists):",
+        "",
+        federation.render_authentication_configuration(config).rstrip("\n"),
+        "",
+    ]
+    flags = federation.oidc_flags(issuer.url, target.server, source, f"/etc/kubernetes/{target.name}-ca.crt")
+    if flags:
+        lines += [
+            "Or, on clusters that use the older flags (one issuer only), start kube-apiserver with the target's CA "
+            "in that file and:",
+            "  " + " ".join(flags),
+            "",
+        ]
+    lines += [
+        f"Pods of target cluster {target.name!r} will then be users named "
+        f"{source.remote_user('<namespace>', '<service account>')!r} in {source.cluster_name!r}; grant them what "
+        "they need there with RoleBindings, e.g.:",
+        f"  kubectl --context <{source.cluster_name}> create rolebinding pod-lister --role=pod-lister "
+        f"--user={source.remote_user('default', 'pod-lister')}",
+        f"Then check with: kubemcsa federate --check --target-context <{target.name}> "
+        f"--source-context <{source.cluster_name}>",
+    ]
+    return "\n".join(lines)
