@@ -38,6 +38,19 @@ def _prog() -> str:
     return "kubectl mcsa" if name.startswith("kubectl-mcsa") else "kubemcsa"
 
 
+def _add_cluster_pair_arguments(parser: argparse.ArgumentParser) -> None:
+    """The target (pods run there) and source (they call it) of bootstrap and federate."""
+    parser.add_argument("--target-context", required=True, help="kubeconfig context of the cluster to import INTO")
+    parser.add_argument("--source-context", required=True, help="kubeconfig context of the cluster to import FROM")
+    parser.add_argument("--target-kubeconfig", help="kubeconfig file for the target (default: $KUBECONFIG)")
+    parser.add_argument("--source-kubeconfig", help="kubeconfig file for the source (default: $KUBECONFIG)")
+    parser.add_argument("--target-name", help="name of the target cluster (default: the context's cluster name)")
+    parser.add_argument(
+        "--source-name",
+        help="name of the source cluster, i.e. the clusterName imports use (default: the context's cluster name)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     prog = _prog()
     parser = argparse.ArgumentParser(
@@ -77,15 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
             """
         ),
     )
-    boot.add_argument("--target-context", required=True, help="kubeconfig context of the cluster to import INTO")
-    boot.add_argument("--source-context", required=True, help="kubeconfig context of the cluster to import FROM")
-    boot.add_argument("--target-kubeconfig", help="kubeconfig file for the target (default: $KUBECONFIG)")
-    boot.add_argument("--source-kubeconfig", help="kubeconfig file for the source (default: $KUBECONFIG)")
-    boot.add_argument("--target-name", help="name of the target cluster (default: the context's cluster name)")
-    boot.add_argument(
-        "--source-name",
-        help="name of the source cluster, i.e. the clusterName imports use (default: the context's cluster name)",
-    )
+    _add_cluster_pair_arguments(boot)
     boot.add_argument(
         "--source-namespaces",
         metavar="NS[,NS...]",
@@ -138,15 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             """
         ),
     )
-    fed.add_argument("--target-context", required=True, help="kubeconfig context of the cluster whose pods call out")
-    fed.add_argument("--source-context", required=True, help="kubeconfig context of the cluster they call")
-    fed.add_argument("--target-kubeconfig", help="kubeconfig file for the target (default: $KUBECONFIG)")
-    fed.add_argument("--source-kubeconfig", help="kubeconfig file for the source (default: $KUBECONFIG)")
-    fed.add_argument("--target-name", help="name of the target cluster (default: the context's cluster name)")
-    fed.add_argument(
-        "--source-name",
-        help="name of the source cluster, i.e. the clusterName imports use (default: the context's cluster name)",
-    )
+    _add_cluster_pair_arguments(fed)
     fed.add_argument("--audience", help="audience the source accepts (default: the source cluster's name)")
     fed.add_argument(
         "--user-prefix", help="prefix of the user names the source gives the target's pods (default: '<target>:')"
