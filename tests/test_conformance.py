@@ -493,6 +493,36 @@ def test_watch_with_label_selector_sees_objects_enter_and_leave(kube: Kube, ns: 
     assert seen == ["ADDED", "DELETED"]
 
 
+def test_a_watch_of_labelled_service_accounts_sees_the_label_removed_as_deleted(kube: Kube, ns: str) -> None:
+    """What the controller's export watch relies on. kube's cacher sends an object leaving the selection as
+    DELETED with its previous content (still labelled), at the new resourceVersion."""
+    rv = kube.core.list_namespaced_service_account(ns).metadata.resource_version
+    events: list[tuple[str, dict, str]] = []
+
+    def run() -> None:
+        w = watch.Watch()
+        for event in w.stream(
+            kube.core.list_namespaced_service_account, ns, resource_version=rv, label_selector="exported=true",
+            timeout_seconds=30,
+        ):  # fmt: skip
+            meta = event["object"].metadata
+            events.append((event["type"], meta.labels or {}, meta.resource_version))
+            if event["type"] == "DELETED":
+                w.stop()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    kube.core.create_namespaced_service_account(ns, {"metadata": {"name": "quiet"}})
+    kube.core.create_namespaced_service_account(ns, {"metadata": {"name": "bot", "labels": {"exported": "true"}}})
+    patched = kube.core.patch_namespaced_service_account("bot", ns, {"metadata": {"labels": {"exported": None}}})
+    thread.join(timeout=60)
+    assert [(kind, labels) for kind, labels, _ in events] == [
+        ("ADDED", {"exported": "true"}),
+        ("DELETED", {"exported": "true"}),
+    ]
+    assert events[1][2] == patched.metadata.resource_version
+
+
 def test_watch_timeout_seconds_is_honoured(kube: Kube, ns: str) -> None:
     finished = threading.Event()
 
@@ -652,6 +682,37 @@ def test_rbac_for_service_account_tokens(kube: Kube, ns: str) -> None:
     with pytest.raises(ApiException) as exc:
         as_sa.list_namespaced_config_map("default")  # a RoleBinding grants in its namespace only
     assert exc.value.status == 403
+
+
+def test_token_requests_limited_by_resource_names(kube: Kube, ns: str) -> None:
+    """The facts file's "RBAC on token requests": resourceNames on serviceaccounts/token is enforced."""
+    for name in ("consumer", "allowed", "other"):
+        kube.core.create_namespaced_service_account(ns, {"metadata": {"name": name}})
+    token = kube.core.create_namespaced_service_account_token("consumer", ns, {"spec": {}}).status.token
+    as_consumer = client.CoreV1Api(kube.as_token(token))
+    kube.rbac.create_namespaced_role(ns, {"metadata": {"name": "mint-allowed"}, "rules": [
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["allowed"],
+         "verbs": ["create"]}]})  # fmt: skip
+    kube.rbac.create_namespaced_role_binding(ns, {
+        "metadata": {"name": "mint-allowed"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "mint-allowed"},
+        "subjects": [{"kind": "ServiceAccount", "name": "consumer", "namespace": ns}]})  # fmt: skip
+    assert wait_for(lambda: _allowed(lambda: as_consumer.create_namespaced_service_account_token("allowed", ns, {})))
+    with pytest.raises(ApiException) as exc:
+        as_consumer.create_namespaced_service_account_token("other", ns, {"spec": {}})
+    user = f"system:serviceaccount:{ns}:consumer"
+    assert exc.value.status == 403 and status_of(exc)["reason"] == "Forbidden"
+    assert status_of(exc)["message"] == (
+        f'serviceaccounts "other" is forbidden: User "{user}" cannot create resource "serviceaccounts/token" '
+        f'in API group "" in the namespace "{ns}"'
+    )
+    with pytest.raises(ApiException) as exc:
+        as_consumer.list_service_account_for_all_namespaces()
+    assert exc.value.status == 403
+    assert status_of(exc)["message"] == (
+        f'serviceaccounts is forbidden: User "{user}" cannot list resource "serviceaccounts" in API group "" '
+        "at the cluster scope"
+    )
 
 
 def _allowed(call: Callable[[], Any]) -> bool:

@@ -291,7 +291,12 @@ def test_store_watch_turns_selector_transitions_into_added_and_deleted() -> None
     moved_in = store.update(info, _obj("a", {"x": "1"}), created["metadata"]["resourceVersion"])
     moved_out = store.update(info, _obj("a", {"x": "2"}), moved_in["metadata"]["resourceVersion"])
     assert watcher.next(0) == ("ADDED", moved_in)
-    assert watcher.next(0) == ("DELETED", moved_out)
+    # As kube's cacher: the object leaving the selection is sent with its previous content at the new version.
+    version = moved_out["metadata"]["resourceVersion"]
+    assert watcher.next(0) == (
+        "DELETED",
+        {**moved_in, "metadata": {**moved_in["metadata"], "resourceVersion": version}},
+    )
     assert watcher.next(0) is None
 
 

@@ -63,7 +63,10 @@ class Watcher:
         elif now:
             self.queue.put(("ADDED", event.obj))
         elif before:
-            self.queue.put(("DELETED", event.obj))
+            # As kube's cacher: the previous content (the last state this watch saw), at the event's version.
+            last = event.old or event.obj
+            gone = {**last, "metadata": {**last["metadata"], "resourceVersion": str(event.rv)}}
+            self.queue.put(("DELETED", gone))
 
     def next(self, timeout: float | None) -> tuple[str, Obj] | None:
         """The next (type, object); None on timeout; raises EOFError once the watch is closed."""
