@@ -38,6 +38,14 @@ SYSTEM_NAMESPACE = "multicluster-service-account"
 # The most imports one pod may ask for: a pod has no use for more, and it bounds the webhook's work per request.
 MAX_IMPORTS_PER_POD = 32
 
+# Export, on a ServiceAccount of a source cluster, set by its owner (`kubemcsa allow`): the label makes it visible
+# to consumer controllers (their watch selects it), the annotation says which consumer cluster/namespace pairs
+# may import it, e.g. "cluster1/team-a, cluster1/ci-*" (kubemcsa/export_policy.py reads it).
+EXPORTED_LABEL = "multicluster.admiralty.io/exported"
+EXPORTED_LABEL_VALUE = "true"
+EXPORTED_SELECTOR = f"{EXPORTED_LABEL}={EXPORTED_LABEL_VALUE}"
+EXPORT_TO_ANNOTATION = "multicluster.admiralty.io/export-to"
+
 # The keys of an import's Secret (and of `kubemcsa export`'s output).
 KEY_CA_CRT = "ca.crt"
 KEY_NAMESPACE = "namespace"
@@ -58,6 +66,7 @@ REASON_SECRET_CONFLICT = "SecretNameConflict"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_REMOTE_ERROR = "RemoteError"
 REASON_TOKEN_EXPIRED = "TokenExpired"
+REASON_NOT_EXPORTED = "NotExported"
 
 DEFAULT_EXPIRATION_SECONDS = 86400
 MIN_EXPIRATION_SECONDS = 600
@@ -147,6 +156,16 @@ def volume_names_for_imports(import_names: Sequence[str]) -> list[str]:
 def mount_path_for_import(import_name: str) -> str:
     """Where an import's Secret is mounted in every container of an annotated pod."""
     return f"{MOUNT_ROOT}/{import_name}"
+
+
+def consumer_service_account(consumer_cluster: str) -> str:
+    """The name of a consumer cluster's account in a source cluster's system namespace (bootstrap makes it)."""
+    return consumer_cluster
+
+
+def consumer_username(consumer_cluster: str) -> str:
+    """The user a consumer cluster's controller is in a source cluster, as RBAC and 403 messages name it."""
+    return f"system:serviceaccount:{SYSTEM_NAMESPACE}:{consumer_service_account(consumer_cluster)}"
 
 
 def parse_import_annotation(value: str | None, limit: int | None = None) -> list[str]:
