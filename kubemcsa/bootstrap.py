@@ -7,6 +7,10 @@ after the source, with its first Secret. The controller reads the import Secrets
 source-cluster credentials (cluster name = import name) and refreshes this one like any other, so it reaches the
 source at once and keeps reaching it, without a restart.
 
+That RBAC grants no free minting: the controller may request tokens for its own account (to rotate its
+credential) and list and watch service accounts (to see which are exported to it). Tokens for any other account
+need its owner's export (kubemcsa/allow.py), unless --allow-all-service-accounts restores the open model.
+
 `plan()` and the comparison functions are pure; `apply()` makes the API calls and reports each step.
 """
 
@@ -60,10 +64,11 @@ class Plan:
     legacy_tokens: bool
     source_namespaces: tuple[str, ...] | None
     credential_seconds: int = DEFAULT_CREDENTIAL_SECONDS
+    allow_all_service_accounts: bool = False
 
     @property
     def service_account(self) -> str:
-        return self.target_name
+        return api.consumer_service_account(self.target_name)
 
     @property
     def import_name(self) -> str:
@@ -122,26 +127,60 @@ def check_cluster_name(name: str, role: str, flag: str) -> None:
         )
 
 
-def rbac_name_for_target(target_name: str) -> str:
-    """The name of the ClusterRole and bindings granted to a target cluster in the source."""
-    name = f"{api.SYSTEM_NAMESPACE}-{target_name}"
+def rbac_name_for_target(target_name: str, suffix: str = "") -> str:
+    """The name of the ClusterRole and bindings granted to a target cluster in the source (with `suffix`, of the
+    Role and RoleBinding for its own token)."""
+    name = f"{api.SYSTEM_NAMESPACE}-{target_name}{suffix}"
     if len(name) <= _MAX_NAME:
         return name
     digest = hashlib.sha256(target_name.encode()).hexdigest()[:8]
-    return f"{name[: _MAX_NAME - 9].rstrip('-.')}-{digest}"
+    return f"{name[: _MAX_NAME - 9 - len(suffix)].rstrip('-.')}-{digest}{suffix}"
 
 
-def controller_rules(legacy_tokens: bool) -> list[JSON]:
-    """The least the target's controller needs in the source: request service accounts' tokens.
+OWN_TOKEN_SUFFIX = "-own-token"
 
-    Legacy long-lived tokens live in Secrets the controller creates and reads back; while one stays empty, the
-    controller reads the service account to tell a missing account from a slow token controller.
+
+def controller_rules(legacy_tokens: bool, allow_all_service_accounts: bool = False) -> list[JSON]:
+    """What the target's controller may do in the source's watched namespaces: see which accounts are exported.
+
+    Tokens for those accounts are granted by their owners (kubemcsa allow). `allow_all_service_accounts` is the
+    original's open model: tokens for every account. Legacy long-lived tokens live in Secrets the controller
+    creates and reads back (RBAC cannot limit creating Secrets by name, so that is open too); while one stays
+    empty, the controller reads the service account to tell a missing account from a slow token controller.
     """
-    rules: list[JSON] = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
+    rules: list[JSON] = [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}]
+    if allow_all_service_accounts:
+        rules.append({"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]})
     if legacy_tokens:
         rules.append({"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]})
         rules.append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]})
     return rules
+
+
+def own_token_rules(target_name: str) -> list[JSON]:
+    """The controller may request tokens for its own account in the source, to keep its credential rotated."""
+    return [
+        {
+            "apiGroups": [""],
+            "resources": ["serviceaccounts/token"],
+            "resourceNames": [api.consumer_service_account(target_name)],
+            "verbs": ["create"],
+        }
+    ]
+
+
+def allow_all_warning(the_plan: Plan) -> str:
+    """What --allow-all-service-accounts gives away, said loudly."""
+    where = (
+        f"namespaces {', '.join(the_plan.source_namespaces)}"
+        if the_plan.source_namespaces
+        else "every namespace, kube-system included"
+    )
+    return (
+        f"WARNING: --allow-all-service-accounts lets the controller of cluster {the_plan.target_name!r} (and anyone "
+        f"who can create an import there) get a token for ANY service account of cluster {the_plan.source_name!r} "
+        f"in {where}, without its owner's consent; prefer owners exporting theirs with `kubemcsa allow`."
+    )
 
 
 def plan(
@@ -151,10 +190,16 @@ def plan(
     source_namespaces: list[str] | None = None,
     legacy_tokens: bool = False,
     credential_seconds: int = DEFAULT_CREDENTIAL_SECONDS,
+    allow_all_service_accounts: bool = False,
 ) -> Plan:
     """The desired objects in each cluster; BootstrapError if a name is invalid."""
     check_cluster_name(target_name, "target", "--target-name")
     check_cluster_name(source_name, "source", "--source-name")
+    if legacy_tokens and not allow_all_service_accounts:
+        raise BootstrapError(
+            "--legacy-tokens lets the controller make long-lived tokens for any service account (RBAC cannot limit "
+            "creating token Secrets by name); add --allow-all-service-accounts to accept that."
+        )
     namespaces = None
     if source_namespaces is not None:
         namespaces = tuple(dict.fromkeys(ns.strip() for ns in source_namespaces if ns.strip()))
@@ -169,21 +214,35 @@ def plan(
     # Label values stop at 63 characters; a longer target name is identified by its hash.
     target_label = target_name if len(target_name) <= 63 else _hash(target_name)
     rbac_labels = {**labels, TARGET_LABEL: target_label}
-    subject = {"kind": "ServiceAccount", "name": target_name, "namespace": system}
+    subject = {"kind": "ServiceAccount", "name": api.consumer_service_account(target_name), "namespace": system}
     role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": rbac_name}
+    own_token_name = rbac_name_for_target(target_name, OWN_TOKEN_SUFFIX)
 
     source: list[JSON] = [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": system}},
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
-            "metadata": {"name": target_name, "namespace": system, "labels": labels},
+            "metadata": {"name": api.consumer_service_account(target_name), "namespace": system, "labels": labels},
+        },
+        {
+            "apiVersion": RBAC_API_VERSION,
+            "kind": "Role",
+            "metadata": {"name": own_token_name, "namespace": system, "labels": rbac_labels},
+            "rules": own_token_rules(target_name),
+        },
+        {
+            "apiVersion": RBAC_API_VERSION,
+            "kind": "RoleBinding",
+            "metadata": {"name": own_token_name, "namespace": system, "labels": rbac_labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": own_token_name},
+            "subjects": [subject],
         },
         {
             "apiVersion": RBAC_API_VERSION,
             "kind": "ClusterRole",
             "metadata": {"name": rbac_name, "labels": rbac_labels},
-            "rules": controller_rules(legacy_tokens),
+            "rules": controller_rules(legacy_tokens, allow_all_service_accounts),
         },
     ]
     if namespaces is None:
@@ -216,7 +275,7 @@ def plan(
             "spec": {
                 "clusterName": source_name,
                 "namespace": system,
-                "name": target_name,
+                "name": api.consumer_service_account(target_name),
                 "expirationSeconds": credential_seconds,
             },
         },
@@ -231,6 +290,7 @@ def plan(
         legacy_tokens=legacy_tokens,
         source_namespaces=namespaces,
         credential_seconds=credential_seconds,
+        allow_all_service_accounts=allow_all_service_accounts,
     )
 
 
@@ -355,7 +415,10 @@ def _describe(obj: JSON) -> str:
     return f"{obj.get('kind')} {where}"
 
 
-def _advice(exc: BaseException, cluster: Cluster, obj: JSON) -> str:
+ADMIN_ADVICE = "use a context with cluster-admin rights there"
+
+
+def _advice(exc: BaseException, cluster: Cluster, obj: JSON, admin_advice: str = ADMIN_ADVICE) -> str:
     what = f"{cluster.side} cluster {cluster.name!r}"
     if isinstance(exc, ApiException):
         reason = kube.error_reason(exc)
@@ -368,18 +431,23 @@ def _advice(exc: BaseException, cluster: Cluster, obj: JSON) -> str:
             ns = obj["metadata"]["namespace"]
             return f"{what} has no namespace {ns!r}: create it or remove it from --source-namespaces."
         if exc.status in (401, 403) or reason in ("Forbidden", "Unauthorized"):
-            return f"{what} refused to write {_describe(obj)}: use a context with cluster-admin rights there."
+            return f"{what} refused to write {_describe(obj)}: {admin_advice}."
         return (
             f"{what} refused to write {_describe(obj)} ({kube.error_message(exc)}); fix that and run bootstrap again."
         )
     return f"cannot reach {what} at {cluster.server or 'its server'}: check the context and the network."
 
 
-class _Applier:
-    def __init__(self, cluster: Cluster, result: Result, report: Callable[[str], None]) -> None:
+class Applier:
+    """Brings objects of one cluster to a desired state, reporting each step (shared by bootstrap and allow)."""
+
+    def __init__(
+        self, cluster: Cluster, result: Result, report: Callable[[str], None], admin_advice: str = ADMIN_ADVICE
+    ) -> None:
         self.cluster = cluster
         self.result = result
         self.report = report
+        self.admin_advice = admin_advice
 
     def step(self, obj: JSON, action: str) -> None:
         meta = obj.get("metadata") or {}
@@ -389,11 +457,11 @@ class _Applier:
         self.result.steps.append(step)
         self.report(str(step))
 
-    def _call(self, obj: JSON, fn: Callable[[], JSON]) -> JSON:
+    def call(self, obj: JSON, fn: Callable[[], JSON]) -> JSON:
         try:
             return fn()
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BootstrapError(_advice(exc, self.cluster, obj)) from None
+            raise BootstrapError(_advice(exc, self.cluster, obj, self.admin_advice)) from None
 
     def ensure(self, desired: JSON) -> JSON:
         """Create `desired`, or bring the existing object up to it; report and return the object as stored."""
@@ -404,24 +472,25 @@ class _Applier:
             existing = resource.get(meta["name"], namespace=namespace)
         except ApiException as exc:
             if exc.status != 404 or kube.error_reason(exc) not in ("NotFound", ""):
-                raise BootstrapError(_advice(exc, self.cluster, desired)) from None
+                raise BootstrapError(_advice(exc, self.cluster, desired, self.admin_advice)) from None
             if desired["kind"] == api.KIND and not kube.error_status(exc).get("details", {}).get("name"):
-                raise BootstrapError(_advice(exc, self.cluster, desired)) from None  # the type itself is missing
+                # The type itself is missing.
+                raise BootstrapError(_advice(exc, self.cluster, desired, self.admin_advice)) from None
             existing = None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise BootstrapError(_advice(exc, self.cluster, desired)) from None
+            raise BootstrapError(_advice(exc, self.cluster, desired, self.admin_advice)) from None
         if existing is None:
-            stored = self._call(desired, lambda: resource.create(desired, namespace=namespace))
+            stored = self.call(desired, lambda: resource.create(desired, namespace=namespace))
             self.step(desired, "created")
             return stored
         if not needs_update(existing, desired):
             self.step(desired, "unchanged")
             return existing
         if needs_recreate(existing, desired):
-            self._call(desired, lambda: resource.delete(meta["name"], namespace=namespace))
-            stored = self._call(desired, lambda: resource.create(desired, namespace=namespace))
+            self.call(desired, lambda: resource.delete(meta["name"], namespace=namespace))
+            stored = self.call(desired, lambda: resource.create(desired, namespace=namespace))
         else:
-            stored = self._call(desired, lambda: resource.replace(merged(existing, desired), namespace=namespace))
+            stored = self.call(desired, lambda: resource.replace(merged(existing, desired), namespace=namespace))
         self.step(desired, "updated")
         return stored
 
@@ -432,13 +501,13 @@ class _Applier:
             resource.delete(meta["name"], namespace=meta.get("namespace"))
         except ApiException as exc:
             if exc.status != 404:
-                raise BootstrapError(_advice(exc, self.cluster, obj)) from None
+                raise BootstrapError(_advice(exc, self.cluster, obj, self.admin_advice)) from None
         self.step(obj, "deleted")
 
     def list_managed(self, resource_type: kube.ResourceType, selector: str) -> list[JSON]:
         resource = kube.Resource(self.cluster.client, resource_type)
         probe = {"kind": resource_type.kind, "metadata": {"name": f"({selector})"}}
-        items = self._call(probe, lambda: resource.list(label_selector=selector)).get("items") or []
+        items = self.call(probe, lambda: resource.list(label_selector=selector)).get("items") or []
         for item in items:
             item.setdefault("kind", resource_type.kind)
         return items
@@ -454,7 +523,7 @@ def apply(
 ) -> Result:
     """Make both clusters match `the_plan`, reporting each object as it is handled; BootstrapError on failure."""
     result = Result()
-    src = _Applier(source, result, report)
+    src = Applier(source, result, report)
     for obj in the_plan.source:
         src.ensure(obj)
     # Bindings made by an earlier run with other --source-namespaces would grant more than asked: remove them.
@@ -464,7 +533,7 @@ def apply(
     for obj in stale_bindings(existing, bindings):
         src.delete(obj)
 
-    dst = _Applier(target, result, report)
+    dst = Applier(target, result, report)
     stored_import: JSON = {}
     for obj in the_plan.target:
         stored = dst.ensure(obj)
@@ -475,7 +544,7 @@ def apply(
 
 
 def _ensure_import_secret(
-    the_plan: Plan, import_obj: JSON, source: Cluster, dst: _Applier, clock: Callable[[], float]
+    the_plan: Plan, import_obj: JSON, source: Cluster, dst: Applier, clock: Callable[[], float]
 ) -> None:
     secrets = kube.Resource(dst.cluster.client, kube.SECRETS)
     name = api.secret_name_for_import(the_plan.import_name)
@@ -511,8 +580,8 @@ def _ensure_import_secret(
     # Built as the controller builds it, so the controller adopts it without a token request of its own.
     desired = imports.import_secret(import_obj, token, the_plan.source_name, existing)
     if existing is None:
-        dst._call(desired, lambda: secrets.create(desired, namespace=api.SYSTEM_NAMESPACE))
+        dst.call(desired, lambda: secrets.create(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "created")
     else:
-        dst._call(desired, lambda: secrets.replace(desired, namespace=api.SYSTEM_NAMESPACE))
+        dst.call(desired, lambda: secrets.replace(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "updated")

@@ -47,11 +47,14 @@ def snapshot(clusters: dict[str, Any]) -> dict[str, str]:
     """The resourceVersion of every object bootstrap manages, in both clusters."""
     c1, c2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
     name = bootstrap.rbac_name_for_target("cluster1")
+    own = bootstrap.rbac_name_for_target("cluster1", bootstrap.OWN_TOKEN_SUFFIX)
     objects = {
         "src ns": (c2, kube.NAMESPACES, SYSTEM, None),
         "src sa": (c2, kube.SERVICE_ACCOUNTS, "cluster1", SYSTEM),
         "src role": (c2, kube.CLUSTER_ROLES, name, None),
         "src binding": (c2, kube.CLUSTER_ROLE_BINDINGS, name, None),
+        "src own role": (c2, kube.ROLES, own, SYSTEM),
+        "src own binding": (c2, kube.ROLE_BINDINGS, own, SYSTEM),
         "dst ns": (c1, kube.NAMESPACES, SYSTEM, None),
         "dst sai": (c1, kube.SERVICE_ACCOUNT_IMPORTS, "cluster2", SYSTEM),
         "dst secret": (c1, kube.SECRETS, api.secret_name_for_import("cluster2"), SYSTEM),
@@ -90,12 +93,12 @@ def test_bootstrap_from_nothing_then_a_second_run_changes_nothing(clusters, caps
     assert cli.main(bootstrap_argv(clusters)) == 0
     out = capsys.readouterr().out
     assert "created" not in out and "updated" not in out
-    assert sum(line.endswith(" unchanged") for line in out.splitlines()) == 7
+    assert sum(line.endswith(" unchanged") for line in out.splitlines()) == 9
     assert "Nothing to do" in out
     assert snapshot(clusters) == before
 
 
-def test_the_credential_can_request_tokens_but_cannot_read_secrets(clusters, capsys) -> None:
+def test_the_credential_mints_only_its_own_token_and_sees_which_accounts_exist(clusters, capsys) -> None:
     assert cli.main(bootstrap_argv(clusters)) == 0
     capsys.readouterr()
     c1, cluster2 = clusters["cluster1"].admin_client(), clusters["cluster2"]
@@ -105,8 +108,16 @@ def test_the_credential_can_request_tokens_but_cannot_read_secrets(clusters, cap
     as_controller = cluster2.client_for_token(creds.token)
 
     accounts = kube.Resource(as_controller, kube.SERVICE_ACCOUNTS)
-    issued = accounts.create_subresource("pod-lister", "token", {"spec": {"expirationSeconds": 3600}}, "default")
+    issued = accounts.create_subresource("cluster1", "token", {"spec": {"expirationSeconds": 3600}}, SYSTEM)
     assert issued["status"]["token"]
+    assert accounts.list(label_selector=api.EXPORTED_SELECTOR)["items"] == []
+    assert accounts.watch(label_selector=api.EXPORTED_SELECTOR, timeout_seconds=1) is not None
+    # No free minting: not an account of another namespace, nor of kube-system, nor a sibling in its own.
+    kube.Resource(admin2, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": "cluster3"}}, SYSTEM)
+    for ns, name in (("default", "pod-lister"), ("kube-system", "default"), (SYSTEM, "cluster3")):
+        with pytest.raises(ApiException) as info:
+            accounts.create_subresource(name, "token", {"spec": {}}, ns)
+        assert info.value.status == 403
     for attempt in (
         lambda: accounts.get("pod-lister", "default"),
         lambda: kube.Resource(as_controller, kube.SECRETS).list("default"),
@@ -136,9 +147,15 @@ def test_source_namespaces_narrow_the_grant_and_a_rerun_removes_the_cluster_wide
     c1 = clusters["cluster1"].admin_client()
     creds = from_secret_data(kube.Resource(c1, kube.SECRETS).get("cluster2-token", SYSTEM)["data"])
     accounts = kube.Resource(clusters["cluster2"].client_for_token(creds.token), kube.SERVICE_ACCOUNTS)
-    assert accounts.create_subresource("bot", "token", {"spec": {}}, "team-a")["status"]["token"]
+    assert [sa["metadata"]["name"] for sa in accounts.list("team-a")["items"]] == ["bot", "default"]
+    for attempt in (lambda: accounts.list("team-b"), lambda: accounts.list()):
+        with pytest.raises(ApiException) as info:
+            attempt()
+        assert info.value.status == 403
+    # Its own token still, through the Role in its namespace.
+    assert accounts.create_subresource("cluster1", "token", {"spec": {}}, SYSTEM)["status"]["token"]
     with pytest.raises(ApiException) as info:
-        accounts.create_subresource("bot", "token", {"spec": {}}, "team-b")
+        accounts.create_subresource("bot", "token", {"spec": {}}, "team-a")
     assert info.value.status == 403
 
 
@@ -186,6 +203,9 @@ def test_bootstrap_then_an_import_works_through_the_running_controller(clusters,
         "default",
     )
     secret_version = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)["metadata"]["resourceVersion"]
+    # The owner exports it to namespace default of cluster1.
+    allow_argv = ["allow", "pod-lister", "-n", "default", "--context", "cluster2", "--to", "cluster1/default"]
+    assert cli.main([*allow_argv, "--kubeconfig", str(clusters["paths"]["cluster2"])]) == 0
     controller = controller_run.Controller(
         clusters["cluster1"].admin_client(), controller_run.Options(leader_election=False)
     )
@@ -265,12 +285,14 @@ def test_a_tampered_or_changed_object_is_updated_and_said(clusters, capsys) -> N
     kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).patch("cluster2", {"spec": {"name": "someone-else"}}, SYSTEM)
     secret_before = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)
 
-    assert cli.main(bootstrap_argv(clusters, "--legacy-tokens")) == 0
-    out = capsys.readouterr().out
+    assert cli.main(bootstrap_argv(clusters, "--legacy-tokens", "--allow-all-service-accounts")) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert captured.err.startswith("WARNING: --allow-all-service-accounts lets the controller of cluster 'cluster1'")
     assert f"ClusterRole {name} updated" in out
     assert "ServiceAccountImport multicluster-service-account/cluster2 updated" in out
     assert "Secret multicluster-service-account/cluster2-token unchanged" in out
-    assert "Bootstrap complete: 0 created, 2 updated, 0 deleted, 5 unchanged." in out
+    assert "Bootstrap complete: 0 created, 2 updated, 0 deleted, 7 unchanged." in out
     assert kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)["spec"]["name"] == "cluster1"
     after = kube.Resource(admin1, kube.SECRETS).get("cluster2-token", SYSTEM)
     assert after["metadata"]["resourceVersion"] == secret_before["metadata"]["resourceVersion"]

@@ -25,16 +25,31 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 def test_plan_cluster_wide() -> None:
     plan = bootstrap.plan("cluster1", "cluster2")
     kinds = [o["kind"] for o in plan.source]
-    assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"]
+    assert kinds == ["Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]
     sa = by_kind(plan.source, "ServiceAccount")[0]
     assert sa["metadata"] == {
         "name": "cluster1",
         "namespace": api.SYSTEM_NAMESPACE,
         "labels": {bootstrap.MANAGED_BY_LABEL: bootstrap.MANAGED_BY_VALUE},
     }
+    # No free minting: tokens for its own account only (to rotate its credential), and seeing which are exported.
+    own = by_kind(plan.source, "Role")[0]
+    assert own["metadata"]["namespace"] == api.SYSTEM_NAMESPACE
+    assert own["rules"] == [
+        {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": ["cluster1"], "verbs": ["create"]}
+    ]
+    own_binding = by_kind(plan.source, "RoleBinding")[0]
+    assert own_binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": own["metadata"]["name"],
+    }
+    assert own_binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "cluster1", "namespace": api.SYSTEM_NAMESPACE}
+    ]
     rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
     granted = {(r, v) for rule in rules for r in rule["resources"] for v in rule["verbs"]}
-    assert granted == {("serviceaccounts/token", "create")}
+    assert granted == {("serviceaccounts", "list"), ("serviceaccounts", "watch")}
     binding = by_kind(plan.source, "ClusterRoleBinding")[0]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "cluster1", "namespace": api.SYSTEM_NAMESPACE}]
     assert binding["roleRef"]["name"] == plan.rbac_name
@@ -50,11 +65,39 @@ def test_plan_cluster_wide() -> None:
 
 
 def test_plan_with_source_namespaces_binds_only_there_and_legacy_adds_secrets() -> None:
-    plan = bootstrap.plan("c1", "c2", source_namespaces=["team-a", " team-b", "team-a", ""], legacy_tokens=True)
+    plan = bootstrap.plan(
+        "c1",
+        "c2",
+        source_namespaces=["team-a", " team-b", "team-a", ""],
+        legacy_tokens=True,
+        allow_all_service_accounts=True,
+    )
     assert not by_kind(plan.source, "ClusterRoleBinding")
-    assert [o["metadata"]["namespace"] for o in by_kind(plan.source, "RoleBinding")] == ["team-a", "team-b"]
+    bindings = by_kind(plan.source, "RoleBinding")
+    assert [o["metadata"]["namespace"] for o in bindings] == [api.SYSTEM_NAMESPACE, "team-a", "team-b"]
+    assert bindings[0]["metadata"]["name"] != bindings[1]["metadata"]["name"]
     rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
     assert {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "get"]} in rules
+    assert {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]} in rules
+
+
+def test_the_open_model_needs_its_loud_flag_and_says_what_it_gives_away() -> None:
+    with pytest.raises(bootstrap.BootstrapError, match="add --allow-all-service-accounts"):
+        bootstrap.plan("c1", "c2", legacy_tokens=True)
+    plan = bootstrap.plan("c1", "c2", allow_all_service_accounts=True)
+    rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
+    assert {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]} in rules
+    warning = bootstrap.allow_all_warning(plan)
+    assert warning.startswith("WARNING:") and "ANY service account" in warning and "kube-system" in warning
+    narrowed = bootstrap.plan("c1", "c2", source_namespaces=["a"], allow_all_service_accounts=True)
+    assert "in namespaces a" in bootstrap.allow_all_warning(narrowed)
+
+
+def test_the_own_token_rbac_name_fits_for_long_target_names() -> None:
+    target = "c" * 253
+    plan = bootstrap.plan(target, "c2")
+    names = {o["metadata"]["name"] for o in plan.source if o["kind"] in ("Role", "ClusterRole")}
+    assert len(names) == 2 and all(len(n) <= 253 for n in names)
 
 
 @pytest.mark.parametrize(
