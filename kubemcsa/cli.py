@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"""
             {prog} bootstrap --target-context cluster1 --source-context cluster2
             {prog} federate --target-context cluster1 --source-context cluster2
+            {prog} allow pod-lister -n default --context cluster2 --to cluster1/team-a
             {prog} export pod-lister -n default --context cluster2 | kubectl --context cluster1 apply -f -
             {prog} status -A
             {prog} demo
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="let the controller of a target cluster import service accounts from a source cluster",
         description=(
             "In the source cluster, create the namespace multicluster-service-account, a service account named "
-            "after the target cluster and the least RBAC the controller needs (request service accounts' tokens). "
+            "after the target cluster and the least RBAC the controller needs: request tokens for that account "
+            "only, and list and watch service accounts to see which their owners export to it (kubemcsa allow). "
             "In the target cluster, create a ServiceAccountImport named after the source cluster for that "
             "service account, and its first Secret, so that the controller reaches the source at once. Running it "
             "again changes nothing and says so."
@@ -100,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--legacy-tokens",
         action="store_true",
         help="also let the controller read service accounts and create and read legacy token Secrets in the source "
-        "(clusters before 1.22)",
+        "(clusters before 1.22); needs --allow-all-service-accounts",
+    )
+    boot.add_argument(
+        "--allow-all-service-accounts",
+        action="store_true",
+        help="DANGEROUS: the original's open model; let the controller get a token for ANY service account of the "
+        "source (in --source-namespaces), without its owner's export",
     )
     boot.add_argument(
         "--credential-duration",
@@ -164,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     fed.add_argument(
         "--check", action="store_true", help="only check whether the source trusts the target; exit 1 if not"
     )
+
+    for verb in ("allow", "disallow"):
+        _add_allow_parser(commands, prog, verb)
 
     exp = commands.add_parser(
         "export",
@@ -247,6 +258,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_allow_parser(commands: argparse._SubParsersAction, prog: str, verb: str) -> None:
+    allow = verb == "allow"
+    cmd = commands.add_parser(
+        verb,
+        help=(
+            "export a service account to consumer clusters and namespaces (as its owner, in its cluster)"
+            if allow
+            else "withdraw a service account's export from consumer clusters and namespaces"
+        ),
+        description=(
+            "As the owner of service account NAME, let namespaces of consumer clusters import it: in its namespace, "
+            "a Role and RoleBinding let each consumer cluster's controller request its tokens (the cluster's RBAC "
+            "enforces that), and its label multicluster.admiralty.io/exported and annotation "
+            "multicluster.admiralty.io/export-to say which namespaces of those clusters may (their controllers "
+            "enforce that). Running it again changes nothing."
+            if allow
+            else "Withdraw the export of service account NAME from the CLUSTER/NAMESPACE patterns given (--to), or "
+            "from everyone (--all): its annotation loses them, and consumer clusters no longer named lose the RBAC to "
+            "request its tokens. Imports of it turn NotExported and lose their token within seconds; tokens "
+            "already issued stay valid until they expire."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_examples(
+            f"""
+            {prog} allow pod-lister -n default --context cluster2 --to cluster1/team-a
+            {prog} allow deployer -n ci --context cluster2 --to 'cluster1/ci-*,cluster3/*'
+            """
+            if allow
+            else f"""
+            {prog} disallow pod-lister -n default --context cluster2 --to cluster1/team-a
+            {prog} disallow deployer -n ci --context cluster2 --all
+            """
+        ),
+    )
+    cmd.add_argument("name", metavar="NAME", help="the service account")
+    cmd.add_argument("-n", "--namespace", help="namespace of the service account (default: the context's)")
+    cmd.add_argument("--context", help="kubeconfig context of the service account's (source) cluster")
+    cmd.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    to_help = (
+        "consumer CLUSTER/NAMESPACE, comma-separated or repeated; '*' globs the namespace (cluster1/ci-*); "
+        "CLUSTER is the name bootstrap gave the consumer cluster"
+    )
+    if allow:
+        cmd.add_argument("--to", action="append", required=True, metavar="CLUSTER/NAMESPACE[,...]", help=to_help)
+    else:
+        which = cmd.add_mutually_exclusive_group(required=True)
+        which.add_argument("--to", action="append", metavar="CLUSTER/NAMESPACE[,...]", help=to_help)
+        which.add_argument("--all", action="store_true", help="withdraw the export from every consumer")
+
+
 # --- commands --------------------------------------------------------------------------------------------------
 
 
@@ -266,7 +327,10 @@ def _run_bootstrap(args: argparse.Namespace) -> int:
         source_namespaces=args.source_namespaces.split(",") if args.source_namespaces is not None else None,
         legacy_tokens=args.legacy_tokens,
         credential_seconds=credential_seconds,
+        allow_all_service_accounts=args.allow_all_service_accounts,
     )
+    if the_plan.allow_all_service_accounts:
+        print(bootstrap.allow_all_warning(the_plan), file=sys.stderr, flush=True)
     source_server = (args.source_server or source_info.server).rstrip("/")
     if not source_server.startswith("https://"):
         raise CommandError(f"--source-server {source_server!r} is not an https:// URL; give the API server's URL.")
@@ -379,6 +443,36 @@ def _wait_for_bootstrap_import(client: ApiClient, name: str, target: str, timeou
         time.sleep(0.2)  # polling the import's status; a watch would need its own thread for a one-off wait
 
 
+def _run_allow(args: argparse.Namespace) -> int:
+    from kubemcsa import allow
+
+    targets = allow.parse_targets(args.to) if args.to else None
+    info = config.context_cluster_info(args.context, args.kubeconfig)
+    namespace = args.namespace or info.namespace
+    if args.command == "allow":
+        assert targets is not None  # --to is required
+
+        def decide(sa: dict) -> allow.ExportPlan:
+            return allow.plan_allow(sa, targets)
+    else:
+
+        def decide(sa: dict) -> allow.ExportPlan:
+            return allow.plan_disallow(sa, targets)
+
+    client = config.context_config_and_namespace(info.context, args.kubeconfig).api_client()
+    try:
+        report = lambda line: print(line, flush=True)  # noqa: E731
+        plan = allow.apply(client, info.cluster_name, namespace, args.name, decide, report=report)
+    finally:
+        client.close()
+    for asked, still in plan.still_allowed:
+        print(f"Note: {asked} may still import it, as {still} still allows it; disallow {still} too if you mean it.")
+    print(allow.summary(plan, info.cluster_name))
+    if args.command == "disallow":
+        print("Tokens already issued stay valid until they expire (spec.expirationSeconds of each import).")
+    return EXIT_OK
+
+
 def _run_export(args: argparse.Namespace) -> int:
     from kubemcsa import export
 
@@ -448,6 +542,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "bootstrap": _run_bootstrap,
     "federate": _run_federate,
+    "allow": _run_allow,
+    "disallow": _run_allow,
     "export": _run_export,
     "status": _run_status,
     "demo": _run_demo,
@@ -472,6 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit status (the console scripts exit with it)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from kubemcsa.allow import AllowError
     from kubemcsa.bootstrap import BootstrapError
     from kubemcsa.export import ExportError
     from kubemcsa.federate import FederateError
@@ -482,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         CommandError,
         CredentialsError,
         BootstrapError,
+        AllowError,
         ExportError,
         FederateError,
         ApiException,
