@@ -20,12 +20,14 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, bootstrap, config, kube
+from kubemcsa import allow, api, bootstrap, config, kube
 from kubemcsa.testing import wait
 
 JSON = dict[str, Any]
 WEBHOOK_CONFIGURATION = "service-account-import-admission-controller"
 IMPORT_NAME = "cluster2-default-pod-lister"
+# The attack the export model stops: importing an account its owner never exported (here one bound to cluster-admin).
+REFUSED_IMPORT_NAME = "cluster2-kube-system-admin-bot"
 WAIT_SECONDS = 30.0
 
 
@@ -100,12 +102,26 @@ def getting_started_cluster2() -> list[JSON]:
     ]
 
 
-def service_account_import() -> JSON:
+def admin_bot() -> list[JSON]:
+    """A powerful service account of cluster2 that nobody exported."""
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "admin-bot", "namespace": "kube-system"}},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "admin-bot"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"kind": "ServiceAccount", "name": "admin-bot", "namespace": "kube-system"}],
+        },
+    ]
+
+
+def service_account_import(name: str = IMPORT_NAME, namespace: str = "default", remote: str = "pod-lister") -> JSON:
     return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
-        "metadata": {"name": IMPORT_NAME, "namespace": "default"},
-        "spec": {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"},
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterName": "cluster2", "namespace": namespace, "name": remote},
     }
 
 
@@ -223,6 +239,13 @@ class Demo:
             kube.Resource(admin2, kube.resource_type_of(obj)).create(obj)
             self.say(f"created {obj['kind']} default/{obj['metadata']['name']}")
 
+        self.step("In cluster2, as pod-lister's owner: kubemcsa allow pod-lister -n default --to cluster1/default")
+        targets = allow.parse_targets(["cluster1/default"])
+        plan = allow.apply(
+            admin2, "cluster2", "default", "pod-lister", lambda sa: allow.plan_allow(sa, targets), report=self.say
+        )
+        self.say(allow.summary(plan, "cluster2"))
+
         self.step(f"In cluster1: label namespace default {api.NAMESPACE_LABEL}={api.NAMESPACE_LABEL_VALUE}")
         kube.Resource(admin1, kube.NAMESPACES).patch(
             "default", {"metadata": {"labels": {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}}
@@ -280,6 +303,30 @@ class Demo:
                 raise DemoError("pod-lister could list cluster2's secrets, which its Role does not allow.")
         if not any(item["metadata"]["name"] == "nginx" for item in pods):
             raise DemoError("the client built from the mounted import did not see cluster2's nginx pod.")
+
+        self.step("In cluster1: an import of cluster2's kube-system/admin-bot (cluster-admin there), never exported")
+        for obj in admin_bot():
+            kube.Resource(admin2, kube.resource_type_of(obj)).create(obj)
+        refused = service_account_import(REFUSED_IMPORT_NAME, "kube-system", "admin-bot")
+        kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(refused)
+        imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+
+        def refused_condition() -> JSON | None:
+            conditions = (imports.get(REFUSED_IMPORT_NAME, "default").get("status") or {}).get("conditions") or []
+            return next((c for c in conditions if c.get("type") == "Ready" and c.get("status") == "False"), None)
+
+        condition = wait_for(f"import {REFUSED_IMPORT_NAME} to be refused", refused_condition)
+        self.say(f"import Ready=False reason={condition.get('reason')}: {condition.get('message', '')}")
+        refused_secret = api.secret_name_for_import(REFUSED_IMPORT_NAME)
+        try:
+            has_token = api.KEY_TOKEN in (secrets.get(refused_secret, "default").get("data") or {})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            has_token = False
+        if has_token:
+            raise DemoError(f"Secret {refused_secret} holds a token for an account that was never exported.")
+        self.say("no token for it in cluster1: cluster2's owner decides who imports what")
 
         self.step("kubemcsa status -A (cluster1)")
         from kubemcsa import status

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, kube
 
@@ -143,3 +144,46 @@ def test_the_packaged_crd_is_the_installed_one():
         MANIFESTS / "crd" / "serviceaccountimports.yaml"
     ).read_bytes()
     assert api.crd_manifest()["metadata"]["name"] == api.CRD_NAME
+
+
+def test_namespace_owners_manage_imports_with_the_roles_they_have(cluster1, objects):
+    """admin and edit may write imports in their namespace (through aggregation), view may only read them."""
+    admin = cluster1.admin_client()
+    order = {"Namespace": 0, "CustomResourceDefinition": 1}
+    for obj in sorted(objects, key=lambda o: order.get(o["kind"], 2)):
+        if obj["kind"] in ("Namespace", "CustomResourceDefinition", "ClusterRole"):
+            kube.Resource(admin, kube.resource_type_of(obj)).create(obj)
+    kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": "team-a"}})
+    clients = {}
+    for role in ("admin", "edit", "view"):
+        kube.Resource(admin, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": role}}, "team-a")
+        kube.Resource(admin, kube.ROLE_BINDINGS).create(
+            {
+                "metadata": {"name": role},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+                "subjects": [{"kind": "ServiceAccount", "name": role, "namespace": "team-a"}],
+            },
+            "team-a",
+        )
+        clients[role] = kube.Resource(
+            cluster1.client_for_token(cluster1.issue_token("team-a", role)), kube.SERVICE_ACCOUNT_IMPORTS
+        )
+    body = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "spec": {"clusterName": "c2", "namespace": "a", "name": "b"},
+    }
+    for role in ("admin", "edit"):
+        imports = clients[role]
+        imports.create({**body, "metadata": {"name": role}}, "team-a")
+        imports.patch(role, {"spec": {"name": "c"}}, "team-a")
+        assert [i["metadata"]["name"] for i in imports.list("team-a")["items"]][-1] == role
+        imports.delete(role, "team-a")
+        with pytest.raises(ApiException) as info:
+            imports.list("default")  # their namespace only
+        assert info.value.status == 403
+    viewer = clients["view"]
+    assert viewer.list("team-a")["items"] == []
+    with pytest.raises(ApiException) as info:
+        viewer.create({**body, "metadata": {"name": "v"}}, "team-a")
+    assert info.value.status == 403
