@@ -1,0 +1,138 @@
+"""What to do with an import's Argo CD cluster Secret, decided from data alone (no API call, no clock).
+
+The Secret `<import>-argocd` sits next to the import's own Secret and carries the same credentials in Argo CD's
+format (kubemcsa.argocd). It follows the import's Secret: written when the import has spec.argoCD and its Secret
+holds a token, rewritten whenever that token changes, deleted when spec.argoCD goes, left alone (and reported)
+when a Secret of that name belongs to someone else. A failed refresh changes nothing: the last good token stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from controller.reconcile import is_controlled_by
+from controller.spec import ImportSpec
+from kubemcsa import api, argocd
+from kubemcsa.credentials import CredentialsError, from_secret_data
+
+CONDITION_ARGOCD = "ArgoCDSecretReady"
+REASON_WRITTEN = "SecretWritten"
+REASON_WAITING = "WaitingForToken"
+
+
+@dataclass(frozen=True)
+class ArgoCDAction:
+    """The one write, if any, the Argo CD Secret needs, and the condition to report (None: no condition)."""
+
+    write: dict[str, Any] | None = None  # the Secret to create (create=True) or replace
+    create: bool = False
+    delete: dict[str, Any] | None = None  # the cached Secret to delete (its uid and resourceVersion as preconditions)
+    condition: dict[str, str] | None = None  # type, status, reason, message
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _meta(obj: Any) -> dict[str, Any]:
+    return _dict(_dict(obj).get("metadata"))
+
+
+def _condition(status: str, reason: str, message: str) -> dict[str, str]:
+    return {"type": CONDITION_ARGOCD, "status": status, "reason": reason, "message": message}
+
+
+def desired_argocd_data(cluster: argocd.ArgoCDCluster, import_secret: dict[str, Any] | None) -> dict[str, str] | None:
+    """Argo CD's data for the credentials in the import's Secret, or None while that Secret holds no usable token."""
+    try:
+        creds = from_secret_data(_dict(import_secret).get("data"))
+    except CredentialsError:
+        return None
+    return argocd.cluster_secret_data(cluster, creds.server, argocd.bearer_token_config(creds.token, creds.ca_crt))
+
+
+def desired_argocd_secret(imp: dict[str, Any], data: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """The Argo CD Secret of `imp` holding `data`, built on `existing` (keeping its resourceVersion, others' keys)."""
+    meta = _meta(imp)
+    old_meta = _meta(existing)
+    labels = {k: v for k, v in _dict(old_meta.get("labels")).items() if isinstance(v, str)}
+    labels.update(argocd.CLUSTER_LABELS)
+    # The controller's Secret informer selects on this label: the Secret is seen, and maps back to its import.
+    labels[api.IMPORT_LABEL] = meta["name"]
+    owner = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+    others = [
+        ref
+        for ref in old_meta.get("ownerReferences") or []
+        if isinstance(ref, dict) and ref.get("uid") != meta.get("uid")
+    ]
+    new_meta: dict[str, Any] = {
+        "name": api.argocd_secret_name_for_import(meta["name"]),
+        # Always the import's own namespace: whoever may create an import there may already write Secrets there.
+        "namespace": meta.get("namespace"),
+        "labels": labels,
+        "ownerReferences": [owner, *others],
+    }
+    annotations = {k: v for k, v in _dict(old_meta.get("annotations")).items() if isinstance(v, str)}
+    if annotations:
+        new_meta["annotations"] = annotations
+    if old_meta.get("resourceVersion"):
+        new_meta["resourceVersion"] = old_meta["resourceVersion"]
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": new_meta, "type": "Opaque", "data": data}
+
+
+def _is_current(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    have, want = _meta(existing), _meta(wanted)
+    return (
+        _dict(existing.get("data")) == wanted["data"]
+        and _dict(have.get("labels")) == want["labels"]
+        and (have.get("ownerReferences") or [None])[0] == want["ownerReferences"][0]
+    )
+
+
+def assess_argocd_secret(
+    imp: dict[str, Any], spec: ImportSpec | None, import_secret: dict[str, Any] | None, existing: dict[str, Any] | None
+) -> ArgoCDAction:
+    """Decide for the Argo CD Secret of `imp`, given its parsed spec (None if invalid), the import's Secret as it is
+    (or is being written) and the Argo CD Secret as cached (or None)."""
+    meta = _meta(imp)
+    name = api.argocd_secret_name_for_import(meta.get("name", ""))
+    if spec is None:  # an invalid spec: keep what exists, report nothing new
+        return ArgoCDAction()
+    ours = existing is not None and is_controlled_by(existing, meta.get("uid", ""))
+    if spec.argocd is None:
+        return ArgoCDAction(delete=existing if ours else None)
+    if existing is not None and not ours:
+        return ArgoCDAction(
+            condition=_condition(
+                "False",
+                api.REASON_SECRET_CONFLICT,
+                f"A Secret named {name} already exists in namespace {meta.get('namespace')} and is not controlled "
+                "by this import; delete or rename that Secret, or rename the import.",
+            )
+        )
+    data = desired_argocd_data(spec.argocd, import_secret)
+    if data is None:
+        if ours:  # the import's Secret lost its token (or never had one): Argo CD keeps the last good one
+            return ArgoCDAction(condition=_written(name, spec.argocd))
+        return ArgoCDAction(
+            condition=_condition(
+                "False", REASON_WAITING, f"Secret {name} is written once the import's Secret holds a token."
+            )
+        )
+    wanted = desired_argocd_secret(imp, data, existing)
+    condition = _written(name, spec.argocd)
+    if ours and existing is not None and _is_current(existing, wanted):
+        return ArgoCDAction(condition=condition)
+    return ArgoCDAction(write=wanted, create=not ours, condition=condition)
+
+
+def _written(name: str, cluster: argocd.ArgoCDCluster) -> dict[str, str]:
+    return _condition("True", REASON_WRITTEN, f"Secret {name} registers this cluster in Argo CD as {cluster.name!r}.")
