@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from controller.reconcile import is_controlled_by
-from controller.spec import ImportSpec
 from kubemcsa import api, argocd
 from kubemcsa.credentials import CredentialsError, from_secret_data
+from kubemcsa.imports import as_dict, controlled_secret, is_controlled_by, metadata_of, string_map
+from kubemcsa.spec import ImportSpec
 
 CONDITION_ARGOCD = "ArgoCDSecretReady"
 REASON_WRITTEN = "SecretWritten"
@@ -28,15 +28,8 @@ class ArgoCDAction:
     write: dict[str, Any] | None = None  # the Secret to create (create=True) or replace
     create: bool = False
     delete: dict[str, Any] | None = None  # the cached Secret to delete (its uid and resourceVersion as preconditions)
-    condition: dict[str, str] | None = None  # type, status, reason, message
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _meta(obj: Any) -> dict[str, Any]:
-    return _dict(_dict(obj).get("metadata"))
+    condition: dict[str, str] | None = None  # type, status, reason, message; None: no such condition
+    report: bool = True  # False: leave the condition as it is (the spec is invalid, so nothing is known)
 
 
 def _condition(status: str, reason: str, message: str) -> dict[str, str]:
@@ -46,7 +39,7 @@ def _condition(status: str, reason: str, message: str) -> dict[str, str]:
 def desired_argocd_data(cluster: argocd.ArgoCDCluster, import_secret: dict[str, Any] | None) -> dict[str, str] | None:
     """Argo CD's data for the credentials in the import's Secret, or None while that Secret holds no usable token."""
     try:
-        creds = from_secret_data(_dict(import_secret).get("data"))
+        creds = from_secret_data(as_dict(import_secret).get("data"))
     except CredentialsError:
         return None
     return argocd.cluster_secret_data(cluster, creds.server, argocd.bearer_token_config(creds.token, creds.ca_crt))
@@ -54,45 +47,22 @@ def desired_argocd_data(cluster: argocd.ArgoCDCluster, import_secret: dict[str, 
 
 def desired_argocd_secret(imp: dict[str, Any], data: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
     """The Argo CD Secret of `imp` holding `data`, built on `existing` (keeping its resourceVersion, others' keys)."""
-    meta = _meta(imp)
-    old_meta = _meta(existing)
-    labels = {k: v for k, v in _dict(old_meta.get("labels")).items() if isinstance(v, str)}
+    meta = metadata_of(imp)
+    old_meta = metadata_of(existing)
+    labels = string_map(old_meta.get("labels"))
     labels.update(argocd.CLUSTER_LABELS)
     # The controller's Secret informer selects on this label: the Secret is seen, and maps back to its import.
     labels[api.IMPORT_LABEL] = meta["name"]
-    owner = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "name": meta["name"],
-        "uid": meta.get("uid", ""),
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-    others = [
-        ref
-        for ref in old_meta.get("ownerReferences") or []
-        if isinstance(ref, dict) and ref.get("uid") != meta.get("uid")
-    ]
-    new_meta: dict[str, Any] = {
-        "name": api.argocd_secret_name_for_import(meta["name"]),
-        # Always the import's own namespace: whoever may create an import there may already write Secrets there.
-        "namespace": meta.get("namespace"),
-        "labels": labels,
-        "ownerReferences": [owner, *others],
-    }
-    annotations = {k: v for k, v in _dict(old_meta.get("annotations")).items() if isinstance(v, str)}
-    if annotations:
-        new_meta["annotations"] = annotations
-    if old_meta.get("resourceVersion"):
-        new_meta["resourceVersion"] = old_meta["resourceVersion"]
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": new_meta, "type": "Opaque", "data": data}
+    annotations = string_map(old_meta.get("annotations"))
+    name = api.argocd_secret_name_for_import(meta["name"])
+    return controlled_secret(imp, name, data, labels, annotations, existing)
 
 
 def _is_current(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    have, want = _meta(existing), _meta(wanted)
+    have, want = metadata_of(existing), metadata_of(wanted)
     return (
-        _dict(existing.get("data")) == wanted["data"]
-        and _dict(have.get("labels")) == want["labels"]
+        as_dict(existing.get("data")) == wanted["data"]
+        and as_dict(have.get("labels")) == want["labels"]
         and (have.get("ownerReferences") or [None])[0] == want["ownerReferences"][0]
     )
 
@@ -102,10 +72,10 @@ def assess_argocd_secret(
 ) -> ArgoCDAction:
     """Decide for the Argo CD Secret of `imp`, given its parsed spec (None if invalid), the import's Secret as it is
     (or is being written) and the Argo CD Secret as cached (or None)."""
-    meta = _meta(imp)
+    meta = metadata_of(imp)
     name = api.argocd_secret_name_for_import(meta.get("name", ""))
     if spec is None:  # an invalid spec: keep what exists, report nothing new
-        return ArgoCDAction()
+        return ArgoCDAction(report=False)
     ours = existing is not None and is_controlled_by(existing, meta.get("uid", ""))
     if spec.argocd is None:
         return ArgoCDAction(delete=existing if ours else None)

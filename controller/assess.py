@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
 from kubemcsa import api
 from kubemcsa.imports import (
     ImportToken,
@@ -51,6 +52,7 @@ class Observation:
     known_clusters: tuple[str, ...] = ()
     cluster_error: str | None = None  # why the source's credentials are unusable, if they are
     held: ImportToken | None = None  # the token kept in memory for this import
+    argocd_secret: dict[str, Any] | None = None  # the Secret `<import>-argocd`, as cached (or as last written)
 
     @property
     def own_secret(self) -> dict[str, Any] | None:
@@ -162,6 +164,7 @@ class Writes:
     """What a reconcile pass writes and when it looks again. Empty: nothing (the steady state)."""
 
     secrets: list[SecretWrite] = field(default_factory=list)
+    deletions: list[dict[str, Any]] = field(default_factory=list)  # Secrets to delete, as observed (preconditions)
     status: dict[str, Any] | None = None  # the new status, only if it differs from the current one
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     requeue_at: float | None = None
@@ -173,9 +176,8 @@ class Writes:
 
 def plan(obs: Observation, state: Blocked | HasToken) -> Writes:
     """The writes that bring the cluster to `state` (after assess, and after the token request if any)."""
-    if isinstance(state, HasToken):
-        return _plan_token(obs, state)
-    return _plan_blocked(obs, state)
+    writes = _plan_token(obs, state) if isinstance(state, HasToken) else _plan_blocked(obs, state)
+    return _plan_argocd_secret(obs, state, writes)
 
 
 def _plan_token(obs: Observation, state: HasToken) -> Writes:
@@ -214,6 +216,39 @@ def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     writes.status = _status(obs.imp, obs.now, ready, name if keeps else None, issued_at, expires_at)
     if writes.status is not None and _condition_changed(obs.imp, ready):
         writes.events.append(("Warning", reason, message))
+    return writes
+
+
+def _plan_argocd_secret(obs: Observation, state: Blocked | HasToken, writes: Writes) -> Writes:
+    """Add what the import's Argo CD cluster Secret needs, from the import Secret as it is after this pass."""
+    import_name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
+    written = [w.body for w in writes.secrets if metadata_of(w.body).get("name") == import_name]
+    import_secret_after = written[-1] if written else obs.own_secret
+    action = assess_argocd_secret(obs.imp, state.spec, import_secret_after, obs.argocd_secret)
+    if action.write is not None:
+        writes.secrets.append(SecretWrite(action.write, create=action.create))
+    if action.delete is not None:
+        writes.deletions.append(action.delete)
+    if not action.report:
+        return writes
+    old = as_dict(obs.imp.get("status"))
+    base = writes.status if writes.status is not None else old
+    conditions = [c for c in as_list(base.get("conditions")) if isinstance(c, dict)]
+    said = [
+        (c.get("status"), c.get("reason"), c.get("message")) for c in conditions if c.get("type") == CONDITION_ARGOCD
+    ]
+    wanted = action.condition
+    if wanted is None:
+        if not said:
+            return writes
+        conditions = [c for c in conditions if c.get("type") != CONDITION_ARGOCD]
+    else:
+        conditions = set_condition(conditions, wanted, obs.now)
+        warn = wanted["status"] == "False" and wanted["reason"] != REASON_WAITING
+        if warn and said != [(wanted["status"], wanted["reason"], wanted["message"])]:
+            writes.events.append(("Warning", wanted["reason"], wanted["message"]))
+    new = {**base, "conditions": conditions}
+    writes.status = None if new == old else new
     return writes
 
 

@@ -47,6 +47,8 @@ class Caches:
     secrets: kube.Informer
     imports_api: kube.Resource
     secrets_api: kube.Resource
+    # Argo CD cluster Secrets, ours or not: a hand-written one named like an import's is seen, and left alone.
+    argocd_secrets: kube.Informer | None = None
 
 
 class Reconciler:
@@ -108,6 +110,11 @@ class Reconciler:
             return None
         secret_key = (namespace, api.secret_name_for_import(name))
         secret = self.secret_writes.get(secret_key, self.caches.secrets.get(secret_key[1], namespace))
+        argocd_key = (namespace, api.argocd_secret_name_for_import(name))
+        argocd_cached = self.caches.secrets.get(argocd_key[1], namespace)
+        if argocd_cached is None and self.caches.argocd_secrets is not None:
+            argocd_cached = self.caches.argocd_secrets.get(argocd_key[1], namespace)
+        argocd_secret = self.secret_writes.get(argocd_key, argocd_cached)
         spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
         cluster = spec.get("clusterName")
         source = self.sources.get(cluster) if isinstance(cluster, str) else None
@@ -121,6 +128,7 @@ class Reconciler:
             known_clusters=tuple(self.sources.names()),
             cluster_error=self.sources.error_for(cluster) if source is None and isinstance(cluster, str) else None,
             held=held,
+            argocd_secret=argocd_secret,
         )
 
     def request_token(self, need: NeedsToken) -> HasToken | Blocked:
@@ -159,6 +167,19 @@ class Reconciler:
                 self.secret_writes.forget(secret_key)
                 return Result(retry=True, outcome="conflict")
             self.secret_writes.wrote(secret_key, written)
+        for gone in writes.deletions:
+            secret_key = kube.object_key(gone)
+            meta = gone.get("metadata") or {}
+            preconditions = {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
+            try:
+                self.caches.secrets_api.delete(secret_key[1], namespace, preconditions=preconditions)
+            except ApiException as exc:
+                if exc.status == 409:  # changed since it was cached: look again with what changed
+                    self.secret_writes.forget(secret_key)
+                    return Result(retry=True, outcome="conflict")
+                if exc.status != 404:
+                    raise
+            self.secret_writes.deleted(secret_key)
         if writes.status is not None:
             old = observation.imp.get("status")
             patch = status_patch(old if isinstance(old, dict) else None, writes.status)

@@ -23,7 +23,7 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry
-from kubemcsa import api, kube
+from kubemcsa import api, argocd, kube
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,14 @@ class Controller:
         self.secrets = self.manager.add_informer(
             kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
         )
+        self.argocd_secrets = self.manager.add_informer(
+            kube.Informer(
+                secrets_api,
+                namespace=options.namespace,
+                label_selector=f"{argocd.SECRET_TYPE_LABEL}={argocd.SECRET_TYPE_CLUSTER}",
+                name="argocd-cluster-secrets",
+            )
+        )
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
         self.system_secrets: kube.Informer | None = None
         if options.namespace is not None and options.namespace != options.system_namespace:
@@ -105,7 +113,7 @@ class Controller:
                 )
             )
         self.reconciler = Reconciler(
-            Caches(self.imports, self.secrets, imports_api, secrets_api),
+            Caches(self.imports, self.secrets, imports_api, secrets_api, argocd_secrets=self.argocd_secrets),
             self.sources,
             EventRecorder(local_api_client, COMPONENT, self.identity, clock=options.clock),
             self.metrics,
@@ -119,6 +127,7 @@ class Controller:
         self.sources.refresh_files()
         self.imports.add_handler(self._on_import)
         self.secrets.add_handler(self._on_secret)
+        self.argocd_secrets.add_handler(self._on_argocd_secret)
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
@@ -181,6 +190,14 @@ class Controller:
         self.reconciler.secret_seen(obj, deleted=event == "DELETED")
         import_name = ((obj.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
         if import_name:
+            self.manager.queue.add(import_key(namespace, import_name))
+
+    def _on_argocd_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """An Argo CD cluster Secret changed: the import it is named after looks again (ours are seen as import
+        Secrets too; this also catches a foreign one appearing or going away)."""
+        namespace, name = kube.object_key(obj)
+        import_name = api.import_name_for_argocd_secret(name)
+        if import_name and self.imports.get(import_name, namespace) is not None:
             self.manager.queue.add(import_key(namespace, import_name))
 
     def _on_system_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:

@@ -271,7 +271,11 @@ class SourceRegistry:
     # --- system namespace Secrets ----------------------------------------------------------------------------------
     def _secret_origin(self, secret: dict[str, Any]) -> tuple[str | None, dict[str, SourceCluster], dict[str, str]]:
         """The cluster name a system-namespace Secret stands for, and copies of that origin's sources and errors."""
-        name = ((secret.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
+        meta = secret.get("metadata") or {}
+        name = (meta.get("labels") or {}).get(api.IMPORT_LABEL)
+        # Only an import's own Secret `<import>-token` holds credentials (not, say, its Argo CD cluster Secret).
+        if not isinstance(name, str) or meta.get("name") != api.secret_name_for_import(name):
+            name = None
         with self._lock:
             return name, dict(self._by_origin[ORIGIN_SECRET]), dict(self._errors[ORIGIN_SECRET])
 

@@ -119,6 +119,15 @@ def argocd_secret_name_for_import(import_name: str) -> str:
     return _suffixed_name(import_name, _ARGOCD_SECRET_SUFFIX)
 
 
+def import_name_for_argocd_secret(secret_name: str) -> str | None:
+    """The import whose Argo CD Secret would be named `secret_name` (None if no import's would, or if the name was
+    cut short, which only the import itself can tell)."""
+    if not secret_name.endswith(_ARGOCD_SECRET_SUFFIX):
+        return None
+    import_name = secret_name[: -len(_ARGOCD_SECRET_SUFFIX)]
+    return import_name if import_name and argocd_secret_name_for_import(import_name) == secret_name else None
+
+
 def volume_name_for_import(import_name: str) -> str:
     """The pod volume name for an import: `sai-<import>` when that is a DNS label, else `sai--<head>-<hash>`.
 

@@ -94,23 +94,23 @@ def is_controlled_by(obj: dict[str, Any] | None, owner_uid: str) -> bool:
     return False
 
 
-def import_secret(
-    imp: dict[str, Any], token: ImportToken, cluster_name: str, existing: dict[str, Any] | None = None
+def string_map(value: Any) -> dict[str, str]:
+    """The string entries of a labels or annotations map (objects edited by hand may hold anything)."""
+    return {k: v for k, v in as_dict(value).items() if isinstance(v, str)}
+
+
+def controlled_secret(
+    imp: dict[str, Any],
+    name: str,
+    data: dict[str, str],
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    existing: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The Secret holding `token` for import `imp`, built on `existing` (keeping its version and others' keys)."""
+    """Secret `name` in the import's namespace, controlled by the import, built on `existing` (keeping its
+    resourceVersion, type and others' ownerReferences). Every Secret the controller keeps for an import is one."""
     meta = metadata_of(imp)
-    data = to_secret_data(token.credentials, cluster_name)
     old_meta = metadata_of(existing)
-    labels = {k: v for k, v in as_dict(old_meta.get("labels")).items() if isinstance(v, str)}
-    labels[api.IMPORT_LABEL] = meta["name"]
-    annotations = {
-        k: v for k, v in as_dict(old_meta.get("annotations")).items() if isinstance(v, str) and k not in _OURS
-    }
-    annotations[ANNOTATION_ISSUED] = format_time(token.issued.issued_at)
-    if token.expires_at is not None:
-        annotations[ANNOTATION_EXPIRES] = format_time(token.expires_at)
-    annotations[ANNOTATION_INPUTS_HASH] = token.inputs_hash
-    annotations[ANNOTATION_DATA_HASH] = data_hash(data)
     others = [
         ref
         for ref in as_list(old_meta.get("ownerReferences"))
@@ -119,7 +119,8 @@ def import_secret(
         and (ref.get("kind"), ref.get("name")) != (api.KIND, meta.get("name"))
     ]
     new_meta: dict[str, Any] = {
-        "name": api.secret_name_for_import(meta["name"]),
+        "name": name,
+        # Always the import's own namespace: whoever may create an import there may already write Secrets there.
         "namespace": meta.get("namespace"),
         "labels": labels,
         "annotations": annotations,
@@ -134,6 +135,24 @@ def import_secret(
         "type": as_dict(existing).get("type") or "Opaque",
         "data": data,
     }
+
+
+def import_secret(
+    imp: dict[str, Any], token: ImportToken, cluster_name: str, existing: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The Secret holding `token` for import `imp`, built on `existing` (keeping its version and others' keys)."""
+    meta = metadata_of(imp)
+    data = to_secret_data(token.credentials, cluster_name)
+    old_meta = metadata_of(existing)
+    labels = string_map(old_meta.get("labels"))
+    labels[api.IMPORT_LABEL] = meta["name"]
+    annotations = {k: v for k, v in string_map(old_meta.get("annotations")).items() if k not in _OURS}
+    annotations[ANNOTATION_ISSUED] = format_time(token.issued.issued_at)
+    if token.expires_at is not None:
+        annotations[ANNOTATION_EXPIRES] = format_time(token.expires_at)
+    annotations[ANNOTATION_INPUTS_HASH] = token.inputs_hash
+    annotations[ANNOTATION_DATA_HASH] = data_hash(data)
+    return controlled_secret(imp, api.secret_name_for_import(meta["name"]), data, labels, annotations, existing)
 
 
 def token_times(secret: dict[str, Any] | None) -> tuple[float | None, float | None]:

@@ -263,9 +263,20 @@ class Resource:
         content_type = PATCH_CONTENT_TYPES[patch_type]
         return self._json("PATCH", self.type.path(namespace, name, "status"), body=body, content_type=content_type)
 
-    def delete(self, name: str, namespace: str | None = None, propagation_policy: str | None = None) -> JSON:
-        body = {"propagationPolicy": propagation_policy} if propagation_policy else None
-        return self._json("DELETE", self.type.path(namespace, name), body=body)
+    def delete(
+        self,
+        name: str,
+        namespace: str | None = None,
+        propagation_policy: str | None = None,
+        preconditions: dict[str, str | None] | None = None,
+    ) -> JSON:
+        """Delete; with `preconditions` (uid, resourceVersion) only that very object, else 409 Conflict."""
+        body: dict[str, Any] = {}
+        if propagation_policy:
+            body["propagationPolicy"] = propagation_policy
+        if preconditions and any(preconditions.values()):
+            body["preconditions"] = {key: value for key, value in preconditions.items() if value}
+        return self._json("DELETE", self.type.path(namespace, name), body=body or None)
 
     def create_subresource(self, name: str, subresource: str, body: JSON, namespace: str | None = None) -> JSON:
         return self._json("POST", self.type.path(namespace, name, subresource), body=body)

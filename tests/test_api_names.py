@@ -8,6 +8,9 @@ def test_short_names_are_kept_readable():
     assert api.secret_name_for_import("cluster2-default-pod-lister") == "cluster2-default-pod-lister-token"
     assert api.volume_name_for_import("cluster2-default-pod-lister") == "sai-cluster2-default-pod-lister"
     assert api.argocd_secret_name_for_import("prod-eu") == "prod-eu-argocd"
+    assert api.import_name_for_argocd_secret("prod-eu-argocd") == "prod-eu"
+    assert api.import_name_for_argocd_secret("prod-eu") is None
+    assert api.import_name_for_argocd_secret("-argocd") is None
     assert api.mount_path_for_import("x") == "/var/run/secrets/admiralty.io/serviceaccountimports/x"
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 from controller import argocd_secret as ac
-from controller.spec import parse_spec
 from kubemcsa import api, argocd
 from kubemcsa.credentials import Credentials, to_secret_data
+from kubemcsa.spec import parse_spec
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 SERVER = "https://10.0.0.2:6443"
@@ -145,4 +145,4 @@ def test_no_token_yet_writes_nothing_and_says_so_and_a_lost_token_keeps_the_last
 def test_an_invalid_spec_touches_nothing():
     imp = make_import({})
     written = stored(assess(imp, import_secret("tok-1"), None).write)
-    assert ac.assess_argocd_secret(imp, None, import_secret("tok-2"), written) == ac.ArgoCDAction()
+    assert ac.assess_argocd_secret(imp, None, import_secret("tok-2"), written) == ac.ArgoCDAction(report=False)

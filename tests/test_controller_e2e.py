@@ -676,6 +676,11 @@ def test_every_permission_in_the_manifests_is_one_the_controller_uses(make_env) 
     env.create_import("broken", clusterName="nowhere")
     env.wait_ready("broken", status="False", reason=api.REASON_UNKNOWN_CLUSTER)
     wait_for(lambda: ("create", "events", "") in controller_calls(), what="a Warning event")
+    env.create_import("argo", argoCD={})  # dropping spec.argoCD deletes the Argo CD cluster Secret
+    secrets = kube.Resource(env.admin1, kube.SECRETS)
+    wait_for(lambda: any(s["metadata"]["name"] == "argo-argocd" for s in secrets.list("default")["items"]))
+    kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).patch("argo", {"spec": {"argoCD": None}}, "default")
+    wait_for(lambda: ("delete", "secrets", "") in controller_calls(), what="the Argo CD Secret's deletion")
     refused = [(r.verb, r.path) for r in env.c1.requests if r.user == env.controller_user and r.code in (401, 403)]
     assert not refused
     granted = _granted(MANIFESTS / "controller" / "rbac.yaml")

@@ -481,8 +481,15 @@ def test_secret_sources(tmp_path) -> None:
     assert registry.names() == ["c3"]
     assert registry.remove_secret(secret) == {"c3"}
     assert registry.get("c3") is None
-    assert registry.set_secret({"metadata": {"name": "x", "labels": {api.IMPORT_LABEL: "c4"}}, "data": {}}) == set()
+    assert (
+        registry.set_secret({"metadata": {"name": "c4-token", "labels": {api.IMPORT_LABEL: "c4"}}, "data": {}}) == set()
+    )
     assert "lacks" in registry.error_for("c4")
+    # An import's other Secrets (its Argo CD cluster Secret) are not credentials of a cluster.
+    argocd_secret = {"metadata": {"name": "c3-argocd", "labels": {api.IMPORT_LABEL: "c3"}}, "data": {}}
+    assert registry.set_secret(secret) == {"c3"}
+    assert registry.set_secret(argocd_secret) == set() and registry.error_for("c3") is None
+    assert registry.remove_secret(argocd_secret) == set() and registry.get("c3") is not None
 
 
 # --- leader election (pure parts) ---
@@ -566,7 +573,8 @@ def test_controller_rbac_is_least_privilege() -> None:
         for group in rule["apiGroups"]
         for resource in rule["resources"]
     }
-    assert "delete" not in verbs[("", "secrets")] and "*" not in str(docs)
+    # delete: only an import's own Argo CD Secret when spec.argoCD goes, with its uid as a precondition.
+    assert verbs[("", "secrets")] == {"list", "watch", "create", "update", "delete"} and "*" not in str(docs)
     assert verbs[(api.GROUP, api.PLURAL)] == {"list", "watch"}  # from the cache only; see test_controller_e2e
     deployment = yaml.safe_load((root / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]

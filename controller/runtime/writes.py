@@ -26,7 +26,7 @@ class RecentWrites:
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
-        self._written: dict[Key, tuple[dict[str, Any], float]] = {}
+        self._written: dict[Key, tuple[dict[str, Any] | None, float]] = {}  # None: deleted
         self._seen: dict[Key, tuple[str | None, ...]] = {}
 
     def wrote(self, key: Key, obj: dict[str, Any]) -> None:
@@ -34,12 +34,17 @@ class RecentWrites:
             if _version(obj) not in self._seen.get(key, ()):
                 self._written[key] = (obj, self._clock() + self._ttl)
 
+    def deleted(self, key: Key) -> None:
+        """This process deleted the object: it reads as gone until the informer says so (forget) or `ttl` passes."""
+        with self._lock:
+            self._written[key] = (None, self._clock() + self._ttl)
+
     def seen(self, key: Key, obj: dict[str, Any]) -> None:
         """The informer delivered `obj`: if it is the version we wrote, the cache has caught up."""
         with self._lock:
             self._seen[key] = (*self._seen.get(key, ())[-2:], _version(obj))
             entry = self._written.get(key)
-            if entry is not None and _version(entry[0]) == _version(obj):
+            if entry is not None and entry[0] is not None and _version(entry[0]) == _version(obj):
                 del self._written[key]
 
     def forget(self, key: Key) -> None:
