@@ -146,3 +146,21 @@ def test_an_invalid_spec_touches_nothing():
     imp = make_import({})
     written = stored(assess(imp, import_secret("tok-1"), None).write)
     assert ac.assess_argocd_secret(imp, None, import_secret("tok-2"), written) == ac.ArgoCDAction(report=False)
+
+
+def test_a_deleted_object_reads_as_gone_until_the_informer_says_so():
+    from controller.runtime.writes import RecentWrites
+
+    now = [0.0]
+    writes = RecentWrites(ttl=30, clock=lambda: now[0])
+    key = ("argocd", "imp-argocd")
+    cached = {"metadata": {"resourceVersion": "7"}}
+    writes.deleted(key)
+    assert writes.get(key, cached) is None  # the cache still holds it: no second delete
+    writes.seen(key, cached)  # an event for the old version does not bring it back
+    assert writes.get(key, cached) is None
+    writes.forget(key)  # the informer's DELETED event
+    assert writes.get(key, cached) is cached
+    writes.deleted(key)
+    now[0] += 31  # and a missed event only lasts the ttl
+    assert writes.get(key, cached) is cached

@@ -1,0 +1,285 @@
+"""An import with spec.argoCD keeps Argo CD's cluster Secret, end to end on two in-memory clusters (RBAC enforced).
+
+cluster1 runs the controller with the RBAC of manifests/controller and holds Argo CD's namespace `argocd`;
+cluster2 is the source, where the service account `deployer` may list pods in `default` and nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client import ApiClient, Configuration
+from kubernetes.client.exceptions import ApiException
+
+from controller.run import Controller, Options
+from kubemcsa import api, argocd, kube
+from kubemcsa.testing.wait import wait_for
+
+MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+ARGOCD_NS = "argocd"
+CONTROLLER = ("multicluster-service-account", "service-account-import-controller")
+REMOTE_IDENTITY = "importer"  # the controller's service account in cluster2
+
+
+def apply(client: ApiClient, *objs: dict[str, Any]) -> None:
+    for obj in objs:
+        kube.Resource(client, kube.resource_type_of(obj)).create(obj, (obj.get("metadata") or {}).get("namespace"))
+
+
+def namespaced_grant(namespace: str, account: tuple[str, str], rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Role in `namespace` with `rules`, and its RoleBinding to service account `account` (namespace, name)."""
+    rbac = "rbac.authorization.k8s.io"
+    meta = {"name": f"{account[1]}-grant", "namespace": namespace}
+    subject = {"kind": "ServiceAccount", "namespace": account[0], "name": account[1]}
+    ref = {"apiGroup": rbac, "kind": "Role", "name": meta["name"]}
+    role = {"apiVersion": f"{rbac}/v1", "kind": "Role", "metadata": meta, "rules": rules}
+    return [
+        role,
+        {"apiVersion": f"{rbac}/v1", "kind": "RoleBinding", "metadata": meta, "roleRef": ref, "subjects": [subject]},
+    ]
+
+
+def rule(group: str, resource: str, *verbs: str) -> dict[str, Any]:
+    return {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
+
+
+class ArgoEnv:
+    def __init__(self, make_server: Callable[..., Any], tmp: Path, token_lifetime: int | None) -> None:
+        self.c1 = make_server(name="cluster1")
+        self.c2 = make_server(name="cluster2", max_token_expiration_seconds=token_lifetime)
+        self.admin1, self.admin2 = self.c1.admin_client(), self.c2.admin_client()
+        for manifest in ("crd/serviceaccountimports.yaml", "namespace.yaml", "controller/serviceaccount.yaml"):
+            apply(self.admin1, *yaml.safe_load_all((MANIFESTS / manifest).read_text()))
+        apply(self.admin1, *yaml.safe_load_all((MANIFESTS / "controller" / "rbac.yaml").read_text()))
+        for ns in (ARGOCD_NS, "team-a"):
+            apply(self.admin1, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+        self.controller_user = "system:serviceaccount:{}:{}".format(*CONTROLLER)
+        self.controller_client = self.c1.client_for_token(self.c1.issue_token(*CONTROLLER))
+        sa = {"apiVersion": "v1", "kind": "ServiceAccount"}
+        apply(self.admin2, {**sa, "metadata": {"name": "deployer", "namespace": "default"}})
+        apply(self.admin2, *namespaced_grant("default", ("default", "deployer"), [rule("", "pods", "list")]))
+        apply(self.admin2, {**sa, "metadata": {"name": REMOTE_IDENTITY, "namespace": "default"}})
+        token_rule = rule("", "serviceaccounts/token", "create")
+        apply(self.admin2, *namespaced_grant("default", ("default", REMOTE_IDENTITY), [token_rule]))
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "default"}}
+        apply(self.admin2, {**pod, "spec": {"containers": [{"name": "web", "image": "nginx"}]}})
+        remote_token = self.c2.issue_token("default", REMOTE_IDENTITY)
+        self.sources = self.c2.write_kubeconfig(tmp / "sources", context="cluster2", token=remote_token)
+        self.controller: Controller | None = None
+        self.imports = kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+        self.secrets = kube.Resource(self.admin1, kube.SECRETS)
+
+    def start(self, **options: Any) -> Controller:
+        settings = {"leader_election": False, "file_poll_seconds": 0.1, "backoff_base": 0.1, "backoff_max": 1.0}
+        self.controller = Controller(
+            self.controller_client, Options(source_kubeconfig=self.sources, **settings, **options)
+        )
+        self.controller.start()
+        assert self.controller.wait_until_ready(30)
+        return self.controller
+
+    def create_import(self, name: str, namespace: str = ARGOCD_NS, client: ApiClient | None = None, **spec: Any):
+        body = {
+            "apiVersion": api.API_VERSION,
+            "kind": api.KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"clusterName": "cluster2", "namespace": "default", "name": "deployer", **spec},
+        }
+        return kube.Resource(client or self.admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(body, namespace)
+
+    def secret(self, name: str, namespace: str = ARGOCD_NS) -> dict[str, Any] | None:
+        try:
+            return self.secrets.get(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def condition(self, import_name: str, kind: str, namespace: str = ARGOCD_NS) -> dict[str, Any] | None:
+        status = self.imports.get(import_name, namespace).get("status") or {}
+        return next((c for c in status.get("conditions") or [] if c["type"] == kind), None)
+
+    def wait_condition(self, import_name: str, kind: str, status: str, reason: str) -> dict[str, Any]:
+        def holds() -> dict[str, Any] | None:
+            found = self.condition(import_name, kind)
+            return found if found and (found["status"], found["reason"]) == (status, reason) else None
+
+        return wait_for(holds, what=f"{import_name}: {kind}={status} {reason}")
+
+    def controller_writes(self) -> list[Any]:
+        return [
+            r
+            for r in self.c1.requests
+            if r.user == self.controller_user and r.verb not in ("list", "watch") and r.resource != "leases"
+        ]
+
+
+@pytest.fixture
+def make_env(api_server_factory, tmp_path) -> Iterator[Callable[..., ArgoEnv]]:
+    envs: list[ArgoEnv] = []
+
+    def make(token_lifetime: int | None = None) -> ArgoEnv:
+        envs.append(ArgoEnv(api_server_factory, tmp_path, token_lifetime))
+        return envs[-1]
+
+    yield make
+    for env in envs:
+        if env.controller is not None:
+            env.controller.stop()
+
+
+def client_as_argo_cd_builds_it(secret: dict[str, Any]) -> ApiClient:
+    """What Argo CD's Cluster.RESTConfig() makes of a cluster Secret: Host = server, BearerToken = bearerToken,
+    TLSClientConfig.CAData = caData (decoded), certificate verification on."""
+    data = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    config = json.loads(data["config"])
+    client_config = Configuration(host=data["server"])
+    client_config.api_key = {"authorization": config["bearerToken"]}
+    client_config.api_key_prefix = {"authorization": "Bearer"}
+    assert config["tlsClientConfig"]["insecure"] is False
+    client_config.ssl_ca_cert = None
+    client_config.ca_cert_data = base64.b64decode(config["tlsClientConfig"]["caData"]).decode()
+    client_config.verify_ssl = True
+    return ApiClient(client_config)
+
+
+def bearer_token(secret: dict[str, Any] | None) -> str | None:
+    return argocd.read_cluster_secret_data((secret or {}).get("data")).bearer_token if secret else None
+
+
+def import_token(secret: dict[str, Any] | None) -> str | None:
+    return base64.b64decode(secret["data"][api.KEY_TOKEN]).decode() if secret else None
+
+
+def test_argo_cds_secret_lists_what_the_remote_account_may_and_nothing_more_then_goes_with_spec_argocd(make_env):
+    env = make_env()
+    controller = env.start(resync_seconds=0.2)
+    env.create_import("prod", argoCD={"name": "prod-eu"})
+    written = env.wait_condition("prod", "ArgoCDSecretReady", "True", "SecretWritten")
+    assert "prod-argocd" in written["message"]
+    secret = env.secret("prod-argocd")
+
+    # Exactly Argo CD's declarative cluster Secret: its label, its three keys, its config JSON.
+    assert secret["metadata"]["labels"][argocd.SECRET_TYPE_LABEL] == argocd.SECRET_TYPE_CLUSTER
+    assert secret["type"] == "Opaque"
+    assert set(secret["data"]) == {"name", "server", "config"}
+    decoded = argocd.read_cluster_secret_data(secret["data"])
+    assert (decoded.name, decoded.server) == ("prod-eu", env.c2.url)
+    assert set(decoded.config) == {"bearerToken", "tlsClientConfig"}
+    assert decoded.ca_pem == env.c2.ca_pem
+    assert decoded.bearer_token == import_token(env.secret("prod-token"))
+    (owner,) = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["controller"]) == (api.KIND, "prod", True)
+    assert owner["uid"] == env.imports.get("prod", ARGOCD_NS)["metadata"]["uid"]
+
+    # A client built as Argo CD builds it lists what cluster2's RBAC grants the account, and nothing else.
+    remote = client_as_argo_cd_builds_it(secret)
+    assert [p["metadata"]["name"] for p in kube.Resource(remote, kube.PODS).list("default")["items"]] == ["web"]
+    for forbidden in (
+        lambda: kube.Resource(remote, kube.SECRETS).list("default"),
+        lambda: kube.Resource(remote, kube.PODS).list("kube-system"),
+        lambda: kube.Resource(remote, kube.PODS).create(
+            {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": {"containers": []}}, "default"
+        ),
+    ):
+        with pytest.raises(ApiException) as info:
+            forbidden()
+        assert info.value.status == 403
+
+    # The steady state: resyncs replay the import from the caches, with no API call in either cluster.
+    wait_for(lambda: env.condition("prod", "Ready") is not None)
+    env.c1.reset_requests()
+    env.c2.reset_requests()
+    done = controller.metrics.reconciles.labels("success")._value.get()
+    wait_for(lambda: controller.metrics.reconciles.labels("success")._value.get() >= done + 5, what="resyncs")
+    assert env.controller_writes() == []
+    assert [r for r in env.c2.requests if r.user.endswith(REMOTE_IDENTITY)] == []
+
+    # Dropping spec.argoCD deletes the Secret and the condition; the import itself stays Ready.
+    env.imports.patch("prod", {"spec": {"argoCD": None}}, ARGOCD_NS)
+    wait_for(lambda: env.secret("prod-argocd") is None, what="the Argo CD Secret's deletion")
+    wait_for(lambda: env.condition("prod", "ArgoCDSecretReady") is None, what="the condition's removal")
+    assert env.condition("prod", "Ready")["status"] == "True" and env.secret("prod-token") is not None
+    deletes = [(r.verb, r.name) for r in env.controller_writes() if r.verb == "delete"]
+    assert deletes == [("delete", "prod-argocd")]
+
+
+def test_every_token_refresh_rewrites_the_bearer_token(make_env):
+    env = make_env(token_lifetime=4)  # cluster2 caps tokens at 4 s: refreshed every 3.2 s
+    env.start()
+    env.create_import("prod", argoCD={})
+    env.wait_condition("prod", "ArgoCDSecretReady", "True", "SecretWritten")
+    first = bearer_token(env.secret("prod-argocd"))
+
+    def rotated_in_step() -> bool:
+        before = import_token(env.secret("prod-token"))
+        in_argocd = bearer_token(env.secret("prod-argocd"))
+        after = import_token(env.secret("prod-token"))
+        return in_argocd != first and before == after == in_argocd
+
+    wait_for(rotated_in_step, what="a refreshed token in both Secrets")
+    assert argocd.read_cluster_secret_data(env.secret("prod-argocd")["data"]).name == "cluster2"  # the default
+
+
+def test_a_foreign_secret_of_that_name_is_left_alone_and_reported(make_env):
+    env = make_env()
+    hand_written = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "prod-argocd",
+            "namespace": ARGOCD_NS,
+            "labels": {argocd.SECRET_TYPE_LABEL: argocd.SECRET_TYPE_CLUSTER},
+        },
+        "data": argocd.cluster_secret_data(
+            argocd.ArgoCDCluster(name="by-hand"), "https://elsewhere", argocd.bearer_token_config("hand", b"")
+        ),
+    }
+    apply(env.admin1, hand_written)
+    env.start()
+    env.create_import("prod", argoCD={})
+    conflict = env.wait_condition("prod", "ArgoCDSecretReady", "False", api.REASON_SECRET_CONFLICT)
+    assert "prod-argocd" in conflict["message"]
+    assert env.condition("prod", "Ready")["status"] == "True"  # the import itself works
+    kept = env.secret("prod-argocd")
+    assert kept["data"] == hand_written["data"] and not kept["metadata"].get("ownerReferences")
+    events = kube.Resource(env.admin1, kube.EVENTS).list(ARGOCD_NS)["items"]
+    assert any(e["reason"] == api.REASON_SECRET_CONFLICT and "prod-argocd" in e["message"] for e in events)
+    assert not [r for r in env.controller_writes() if r.resource == "secrets" and r.name == "prod-argocd"]
+
+    # Once the hand-written Secret is gone, the import's own takes its place.
+    env.secrets.delete("prod-argocd", ARGOCD_NS)
+    env.wait_condition("prod", "ArgoCDSecretReady", "True", "SecretWritten")
+    assert bearer_token(env.secret("prod-argocd")) == import_token(env.secret("prod-token"))
+
+
+def test_namespace_rights_cannot_put_an_argo_cd_secret_in_a_namespace_one_does_not_control(make_env):
+    """Attacker: alice may manage imports and read Secrets in team-a only. She cannot register a cluster with the
+    Argo CD of namespace argocd: an import's Secrets go to the import's own namespace, whatever its spec says."""
+    env = make_env()
+    apply(
+        env.admin1, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "alice", "namespace": "team-a"}}
+    )
+    rights = [rule(api.GROUP, api.PLURAL, "create", "get", "list", "patch"), rule("", "secrets", "get", "list")]
+    apply(env.admin1, *namespaced_grant("team-a", ("team-a", "alice"), rights))
+    alice = env.c1.client_for_token(env.c1.issue_token("team-a", "alice"))
+    env.start()
+
+    with pytest.raises(ApiException) as info:
+        env.create_import("evil", namespace=ARGOCD_NS, client=alice, argoCD={})
+    assert info.value.status == 403
+    # No field names another namespace: one smuggled in is pruned by the API server (or refused, if strict).
+    env.create_import("evil", namespace="team-a", client=alice, argoCD={"name": "prod", "namespace": ARGOCD_NS})
+    wait_for(lambda: env.secret("evil-argocd", "team-a"), what="the Argo CD Secret in team-a")
+    assert env.secret("evil-argocd") is None
+    assert "namespace" not in env.imports.get("evil", "team-a")["spec"]["argoCD"]
+    assert not [r for r in env.controller_writes() if r.namespace == ARGOCD_NS]
+    with pytest.raises(ApiException) as info:
+        kube.Resource(alice, kube.SECRETS).list(ARGOCD_NS)
+    assert info.value.status == 403
