@@ -741,3 +741,88 @@ def test_garbage_configurations_never_crash_validation_or_defaulting(value: Any)
     if isinstance(value, dict):
         admission.configuration_causes(value)
         admission.default_configuration(value)
+
+
+# --- matchConditions ----------------------------------------------------------------------------------------
+
+HAS_ANNOTATION = "has(object.metadata.annotations) && 'x.io/ask' in object.metadata.annotations"
+
+
+def annotated(annotations: dict[str, str] | None) -> dict[str, Any]:
+    obj = pod()
+    if annotations is not None:
+        obj["metadata"]["annotations"] = annotations
+    return obj
+
+
+def labels_after(spec: dict[str, Any], attrs: AdmissionAttributes) -> Any:
+    mutated = run([config("c", spec)], attrs)
+    return (mutated or {}).get("metadata", {}).get("labels")
+
+
+def test_match_conditions_decide_whether_the_webhook_is_called(hook: Webhook) -> None:
+    hook.handlers["/m"] = add_label("called", "yes")
+    spec = on(hook, "/m", matchConditions=[{"name": "asks", "expression": HAS_ANNOTATION}])
+    assert labels_after(spec, pod_attrs(annotated(None))) is None
+    assert labels_after(spec, pod_attrs(annotated({"other": "x"}))) is None
+    assert hook.calls == []
+    assert labels_after(spec, pod_attrs(annotated({"x.io/ask": "a"}))) == {"called": "yes"}
+    assert len(hook.calls) == 1
+
+
+def test_all_match_conditions_must_hold_and_request_is_available(hook: Webhook) -> None:
+    hook.handlers["/m"] = add_label("called", "yes")
+    conditions = [
+        {"name": "asks", "expression": HAS_ANNOTATION},
+        {"name": "not-admin", "expression": "request.userInfo.username != 'admin'"},
+    ]
+    spec = on(hook, "/m", matchConditions=conditions)
+    assert labels_after(spec, pod_attrs(annotated({"x.io/ask": "a"}))) is None
+    other = dataclasses.replace(pod_attrs(annotated({"x.io/ask": "a"})), user=UserInfo("bob", ("g",)))
+    assert labels_after(spec, other) == {"called": "yes"}
+
+
+def test_a_match_condition_that_errs_fails_closed_or_skips_under_ignore(hook: Webhook) -> None:
+    hook.handlers["/m"] = add_label("called", "yes")
+    failing = [{"name": "bad", "expression": "object.metadata.annotations['x.io/ask'] == 'a'"}]
+    spec = on(hook, "/m", matchConditions=failing)
+    status = status_of(lambda: run([config("c", spec)], pod_attrs(annotated(None))))
+    assert status["code"] == 403 and status["reason"] == "Forbidden"
+    assert status["message"] == (
+        "pods \"p\" is forbidden: expression 'object.metadata.annotations['x.io/ask'] == 'a'' resulted in error: "
+        "no such key: annotations"
+    )
+    ignored = on(hook, "/m", matchConditions=failing, failurePolicy="Ignore")
+    assert labels_after(ignored, pod_attrs(annotated(None))) is None
+    # A false condition wins over an error in another: the webhook is skipped, nothing fails.
+    mixed = on(hook, "/m", matchConditions=[*failing, {"name": "no", "expression": "false"}])
+    assert labels_after(mixed, pod_attrs(annotated(None))) is None
+    assert hook.calls == []
+
+
+@pytest.mark.parametrize(
+    ("conditions", "cause"),
+    [
+        ([{"name": "a", "expression": "nope(object)"}], "matchConditions[0].expression: Invalid value"),
+        ([{"name": "a", "expression": "authorizer.group('').check()"}], "compilation failed"),
+        ([{"name": "a", "expression": "object.x ="}], "compilation failed"),
+        ([{"name": "a"}], "matchConditions[0].expression: Required value"),
+        ([{"expression": "true"}], "matchConditions[0].name: Required value"),
+        ([{"name": "a", "expression": "true"}, {"name": "a", "expression": "true"}], "Duplicate value"),
+        ([{"name": "-a", "expression": "true"}], "matchConditions[0].name: Invalid value"),
+        ([{"name": f"c{i}", "expression": "true"} for i in range(65)], "Too many: 65"),
+    ],
+)
+def test_match_conditions_are_validated_and_unsupported_cel_fails_loudly(
+    conditions: list[dict[str, Any]], cause: str
+) -> None:
+    spec = webhook_spec("w.example.com", "https://127.0.0.1:1/", matchConditions=conditions)
+    causes = admission.configuration_causes(config("c", spec))
+    assert any(cause in f"{field}: {message}" for field, message in causes), causes
+
+
+def test_the_manifests_condition_is_valid() -> None:
+    import yaml
+
+    manifest = Path(__file__).parent.parent / "manifests" / "webhook" / "mutatingwebhookconfiguration.yaml"
+    assert admission.configuration_causes(yaml.safe_load(manifest.read_text())) == []

@@ -406,7 +406,13 @@ def test_reinvocation_mounts_into_a_container_added_later_and_adds_nothing_twice
 
 
 def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path: Path) -> None:
-    """The console script as deployed: --manage-certificates, its own token, then SIGTERM: exit 0."""
+    """The console script as deployed: --manage-certificates, its own token, then SIGTERM: exit 0.
+
+    The API server calls it through the Service; once the process has stopped, pods that do not ask for imports
+    are still admitted (the registration's matchConditions), and annotated ones are refused, not started bare.
+    """
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "during-outage")
     kubeconfig = tmp_path / "kubeconfig"
     env.server.write_kubeconfig(str(kubeconfig), token=env.server.issue_token(SYSTEM_NS, WEBHOOK_SA))
     with socket.socket() as probe:
@@ -443,8 +449,11 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
             answer = c.post(f"https://127.0.0.1:{port}{MUTATE_PATH}", content=body).json()
         # Namespace capture-demo does not exist in this cluster: not enabled, so allowed and untouched.
         assert answer["response"] == {"uid": json.loads(body)["request"]["uid"], "allowed": True}
+        env.server.register_service(SYSTEM_NS, SERVICE_NAME, 443, f"https://127.0.0.1:{port}")
+        wait_for(lambda: _mounted_through_the_service(env, ns), timeout=WAIT, what="the command's answers")
     except BaseException:
         process.kill()
+        env.server.register_service(SYSTEM_NS, SERVICE_NAME, 443, env.webhook.url)
         raise
     finally:
         if process.poll() is None:
@@ -452,3 +461,23 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
         output = process.communicate(timeout=30)[0].decode()
     assert process.returncode == 0, output
     assert "stopping" in output
+
+    try:
+        # The webhook is down: a pod that does not ask is admitted without it; one that asks is refused.
+        assert import_volumes(env.create_pod(ns, None)) == []
+        with pytest.raises(ApiException) as refused:
+            env.create_pod(ns, "during-outage")
+    finally:
+        env.server.register_service(SYSTEM_NS, SERVICE_NAME, 443, env.webhook.url)
+    assert refused.value.status == 500
+    message = json.loads(refused.value.body)["message"]
+    url = f"https://{SERVICE_NAME}.{SYSTEM_NS}.svc:443{MUTATE_PATH}?timeout=5s"
+    assert message == (
+        f'Internal error occurred: failed calling webhook "{SERVICE_NAME}.multicluster.admiralty.io": failed to '
+        f'call webhook: Post "{url}": dial tcp 127.0.0.1:{port}: connect: connection refused'
+    )
+    assert import_volumes(env.create_pod(ns, "during-outage"))  # and back once it answers again
+
+
+def _mounted_through_the_service(env: Env, namespace: str) -> bool:
+    return bool(import_volumes(env.create_pod(namespace, "during-outage")))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,8 @@ from kubemcsa import api
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, _parser
 from webhook.app import MUTATE_PATH
 
-MANIFESTS = Path(__file__).parent.parent / "manifests" / "webhook"
+ROOT = Path(__file__).resolve().parent.parent
+MANIFESTS = ROOT / "manifests" / "webhook"
 
 
 def documents() -> list[dict[str, Any]]:
@@ -65,6 +69,78 @@ def test_webhook_configuration() -> None:
     excluded = next(e for e in expressions if e["operator"] == "NotIn")
     assert excluded["key"] == "kubernetes.io/metadata.name"
     assert set(excluded["values"]) == {"kube-system", api.SYSTEM_NAMESPACE}
+    # Only pods that carry the annotation are sent: the others never depend on the webhook being up.
+    (condition,) = webhook["matchConditions"]
+    assert condition["expression"] == (
+        f"has(object.metadata.annotations) && '{api.IMPORT_ANNOTATION}' in object.metadata.annotations"
+    )
+
+
+def test_the_match_condition_selects_exactly_the_annotated_pods() -> None:
+    from kubemcsa.testing.admission import MATCH_CONDITION_VARIABLES
+    from kubemcsa.testing.cel import compile_expression
+
+    (webhook,) = one("MutatingWebhookConfiguration")["webhooks"]
+    program = compile_expression(webhook["matchConditions"][0]["expression"], MATCH_CONDITION_VARIABLES)
+    for metadata, asks in [
+        ({}, False),
+        ({"annotations": None}, False),
+        ({"annotations": {}}, False),
+        ({"annotations": {"other": "x"}}, False),
+        ({"annotations": {api.IMPORT_ANNOTATION: ""}}, True),
+        ({"annotations": {api.IMPORT_ANNOTATION: "a,b"}}, True),
+    ]:
+        assert program.evaluate({"object": {"metadata": metadata}}) is asks, metadata
+
+
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (pip install -e '.[test]')")
+
+
+@needs_kubectl
+def test_the_component_for_older_clusters_removes_only_the_match_conditions(tmp_path: Path) -> None:
+    overlay = tmp_path / "older-cluster"
+    overlay.mkdir()
+    base = os.path.relpath(ROOT / "manifests", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {base}/webhook/without-match-conditions\n"
+    )
+
+    def render(directory: Path) -> list[dict[str, Any]]:
+        assert KUBECTL is not None
+        out = subprocess.run([KUBECTL, "kustomize", str(directory)], capture_output=True, text=True, check=True)
+        return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+    current, older = render(ROOT / "manifests"), render(overlay)
+    (configuration,) = [doc for doc in older if doc["kind"] == "MutatingWebhookConfiguration"]
+    assert "matchConditions" not in configuration["webhooks"][0]
+    for doc in current:
+        if doc["kind"] == "MutatingWebhookConfiguration":
+            del doc["webhooks"][0]["matchConditions"]
+    assert current == older
+    readme = (ROOT / "README.md").read_text()
+    assert "manifests/webhook/without-match-conditions" in readme
+
+
+@needs_kubectl
+def test_kubectl_apply_dry_run_server_accepts_the_manifests(cluster1: Any, tmp_path: Path) -> None:
+    assert KUBECTL is not None
+    kubeconfig = cluster1.write_kubeconfig(tmp_path / "kubeconfig")
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [KUBECTL, "--kubeconfig", str(kubeconfig), *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+
+    # As on a real cluster, a server-side dry run creates nothing, so the namespace must exist for what goes in it.
+    assert kubectl("create", "namespace", api.SYSTEM_NAMESPACE).returncode == 0
+    result = kubectl("apply", "-k", str(ROOT / "manifests"), "--dry-run=server")
+    assert result.returncode == 0, result.stderr
+    name = f"mutatingwebhookconfiguration.admissionregistration.k8s.io/{WEBHOOK_CONFIGURATION_NAME}"
+    assert f"{name} created (server dry run)" in result.stdout
+    assert "deployment.apps/service-account-import-admission-controller created (server dry run)" in result.stdout
+    stored = kubectl("get", "mutatingwebhookconfigurations", "-o", "name")
+    assert stored.returncode == 0 and stored.stdout.strip() == ""
 
 
 def test_deployment_is_highly_available_and_hardened() -> None:

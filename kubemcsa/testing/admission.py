@@ -12,9 +12,11 @@ import base64
 import binascii
 import copy
 import dataclasses
+import functools
 import gzip
 import http.client
 import json
+import re
 import socket
 import ssl
 import time
@@ -27,6 +29,7 @@ from typing import Any
 import jsonpatch
 import jsonpointer
 
+from kubemcsa.testing import cel
 from kubemcsa.testing.errors import StatusError, bad_request, internal
 from kubemcsa.testing.rbac import UserInfo
 from kubemcsa.testing.selectors import label_selector_from_dict
@@ -152,11 +155,59 @@ def object_selector_matches(webhook: Mapping[str, Any], attrs: AdmissionAttribut
 
 
 def webhook_matches(webhook: Mapping[str, Any], attrs: AdmissionAttributes) -> bool:
-    """Should this webhook be called for this request? (rules, then namespaceSelector, then objectSelector)."""
+    """Should this webhook be called for this request? (rules, namespaceSelector, objectSelector, matchConditions).
+
+    A matchCondition that cannot be evaluated refuses the request (StatusError 403) under failurePolicy Fail and
+    skips the webhook under Ignore, as kube's matcher does.
+    """
     rules = webhook.get("rules")
     if not isinstance(rules, list) or not any(rule_matches(rule, attrs) for rule in rules):
         return False
-    return namespace_selector_matches(webhook, attrs) and object_selector_matches(webhook, attrs)
+    if not (namespace_selector_matches(webhook, attrs) and object_selector_matches(webhook, attrs)):
+        return False
+    return match_conditions_match(webhook, attrs)
+
+
+# Variables of a webhook's matchConditions; `authorizer` is declared, but no method of it is supported here.
+MATCH_CONDITION_VARIABLES = ("object", "oldObject", "request", "authorizer")
+MAX_MATCH_CONDITIONS = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(expression: str) -> cel.Program:
+    return cel.compile_expression(expression, MATCH_CONDITION_VARIABLES)
+
+
+def match_conditions_match(webhook: Mapping[str, Any], attrs: AdmissionAttributes) -> bool:
+    """kube's matchconditions.Matcher: every condition true; any false skips the webhook; errors fail closed
+    (a 403 naming the expression) unless failurePolicy is Ignore, which skips the webhook."""
+    conditions = webhook.get("matchConditions")
+    if not conditions:
+        return True
+    request = build_review(attrs, None, "v1", "")["request"]
+    for key in ("uid", "object", "oldObject"):
+        request.pop(key, None)
+    activation = {"object": attrs.obj, "oldObject": attrs.old_obj, "request": request}
+    errors: list[str] = []
+    for condition in conditions:
+        expression = str(condition.get("expression", "")) if isinstance(condition, Mapping) else ""
+        try:
+            result = _compiled(expression).evaluate(activation)
+        except cel.CelError as exc:
+            errors.append(f"expression '{expression}' resulted in error: {exc}")
+            continue
+        if result is not True:
+            return False
+    if not errors:
+        return True
+    if webhook.get("failurePolicy") == "Ignore":
+        return False
+    text = errors[0] if len(errors) == 1 else "[" + ", ".join(errors) + "]"
+    resource = attrs.resource.get("resource", "")
+    group = attrs.resource.get("group", "")
+    qualified = f"{resource}.{group}" if group else resource
+    what = f'{qualified} "{attrs.name}"' if attrs.name else qualified
+    raise StatusError(403, "Forbidden", f"{what} is forbidden: {text}", {"name": attrs.name, "kind": resource})
 
 
 # --- the AdmissionReview ------------------------------------------------------------------------------------
@@ -641,6 +692,7 @@ __all__ = [
     "build_review",
     "configuration_causes",
     "default_configuration",
+    "match_conditions_match",
     "namespace_selector_matches",
     "object_selector_matches",
     "post_review",
@@ -773,6 +825,51 @@ def _rule_causes(rules: Any, path: str) -> list[tuple[str, str]]:
     return causes
 
 
+_QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+def _match_condition_causes(conditions: Any, path: str) -> list[tuple[str, str]]:
+    if conditions is None:
+        return []
+    if not isinstance(conditions, list):
+        return [(path, "Invalid value: must be a list")]
+    causes: list[tuple[str, str]] = []
+    if len(conditions) > MAX_MATCH_CONDITIONS:
+        causes.append((path, f"Too many: {len(conditions)}: must have at most {MAX_MATCH_CONDITIONS} items"))
+    names: set[str] = set()
+    for index, condition in enumerate(conditions):
+        where = f"{path}[{index}]"
+        if not isinstance(condition, Mapping):
+            causes.append((where, "Invalid value: must be an object"))
+            continue
+        name = condition.get("name")
+        if not isinstance(name, str) or not name:
+            causes.append((f"{where}.name", "Required value"))
+        elif len(name) > 316 or not _QUALIFIED_NAME.match(name):
+            causes.append(
+                (
+                    f"{where}.name",
+                    f"Invalid value: {json.dumps(name)}: name part must consist of alphanumeric characters, '-', '_' "
+                    "or '.', and must start and end with an alphanumeric character",
+                )
+            )
+        elif name in names:
+            causes.append((f"{where}.name", f"Duplicate value: {json.dumps(name)}"))
+        else:
+            names.add(name)
+        expression = condition.get("expression")
+        if not isinstance(expression, str) or not expression:
+            causes.append((f"{where}.expression", "Required value"))
+            continue
+        try:
+            _compiled(expression)
+        except cel.CelError as exc:
+            causes.append(
+                (f"{where}.expression", f"Invalid value: {json.dumps(expression)}: compilation failed: ERROR: {exc}")
+            )
+    return causes
+
+
 def configuration_causes(configuration: Mapping[str, Any]) -> list[tuple[str, str]]:
     """What kube-apiserver's validation would refuse in a v1 MutatingWebhookConfiguration, as (field, message)."""
     webhooks = configuration.get("webhooks") if isinstance(configuration, Mapping) else None
@@ -840,4 +937,5 @@ def configuration_causes(configuration: Mapping[str, Any]) -> list[tuple[str, st
         causes += _rule_causes(webhook.get("rules"), f"{path}.rules")
         causes += _selector_causes(webhook.get("namespaceSelector"), f"{path}.namespaceSelector")
         causes += _selector_causes(webhook.get("objectSelector"), f"{path}.objectSelector")
+        causes += _match_condition_causes(webhook.get("matchConditions"), f"{path}.matchConditions")
     return causes
