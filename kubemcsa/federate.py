@@ -20,7 +20,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, federation, kube
-from kubemcsa.bootstrap import Cluster, Result, _Applier
+from kubemcsa.bootstrap import Applier, Cluster, Result
 from kubemcsa.credentials import Credentials, build_kubeconfig
 from kubemcsa.export import ExportError, issue_token
 from kubemcsa.federation import FederatedSource, FederationError
@@ -79,7 +79,7 @@ def apply(
         raise FederateError(str(exc)) from None
     issuer = read_issuer(target)
     result = Result()
-    applier = _Applier(target, result, report)
+    applier = Applier(target, result, report)
     if discovery_binding:
         applier.ensure(federation.discovery_binding())
     applier.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": api.SYSTEM_NAMESPACE}})
