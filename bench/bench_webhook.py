@@ -199,7 +199,7 @@ def main() -> None:
         load(args.load, args.ca, args.connections[0], args.seconds)
         return
 
-    from certs import tls
+    from kubemcsa import tls
 
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as directory:
         ca_cert, ca_key = tls.make_ca("bench-ca")

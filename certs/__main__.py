@@ -14,8 +14,8 @@ import datetime
 import sys
 from collections.abc import Sequence
 
-from certs import manager, tls
-from kubemcsa import kube
+from certs import manager
+from kubemcsa import kube, tls
 
 EXIT_FAILED = 1
 

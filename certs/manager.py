@@ -22,8 +22,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from certs import plan as planning
-from certs import tls
-from kubemcsa import kube
+from kubemcsa import kube, tls
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import datetime
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from certs import tls
+from kubemcsa import tls
 
 KEY_CA_CRT = "ca.crt"
 KEY_CA_KEY = "ca.key"

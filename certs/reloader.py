@@ -27,7 +27,8 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from certs import manager, tls
+from certs import manager
+from kubemcsa import tls
 
 log = logging.getLogger(__name__)
 

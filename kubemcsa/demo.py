@@ -219,7 +219,7 @@ class Demo:
         self.say("the controller reaches cluster2 with the credential bootstrap gave it")
 
         self.step("Starting the admission webhook and registering it in cluster1")
-        from certs.tls import make_ca, make_serving_cert
+        from kubemcsa.tls import make_ca, make_serving_cert
         from webhook.__main__ import WebhookServer
 
         ca_cert, ca_key = make_ca("kubemcsa-demo-ca")

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from certs import manager, tls
+from certs import manager
 from certs import plan as planning
 from certs.reloader import RenewalLoop
-from kubemcsa import kube
+from kubemcsa import kube, tls
 
 NAMESPACE = "multicluster-service-account"
 SECRET = "service-account-import-admission-controller-cert"

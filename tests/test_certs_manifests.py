@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from certs import tls
 from certs.__main__ import _parser
+from kubemcsa import tls
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from certs import plan as planning
-from certs import tls
+from kubemcsa import tls
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)

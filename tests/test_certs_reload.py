@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from certs_tls_server import RequestLoop, TLSServer, client_context, request, wait_for
 
-from certs import manager, tls
+from certs import manager
 from certs import plan as planning
 from certs.reloader import CertificateReloader
+from kubemcsa import tls
 
 NAMES = tls.service_dns_names("webhook", "mcsa")
 HOST = NAMES[0]

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certs import tls
+from kubemcsa import tls
 from kubemcsa.testing import admission
 from kubemcsa.testing.admission import AdmissionAttributes, run_mutating_webhooks
 from kubemcsa.testing.errors import StatusError

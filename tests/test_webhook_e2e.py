@@ -29,8 +29,8 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from certs import manager, tls
-from kubemcsa import api, kube
+from certs import manager
+from kubemcsa import api, kube, tls
 from kubemcsa.testing import ApiServer
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer

@@ -10,8 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from certs import tls
-from kubemcsa import api
+from kubemcsa import api, tls
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import WebhookServer, main
 from webhook.app import MUTATE_PATH

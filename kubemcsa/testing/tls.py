@@ -1,4 +1,4 @@
-"""A throwaway CA and serving certificate for the in-memory API server, made with the webhook's own certs.tls."""
+"""A throwaway CA and serving certificate for the in-memory API server, made with the webhook's own kubemcsa.tls."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ssl
 import tempfile
 from dataclasses import dataclass
 
-from certs import tls
+from kubemcsa import tls
 
 
 @dataclass(frozen=True)
