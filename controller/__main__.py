@@ -23,6 +23,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=4, help="imports reconciled at once; raise it for slow source clusters"
     )
+    parser.add_argument(
+        "--source-qps",
+        type=float,
+        default=5.0,
+        help="token requests per second to each source cluster, at most (default 5, as client-go)",
+    )
+    parser.add_argument(
+        "--source-burst", type=int, default=10, help="token requests at once to each source cluster (default 10)"
+    )
     parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--identity", help="leader election identity (default: hostname and a random suffix)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -33,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.workers < 1:
         print("kubemcsa-controller: --workers must be at least 1.", file=sys.stderr)
+        return 2
+    if args.source_qps <= 0 or args.source_burst < 1:
+        print("kubemcsa-controller: --source-qps must be above 0 and --source-burst at least 1.", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -58,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         identity=args.identity,
         metrics_port=args.metrics_port,
         workers=args.workers,
+        source_qps=args.source_qps,
+        source_burst=args.source_burst,
     )
     controller = Controller(client, options)
     stop = threading.Event()

@@ -39,6 +39,8 @@ class Remote:
     cluster_name: str
     server: str
     ca_pem: bytes = field(repr=False)
+    origin: str = ""  # where the controller's credential for it comes from (to say how to renew it)
+    credential_expires_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,17 @@ class Observation:
 
 @dataclass(frozen=True)
 class Blocked:
-    """The import cannot get a token now. `retry`: look again with backoff (a remote failure may pass)."""
+    """The import cannot get a token now.
+
+    `source_failed`: the source failed to give one (it may pass): the last token stays in the Secret until it
+    expires. `retry`: look again with this import's own backoff (otherwise its source's circuit wakes it).
+    """
 
     reason: str
     message: str
     retry: bool = False
     spec: ImportSpec | None = None
-    retry_at: float | None = None  # a time known to be worth a look (the source is expected back)
+    source_failed: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,11 +208,11 @@ def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     keeps = ours is not None and state.reason not in (api.REASON_INVALID_SPEC, api.REASON_SECRET_CONFLICT)
     issued_at, expires_at = token_times(ours) if keeps else (None, None)
     reason, message = state.reason, state.message
-    writes = Writes(retry=state.retry, failure_reason=reason if state.retry else None, requeue_at=state.retry_at)
-    if state.retry and expires_at is not None:
+    writes = Writes(retry=state.retry, failure_reason=reason if state.retry else None)
+    if state.source_failed and expires_at is not None:
         if obs.now < expires_at:
             message = f"{message} The last token stays in Secret {name} until it expires at {format_time(expires_at)}."
-            writes.requeue_at = min(expires_at, state.retry_at or expires_at)
+            writes.requeue_at = expires_at  # then say it expired
             writes.expires_at = expires_at
         else:
             reason = api.REASON_TOKEN_EXPIRED

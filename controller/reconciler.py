@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
 from controller.assess import Blocked, HasToken, NeedsToken, Observation, Writes, assess, plan, status_patch
+from controller.gates import SourceGates, Wait
 from controller.metrics import Metrics
 from controller.remote import RemoteFailure, fetch_token
 from controller.runtime.events import EventRecorder
@@ -59,6 +60,8 @@ class Reconciler:
         recorder: EventRecorder,
         metrics: Metrics,
         *,
+        gates: SourceGates,
+        wake: Callable[[Iterable[str]], None],
         may_write: Callable[[], bool],
         remote_timeout: float,
         clock: Callable[[], float] = time.time,
@@ -67,6 +70,8 @@ class Reconciler:
         self.sources = sources
         self.recorder = recorder
         self.metrics = metrics
+        self.gates = gates
+        self.wake = wake
         self.may_write = may_write
         self.remote_timeout = remote_timeout
         self.clock = clock
@@ -81,6 +86,7 @@ class Reconciler:
 
     def import_deleted(self, key: str) -> None:
         self.import_writes.forget(split_key(key))
+        self.gates.forget(key)
         with self._lock:
             self._held.pop(key, None)
         self.metrics.set_expiry(key, None)
@@ -100,7 +106,10 @@ class Reconciler:
         if isinstance(state, NeedsToken):
             if not self.may_write():
                 return Result(outcome="skipped")
-            state = self.request_token(state)
+            answer = self.request_token(key, state)
+            if isinstance(answer, Result):
+                return answer  # rate-limited: back at its reserved slot, nothing to write meanwhile
+            state = answer
         return self.act(key, observation, plan(observation, state))
 
     def observe(self, key: str) -> Observation | None:
@@ -131,18 +140,33 @@ class Reconciler:
             argocd_secret=argocd_secret,
         )
 
-    def request_token(self, need: NeedsToken) -> HasToken | Blocked:
-        source = self.sources.get(need.source.cluster_name)
+    def request_token(self, key: str, need: NeedsToken) -> HasToken | Blocked | Result:
+        """Ask the source for a token, through its gate (rate limit and circuit)."""
+        cluster = need.source.cluster_name
+        source = self.sources.get(cluster)
         if source is None:  # removed meanwhile
-            return Blocked(api.REASON_UNKNOWN_CLUSTER, f"Cluster {need.source.cluster_name} was just removed.")
+            return Blocked(api.REASON_UNKNOWN_CLUSTER, f"Cluster {cluster} was just removed.", spec=need.spec)
+        gate = self.gates.gate(cluster)
+        admission = gate.admit(key, self.clock())
+        if isinstance(admission, Wait):
+            if admission.reason is None:
+                return Result(requeue_after=max(0.0, (admission.until or 0.0) - self.clock()), outcome="throttled")
+            # The source is down: wait for its probe, saying why (the same words as the failure that opened it).
+            return Blocked(admission.reason, admission.message or "", spec=need.spec, source_failed=True)
         try:
             client = self.sources.client(source)
         except Exception as exc:  # a kubeconfig the client cannot load (exec plugin missing, bad files, ...)
-            return Blocked(api.REASON_REMOTE_ERROR, client_error_message(source, exc), retry=True, spec=need.spec)
+            message = client_error_message(source, exc)
+            return Blocked(api.REASON_REMOTE_ERROR, message, retry=True, spec=need.spec)
         try:
             token = fetch_token(client, need.source, need.spec, timeout=self.remote_timeout, clock=self.clock)
         except RemoteFailure as failure:
-            return Blocked(failure.reason, failure.message, retry=True, spec=need.spec)
+            if failure.source_down:
+                gate.failed(key, self.clock(), failure.reason, failure.message)
+                return Blocked(failure.reason, failure.message, spec=need.spec, source_failed=True)
+            self.wake(gate.answered(key))
+            return Blocked(failure.reason, failure.message, retry=True, spec=need.spec, source_failed=True)
+        self.wake(gate.answered(key))
         self.metrics.tokens_refreshed.inc()
         return HasToken(need.spec, token)
 

@@ -6,17 +6,22 @@ go wrong to a condition reason and a message that says what to fix (`classify_re
 
 from __future__ import annotations
 
+import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import urllib3
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.assess import Remote
+from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
 from kubemcsa import api, kube, tokens
 from kubemcsa.credentials import Credentials
 from kubemcsa.imports import ImportToken, inputs_hash
 from kubemcsa.spec import ImportSpec
+from kubemcsa.timefmt import format_time
 
 # Legacy mode: the remote token Secret exists but the remote token controller has not filled it in yet.
 REASON_LEGACY_TOKEN_PENDING = "LegacyTokenPending"
@@ -25,30 +30,111 @@ _MAX_REMOTE_MESSAGE = 300
 
 @dataclass(frozen=True)
 class RemoteFailure(Exception):
-    """Why a token could not be obtained: a condition reason and a message that never holds a token."""
+    """Why a token could not be obtained: a condition reason and a message that never holds a token.
+
+    `source_down`: the failure is the source's, not the import's (no answer, a server error, or the controller's
+    own credential rejected): it opens the source's circuit, so all its imports wait for one probe.
+    """
 
     reason: str
     message: str
+    source_down: bool = False
 
     def __str__(self) -> str:
         return self.message
 
 
-def classify_remote_error(code: int | None, remote_message: str, cluster: str, spec: ImportSpec) -> RemoteFailure:
+def renew_hint(source: Remote) -> str:
+    """The one thing that renews the controller's own credential for `source`, by where it comes from."""
+    name = source.cluster_name
+    if source.origin == ORIGIN_SECRET:
+        return (
+            f"renew it with: kubemcsa bootstrap --target-context <this cluster> --source-context <cluster {name}> "
+            f"--source-name {name}"
+        )
+    if source.origin == ORIGIN_KUBECONFIG:
+        return f"put a valid credential in context {name} of the controller's --source-kubeconfig"
+    if source.origin == ORIGIN_MOUNTED:
+        return f"renew the Secret mounted as import {name} in the controller's --imports-dir"
+    return f"renew the controller's credential for cluster {name}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it wraps (urllib3's `reason`, then __cause__ / __context__)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        wrapped = getattr(current, "reason", None)
+        current = wrapped if isinstance(wrapped, BaseException) else (current.__cause__ or current.__context__)
+    return chain
+
+
+def connection_problem(exc: BaseException) -> tuple[str, str]:
+    """(reason, what happened) for a call that got no answer: TLS, DNS, refused, timeout or closed connection."""
+    chain = _causes(exc)
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain) or "CERTIFICATE_VERIFY_FAILED" in text:
+        return api.REASON_REMOTE_CERTIFICATE_UNTRUSTED, "its certificate is not signed by the CA the controller holds"
+    if any(isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError" for e in chain):
+        return api.REASON_REMOTE_UNREACHABLE, "its host name does not resolve (DNS)"
+    if any(isinstance(e, ConnectionRefusedError) for e in chain):
+        return api.REASON_REMOTE_UNREACHABLE, "connection refused"
+    if any(isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) for e in chain):
+        return api.REASON_REMOTE_UNREACHABLE, "timed out"
+    if any(isinstance(e, ConnectionError | urllib3.exceptions.ProtocolError | ssl.SSLError) for e in chain):
+        return api.REASON_REMOTE_UNREACHABLE, "the connection was closed before an answer"
+    return api.REASON_REMOTE_UNREACHABLE, type(exc).__name__
+
+
+def unreachable(source: Remote, exc: BaseException) -> RemoteFailure:
+    reason, what = connection_problem(exc)
+    cluster = source.cluster_name
+    if reason == api.REASON_REMOTE_CERTIFICATE_UNTRUSTED:
+        message = (
+            f"The API server of cluster {cluster} at {source.server} failed TLS verification: {what} for it; "
+            f"if that cluster's CA changed, {renew_hint(source)}."
+        )
+    else:
+        message = (
+            f"Cannot reach the API server of cluster {cluster} at {source.server} ({what}); check that it is up "
+            "and reachable, the controller retries by itself."
+        )
+    return RemoteFailure(reason, message, source_down=True)
+
+
+def classify_remote_error(
+    code: int | None,
+    remote_message: str,
+    cluster: str,
+    spec: ImportSpec,
+    source: Remote | None = None,
+    now: float = 0.0,
+) -> RemoteFailure:
     """Map a remote answer (HTTP code, None for no answer) to a reason and a message saying what to fix."""
     detail = " ".join(str(remote_message).split())[:_MAX_REMOTE_MESSAGE]
     target = f"service account {spec.namespace}/{spec.name} in cluster {cluster}"
+    source = source or Remote(cluster_name=cluster, server="", ca_pem=b"")
     if code is None:
         return RemoteFailure(
             api.REASON_REMOTE_UNREACHABLE,
             f"Cannot reach the API server of cluster {cluster} ({detail}); check that it is up and reachable, "
             "the controller retries by itself.",
+            source_down=True,
         )
     if code == 401:
+        expired_at = source.credential_expires_at
+        if expired_at is not None and expired_at <= now:
+            return RemoteFailure(
+                api.REASON_SOURCE_CREDENTIAL_EXPIRED,
+                f"The controller's own credential for cluster {cluster} expired at {format_time(expired_at)}, so "
+                f"cluster {cluster} rejects it; {renew_hint(source)}.",
+                source_down=True,
+            )
         return RemoteFailure(
             api.REASON_UNAUTHORIZED,
-            f"Cluster {cluster} rejected the controller's credentials (401 Unauthorized); renew the controller's "
-            f"credential for cluster {cluster}.",
+            f"Cluster {cluster} rejected the controller's own credential (401 Unauthorized); {renew_hint(source)}.",
+            source_down=True,
         )
     if code == 403:
         verb = "get or create secrets" if spec.legacy else "create serviceaccounts/token"
@@ -71,6 +157,7 @@ def classify_remote_error(code: int | None, remote_message: str, cluster: str, s
         return RemoteFailure(
             api.REASON_REMOTE_UNREACHABLE,
             f"The API server of cluster {cluster} failed ({code}: {detail}); the controller retries by itself.",
+            source_down=True,
         )
     return RemoteFailure(
         api.REASON_REMOTE_ERROR,
@@ -98,9 +185,10 @@ def fetch_token(
             if issued.expires_at is None:  # an answer without expiry: assume the requested one
                 issued = tokens.IssuedToken(issued.token, issued.issued_at, issued.issued_at + spec.expiration_seconds)
     except ApiException as exc:
-        raise classify_remote_error(exc.status or None, kube.error_message(exc), source.cluster_name, spec) from None
+        code = exc.status or None
+        raise classify_remote_error(code, kube.error_message(exc), source.cluster_name, spec, source, clock()) from None
     except kube.CONNECTION_ERRORS as exc:
-        raise classify_remote_error(None, type(exc).__name__, source.cluster_name, spec) from None
+        raise unreachable(source, exc) from None
     except tokens.TokenAnswerError as exc:
         raise classify_remote_error(502, str(exc), source.cluster_name, spec) from None
     except tokens.LegacySecretConflict as exc:

@@ -11,12 +11,13 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiClient
 
+from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
 from controller.reconciler import Caches, Reconciler, import_key
 from controller.runtime.events import EventRecorder
@@ -48,8 +49,10 @@ class Options:
     retry_period: float = 2.0
     remote_timeout: float = 10.0
     file_poll_seconds: float = 2.0
-    backoff_base: float = 0.5
+    backoff_base: float = 0.5  # per-import retries and source probes: base * 2^n with jitter, up to backoff_max
     backoff_max: float = 300.0
+    source_qps: float = DEFAULT_QPS  # token requests per second to each source cluster, at most
+    source_burst: int = DEFAULT_BURST
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -112,11 +115,21 @@ class Controller:
                     name="system-secrets",
                 )
             )
+        self.gates = SourceGates(
+            qps=options.source_qps,
+            burst=options.source_burst,
+            probe_base=options.backoff_base,
+            probe_max=options.backoff_max,
+            probe_timeout=2 * options.remote_timeout + 1,
+            clock=options.clock,
+        )
         self.reconciler = Reconciler(
             Caches(self.imports, self.secrets, imports_api, secrets_api, argocd_secrets=self.argocd_secrets),
             self.sources,
             EventRecorder(local_api_client, COMPONENT, self.identity, clock=options.clock),
             self.metrics,
+            gates=self.gates,
+            wake=self._wake,
             may_write=lambda: self.manager.is_leader and not self.manager.stopping,
             remote_timeout=options.remote_timeout,
             clock=options.clock,
@@ -131,6 +144,9 @@ class Controller:
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
+        # Open circuits are probed on time; a tick finer than the shortest probe backoff.
+        tick = max(0.05, min(1.0, self.options.backoff_base))
+        self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
         self.manager.start()
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
@@ -204,10 +220,16 @@ class Controller:
         changed = self.sources.remove_secret(obj) if event == "DELETED" else self.sources.set_secret(obj)
         self._requeue_clusters(changed)
 
+    def _wake(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self.manager.queue.add(key)
+
     def _requeue_clusters(self, names: set[str]) -> None:
         if not names:
             return
         log.info("credentials changed for cluster(s) %s", ", ".join(sorted(names)))
+        for name in names:
+            self._wake(self.gates.reset(name))
         for imp in self.imports.list():
             spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
             if spec.get("clusterName") in names:

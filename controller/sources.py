@@ -11,6 +11,8 @@ credentials change. `refresh_files` returns the names whose credentials changed,
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -26,6 +28,7 @@ from kubernetes.client import ApiClient, Configuration
 from controller.assess import Remote
 from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
+from kubemcsa.imports import token_times
 from kubemcsa.kubeconfig import (
     ConfigError,
     absolutize,
@@ -52,10 +55,30 @@ class SourceCluster:
     ca_pem: bytes = field(repr=False)
     fingerprint: str  # changes whenever the credentials change
     build: Callable[[], ApiClient] = field(repr=False, compare=False)
+    credential_expires_at: float | None = None  # when the controller's own credential for it expires, if known
 
     @property
     def remote(self) -> Remote:
-        return Remote(cluster_name=self.name, server=self.server, ca_pem=self.ca_pem)
+        return Remote(
+            cluster_name=self.name,
+            server=self.server,
+            ca_pem=self.ca_pem,
+            origin=self.origin,
+            credential_expires_at=self.credential_expires_at,
+        )
+
+
+def token_expiry(token: str) -> float | None:
+    """The `exp` claim of a JWT, unverified (None if it is not one): when a credential stops working."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -89,7 +112,9 @@ def client_error_message(source: SourceCluster, exc: Exception) -> str:
     return f"{where} from its {source.origin} ({type(exc).__name__}); fix that configuration."
 
 
-def source_from_credentials(name: str, origin: str, creds: Credentials) -> SourceCluster:
+def source_from_credentials(
+    name: str, origin: str, creds: Credentials, expires_at: float | None = None
+) -> SourceCluster:
     return SourceCluster(
         name=name,
         origin=origin,
@@ -97,6 +122,7 @@ def source_from_credentials(name: str, origin: str, creds: Credentials) -> Sourc
         ca_pem=creds.ca_crt,
         fingerprint=_fingerprint(creds.server, creds.ca_crt.decode(errors="replace"), creds.token),
         build=lambda: client_for_credentials(creds),
+        credential_expires_at=expires_at if expires_at is not None else token_expiry(creds.token),
     )
 
 
@@ -185,6 +211,10 @@ class SourceRegistry:
             if cached is not None and cached[0] == source.fingerprint:
                 return cached[1]
         client = source.build()
+        # One connection attempt per try: the controller's own backoff and circuit decide about retrying,
+        # not the HTTP library's hidden retries (3 more connections per failed try by default).
+        client.configuration.retries = False
+        client = ApiClient(client.configuration)
         with self._lock:
             self._clients[source.name] = (source.fingerprint, client)
         return client
@@ -291,7 +321,7 @@ class SourceRegistry:
             sources.pop(name, None)
         else:
             errors.pop(name, None)
-            sources[name] = source_from_credentials(name, ORIGIN_SECRET, creds)
+            sources[name] = source_from_credentials(name, ORIGIN_SECRET, creds, token_times(secret)[1])
         return self._replace(ORIGIN_SECRET, sources, errors)
 
     def remove_secret(self, secret: dict[str, Any]) -> set[str]:

@@ -67,6 +67,10 @@ REASON_INVALID_SPEC = "InvalidSpec"
 REASON_REMOTE_ERROR = "RemoteError"
 REASON_TOKEN_EXPIRED = "TokenExpired"
 REASON_NOT_EXPORTED = "NotExported"
+# The controller's own credential for the source cluster expired: every import of that cluster says so.
+REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"
+# The source's certificate is not signed by the CA the controller holds for it.
+REASON_REMOTE_CERTIFICATE_UNTRUSTED = "RemoteCertificateUntrusted"
 
 DEFAULT_EXPIRATION_SECONDS = 86400
 MIN_EXPIRATION_SECONDS = 600

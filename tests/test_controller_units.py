@@ -121,7 +121,10 @@ def decide(
         if new is not None:
             state = ca.HasToken(state.spec, new)
         elif failure is not None:
-            state = ca.Blocked(failure.reason, failure.message, retry=True, spec=state.spec)
+            # As the reconciler: a source that is down makes its circuit wait, other failures back off per import.
+            state = ca.Blocked(
+                failure.reason, failure.message, retry=not failure.source_down, spec=state.spec, source_failed=True
+            )
         else:
             return state, None
     return state, ca.plan(observation, state)
@@ -277,7 +280,7 @@ def test_remote_errors_map_to_reasons(code, reason) -> None:
     failure = classify_remote_error(code, "boom", "cluster2", parse_spec(make_import()))
     assert failure.reason == reason
     _, writes = decide(make_import(), None, NOW, failure=failure)
-    assert writes.retry and writes.status["conditions"][0]["reason"] == reason
+    assert writes.retry != failure.source_down and writes.status["conditions"][0]["reason"] == reason
     assert writes.status["conditions"][0]["status"] == "False"
 
 
@@ -286,7 +289,7 @@ def test_failed_refresh_keeps_secret_then_expires() -> None:
     imp2, secret = converge(imp, held_token(imp))
     failure = classify_remote_error(None, "connection refused", "cluster2", parse_spec(imp))
     _, writes = decide(imp2, secret, NOW + 900, failure=failure)
-    assert not writes.secrets and writes.retry  # the last good Secret stays untouched
+    assert not writes.secrets  # the last good Secret stays untouched
     assert writes.status["conditions"][0]["reason"] == api.REASON_REMOTE_UNREACHABLE
     assert "until it expires" in writes.status["conditions"][0]["message"]
     assert writes.requeue_at == pytest.approx(NOW + 1000)
@@ -371,7 +374,7 @@ def test_queue_delayed_adds_with_injected_clock() -> None:
 
 
 def test_queue_backoff_doubles_and_caps_and_forgets() -> None:
-    q = WorkQueue(base_delay=1, max_delay=5, clock=FakeClock())
+    q = WorkQueue(base_delay=1, max_delay=5, clock=FakeClock(), jitter=lambda: 1.0)
     assert [q.add_rate_limited("k") for _ in range(5)] == [1, 2, 4, 5, 5]
     q.forget("k")
     assert q.add_rate_limited("k") == 1

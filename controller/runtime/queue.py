@@ -7,6 +7,7 @@ again is queued once more when `done` is called, so two workers never handle the
 from __future__ import annotations
 
 import heapq
+import random
 import threading
 import time
 from collections import deque
@@ -20,10 +21,12 @@ class WorkQueue:
         base_delay: float = 0.5,
         max_delay: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._clock = clock
+        self._jitter = jitter
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._dirty: set[str] = set()  # queued, or to be re-queued once done
@@ -67,11 +70,16 @@ class WorkQueue:
             self._cond.notify()
 
     def add_rate_limited(self, key: str) -> float:
-        """Queue `key` after its exponential backoff (base * 2^failures, capped); return the delay used."""
+        """Queue `key` after its exponential backoff with jitter; return the delay used.
+
+        The delay is base * 2^failures, capped, times a random factor in [0.5, 1]: keys that failed together
+        (one source, many imports) do not retry in step.
+        """
         with self._cond:
             failures = self._failures.get(key, 0)
             self._failures[key] = failures + 1
         delay = min(self._max_delay, self._base_delay * (2 ** min(failures, 62)))
+        delay *= 0.5 + 0.5 * self._jitter()
         self.add_after(key, delay)
         return delay
 

@@ -727,7 +727,8 @@ def default_configuration(configuration: Mapping[str, Any]) -> dict[str, Any]:
         webhook.setdefault("objectSelector", {})
         webhook.setdefault("timeoutSeconds", DEFAULT_TIMEOUT_SECONDS)
         webhook.setdefault("reinvocationPolicy", "Never")
-        for rule in webhook.get("rules") or []:
+        rules = webhook.get("rules")
+        for rule in rules if isinstance(rules, list) else []:
             if isinstance(rule, dict):
                 rule.setdefault("scope", "*")
         client = webhook.get("clientConfig")

@@ -1,0 +1,120 @@
+"""The per-source gate (rate limit and circuit) and the naming of connection failures: plain numbers, no API."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import urllib3
+
+from controller.assess import Remote
+from controller.gates import Go, SourceGate, TokenBucket, Wait
+from controller.remote import classify_remote_error, connection_problem, unreachable
+from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
+from kubemcsa import api
+from kubemcsa.spec import parse_spec
+
+SPEC = parse_spec({"spec": {"clusterName": "c2", "namespace": "default", "name": "sa"}})
+
+
+def test_token_bucket_allows_the_burst_then_spaces_calls_at_qps() -> None:
+    bucket = TokenBucket(qps=5, burst=10, now=0)
+    slots = [bucket.reserve(0) for _ in range(20)]
+    assert slots[:10] == [0] * 10
+    assert slots[10:] == pytest.approx([0.2 * i for i in range(1, 11)])
+    # In any window of T seconds: at most burst + qps * T calls.
+    assert sum(1 for s in slots if s <= 1.0) <= 10 + 5 * 1.0
+
+
+def test_a_throttled_import_comes_back_at_its_slot_and_goes_without_a_new_reservation() -> None:
+    gate = SourceGate(qps=1, burst=1, now=0)
+    assert gate.admit("a", 0) == Go()
+    wait = gate.admit("b", 0)
+    assert isinstance(wait, Wait) and wait.until == pytest.approx(1.0) and wait.reason is None
+    assert gate.admit("b", 1.0) == Go()  # its reservation, not another one
+    assert isinstance(gate.admit("c", 1.0), Wait)
+
+
+def test_an_open_circuit_lets_one_probe_through_and_wakes_the_others_on_recovery() -> None:
+    gate = SourceGate(qps=100, burst=100, probe_base=1, probe_max=8, now=0, jitter=lambda: 1.0)
+    assert gate.admit("a", 0) == Go()
+    gate.failed("a", 0, api.REASON_REMOTE_UNREACHABLE, "down")
+    waits = [gate.admit(key, 0.1) for key in ("b", "c", "d")]
+    assert all(isinstance(w, Wait) and w.until is None and w.message == "down" for w in waits)
+    assert gate.due_probe(0.5) is None  # not before the backoff
+    prober = gate.due_probe(1.0)
+    assert prober in {"a", "b", "c", "d"}
+    assert gate.due_probe(1.1) is None  # one probe at a time
+    assert gate.admit(prober, 1.1) == Go()
+    others = {"a", "b", "c", "d"} - {prober}
+    assert all(isinstance(gate.admit(k, 1.1), Wait) for k in others)
+    gate.failed(prober, 1.2, api.REASON_REMOTE_UNREACHABLE, "down")
+    assert gate.due_probe(2.5) is None  # the backoff doubled: 2 s
+    second = gate.due_probe(3.2)
+    assert second is not None
+    assert gate.answered(second) | {second} == {"a", "b", "c", "d"}  # every waiting import is woken
+    assert not gate.is_open and gate.admit("e", 3.3) == Go()
+
+
+def test_probe_backoff_has_jitter_and_a_cap() -> None:
+    for jitter, expected in ((0.0, 0.5), (1.0, 1.0)):
+        gate = SourceGate(probe_base=1, probe_max=1, now=0, jitter=lambda j=jitter: j)
+        gate.failed("a", 0, "R", "m")
+        for _ in range(10):
+            gate.failed("a", 0, "R", "m")
+        assert gate.due_probe(expected - 0.01) is None and gate.due_probe(expected) == "a"
+
+
+def test_a_deleted_prober_does_not_stop_the_probing() -> None:
+    gate = SourceGate(probe_base=1, probe_timeout=5, now=0, jitter=lambda: 1.0)
+    gate.failed("a", 0, "R", "m")
+    gate.admit("b", 0)
+    first = gate.due_probe(1)
+    gate.forget(first)
+    assert gate.due_probe(1.1) is not None
+
+
+def test_connection_failures_are_named_by_cause() -> None:
+    def wrapped(cause: BaseException) -> BaseException:
+        try:
+            try:
+                raise cause
+            except BaseException as inner:
+                raise urllib3.exceptions.NewConnectionError(None, "x") from inner
+        except BaseException as outer:
+            return outer
+
+    assert connection_problem(wrapped(ConnectionRefusedError()))[1] == "connection refused"
+    assert "DNS" in connection_problem(wrapped(socket.gaierror(-2, "Name or service not known")))[1]
+    assert connection_problem(urllib3.exceptions.ConnectTimeoutError())[1] == "timed out"
+    assert connection_problem(ConnectionResetError())[1] == "the connection was closed before an answer"
+    tls = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
+    reason, what = connection_problem(urllib3.exceptions.SSLError(tls))
+    assert reason == api.REASON_REMOTE_CERTIFICATE_UNTRUSTED and "not signed by the CA" in what
+    source = Remote("c2", "https://c2:6443", b"", origin=ORIGIN_SECRET)
+    failure = unreachable(source, urllib3.exceptions.SSLError(tls))
+    assert failure.source_down and "kubemcsa bootstrap" in failure.message
+
+
+def test_a_rejected_source_credential_says_expired_or_unauthorized_and_how_to_renew_it() -> None:
+    expired = Remote("c2", "https://c2:6443", b"", origin=ORIGIN_SECRET, credential_expires_at=100.0)
+    failure = classify_remote_error(401, "Unauthorized", "c2", SPEC, expired, now=200.0)
+    assert failure.reason == api.REASON_SOURCE_CREDENTIAL_EXPIRED and failure.source_down
+    assert "kubemcsa bootstrap --target-context <this cluster> --source-context <cluster c2> --source-name c2" in (
+        failure.message
+    )
+    valid = Remote("c2", "https://c2:6443", b"", origin=ORIGIN_KUBECONFIG, credential_expires_at=300.0)
+    failure = classify_remote_error(401, "Unauthorized", "c2", SPEC, valid, now=200.0)
+    assert failure.reason == api.REASON_UNAUTHORIZED and "--source-kubeconfig" in failure.message
+    assert not classify_remote_error(404, "x", "c2", SPEC).source_down
+
+
+def test_token_expiry_reads_a_jwt_and_tolerates_anything_else() -> None:
+    import base64
+    import json
+
+    payload = base64.urlsafe_b64encode(json.dumps({"exp": 1234}).encode()).decode().rstrip("=")
+    assert token_expiry(f"e30.{payload}.sig") == 1234
+    for junk in ("", "a.b", "a.!!!.c", "a.e30.c", f"a.{base64.urlsafe_b64encode(b'[1]').decode()}.c"):
+        assert token_expiry(junk) is None
