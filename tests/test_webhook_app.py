@@ -276,3 +276,27 @@ def test_request_timeout_comes_from_the_query() -> None:
     assert request_timeout(b"timeout=999s") == MAX_TIMEOUT_SECONDS
     assert request_timeout(b"timeout=0s") == 1
     assert request_timeout(b"timeout=5m") == DEFAULT_TIMEOUT_SECONDS
+
+
+def test_a_body_that_does_not_come_is_answered_by_the_callers_deadline() -> None:
+    import asyncio
+
+    app = create_app(StaticCache())
+    sent: list[dict[str, Any]] = []
+    first = True
+
+    async def receive() -> dict[str, Any]:
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.Event().wait()  # the rest never comes
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": MUTATE_PATH, "headers": [], "query_string": b"timeout=1s"}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
+    assert sent[0]["status"] == 400
+    assert "did not arrive within the request's timeout" in json.loads(sent[1]["body"])["message"]

@@ -140,3 +140,93 @@ def test_cli_without_cluster_configuration_says_what_to_do(
     code = main(["--tls-cert-file", str(cert_file), "--tls-key-file", str(key_file), "--port", "0"])
     assert code == 1
     assert "--kubeconfig" in capsys.readouterr().err
+
+
+# --- slow clients ---------------------------------------------------------------------------------------------
+
+SLOW_CONNECTIONS = 1000  # TLS, headers sent, body declared and never finished
+SILENT_CONNECTIONS = 50  # TCP only: not even a TLS hello
+READ_TIMEOUT = 6.0
+
+
+async def _slowloris(url: str, ca_pem: bytes, counts: dict[str, int]) -> None:
+    """Open the slow connections and wait (up to 60 s each) for the server to close them."""
+    import asyncio
+
+    host, port = url.removeprefix("https://").rsplit(":", 1)
+    context = ssl.create_default_context(cadata=ca_pem.decode())
+    head = (
+        f"POST {MUTATE_PATH}?timeout=5s HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 100000\r\n\r\n{"
+    ).encode()
+    handshakes = asyncio.Semaphore(50)  # connect in waves: the point is 1,000 held at once, not a SYN flood
+
+    async def one(tls: bool) -> None:
+        async with handshakes:
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=context if tls else None)
+            if tls:
+                writer.write(head)
+                await writer.drain()
+        counts["open"] += 1
+        try:
+            while await asyncio.wait_for(reader.read(65536), timeout=60):
+                pass  # the answer to the unfinished request (a 400), if any; then the server closes
+            counts["closed"] += 1
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            counts["errors"] += 1
+        finally:
+            writer.close()
+
+    kinds = [True] * SLOW_CONNECTIONS + [False] * SILENT_CONNECTIONS
+    await asyncio.gather(*(one(tls) for tls in kinds))
+
+
+def test_a_slowloris_leaves_the_webhook_answering_and_is_closed_by_the_read_timeout(
+    tmp_path: Path, ca: tuple[bytes, bytes]
+) -> None:
+    import asyncio
+
+    cert_file, key_file = write_pair(tmp_path, ca)
+    cache = StaticCache({NS: ENABLED}, IMPORTS)
+    counts = {"open": 0, "closed": 0, "errors": 0}
+    total = SLOW_CONNECTIONS + SILENT_CONNECTIONS
+    with WebhookServer(None, cert_file, key_file, cache=cache, request_read_timeout=READ_TIMEOUT) as server:
+        attack = threading.Thread(target=asyncio.run, args=(_slowloris(server.url, ca[0], counts),), daemon=True)
+        attack.start()
+        wait_for(lambda: counts["open"] == total, timeout=60, what="the slow connections to be open")
+        held_at_once = counts["open"] - counts["closed"]
+        # While they are held, the webhook answers as usual (on a new connection, as kube-apiserver might).
+        with client_for(ca) as c:
+            assert c.get(server.url + "/healthz").status_code == 200
+            response = c.post(server.url + MUTATE_PATH + "?timeout=5s", content=BODY)
+            assert response.status_code == 200 and response.json()["response"]["patchType"] == "JSONPatch"
+        still_held = counts["open"] - counts["closed"]
+        # The server closes every one of them (the client would wait a minute), none is left behind.
+        wait_for(lambda: counts["closed"] + counts["errors"] == total, timeout=60, what="the server to close them")
+        attack.join(5)
+        with client_for(ca) as c:
+            assert c.get(server.url + "/healthz").status_code == 200
+    assert held_at_once > SLOW_CONNECTIONS / 2 and still_held > 0, (held_at_once, still_held)
+    assert counts["closed"] == total, counts
+
+
+def test_connections_beyond_the_cap_are_closed_and_the_others_served(tmp_path: Path, ca: tuple[bytes, bytes]) -> None:
+    cert_file, key_file = write_pair(tmp_path, ca)
+    cache = StaticCache({NS: ENABLED}, IMPORTS)
+    with WebhookServer(None, cert_file, key_file, cache=cache, max_connections=2) as server:
+        with client_for(ca) as first, client_for(ca) as second:
+            assert first.get(server.url + "/healthz").status_code == 200
+            assert second.get(server.url + "/healthz").status_code == 200
+            with client_for(ca) as third, pytest.raises(httpx.HTTPError):
+                third.get(server.url + "/healthz")
+            # The established (kept-alive) connections go on being served.
+            assert first.post(server.url + MUTATE_PATH, content=BODY).status_code == 200
+        with client_for(ca) as again:
+            wait_for(lambda: _healthy(again, server.url), what="a free connection slot")
+
+
+def _healthy(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url + "/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False

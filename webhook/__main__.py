@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -32,6 +33,7 @@ from kubernetes import client
 from certs import manager
 from certs.reloader import CertificateReloader, RenewalLoop
 from kubemcsa import api, kube
+from webhook import connections
 from webhook.app import WebhookCache, create_app
 from webhook.cache import WatchCache
 
@@ -48,9 +50,15 @@ class _Server(uvicorn.Server):
     """uvicorn's server, remembering its event loop (the reloader swaps certificates on it)."""
 
     loop: asyncio.AbstractEventLoop | None = None
+    handshake_timeout: float = connections.DEFAULT_REQUEST_READ_TIMEOUT
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
+        # uvicorn does not pass ssl_handshake_timeout (asyncio's default is 60 s): a client that never finishes its
+        # handshake is dropped as soon as one that never finishes its request.
+        loop.create_server = functools.partial(  # type: ignore[method-assign]
+            loop.create_server, ssl_handshake_timeout=self.handshake_timeout
+        )
         await super().serve(sockets)
 
 
@@ -73,6 +81,8 @@ class WebhookServer:
         cache: WebhookCache | None = None,
         reload_interval: float = 2.0,
         graceful_timeout: float = 10.0,
+        request_read_timeout: float = connections.DEFAULT_REQUEST_READ_TIMEOUT,
+        max_connections: int = connections.DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         if cache is None and api_client is None:
             raise ValueError("WebhookServer needs an api_client or a cache")
@@ -84,6 +94,8 @@ class WebhookServer:
         self.cache: Any = cache if cache is not None else WatchCache(api_client)  # type: ignore[arg-type]
         self.reload_interval = reload_interval
         self.graceful_timeout = graceful_timeout
+        self.request_read_timeout = request_read_timeout
+        self.max_connections = max_connections
         self.reloader: CertificateReloader | None = None
         self._tls_loaded = False
         self.app = create_app(self.cache, tls_ready=lambda: self._tls_loaded)
@@ -113,6 +125,8 @@ class WebhookServer:
             timeout_graceful_shutdown=self.graceful_timeout,
             # The API server keeps connections open between pod creations; don't make it re-handshake often.
             timeout_keep_alive=65,
+            # Slow or idle clients are dropped after request_read_timeout, and at most max_connections are open.
+            http=connections.guarded_protocol(self.request_read_timeout, self.max_connections),
         )
         uvicorn_config.load()  # Raises here, in the caller's thread, if the certificate files are unusable.
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -124,6 +138,7 @@ class WebhookServer:
         sock.set_inheritable(True)
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn_config)
+        self._server.handshake_timeout = self.request_read_timeout
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="webhook-http")
         self._thread.daemon = True
         self._thread.start()
@@ -160,6 +175,7 @@ class WebhookServer:
             self._thread.join(self.graceful_timeout + 5)
         if self._reload_thread is not None:
             self._reload_thread.join(5)
+        self.app.state.parser.close()
         if self._own_cache:
             self.cache.stop()
 
@@ -204,6 +220,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=5.0,
         help="seconds between SIGTERM and closing the listener, while endpoints stop sending traffic",
+    )
+    parser.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=connections.DEFAULT_REQUEST_READ_TIMEOUT,
+        help="seconds a client has to send a whole request (and to finish its TLS handshake) before it is dropped",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=connections.DEFAULT_MAX_CONNECTIONS,
+        help="open connections kept at most; newer ones are closed at once",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -268,9 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_FAILED
             delay = min(delay * 2, 30)
 
-    server = WebhookServer(api_client, cert_file, key_file, host=args.host, port=args.port)
+    server = WebhookServer(
+        api_client,
+        cert_file,
+        key_file,
+        host=args.host,
+        port=args.port,
+        request_read_timeout=args.request_read_timeout,
+        max_connections=args.max_connections,
+    )
     try:
         server.start()
+        server.app.state.parser.warm()  # the worker process for large requests, ready before the first one
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: cannot serve on {args.host}:{args.port} with {cert_file} ({exc})", file=sys.stderr)
         return EXIT_FAILED

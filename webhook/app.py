@@ -9,7 +9,6 @@ too large to parse within a millisecond are parsed in a worker process.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import multiprocessing
 import re
@@ -27,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from webhook import review
 from webhook.mutation import ImportLookup, LookupWouldBlock, TooMuchWork
@@ -169,17 +168,18 @@ class _Parser:
             pool.shutdown(wait=False, cancel_futures=True)
 
 
-async def _read_body(receive: Receive, first_limit: int, slots: asyncio.Semaphore) -> tuple[bytes | None, bool]:
-    """(body, holds_slot): the body, or None if larger than review.MAX_BODY_BYTES (read no further than that).
-
-    Past `first_limit` bytes the reader takes one of the `slots` for large bodies (released by the caller).
-    """
+async def _read_body(
+    first: Message, receive: Receive, first_limit: int, slots: asyncio.Semaphore
+) -> tuple[bytes | None, bool]:
+    """(body, holds_slot): the body from its first message on, or None if larger than review.MAX_BODY_BYTES (read
+    no further than that). Past `first_limit` bytes the reader takes one of the `slots` for large bodies (released
+    by the caller)."""
     chunks: list[bytes] = []
     size = 0
     holds_slot = False
+    message = first
     try:
         while True:
-            message = await receive()
             if message["type"] != "http.request":
                 raise _Disconnected
             chunk = message.get("body", b"")
@@ -191,7 +191,8 @@ async def _read_body(receive: Receive, first_limit: int, slots: asyncio.Semaphor
                 holds_slot = True
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), holds_slot
+                return b"".join(chunks), holds_slot
+            message = await receive()
     except BaseException:
         if holds_slot:
             slots.release()
@@ -236,9 +237,30 @@ class _MutatePods:
                     await self._send(send, _TOO_LARGE)
                     return
                 break
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        if message.get("more_body", False) or len(message.get("body", b"")) > INLINE_BODY_BYTES:
+            await self._large(message, receive, send, deadline)
+            return
+        # The usual request: a small body that came whole, reviewed right here (well under a millisecond).
+        started = time.perf_counter()
+        body = message.get("body", b"")
+        try:
+            parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
+        except TooMuchWork:
+            answer = await self._elsewhere(body, deadline, take_slot=True)
+        else:
+            answer = await self._complete(parsed, deadline)
+        self.metrics.record(answer, time.perf_counter() - started)
+        await self._send(send, answer)
+
+    async def _large(self, first: Message, receive: Receive, send: Send, deadline: float) -> None:
+        """A body in several parts or over INLINE_BODY_BYTES: read it by the deadline and parse it elsewhere."""
+        slots = self.parser.slots
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                body, holds_slot = await _read_body(receive, INLINE_BODY_BYTES, self.parser.slots)
+                body, holds_slot = await _read_body(first, receive, INLINE_BODY_BYTES, slots)
         except _Disconnected:
             return
         except TimeoutError:
@@ -247,42 +269,53 @@ class _MutatePods:
             return
         started = time.perf_counter()
         try:
-            answer = await self._answer(body, holds_slot, deadline)
+            if body is None:
+                answer = _TOO_LARGE
+            elif holds_slot:
+                answer = await self._elsewhere(body, deadline, take_slot=False)
+            else:  # came in parts, yet small
+                try:
+                    parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
+                except TooMuchWork:
+                    answer = await self._elsewhere(body, deadline, take_slot=True)
+                else:
+                    answer = await self._complete(parsed, deadline)
         finally:
             if holds_slot:
-                self.parser.slots.release()
+                slots.release()
         self.metrics.record(answer, time.perf_counter() - started)
         await self._send(send, answer)
 
-    async def _answer(self, body: bytes | None, large: bool, deadline: float) -> review.Answer:
-        if body is None:
-            return _TOO_LARGE
-        parsed: review.Answer | review.Pending | None = None
-        if not large:
-            with contextlib.suppress(TooMuchWork):
-                parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
+    async def _elsewhere(self, body: bytes, deadline: float, *, take_slot: bool) -> review.Answer:
+        """Parse in the worker process (taking a large-body slot first if the caller holds none), then complete."""
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
-                if parsed is None and large:
-                    parsed = await self.parser.parse(body)
-                elif parsed is None:
-                    async with self.parser.slots:  # a small pod that needs many mounts: take a slot too
+                if take_slot:
+                    async with self.parser.slots:
                         parsed = await self.parser.parse(body)
-                if isinstance(parsed, review.Answer):
-                    return parsed
-                try:
-                    return review.complete(parsed, self.cached)
-                except LookupWouldBlock:
-                    # Not in the cache yet: decide in a worker thread, where the cache may ask the API server
-                    # (calls that end by the deadline, so no work outlives the caller's patience).
-                    return await run_in_threadpool(review.complete, parsed, self.cache.before(deadline))
+                else:
+                    parsed = await self.parser.parse(body)
         except TimeoutError:
-            if isinstance(parsed, review.Pending):
-                return _timed_out(parsed)
-            return review.bad_request("The webhook could not read the request within its timeout; retry.")
+            return review.bad_request("The webhook could not parse the request within its timeout; retry.")
         except BrokenProcessPool:
             log.error("the webhook's parsing process died; it is restarted for the next large request")
             return review.bad_request("The webhook could not parse this large request; retry.")
+        return await self._complete(parsed, deadline)
+
+    async def _complete(self, parsed: review.Answer | review.Pending, deadline: float) -> review.Answer:
+        if isinstance(parsed, review.Answer):
+            return parsed
+        try:
+            return review.complete(parsed, self.cached)
+        except LookupWouldBlock:
+            pass
+        # Not in the cache yet: decide in a worker thread, where the cache may ask the API server (with calls
+        # that end by the deadline, so that no work outlives the caller's patience).
+        try:
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                return await run_in_threadpool(review.complete, parsed, self.cache.before(deadline))
+        except TimeoutError:
+            return _timed_out(parsed)
 
     @staticmethod
     async def _send(send: Send, answer: review.Answer) -> None:
