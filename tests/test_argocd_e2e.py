@@ -209,6 +209,12 @@ def test_argo_cds_secret_lists_what_the_remote_account_may_and_nothing_more_then
     deletes = [(r.verb, r.name) for r in env.controller_writes() if r.verb == "delete"]
     assert deletes == [("delete", "prod-argocd")]
 
+    # Back again, then the import goes: the garbage collector takes its Argo CD Secret with it.
+    env.imports.patch("prod", {"spec": {"argoCD": {"name": "prod-eu"}}}, ARGOCD_NS)
+    wait_for(lambda: env.secret("prod-argocd"), what="the Argo CD Secret, again")
+    env.imports.delete("prod", ARGOCD_NS)
+    wait_for(lambda: env.secret("prod-argocd") is None and env.secret("prod-token") is None, what="garbage collection")
+
 
 def test_every_token_refresh_rewrites_the_bearer_token(make_env):
     env = make_env(token_lifetime=4)  # cluster2 caps tokens at 4 s: refreshed every 3.2 s
