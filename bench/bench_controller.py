@@ -8,7 +8,8 @@
 Each in-memory API server runs in a process of its own, as a real API server is not in the controller's
 process; --in-process puts them in the benchmark's process (all of it then shares one GIL).
 
-Usage: python bench/bench_controller.py [--imports 1000] [--workers 4] [--window 5] [--in-process]
+Usage: python bench/bench_controller.py [--imports 1000] [--workers 4] [--window 5] [--in-process] [--argocd]
+(--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD)
 """
 
 from __future__ import annotations
@@ -153,12 +154,15 @@ def setup(c1, c2, tmp: str):
     return admin1, local, source
 
 
-def import_body(name: str) -> dict:
+def import_body(name: str, argocd: bool = False) -> dict:
+    spec = {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"}
+    if argocd:
+        spec["argoCD"] = {}
     return {
         "apiVersion": api.API_VERSION,
         "kind": api.KIND,
         "metadata": {"name": name, "namespace": "default"},
-        "spec": {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"},
+        "spec": spec,
     }
 
 
@@ -176,6 +180,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--in-process", action="store_true", help="run the API servers in this process")
+    parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
     args = parser.parse_args()
 
     server = ApiServer if args.in_process else ServerProcess
@@ -214,7 +219,7 @@ def main() -> int:
         for i in range(args.single):
             name = f"single-{i}"
             start = time.perf_counter()
-            imports.create(import_body(name), "default")
+            imports.create(import_body(name, args.argocd), "default")
             while name not in ready_at:
                 time.sleep(0.001)
             latencies.append(ready_at[name] - start)
@@ -232,7 +237,7 @@ def main() -> int:
         names = [f"bulk-{i}" for i in range(args.imports)]
         start = time.perf_counter()
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda n: imports.create(import_body(n), "default"), names))
+            list(pool.map(lambda n: imports.create(import_body(n, args.argocd), "default"), names))
         created = time.perf_counter() - start
         deadline = time.monotonic() + 300
         while any(n not in ready_at for n in names) and time.monotonic() < deadline:
