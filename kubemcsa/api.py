@@ -66,6 +66,9 @@ REASON_SECRET_CONFLICT = "SecretNameConflict"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_REMOTE_ERROR = "RemoteError"
 REASON_TOKEN_EXPIRED = "TokenExpired"
+# Federated imports: Ready when the source trusts this cluster's tokens, FederationNotTrusted until it does.
+REASON_FEDERATED = "Federated"
+REASON_FEDERATION_NOT_TRUSTED = "FederationNotTrusted"
 REASON_NOT_EXPORTED = "NotExported"
 # The controller's own credential for the source cluster expired: every import of that cluster says so.
 REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"

@@ -10,7 +10,11 @@ from kubemcsa.argocd import ArgoCDCluster
 
 TOKEN_TYPE_TOKEN_REQUEST = "TokenRequest"
 TOKEN_TYPE_LEGACY = "Legacy"
-TOKEN_TYPES = (TOKEN_TYPE_TOKEN_REQUEST, TOKEN_TYPE_LEGACY)
+# No token copied: the source trusts this cluster's tokens and pods call it with their own projected tokens.
+TOKEN_TYPE_FEDERATED = "Federated"
+TOKEN_TYPES = (TOKEN_TYPE_TOKEN_REQUEST, TOKEN_TYPE_LEGACY, TOKEN_TYPE_FEDERATED)
+# A federated import's projected token lives as long as the kubelet's own default for projected tokens.
+DEFAULT_FEDERATED_EXPIRATION_SECONDS = 3600
 # kube-apiserver caps --service-account-max-token-expiration at no more than this in practice (2^32 s is absurd).
 MAX_EXPIRATION_SECONDS = 2**32
 
@@ -34,6 +38,10 @@ class ImportSpec:
     @property
     def legacy(self) -> bool:
         return self.token_type == TOKEN_TYPE_LEGACY
+
+    @property
+    def federated(self) -> bool:
+        return self.token_type == TOKEN_TYPE_FEDERATED
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields that, when changed, call for a new token."""
@@ -61,10 +69,17 @@ def parse_spec(obj: Any) -> ImportSpec:
         raise SpecError("spec is missing; set spec.clusterName, spec.namespace and spec.name.")
     cluster_name = _required_string(spec, "clusterName")
     namespace = _required_string(spec, "namespace")
-    name = _required_string(spec, "name")
+    token_type = spec.get("tokenType", TOKEN_TYPE_TOKEN_REQUEST)
+    if token_type is None:
+        token_type = TOKEN_TYPE_TOKEN_REQUEST
+    if token_type not in TOKEN_TYPES:
+        raise SpecError(f"spec.tokenType {token_type!r} is unknown; use {', '.join(TOKEN_TYPES)}.")
+    federated = token_type == TOKEN_TYPE_FEDERATED
+    # A federated import calls the source as each pod's own service account: spec.name is not used.
+    name = "" if federated else _required_string(spec, "name")
     if not api.is_dns_label(namespace):
         raise SpecError(f"spec.namespace {namespace!r} is not a valid namespace name (a lowercase RFC 1123 label).")
-    if not api.is_dns_subdomain(name):
+    if not federated and not api.is_dns_subdomain(name):
         raise SpecError(f"spec.name {name!r} is not a valid service account name (a lowercase RFC 1123 subdomain).")
 
     audiences_raw = spec.get("audiences")
@@ -75,9 +90,10 @@ def parse_spec(obj: Any) -> ImportSpec:
     else:
         raise SpecError("spec.audiences must be a list of non-empty strings; fix or remove it.")
 
-    expiration = spec.get("expirationSeconds", api.DEFAULT_EXPIRATION_SECONDS)
+    default_expiration = DEFAULT_FEDERATED_EXPIRATION_SECONDS if federated else api.DEFAULT_EXPIRATION_SECONDS
+    expiration = spec.get("expirationSeconds")
     if expiration is None:
-        expiration = api.DEFAULT_EXPIRATION_SECONDS
+        expiration = default_expiration
     if isinstance(expiration, bool) or not isinstance(expiration, int):
         raise SpecError("spec.expirationSeconds must be an integer number of seconds; fix or remove it.")
     if expiration < api.MIN_EXPIRATION_SECONDS or expiration > MAX_EXPIRATION_SECONDS:
@@ -86,13 +102,13 @@ def parse_spec(obj: Any) -> ImportSpec:
             f"(10 minutes) and at most {MAX_EXPIRATION_SECONDS}."
         )
 
-    token_type = spec.get("tokenType", TOKEN_TYPE_TOKEN_REQUEST)
-    if token_type is None:
-        token_type = TOKEN_TYPE_TOKEN_REQUEST
-    if token_type not in TOKEN_TYPES:
-        raise SpecError(f"spec.tokenType {token_type!r} is unknown; use {' or '.join(TOKEN_TYPES)}.")
     if token_type == TOKEN_TYPE_LEGACY and audiences:
         raise SpecError("spec.audiences cannot be used with tokenType Legacy (legacy tokens have fixed audiences).")
+    if federated and spec.get("argoCD") is not None:
+        raise SpecError(
+            "spec.argoCD cannot be used with tokenType Federated yet (the Argo CD Secret needs a token); "
+            "remove spec.argoCD or use tokenType TokenRequest."
+        )
 
     return ImportSpec(
         cluster_name=cluster_name,

@@ -299,7 +299,10 @@ class Cluster:
             crd = self.registry.crd_for(info)
             schema = crd_schema(crd, info.version) if crd else None
             if schema:
-                causes += validation.schema_causes(_without(obj, "metadata", "apiVersion", "kind"), schema)
+                body = _without(obj, "metadata", "apiVersion", "kind")
+                causes += validation.schema_causes(body, schema)
+                if not causes:  # as kube: CEL rules run on objects that pass the structural schema
+                    causes += validation.rule_causes(body, schema)
         if causes:
             raise self._invalid(info, str(_meta(obj).get("name") or ""), causes)
 

@@ -3,15 +3,17 @@
 kubectl fetches /openapi/v3 to decide whether the server validates fields itself (`fieldValidation` on the
 PATCH operation of each kind); if it finds that, it sends `?fieldValidation=Strict` instead of downloading
 full schemas for client-side validation. Without /openapi/v2 or v3, `kubectl create -f` and `apply -f` fail.
+Custom resources also get their CRD's schema as a component, which `kubectl explain` reads.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any
 
-from kubemcsa.testing.resources import Registry, ResourceInfo
+from kubemcsa.testing.resources import Registry, ResourceInfo, crd_schema
 
 _QUERY_PARAMS = ("dryRun", "fieldManager", "fieldValidation", "force")
 
@@ -28,12 +30,17 @@ def _object_path(info: ResourceInfo) -> str:
 
 
 def gv_document(registry: Registry, group: str, version: str) -> dict[str, Any] | None:
-    """The OpenAPI v3 document of one group/version (paths only, with kube's GVK extension), or None."""
+    """The OpenAPI v3 document of one group/version (paths with kube's GVK extension, CRD schemas), or None."""
     infos = [i for i in registry.all() if i.group == group and i.version == version and i.stored]
     if not infos:
         return None
     paths: dict[str, Any] = {}
+    schemas: dict[str, Any] = {}
     for info in sorted(infos, key=lambda i: i.plural):
+        if info.custom:  # published with its GVK, as kube does, so that `kubectl explain` finds it
+            schema = _custom_schema(registry, info)
+            if schema is not None:
+                schemas[_schema_name(info)] = schema
         gvk = {"group": info.group, "version": info.version, "kind": info.kind}
         params = [{"name": p, "in": "query", "schema": {"type": "string"}} for p in _QUERY_PARAMS]
         operation = {"x-kubernetes-group-version-kind": gvk, "parameters": params, "responses": {}}
@@ -46,8 +53,23 @@ def gv_document(registry: Registry, group: str, version: str) -> dict[str, Any] 
         "openapi": "3.0.0",
         "info": {"title": "Kubernetes (kubemcsa in-memory)", "version": "v1"},
         "paths": paths,
-        "components": {"schemas": {}},
+        "components": {"schemas": schemas},
     }
+
+
+def _schema_name(info: ResourceInfo) -> str:
+    """kube's component name: the group reversed, then version and kind (io.admiralty.multicluster.v1alpha1.X)."""
+    return ".".join([*reversed(info.group.split(".")), info.version, info.kind])
+
+
+def _custom_schema(registry: Registry, info: ResourceInfo) -> dict[str, Any] | None:
+    crd = registry.crd_for(info)
+    schema = crd_schema(crd, info.version) if crd else None
+    if schema is None:
+        return None
+    published = copy.deepcopy(schema)
+    published["x-kubernetes-group-version-kind"] = [{"group": info.group, "kind": info.kind, "version": info.version}]
+    return published
 
 
 def root_document(registry: Registry) -> dict[str, Any]:

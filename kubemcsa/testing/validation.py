@@ -316,6 +316,32 @@ def crd_causes(obj: dict[str, Any]) -> list[Cause]:
             causes.append(
                 (f"spec.versions[{i}].schema.openAPIV3Schema.type", "Unsupported value: must be object at the root")
             )
+        else:
+            causes += _rule_compile_causes(schema, f"spec.versions[{i}].schema.openAPIV3Schema")
+    return causes
+
+
+def _rule_compile_causes(schema: dict[str, Any], field: str) -> list[Cause]:
+    """kube compiles a CRD's CEL rules when the CRD is written; here, a rule outside the evaluator's subset is
+    refused at that point too, so that no rule is ever silently skipped."""
+    from kubemcsa.testing import cel
+
+    causes: list[Cause] = []
+    for j, rule in enumerate(_list(schema.get("x-kubernetes-validations"))):
+        text = _dict(rule).get("rule")
+        where = f"{field}.x-kubernetes-validations[{j}].rule"
+        if not isinstance(text, str) or not text:
+            causes.append((where, "Required value"))
+            continue
+        try:
+            cel.compile_expression(text, variables={"self"})
+        except cel.CelError as exc:
+            causes.append((where, f"Invalid value: {_q(text)}: compilation failed: {exc}"))
+    for key, sub in _dict(schema.get("properties")).items():
+        if isinstance(sub, dict):
+            causes += _rule_compile_causes(sub, f"{field}.properties[{key}]")
+    if isinstance(schema.get("items"), dict):
+        causes += _rule_compile_causes(schema["items"], f"{field}.items")
     return causes
 
 
@@ -655,6 +681,43 @@ def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Ca
                 causes.extend(schema_causes(item, props[key], sub))
             elif isinstance(additional, dict):
                 causes.extend(schema_causes(item, additional, sub))
+    return causes
+
+
+def rule_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Cause]:
+    """Causes for the CRD validation rules (`x-kubernetes-validations`, CEL with `self`) that `value` breaks.
+
+    As kube-apiserver: a rule is checked where its field is present, a failure is `Invalid value: "<type>":
+    <message>` at that field (the rule itself when there is no message), and an evaluation error is an
+    invalid value too. A rule outside the evaluator's subset raises CelError: it must fail loudly, not pass.
+    """
+    from kubemcsa.testing import cel
+
+    if value is None or not isinstance(schema, dict):
+        return []
+    field = path or "<root>"
+    causes: list[Cause] = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str):
+            continue
+        program = cel.compile_expression(rule["rule"], variables={"self"})
+        try:
+            passed = program.evaluate({"self": value}) is True
+        except cel.CelError:
+            passed = False
+        if not passed:
+            message = rule.get("message") or f"failed rule: {rule['rule']}"
+            causes.append((str(rule.get("fieldPath") or field), f"Invalid value: {_q(_type_name(value))}: {message}"))
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        for key, item in value.items():
+            if not path and key in ("apiVersion", "kind", "metadata"):
+                continue
+            if key in props:
+                causes.extend(rule_causes(item, props[key], f"{path}.{key}" if path else key))
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            causes.extend(rule_causes(item, schema["items"], f"{path}[{i}]"))
     return causes
 
 
