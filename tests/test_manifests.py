@@ -76,7 +76,9 @@ def test_crd_is_the_v1_api_of_the_original(objects):
     assert version["name"] == api.VERSION and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
     spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert set(spec["required"]) == {"clusterName", "namespace", "name"}
+    # name is required unless tokenType is Federated: a CEL rule instead of `required`.
+    assert set(spec["required"]) == {"clusterName", "namespace"}
+    assert "has(self.name)" in spec["x-kubernetes-validations"][0]["rule"]
 
 
 def test_one_image_tag_and_hardened_pods(objects):
