@@ -34,6 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--identity", help="leader election identity (default: hostname and a random suffix)")
+    parser.add_argument(
+        "--service-account",
+        metavar="NAMESPACE/NAME",
+        help="federated imports: the service account whose token checks a source's trust (default: the controller's)",
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -72,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         source_qps=args.source_qps,
         source_burst=args.source_burst,
+        service_account=args.service_account,
     )
     controller = Controller(client, options)
     stop = threading.Event()

@@ -16,10 +16,13 @@ from typing import Any
 
 from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
 from kubemcsa import api
+from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource
 from kubemcsa.imports import (
     ImportToken,
     as_dict,
     as_list,
+    federated_import_secret,
+    federated_secret_is_current,
     import_secret,
     inputs_hash,
     is_controlled_by,
@@ -55,6 +58,12 @@ class Observation:
     cluster_error: str | None = None  # why the source's credentials are unusable, if they are
     held: ImportToken | None = None  # the token kept in memory for this import
     argocd_secret: dict[str, Any] | None = None  # the Secret `<import>-argocd`, as cached (or as last written)
+    # tokenType Federated: the source as `kubemcsa federate` recorded it (or why its record is unusable), and the
+    # last trust check for the import's source and audience.
+    federated: FederatedSource | None = None
+    federated_error: str | None = None
+    known_federated: tuple[str, ...] = ()
+    trust: Trust | None = None
 
     @property
     def own_secret(self) -> dict[str, Any] | None:
@@ -97,7 +106,42 @@ class HasToken:
     current: bool = False
 
 
-Assessment = Blocked | NeedsToken | HasToken
+@dataclass(frozen=True)
+class Trust:
+    """What the source said when a token of this cluster was sent to its SelfSubjectReview, and until when
+    that answer stands (a refusal is asked again sooner than an acceptance)."""
+
+    cluster_name: str
+    audience: str
+    username: str | None  # as the source saw the controller's own token; None: not trusted
+    problem: str
+    valid_until: float
+
+    @property
+    def trusted(self) -> bool:
+        return self.username is not None
+
+
+@dataclass(frozen=True)
+class NeedsTrustCheck:
+    """A federated import whose source's trust is unknown or due for a new look."""
+
+    spec: ImportSpec
+    source: FederatedSource
+    audience: str
+
+
+@dataclass(frozen=True)
+class Federated:
+    """A federated import, its source known: the Secret holds connection details only; `trust` says whether the
+    source accepts this cluster's tokens."""
+
+    spec: ImportSpec
+    source: FederatedSource
+    trust: Trust
+
+
+Assessment = Blocked | NeedsToken | HasToken | NeedsTrustCheck | Federated
 Check = Callable[[Observation, ImportSpec], Blocked | None]
 
 
@@ -139,6 +183,8 @@ def assess(obs: Observation) -> Assessment:
         spec = parse_spec(obs.imp)
     except SpecError as exc:
         return Blocked(api.REASON_INVALID_SPEC, str(exc))
+    if spec.federated:
+        return assess_federated(obs, spec)
     for check in CHECKS:
         blocked = check(obs, spec)
         if blocked is not None:
@@ -154,6 +200,40 @@ def assess(obs: Observation) -> Assessment:
     if held is not None and held.inputs_hash == wanted and (held.refresh_at is None or obs.now < held.refresh_at):
         return HasToken(spec, held)  # the Secret is missing or was edited: rewrite it from memory
     return NeedsToken(spec, obs.source)
+
+
+def federated_inputs(spec: ImportSpec, source: FederatedSource) -> str:
+    """What a federated Secret is written from: the spec and the source's server and CA."""
+    return inputs_hash(spec, source.server, source.ca_pem)
+
+
+def federated_audience(spec: ImportSpec, source: FederatedSource) -> str:
+    """The audience of a federated import's projected token: its first spec.audiences, else the source's."""
+    return spec.audiences[0] if spec.audiences else source.audience
+
+
+def assess_federated(obs: Observation, spec: ImportSpec) -> Blocked | NeedsTrustCheck | Federated:
+    """A federated import needs its Secret (connection details, no token) and an answer to "does the source
+    trust this cluster's tokens?", asked again once the last answer is stale."""
+    blocked = check_secret_conflict(obs, spec)
+    if blocked is not None:
+        return blocked
+    source = obs.federated
+    if source is None:
+        if obs.federated_error:
+            message = f"The record of federated cluster {spec.cluster_name} is unusable: {obs.federated_error}"
+        else:
+            known = ", ".join(sorted(obs.known_federated)) or "none"
+            message = (
+                f"No federated source cluster is named {spec.cluster_name} (known: {known}); run kubemcsa federate "
+                f"--target-context <this cluster> --source-context <{spec.cluster_name}>, or fix spec.clusterName."
+            )
+        return Blocked(api.REASON_UNKNOWN_CLUSTER, message, spec=spec)
+    audience = federated_audience(spec, source)
+    trust = obs.trust
+    if trust is None or trust.audience != audience or obs.now >= trust.valid_until:
+        return NeedsTrustCheck(spec, source, audience)
+    return Federated(spec, source, trust)
 
 
 # --- what to write ---------------------------------------------------------------------------------------------
@@ -180,10 +260,53 @@ class Writes:
     expires_at: float | None = None  # of the token the Secret holds after this pass, for the expiry metric
 
 
-def plan(obs: Observation, state: Blocked | HasToken) -> Writes:
+def plan(obs: Observation, state: Blocked | HasToken | Federated) -> Writes:
     """The writes that bring the cluster to `state` (after assess, and after the token request if any)."""
-    writes = _plan_token(obs, state) if isinstance(state, HasToken) else _plan_blocked(obs, state)
+    if isinstance(state, HasToken):
+        writes = _plan_token(obs, state)
+    elif isinstance(state, Federated):
+        writes = _plan_federated(obs, state)
+    else:
+        writes = _plan_blocked(obs, state)
     return _plan_argocd_secret(obs, state, writes)
+
+
+def _plan_federated(obs: Observation, state: Federated) -> Writes:
+    """The Secret (whatever the trust: it holds no secret, and pods start with it), and Ready as the source said."""
+    spec, source, trust = state.spec, state.source, state.trust
+    meta = metadata_of(obs.imp)
+    name = api.secret_name_for_import(meta.get("name", ""))
+    ours = obs.own_secret
+    writes = Writes(requeue_at=trust.valid_until)
+    wanted = federated_inputs(spec, source)
+    if ours is None or not federated_secret_is_current(ours, wanted):
+        body = federated_import_secret(
+            obs.imp, source.server, source.ca_pem, spec.namespace, spec.cluster_name, wanted, ours
+        )
+        writes.secrets.append(SecretWrite(body, create=ours is None))
+    remote_user = source.remote_user(str(meta.get("namespace", "")), REMOTE_USER_PLACEHOLDER)
+    audience = federated_audience(spec, source)
+    if trust.trusted:
+        ready = _ready(
+            "True",
+            api.REASON_FEDERATED,
+            f"Cluster {spec.cluster_name} trusts this cluster's service-account tokens for audience {audience}: "
+            f"pods call it with their own projected tokens, as {remote_user}; no token is copied.",
+            obs.imp,
+        )
+    else:
+        ready = _ready(
+            "False",
+            api.REASON_FEDERATION_NOT_TRUSTED,
+            f"{trust.problem}; add the AuthenticationConfiguration that kubemcsa federate --target-context "
+            f"<this cluster> --source-context <{spec.cluster_name}> prints to that cluster's kube-apiserver, with "
+            f"audience {audience}. The import turns Ready by itself once it does.",
+            obs.imp,
+        )
+    writes.status = _status(obs.imp, obs.now, ready, name, None, None, remote_user=remote_user)
+    if writes.status is not None and not trust.trusted and _condition_changed(obs.imp, ready):
+        writes.events.append(("Warning", ready["reason"], ready["message"]))
+    return writes
 
 
 def _plan_token(obs: Observation, state: HasToken) -> Writes:
@@ -303,6 +426,7 @@ def _status(
     secret_name: str | None,
     issued_at: float | None,
     expires_at: float | None,
+    remote_user: str | None = None,
 ) -> dict[str, Any] | None:
     """The new status, or None if it equals the current one (so the steady state writes nothing)."""
     old = as_dict(imp.get("status"))
@@ -314,6 +438,8 @@ def _status(
         new["expirationTimestamp"] = format_time(expires_at)
     if issued_at is not None:
         new["lastRefreshTime"] = format_time(issued_at)
+    if remote_user is not None:
+        new["remoteUser"] = remote_user
     generation = metadata_of(imp).get("generation")
     if isinstance(generation, int):
         new["observedGeneration"] = generation

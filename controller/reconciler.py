@@ -17,7 +17,20 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import Blocked, HasToken, NeedsToken, Observation, Writes, assess, plan, status_patch
+from controller.assess import (
+    Blocked,
+    Federated,
+    HasToken,
+    NeedsToken,
+    NeedsTrustCheck,
+    Observation,
+    Writes,
+    assess,
+    federated_audience,
+    plan,
+    status_patch,
+)
+from controller.federation import FederatedSources, TrustChecks
 from controller.gates import SourceGates, Wait
 from controller.metrics import Metrics
 from controller.remote import RemoteFailure, fetch_token
@@ -27,6 +40,7 @@ from controller.runtime.writes import RecentWrites
 from controller.sources import SourceRegistry, client_error_message
 from kubemcsa import api, kube
 from kubemcsa.imports import ImportToken
+from kubemcsa.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +79,13 @@ class Reconciler:
         may_write: Callable[[], bool],
         remote_timeout: float,
         clock: Callable[[], float] = time.time,
+        federated: FederatedSources | None = None,
+        trust_checks: TrustChecks | None = None,
     ) -> None:
         self.caches = caches
         self.sources = sources
+        self.federated = federated
+        self.trust_checks = trust_checks
         self.recorder = recorder
         self.metrics = metrics
         self.gates = gates
@@ -110,6 +128,10 @@ class Reconciler:
             if isinstance(answer, Result):
                 return answer  # rate-limited: back at its reserved slot, nothing to write meanwhile
             state = answer
+        elif isinstance(state, NeedsTrustCheck):
+            if not self.may_write() or self.trust_checks is None:
+                return Result(outcome="skipped")
+            state = Federated(state.spec, state.source, self.trust_checks.check(state))
         return self.act(key, observation, plan(observation, state))
 
     def observe(self, key: str) -> Observation | None:
@@ -129,6 +151,15 @@ class Reconciler:
         source = self.sources.get(cluster) if isinstance(cluster, str) else None
         with self._lock:
             held = self._held.get(key)
+        federated, federated_error, trust = None, None, None
+        if self.federated is not None and spec.get("tokenType") == TOKEN_TYPE_FEDERATED and isinstance(cluster, str):
+            federated, federated_error = self.federated.get(cluster)
+        if federated is not None and self.trust_checks is not None:
+            try:
+                audience = federated_audience(parse_spec(imp), federated)
+            except SpecError:
+                audience = federated.audience
+            trust = self.trust_checks.cached(federated, audience)
         return Observation(
             imp=imp,
             secret=secret,
@@ -138,6 +169,10 @@ class Reconciler:
             cluster_error=self.sources.error_for(cluster) if source is None and isinstance(cluster, str) else None,
             held=held,
             argocd_secret=argocd_secret,
+            federated=federated,
+            federated_error=federated_error,
+            known_federated=self.federated.names() if self.federated is not None else (),
+            trust=trust,
         )
 
     def request_token(self, key: str, need: NeedsToken) -> HasToken | Blocked | Result:

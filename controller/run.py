@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
+from controller.federation import FederatedSources, TrustChecks
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
 from controller.reconciler import Caches, Reconciler, import_key
@@ -24,7 +25,7 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry
-from kubemcsa import api, argocd, kube
+from kubemcsa import api, argocd, federation, kube
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ class Options:
     backoff_max: float = 300.0
     source_qps: float = DEFAULT_QPS  # token requests per second to each source cluster, at most
     source_burst: int = DEFAULT_BURST
+    # Federated imports: the service account whose token checks a source's trust ("namespace/name"; default:
+    # the controller's own identity), and how long a source's answer stands before it is asked again.
+    service_account: str | None = None
+    trusted_recheck_seconds: float = 600.0
+    untrusted_recheck_seconds: float = 15.0
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -115,6 +121,23 @@ class Controller:
                     name="system-secrets",
                 )
             )
+        # Federated source clusters: ConfigMaps of the system namespace that `kubemcsa federate` writes.
+        self.federated_sources = self.manager.add_informer(
+            kube.Informer(
+                kube.Resource(local_api_client, kube.CONFIG_MAPS),
+                namespace=options.system_namespace,
+                label_selector=f"{federation.FEDERATED_SOURCE_LABEL}={federation.FEDERATED_SOURCE_LABEL_VALUE}",
+                name="federated-sources",
+            )
+        )
+        self.trust_checks = TrustChecks(
+            local_api_client,
+            service_account=options.service_account,
+            trusted_seconds=options.trusted_recheck_seconds,
+            untrusted_seconds=options.untrusted_recheck_seconds,
+            timeout=options.remote_timeout,
+            clock=options.clock,
+        )
         self.gates = SourceGates(
             qps=options.source_qps,
             burst=options.source_burst,
@@ -133,6 +156,8 @@ class Controller:
             may_write=lambda: self.manager.is_leader and not self.manager.stopping,
             remote_timeout=options.remote_timeout,
             clock=options.clock,
+            federated=FederatedSources(self.federated_sources),
+            trust_checks=self.trust_checks,
         )
 
     # --- lifecycle ---
@@ -141,6 +166,7 @@ class Controller:
         self.imports.add_handler(self._on_import)
         self.secrets.add_handler(self._on_secret)
         self.argocd_secrets.add_handler(self._on_argocd_secret)
+        self.federated_sources.add_handler(self._on_federated_source)
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
@@ -216,6 +242,16 @@ class Controller:
         if import_name and self.imports.get(import_name, namespace) is not None:
             self.manager.queue.add(import_key(namespace, import_name))
 
+    def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """A federated source was recorded, changed or removed: its imports look again, and ask it afresh."""
+        names = set()
+        for record in (obj, old):
+            name = ((record or {}).get("data") or {}).get(federation.KEY_CLUSTER_NAME)
+            if isinstance(name, str):
+                names.add(name)
+                self.trust_checks.forget(name)
+        self._requeue_clusters(names)
+
     def _on_system_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         changed = self.sources.remove_secret(obj) if event == "DELETED" else self.sources.set_secret(obj)
         self._requeue_clusters(changed)
@@ -227,7 +263,7 @@ class Controller:
     def _requeue_clusters(self, names: set[str]) -> None:
         if not names:
             return
-        log.info("credentials changed for cluster(s) %s", ", ".join(sorted(names)))
+        log.info("credentials or records changed for cluster(s) %s", ", ".join(sorted(names)))
         for name in names:
             self._wake(self.gates.reset(name))
         for imp in self.imports.list():

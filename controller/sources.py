@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import ApiClient
 
 from controller.assess import Remote
 from kubemcsa import api, kube
@@ -85,16 +85,6 @@ def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def client_for_credentials(creds: Credentials) -> ApiClient:
-    """An ApiClient that calls creds.server as the bearer of creds.token, trusting only creds.ca_crt."""
-    config = Configuration(host=creds.server)
-    config.api_key = {"authorization": creds.token}
-    config.api_key_prefix = {"authorization": "Bearer"}
-    config.ca_cert_data = creds.ca_crt.decode()
-    config.verify_ssl = True
-    return ApiClient(config)
-
-
 def client_error_message(source: SourceCluster, exc: Exception) -> str:
     """Why no client could be built for `source`, in one sentence for the import's condition (never a secret).
 
@@ -121,7 +111,7 @@ def source_from_credentials(
         server=creds.server,
         ca_pem=creds.ca_crt,
         fingerprint=_fingerprint(creds.server, creds.ca_crt.decode(errors="replace"), creds.token),
-        build=lambda: client_for_credentials(creds),
+        build=lambda: kube.client_for_credentials(creds),
         credential_expires_at=expires_at if expires_at is not None else token_expiry(creds.token),
     )
 

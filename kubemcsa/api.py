@@ -53,6 +53,8 @@ KEY_TOKEN = "token"
 KEY_SERVER = "server"
 KEY_CONFIG = "config"
 SECRET_KEYS = (KEY_CA_CRT, KEY_NAMESPACE, KEY_TOKEN, KEY_SERVER, KEY_CONFIG)
+# A federated import's Secret: no token (the pod's own projected token is mounted beside these as `token`).
+FEDERATED_SECRET_KEYS = (KEY_CA_CRT, KEY_NAMESPACE, KEY_SERVER, KEY_CONFIG)
 
 # Condition types and reasons on a ServiceAccountImport's status.
 CONDITION_READY = "Ready"

@@ -42,30 +42,51 @@ def build_kubeconfig(creds: Credentials, cluster_name: str, user_name: str | Non
     Elsewhere the file is absent and clients use the inline token (the Python client always does; use
     `kubemcsa.config` for a Python client that follows rotation).
     """
-    user = user_name or f"{cluster_name}-{creds.namespace}"
+    user = {"token": creds.token, "tokenFile": api.KEY_TOKEN}
+    return _kubeconfig(creds.server, creds.ca_crt, creds.namespace, cluster_name, user_name, user)
+
+
+def build_token_file_kubeconfig(
+    server: str, ca_crt: bytes, namespace: str, cluster_name: str, user_name: str | None = None
+) -> str:
+    """A kubeconfig like build_kubeconfig's but with no token at all: its user reads `tokenFile: token`, the
+    sibling file a projected serviceAccountToken source writes (federated imports)."""
+    return _kubeconfig(server, ca_crt, namespace, cluster_name, user_name, {"tokenFile": api.KEY_TOKEN})
+
+
+def _kubeconfig(
+    server: str, ca_crt: bytes, namespace: str, cluster_name: str, user_name: str | None, user: dict[str, str]
+) -> str:
+    user_entry = user_name or f"{cluster_name}-{namespace}"
     config = {
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [
             {
                 "name": cluster_name,
-                "cluster": {
-                    "server": creds.server,
-                    "certificate-authority-data": base64.b64encode(creds.ca_crt).decode(),
-                },
+                "cluster": {"server": server, "certificate-authority-data": base64.b64encode(ca_crt).decode()},
             }
         ],
-        "users": [{"name": user, "user": {"token": creds.token, "tokenFile": api.KEY_TOKEN}}],
+        "users": [{"name": user_entry, "user": user}],
         "contexts": [
-            {
-                "name": cluster_name,
-                "context": {"cluster": cluster_name, "user": user, "namespace": creds.namespace},
-            }
+            {"name": cluster_name, "context": {"cluster": cluster_name, "user": user_entry, "namespace": namespace}}
         ],
         "current-context": cluster_name,
         "preferences": {},
     }
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def federated_secret_data(server: str, ca_crt: bytes, namespace: str, cluster_name: str) -> dict[str, str]:
+    """The base64 `data` of a federated import's Secret: the five keys less `token`, which the pod's projected
+    service-account token supplies beside them."""
+    plain = {
+        api.KEY_CA_CRT: ca_crt,
+        api.KEY_NAMESPACE: namespace.encode(),
+        api.KEY_SERVER: server.encode(),
+        api.KEY_CONFIG: build_token_file_kubeconfig(server, ca_crt, namespace, cluster_name).encode(),
+    }
+    return {key: base64.b64encode(value).decode() for key, value in plain.items()}
 
 
 def to_secret_data(creds: Credentials, cluster_name: str) -> dict[str, str]:

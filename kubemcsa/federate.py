@@ -14,14 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
-import yaml
-from kubernetes import config as kube_config
-from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, federation, kube
 from kubemcsa.bootstrap import Applier, Cluster, Result
-from kubemcsa.credentials import Credentials, build_kubeconfig
 from kubemcsa.export import ExportError, issue_token
 from kubemcsa.federation import FederatedSource, FederationError
 
@@ -103,45 +99,7 @@ def recorded_source(target: Cluster, cluster_name: str) -> FederatedSource | Non
         raise FederateError(str(exc)) from None
 
 
-def source_client(source: FederatedSource, token: str) -> ApiClient:
-    """A client of the source's API server that authenticates with `token` (the target's JWT)."""
-    creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
-    kubeconfig = yaml.safe_load(build_kubeconfig(creds, source.cluster_name))
-    return kube_config.new_client_from_config_dict(kubeconfig)
-
-
-@dataclass(frozen=True)
-class TrustCheck:
-    """Whether the source trusts a token of the target, and as whom; `problem` says what failed (no token)."""
-
-    username: str | None
-    problem: str = ""
-
-    @property
-    def trusted(self) -> bool:
-        return self.username is not None
-
-
-def check_trust(source: FederatedSource, token: str) -> TrustCheck:
-    """Send `token` (the target's, for the source's audience) to the source's SelfSubjectReview."""
-    client = source_client(source, token)
-    try:
-        user = kube.whoami(client)
-    except ApiException as exc:
-        if exc.status == 401:
-            return TrustCheck(None, f"source cluster {source.cluster_name!r} does not accept the token (401)")
-        return TrustCheck(None, f"source cluster {source.cluster_name!r} answered {kube.error_message(exc)}")
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return TrustCheck(None, f"cannot reach source cluster {source.cluster_name!r} at {source.server} ({exc})")
-    finally:
-        client.close()
-    username = user.get("username")
-    if not isinstance(username, str) or not username:
-        return TrustCheck(None, f"source cluster {source.cluster_name!r} answered no user name")
-    return TrustCheck(username)
-
-
-def check(source: FederatedSource, target: Cluster) -> TrustCheck:
+def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
     """Whether the source trusts the target now, with a short-lived token of the target's default service
     account of namespace default (never printed)."""
     try:
@@ -155,7 +113,7 @@ def check(source: FederatedSource, target: Cluster) -> TrustCheck:
         )
     except ExportError as exc:
         raise FederateError(f"cannot get a token to check with: {exc}") from None
-    return check_trust(source, issued.token)
+    return federation.check_trust(source, issued.token)
 
 
 def instructions(issuer: Issuer, target: Cluster, source: FederatedSource) -> str:

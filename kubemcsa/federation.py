@@ -6,7 +6,8 @@ its own projected, kubelet-rotated token. This module holds what every part agre
 - the ConfigMap that records a federated source in the system namespace (`kubemcsa federate` writes it, the
   controller and the webhook read it): server, CA, audience and user-name prefix, no secret;
 - the AuthenticationConfiguration stanza and `--oidc-*` flags the source's administrator adds;
-- the user name the source cluster sees for a pod's service account.
+- the user name the source cluster sees for a pod's service account;
+and, at the edge, `check_trust`: whether the source accepts a token of this cluster, and as whom (SelfSubjectReview).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api
+from kubemcsa import api, kube
+from kubemcsa.credentials import Credentials
 
 JSON = dict[str, Any]
 
@@ -39,6 +42,8 @@ UNAUTHENTICATED_GROUP = "system:unauthenticated"
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 AUTHENTICATION_CONFIGURATION_API_VERSION = "apiserver.config.k8s.io/v1beta1"
 SERVICE_ACCOUNT_USERNAME_PREFIX = "system:serviceaccount:"
+# In status.remoteUser, where the pod's service account goes.
+REMOTE_USER_PLACEHOLDER = "<service-account>"
 
 
 class FederationError(ValueError):
@@ -217,3 +222,53 @@ def oidc_flags(issuer: str, target_server: str, source: FederatedSource, ca_file
         f"--oidc-username-prefix={source.user_prefix}",
         f"--oidc-ca-file={ca_file}",
     ]
+
+
+def projected_volume(volume_name: str, secret_name: str, audience: str, expiration_seconds: int) -> JSON:
+    """The pod volume of a federated import: the Secret's four keys and the pod's own service-account token for
+    the source's audience, as the files `ca.crt`, `namespace`, `server`, `config` and `token` (which the kubelet
+    rotates), the same five files a TokenRequest import's Secret gives."""
+    items = [{"key": key, "path": key} for key in api.FEDERATED_SECRET_KEYS]
+    token = {"path": api.KEY_TOKEN, "audience": audience, "expirationSeconds": expiration_seconds}
+    return {
+        "name": volume_name,
+        "projected": {"sources": [{"secret": {"name": secret_name, "items": items}}, {"serviceAccountToken": token}]},
+    }
+
+
+# --- the edge: asking the source ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrustCheck:
+    """Whether the source accepts a token of this cluster, and as whom; `problem` says what failed (no token)."""
+
+    username: str | None
+    problem: str = ""
+    code: int | None = None  # the source's HTTP answer when it refused (401: not trusted), None if unreachable
+
+    @property
+    def trusted(self) -> bool:
+        return self.username is not None
+
+
+def check_trust(source: FederatedSource, token: str, timeout: float = 10) -> TrustCheck:
+    """Send `token` (this cluster's, for the source's audience) to the source's SelfSubjectReview."""
+    creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
+    client = kube.client_for_credentials(creds)
+    where = f"cluster {source.cluster_name}"
+    try:
+        user = kube.whoami(client, timeout=timeout)
+    except ApiException as exc:
+        if exc.status == 401:
+            return TrustCheck(None, f"{where} does not accept this cluster's tokens (401 Unauthorized)", 401)
+        detail = " ".join(kube.error_message(exc).split())[:200]
+        return TrustCheck(None, f"{where} answered {exc.status} to a SelfSubjectReview ({detail})", exc.status)
+    except kube.CONNECTION_ERRORS as exc:
+        return TrustCheck(None, f"cannot reach {where} at {source.server} ({type(exc).__name__})")
+    finally:
+        client.close()
+    username = user.get("username")
+    if not isinstance(username, str) or not username:
+        return TrustCheck(None, f"{where} answered a SelfSubjectReview without a user name", 200)
+    return TrustCheck(username)

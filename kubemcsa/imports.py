@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubemcsa import api
-from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, to_secret_data
+from kubemcsa.credentials import (
+    Credentials,
+    CredentialsError,
+    federated_secret_data,
+    from_secret_data,
+    to_secret_data,
+)
 from kubemcsa.spec import ImportSpec
 from kubemcsa.timefmt import format_time, parse_time
 from kubemcsa.tokens import IssuedToken
@@ -141,18 +147,74 @@ def import_secret(
     imp: dict[str, Any], token: ImportToken, cluster_name: str, existing: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """The Secret holding `token` for import `imp`, built on `existing` (keeping its version and others' keys)."""
-    meta = metadata_of(imp)
-    data = to_secret_data(token.credentials, cluster_name)
-    old_meta = metadata_of(existing)
-    labels = string_map(old_meta.get("labels"))
-    labels[api.IMPORT_LABEL] = meta["name"]
-    annotations = {k: v for k, v in string_map(old_meta.get("annotations")).items() if k not in _OURS}
-    annotations[ANNOTATION_ISSUED] = format_time(token.issued.issued_at)
+    annotations = {ANNOTATION_ISSUED: format_time(token.issued.issued_at)}
     if token.expires_at is not None:
         annotations[ANNOTATION_EXPIRES] = format_time(token.expires_at)
     annotations[ANNOTATION_INPUTS_HASH] = token.inputs_hash
+    return _secret(imp, to_secret_data(token.credentials, cluster_name), annotations, existing)
+
+
+def federated_import_secret(
+    imp: dict[str, Any],
+    server: str,
+    ca_pem: bytes,
+    namespace: str,
+    cluster_name: str,
+    inputs: str,
+    existing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The Secret of a federated import: `ca.crt`, `namespace`, `server` and a `config` reading `tokenFile: token`,
+    and no token (the pod's projected token is mounted beside them)."""
+    data = federated_secret_data(server, ca_pem, namespace, cluster_name)
+    return _secret(imp, data, {ANNOTATION_INPUTS_HASH: inputs}, existing)
+
+
+def federated_secret_is_current(secret: dict[str, Any], wanted_inputs: str) -> bool:
+    """True if the Secret is an unedited federated Secret for these inputs (four keys, no token)."""
+    annotations = as_dict(metadata_of(secret).get("annotations"))
+    data = as_dict(secret.get("data"))
+    return (
+        annotations.get(ANNOTATION_INPUTS_HASH) == wanted_inputs
+        and annotations.get(ANNOTATION_DATA_HASH) == data_hash(data)
+        and set(data) == set(api.FEDERATED_SECRET_KEYS)
+    )
+
+
+def _secret(
+    imp: dict[str, Any], data: dict[str, str], ours: dict[str, str], existing: dict[str, Any] | None
+) -> dict[str, Any]:
+    meta = metadata_of(imp)
+    old_meta = metadata_of(existing)
+    labels = {k: v for k, v in as_dict(old_meta.get("labels")).items() if isinstance(v, str)}
+    labels[api.IMPORT_LABEL] = meta["name"]
+    annotations = {
+        k: v for k, v in as_dict(old_meta.get("annotations")).items() if isinstance(v, str) and k not in _OURS
+    }
+    annotations.update(ours)
     annotations[ANNOTATION_DATA_HASH] = data_hash(data)
-    return controlled_secret(imp, api.secret_name_for_import(meta["name"]), data, labels, annotations, existing)
+    others = [
+        ref
+        for ref in as_list(old_meta.get("ownerReferences"))
+        if isinstance(ref, dict)
+        and ref.get("uid") != meta.get("uid")
+        and (ref.get("kind"), ref.get("name")) != (api.KIND, meta.get("name"))
+    ]
+    new_meta: dict[str, Any] = {
+        "name": api.secret_name_for_import(meta["name"]),
+        "namespace": meta.get("namespace"),
+        "labels": labels,
+        "annotations": annotations,
+        "ownerReferences": [owner_reference(imp), *others],
+    }
+    if old_meta.get("resourceVersion"):
+        new_meta["resourceVersion"] = old_meta["resourceVersion"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": new_meta,
+        "type": as_dict(existing).get("type") or "Opaque",
+        "data": data,
+    }
 
 
 def token_times(secret: dict[str, Any] | None) -> tuple[float | None, float | None]:

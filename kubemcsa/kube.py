@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from kubemcsa import api
+from kubemcsa.credentials import Credentials
 from kubemcsa.kubeconfig import load_api_client
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,16 @@ RESOURCE_TYPES = {
         ResourceType("batch/v1", "jobs", "Job"),
     )
 }
+
+
+def client_for_credentials(creds: Credentials) -> ApiClient:
+    """An ApiClient that calls creds.server as the bearer of creds.token, trusting only creds.ca_crt (no file)."""
+    config = Configuration(host=creds.server)
+    config.api_key = {"authorization": creds.token}
+    config.api_key_prefix = {"authorization": "Bearer"}
+    config.ca_cert_data = creds.ca_crt.decode()
+    config.verify_ssl = True
+    return ApiClient(config)
 
 
 def whoami(api_client: ApiClient, timeout: float = 10) -> JSON:

@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
 from controller.run import Controller, Options
-from kubemcsa import api, kube
+from kubemcsa import api, federation, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
 from kubemcsa.testing.wait import wait_for
@@ -681,6 +681,11 @@ def test_every_permission_in_the_manifests_is_one_the_controller_uses(make_env) 
     wait_for(lambda: any(s["metadata"]["name"] == "argo-argocd" for s in secrets.list("default")["items"]))
     kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).patch("argo", {"spec": {"argoCD": None}}, "default")
     wait_for(lambda: ("delete", "secrets", "") in controller_calls(), what="the Argo CD Secret's deletion")
+    # A federated import: the controller asks for a token of its own service account to check the source's trust.
+    source = federation.FederatedSource("cluster2", env.c2.url, env.c2.ca_pem, "cluster2", "cluster1:")
+    create(env.admin1, federation.source_configmap(source))
+    env.create_import("fed", tokenType="Federated")
+    env.wait_ready("fed", status="False", reason=api.REASON_FEDERATION_NOT_TRUSTED)
     refused = [(r.verb, r.path) for r in env.c1.requests if r.user == env.controller_user and r.code in (401, 403)]
     assert not refused
     granted = _granted(MANIFESTS / "controller" / "rbac.yaml")
