@@ -130,6 +130,7 @@ def client_for_credentials(creds: Credentials) -> ApiClient:
     config.api_key_prefix = {"authorization": "Bearer"}
     config.ca_cert_data = creds.ca_crt.decode()
     config.verify_ssl = True
+    config.retries = False  # one connection attempt per call: callers decide about retrying
     return ApiClient(config)
 
 
