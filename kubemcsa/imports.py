@@ -183,38 +183,15 @@ def federated_secret_is_current(secret: dict[str, Any], wanted_inputs: str) -> b
 def _secret(
     imp: dict[str, Any], data: dict[str, str], ours: dict[str, str], existing: dict[str, Any] | None
 ) -> dict[str, Any]:
+    """The import's Secret with `data` and our annotations `ours`, keeping others' labels and annotations."""
     meta = metadata_of(imp)
     old_meta = metadata_of(existing)
-    labels = {k: v for k, v in as_dict(old_meta.get("labels")).items() if isinstance(v, str)}
+    labels = string_map(old_meta.get("labels"))
     labels[api.IMPORT_LABEL] = meta["name"]
-    annotations = {
-        k: v for k, v in as_dict(old_meta.get("annotations")).items() if isinstance(v, str) and k not in _OURS
-    }
+    annotations = {k: v for k, v in string_map(old_meta.get("annotations")).items() if k not in _OURS}
     annotations.update(ours)
     annotations[ANNOTATION_DATA_HASH] = data_hash(data)
-    others = [
-        ref
-        for ref in as_list(old_meta.get("ownerReferences"))
-        if isinstance(ref, dict)
-        and ref.get("uid") != meta.get("uid")
-        and (ref.get("kind"), ref.get("name")) != (api.KIND, meta.get("name"))
-    ]
-    new_meta: dict[str, Any] = {
-        "name": api.secret_name_for_import(meta["name"]),
-        "namespace": meta.get("namespace"),
-        "labels": labels,
-        "annotations": annotations,
-        "ownerReferences": [owner_reference(imp), *others],
-    }
-    if old_meta.get("resourceVersion"):
-        new_meta["resourceVersion"] = old_meta["resourceVersion"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": new_meta,
-        "type": as_dict(existing).get("type") or "Opaque",
-        "data": data,
-    }
+    return controlled_secret(imp, api.secret_name_for_import(meta["name"]), data, labels, annotations, existing)
 
 
 def token_times(secret: dict[str, Any] | None) -> tuple[float | None, float | None]:
