@@ -251,8 +251,12 @@ def test_attack_bodies_get_prompt_well_formed_answers_and_health_keeps_answering
     three_megabytes = _review_with("cluster2-default-pod-lister", containers=[{"name": "c", "env": env}])
     assert len(eighty_thousand) > webhook_app.INLINE_BODY_BYTES and len(three_megabytes) > 3_000_000
     many_mounts = _review_with("cluster2-default-pod-lister", containers=[{"name": f"c{i}"} for i in range(250)])
-    with TestClient(create_app(StaticCache({NS: ENABLED}, IMPORTS))) as c:
+    app = create_app(StaticCache({NS: ENABLED}, IMPORTS))
+    with TestClient(app) as c:
+        assert c.post(MUTATE_PATH, content=json.dumps(POD_REVIEW)).json()["response"]["allowed"] is True
+        assert app.state.parser._pool is None  # the usual request is answered on the event loop
         refused = c.post(MUTATE_PATH, content=eighty_thousand)
+        assert app.state.parser._pool is not None  # a large one was parsed in the worker process
         check_answer(eighty_thousand, refused.status_code, refused.content)
         assert REASON_TOO_MANY_IMPORTS not in refused.text  # the reason is a metric label; the message says it
         assert f"more than {api.MAX_IMPORTS_PER_POD} imports" in refused.json()["response"]["status"]["message"]
@@ -265,6 +269,7 @@ def test_attack_bodies_get_prompt_well_formed_answers_and_health_keeps_answering
         assert too_large.status_code == 400 and "larger than" in too_large.json()["message"]
         text = c.get("/metrics").text
     assert 'kubemcsa_webhook_refusals_total{reason="TooManyImports"} 1.0' in text
+    app.state.parser.close()
 
 
 def test_request_timeout_comes_from_the_query() -> None:

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -186,6 +187,13 @@ class WebhookServer:
         self.stop()
 
 
+def settle_garbage_collector() -> None:
+    """Keep full garbage collections short: the ~70,000 objects made at import and startup (clients, FastAPI,
+    prometheus) are moved out of the collector's sight, or each full collection stops the event loop ~35 ms."""
+    gc.collect()
+    gc.freeze()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kubemcsa-webhook",
@@ -308,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         server.start()
         server.app.state.parser.warm()  # the worker process for large requests, ready before the first one
+        settle_garbage_collector()
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: cannot serve on {args.host}:{args.port} with {cert_file} ({exc})", file=sys.stderr)
         return EXIT_FAILED

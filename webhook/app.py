@@ -9,8 +9,10 @@ too large to parse within a millisecond are parsed in a worker process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
+import os
 import re
 import threading
 import time
@@ -131,6 +133,14 @@ def request_timeout(query_string: bytes) -> float:
     return min(max(seconds, 1.0), MAX_TIMEOUT_SECONDS)
 
 
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(_WORKER_NICENESS)
+
+
+_WORKER_NICENESS = 10
+
+
 class _Parser:
     """review.parse for large bodies, in one worker process (started on first use; restarted if it dies)."""
 
@@ -142,8 +152,13 @@ class _Parser:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                # spawn: the server has threads, which fork would copy in whatever state they are.
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                # spawn: the server has threads, which fork would copy in whatever state they are. The worker runs
+                # at a lower priority: on a busy node, ordinary requests on the event loop go first.
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_lower_priority,
+                )
             return self._pool
 
     def warm(self) -> None:
