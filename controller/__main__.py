@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     controller.start()
     try:
-        while not stop.wait(1):
-            pass
+        while not stop.wait(0.2):
+            if controller.fatal:
+                print(f"kubemcsa-controller: {controller.fatal}", file=sys.stderr)
+                return 2
     finally:
         controller.stop()
     return 0

@@ -142,6 +142,8 @@ class Federated:
 
 
 Assessment = Blocked | NeedsToken | HasToken | NeedsTrustCheck | Federated
+# The controller's own credential for the source is refused: every import of that source says so, expired or not.
+CREDENTIAL_REASONS = (api.REASON_UNAUTHORIZED, api.REASON_SOURCE_CREDENTIAL_EXPIRED)
 Check = Callable[[Observation, ImportSpec], Blocked | None]
 
 
@@ -337,6 +339,8 @@ def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
             message = f"{message} The last token stays in Secret {name} until it expires at {format_time(expires_at)}."
             writes.requeue_at = expires_at  # then say it expired
             writes.expires_at = expires_at
+        elif reason in CREDENTIAL_REASONS:  # the root cause, and its fix, stay first
+            message = f"{message} The token in Secret {name} expired at {format_time(expires_at)}."
         else:
             reason = api.REASON_TOKEN_EXPIRED
             message = f"The token in Secret {name} expired at {format_time(expires_at)} and could not be refreshed: "

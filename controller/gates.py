@@ -113,9 +113,14 @@ class SourceGate:
             self._failures = 0
             return woken
 
-    def failed(self, key: str, now: float, reason: str, message: str) -> None:
-        """The source did not answer, or rejected the controller's own credential: open the circuit."""
+    def failed(self, key: str, now: float, reason: str, message: str) -> set[str]:
+        """The source did not answer, or rejected the controller's own credential: open the circuit.
+
+        Returns the waiting imports to wake when the cause changed (say, from unreachable to a rejected
+        credential), so that each says the new cause; they make no call, the circuit is still open.
+        """
         with self._lock:
+            changed = self._open and (reason, message) != (self._reason, self._message)
             self._open = True
             self._reason, self._message = reason, message
             self._failures += 1
@@ -125,6 +130,7 @@ class SourceGate:
             if self._prober == key:
                 self._prober = None
             self._waiting.add(key)
+            return self._waiting - {key} if changed else set()
 
     def due_probe(self, now: float) -> str | None:
         """If a probe is due, the import whose next token request is the probe (the caller re-queues it)."""

@@ -197,7 +197,7 @@ class Reconciler:
             token = fetch_token(client, need.source, need.spec, timeout=self.remote_timeout, clock=self.clock)
         except RemoteFailure as failure:
             if failure.source_down:
-                gate.failed(key, self.clock(), failure.reason, failure.message)
+                self.wake(gate.failed(key, self.clock(), failure.reason, failure.message))
                 return Blocked(failure.reason, failure.message, spec=need.spec, source_failed=True)
             self.wake(gate.answered(key))
             return Blocked(failure.reason, failure.message, retry=True, spec=need.spec, source_failed=True)

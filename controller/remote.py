@@ -80,10 +80,12 @@ def connection_problem(exc: BaseException) -> tuple[str, str]:
         return api.REASON_REMOTE_UNREACHABLE, "its host name does not resolve (DNS)"
     if any(isinstance(e, ConnectionRefusedError) for e in chain):
         return api.REASON_REMOTE_UNREACHABLE, "connection refused"
-    if any(isinstance(e, TimeoutError | urllib3.exceptions.TimeoutError) for e in chain):
-        return api.REASON_REMOTE_UNREACHABLE, "timed out"
     if any(isinstance(e, ConnectionError | urllib3.exceptions.ProtocolError | ssl.SSLError) for e in chain):
         return api.REASON_REMOTE_UNREACHABLE, "the connection was closed before an answer"
+    # urllib3's NewConnectionError is a ConnectTimeoutError by class: only a real timeout counts here.
+    timeouts = (TimeoutError, urllib3.exceptions.TimeoutError)
+    if any(isinstance(e, timeouts) and not isinstance(e, urllib3.exceptions.NewConnectionError) for e in chain):
+        return api.REASON_REMOTE_UNREACHABLE, "timed out"
     return api.REASON_REMOTE_UNREACHABLE, type(exc).__name__
 
 
@@ -185,7 +187,9 @@ def fetch_token(
             if issued.expires_at is None:  # an answer without expiry: assume the requested one
                 issued = tokens.IssuedToken(issued.token, issued.issued_at, issued.issued_at + spec.expiration_seconds)
     except ApiException as exc:
-        code = exc.status or None
+        if not exc.status:  # the client wraps a TLS failure in an ApiException without a status
+            raise unreachable(source, exc) from None
+        code = exc.status
         raise classify_remote_error(code, kube.error_message(exc), source.cluster_name, spec, source, clock()) from None
     except kube.CONNECTION_ERRORS as exc:
         raise unreachable(source, exc) from None

@@ -192,6 +192,11 @@ class Controller:
         return self.manager.wait_until_synced(timeout)
 
     @property
+    def fatal(self) -> str | None:
+        """Why the controller cannot run (set at most once; the process should exit saying it)."""
+        return self.manager.fatal
+
+    @property
     def is_leader(self) -> bool:
         return self.manager.is_leader
 

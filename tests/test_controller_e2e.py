@@ -32,6 +32,7 @@ from kubemcsa import api, federation, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
 from kubemcsa.testing.wait import wait_for
+from kubemcsa.timefmt import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -691,3 +692,203 @@ def test_every_permission_in_the_manifests_is_one_the_controller_uses(make_env) 
     granted = _granted(MANIFESTS / "controller" / "rbac.yaml")
     # The one exception, documented in the manifest: an admission plugin of some clusters checks it.
     assert granted - controller_calls() == {("update", "serviceaccountimports", "finalizers")}
+
+
+# --- resilience: outages, dead sources, recovery ---------------------------------------------------------------
+
+
+def token_requests(env: Env) -> list[Any]:
+    return [r for r in env.c2.requests if r.subresource == "token" and r.user == env.remote_user]
+
+
+def all_ready(
+    env: Env, names: list[str], status: str = "True", reason: str | None = None, namespace: str = "default"
+) -> bool:
+    conds = [env.ready(name, namespace) for name in names]
+    return all(c and c["status"] == status and (reason is None or c["reason"] == reason) for c in conds)
+
+
+def test_a_source_down_past_every_expiry_recovers_by_itself(env: Env) -> None:
+    """Import tokens live 4 s; the controller's own credential (an hour) outlives the outage: no human needed."""
+    env.c2.max_token_expiration_seconds = 4
+    env.start_controller()
+    names = [f"out-{i}" for i in range(3)]
+    for name in names:
+        env.create_import(name)
+    wait_for(lambda: all_ready(env, names), what="imports Ready")
+    env.c2.make_unreachable()
+    wait_for(lambda: all_ready(env, names, "False", api.REASON_TOKEN_EXPIRED), what="every token expired")
+    cond = env.ready(names[0])
+    assert "could not be refreshed" in cond["message"] and "connection was closed" in cond["message"]
+    env.c2.make_reachable()
+    wait_for(lambda: all_ready(env, names), what="recovery without a bootstrap")
+
+
+def test_an_expired_source_credential_is_said_on_every_import_with_the_fix(make_env) -> None:
+    env = make_env(max_token_expiration_seconds=4)
+    bootstrap_source(env)  # the controller's own credential lives 4 s too, refreshed by itself while it can
+    env.start_controller(source_kubeconfig=None)
+    names = ["exp-a", "exp-b"]
+    for name in names:
+        env.create_import(name)
+    wait_for(lambda: all_ready(env, names), what="imports Ready")
+    env.c2.make_unreachable()
+    own = base64.b64decode(env.secret("cluster2", SYSTEM_NS)["data"]["token"]).decode()
+    wait_for(lambda: all_ready(env, names, "False", api.REASON_TOKEN_EXPIRED), what="every token expired")
+    wait_for(lambda: all_ready(env, ["cluster2"], "False", api.REASON_TOKEN_EXPIRED, SYSTEM_NS), what="own expired")
+    # The source accepts a token up to a second past its expiry (a JWT leeway, as kube's): wait that out too.
+    own_expiry = parse_time(env.get_import("cluster2", SYSTEM_NS)["status"]["expirationTimestamp"])
+    wait_for(lambda: time.time() > own_expiry + 2, what="the source's leeway to pass")
+    env.c2.make_reachable()
+    expired = api.REASON_SOURCE_CREDENTIAL_EXPIRED
+    wait_for(lambda: all_ready(env, names, "False", expired), what="SourceCredentialExpired on every import")
+    for name in names:
+        message = env.ready(name)["message"]
+        assert "kubemcsa bootstrap --target-context <this cluster>" in message and "--source-name cluster2" in message
+        assert own not in message
+    assert env.ready("cluster2", SYSTEM_NS)["reason"] == expired
+
+
+def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number_of_imports(make_env) -> None:
+    """While a source is down, its imports wait and one probe at a time tests it: the attempts do not grow with
+    the number of imports. Bound: the first wave (at most --workers calls in flight) plus one probe per backoff
+    interval (here backoff_max 1 s, so at most about one per second once the backoff is at its cap)."""
+    window = 4.0
+    counts = {}
+    for n in (4, 40):
+        env = make_env()
+        env.c2.make_unreachable()
+        env.start_controller(backoff_base=0.1, backoff_max=1.0)
+        before = env.c2.connection_attempts
+        started = time.monotonic()
+        names = [f"dead-{n}-{i}" for i in range(n)]
+        for name in names:
+            env.create_import(name)
+        wait_for(lambda names=names, env=env: all_ready(env, names, "False", api.REASON_REMOTE_UNREACHABLE), what="all")
+        assert "connection was closed" in env.ready(names[0])["message"]  # reset by the dead source's address
+        # A rate needs a duration: the window is the measurement, not a wait for a condition.
+        wait_for(lambda started=started: time.monotonic() >= started + window, what="the measured window")
+        counts[n] = env.c2.connection_attempts - before
+    # The first wave: at most the 4 workers' calls in flight when the circuit opens. Then one probe per backoff
+    # interval, 0.1 s doubling to 1 s, each at least halved by jitter: 4 ramp steps (0.05 + 0.1 + 0.2 + 0.4 s),
+    # then at most one per 0.5 s. Whatever the number of imports.
+    workers, ramp, backoff_max = 4, 4, 1.0
+    bound = workers + ramp + int(window / (backoff_max / 2)) + 1
+    assert counts[4] <= bound and counts[40] <= bound, counts
+
+
+def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env) -> None:
+    qps, burst = 10.0, 5
+    env.c2.stop()
+    env.start_controller(backoff_base=0.1, backoff_max=0.5, source_qps=qps, source_burst=burst)
+    names = [f"rec-{i}" for i in range(30)]
+    for name in names:
+        env.create_import(name)
+    wait_for(lambda: all_ready(env, names, "False", api.REASON_REMOTE_UNREACHABLE), what="all waiting")
+    assert "connection refused" in env.ready(names[0])["message"]  # the cause, named
+    env.c2.start()
+    wait_for(lambda: all_ready(env, names), what="all Ready after recovery")
+    times = sorted(r.at for r in token_requests(env))
+    assert len(times) >= len(names)
+    # A token bucket: in any window of one second, at most burst + qps calls.
+    worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+    assert worst <= burst + qps, worst
+
+
+def test_a_source_whose_ca_changed_says_its_certificate_is_not_trusted(env: Env) -> None:
+    config = yaml.safe_load(Path(env.source_kubeconfig).read_text())
+    config["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(env.c1.ca_pem).decode()
+    Path(env.source_kubeconfig).write_text(yaml.safe_dump(config))
+    env.start_controller()
+    env.create_import("tls")
+    cond = env.wait_ready("tls", "False", api.REASON_REMOTE_CERTIFICATE_UNTRUSTED)
+    assert "not signed by the CA the controller holds" in cond["message"]
+    assert "--source-kubeconfig" in cond["message"]
+
+
+def test_a_missing_system_namespace_is_one_clear_startup_error(api_server_factory, tmp_path: Path) -> None:
+    c1 = api_server_factory(name="laptop")
+    apply_file(c1.admin_client(), MANIFESTS / "crd" / "serviceaccountimports.yaml")  # only the CRD
+    local = tmp_path / "local.kubeconfig"
+    c1.write_kubeconfig(str(local))
+    process = subprocess.run(
+        [sys.executable, "-m", "controller", "--kubeconfig", str(local), "--imports-dir", str(tmp_path / "none")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert process.returncode == 2
+    assert process.stderr.count("the namespace multicluster-service-account does not exist") == 2  # log + exit
+    assert "kubectl create namespace multicluster-service-account" in process.stderr
+    assert "NotFound" not in process.stderr
+
+
+def list_ready(env: Env) -> int:
+    items = kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).list("default")["items"]
+    return sum(
+        1
+        for imp in items
+        for c in (imp.get("status") or {}).get("conditions") or []
+        if c.get("type") == "Ready" and c.get("status") == "True"
+    )
+
+
+def reconciled(text: str) -> float:
+    """The sum of kubemcsa_controller_reconciles_total over its results, from a /metrics page."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kubemcsa_controller_reconciles_total{")
+    )
+
+
+def test_restarts_and_kills_change_nothing(env: Env) -> None:
+    """10 graceful restarts and 2 SIGKILLs with 200 Ready imports: no token request, no status write, no Event."""
+    count = 200
+    fast = {"source_qps": 1000.0, "source_burst": 1000}
+    first = env.start_controller(**fast)
+    for i in range(count):
+        env.create_import(f"r-{i}")
+    wait_for(lambda: list_ready(env) == count, timeout=120, what="200 imports Ready")
+    wait_for(lambda: sum(m.get() for m in _reconciles(first)) >= 2 * count, what="the status writes' echo")
+    first.stop()
+    env.c1.reset_requests()
+    env.c2.reset_requests()
+
+    for _ in range(10):
+        controller = env.start_controller(**fast)  # returns once every cache has synced
+        wait_for(lambda c=controller: sum(m.get() for m in _reconciles(c)) >= count, what="every import looked at")
+        controller.stop()
+
+    local = env.tmp / "local.kubeconfig"
+    env.c1.write_kubeconfig(str(local), token=env.c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600))
+    for _ in range(2):
+        port = free_port()
+        argv = [sys.executable, "-m", "controller", "--kubeconfig", str(local)]
+        argv += ["--source-kubeconfig", env.source_kubeconfig, "--metrics-port", str(port), "--no-leader-election"]
+        argv += ["--imports-dir", str(env.tmp / "none")]
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+
+            def looked_at_all(port: int = port) -> bool:
+                try:
+                    return reconciled(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=1).text) >= count
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(looked_at_all, timeout=60, what="the subprocess controller to look at every import")
+        finally:
+            process.kill()  # SIGKILL: no cleanup at all
+            process.wait()
+
+    assert [r for r in env.c2.requests if r.subresource == "token"] == []
+    writes = [(r.verb, r.resource) for r in env.c1.requests if r.verb not in ("get", "list", "watch")]
+    assert writes == []  # no status patch (so no condition change), no Secret write, no Event
+    events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
+    assert not [e for e in events if e["type"] == "Warning"]
+
+
+def _reconciles(controller: Controller) -> list[Any]:
+    metric = controller.metrics.reconciles
+    return [metric.labels(result)._value for result in ("success", "error", "skipped", "conflict", "throttled")]

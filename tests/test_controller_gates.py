@@ -89,6 +89,8 @@ def test_connection_failures_are_named_by_cause() -> None:
     assert "DNS" in connection_problem(wrapped(socket.gaierror(-2, "Name or service not known")))[1]
     assert connection_problem(urllib3.exceptions.ConnectTimeoutError())[1] == "timed out"
     assert connection_problem(ConnectionResetError())[1] == "the connection was closed before an answer"
+    assert connection_problem(wrapped(ConnectionResetError()))[1] == "the connection was closed before an answer"
+    assert connection_problem(urllib3.exceptions.ReadTimeoutError(None, "/", "read timed out"))[1] == "timed out"
     tls = ssl.SSLCertVerificationError(1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed")
     reason, what = connection_problem(urllib3.exceptions.SSLError(tls))
     assert reason == api.REASON_REMOTE_CERTIFICATE_UNTRUSTED and "not signed by the CA" in what

@@ -78,6 +78,17 @@ def released_lease(lease: dict[str, Any], now: float) -> dict[str, Any]:
     return {**lease, "spec": spec}
 
 
+class NamespaceMissing(Exception):
+    """The Lease's namespace does not exist: nothing will change that but a person, so stop and say so."""
+
+
+def namespace_missing_message(namespace: str) -> str:
+    return (
+        f"the namespace {namespace} does not exist in the local cluster, so no lease can be held there; create it "
+        f"(kubectl create namespace {namespace}, or kubectl apply -k manifests/) or pass --system-namespace."
+    )
+
+
 class LeaderElector:
     def __init__(
         self,
@@ -91,6 +102,7 @@ class LeaderElector:
         retry_period: float = 2.0,
         on_started_leading: Callable[[], None] | None = None,
         on_stopped_leading: Callable[[], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
     ) -> None:
         self.leases = kube.Resource(api_client, kube.LEASES, timeout=max(1.0, retry_period))
         self.namespace = namespace
@@ -101,6 +113,7 @@ class LeaderElector:
         self.retry_period = retry_period
         self._on_started = on_started_leading
         self._on_stopped = on_stopped_leading
+        self._on_fatal = on_fatal
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lease: dict[str, Any] | None = None  # as last written or read
@@ -147,6 +160,12 @@ class LeaderElector:
         while not self._stop.is_set():
             try:
                 self._try_acquire_or_renew()
+            except NamespaceMissing:
+                message = namespace_missing_message(self.namespace)
+                log.error("%s", message)
+                if self._on_fatal is not None:
+                    self._on_fatal(message)
+                return
             except (ApiException, *kube.CONNECTION_ERRORS, ValueError) as exc:
                 log.info("leader election: %s", type(exc).__name__)
             if self._leading and time.monotonic() - self._last_renew >= self.renew_deadline:
@@ -187,6 +206,9 @@ class LeaderElector:
             try:
                 self._wrote(self.leases.create(updated_lease(body, self.identity, self.lease_duration, now)))
             except ApiException as create_exc:
+                details = kube.error_status(create_exc).get("details") or {}
+                if create_exc.status == 404 and details.get("kind") == "namespaces":
+                    raise NamespaceMissing(self.namespace) from None
                 if create_exc.status != 409:
                     raise
             return

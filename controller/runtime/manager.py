@@ -73,6 +73,7 @@ class Manager:
         self._synced = threading.Event()
         self._started = False
         self._starter: threading.Thread | None = None
+        self.fatal: str | None = None  # why the manager cannot go on; the process should exit with it
         self.health_server: HealthServer | None = None
         self.elector: LeaderElector | None = None
         if options.leader_election:
@@ -86,6 +87,7 @@ class Manager:
                 retry_period=options.retry_period,
                 on_started_leading=lambda: self._leading(True),
                 on_stopped_leading=lambda: self._leading(False),
+                on_fatal=self._fail,
             )
 
     # --- wiring ---
@@ -163,6 +165,11 @@ class Manager:
 
     def wait_until_synced(self, timeout: float) -> bool:
         return self._synced.wait(timeout)
+
+    def _fail(self, message: str) -> None:
+        self.fatal = message
+        self._stopping.set()
+        self.queue.shutdown()
 
     @property
     def stopping(self) -> bool:

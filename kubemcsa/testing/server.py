@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +67,7 @@ class RequestRecord:
     subresource: str
     name: str
     code: int
+    at: float = 0.0  # time.monotonic() when the request was served
 
 
 @dataclass
@@ -195,6 +197,13 @@ class _HTTPSServer(ThreadingHTTPServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = self.socket.accept()
+        self.api._count_connection()
+        if self.api.unreachable:
+            # As a load balancer with no live backend: the connection is reset before any TLS byte.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            raise OSError("unreachable")  # socketserver drops the request
         tls = self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         with self.connections_lock:
             self.connections.add(tls)
@@ -252,6 +261,9 @@ class ApiServer:
         self._stopping = threading.Event()
         self._request_local = threading.local()  # per-request state: the admission warnings to send back
         self._authentication_config = authentication_config
+        self.unreachable = False
+        self._connections = 0
+        self._connections_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ApiServer(name={self.name!r}, url={self.url if self._port else None!r})"
@@ -300,6 +312,27 @@ class ApiServer:
             self._thread.join(timeout=5)
         if self._controllers is not None:
             self._controllers.stop()
+
+    def make_unreachable(self) -> None:
+        """Keep the address but answer nothing, as a dead API server behind its load balancer: every new
+        connection is counted and reset, open ones (watches, kept-alive connections) are cut."""
+        self.unreachable = True
+        self.cluster.store.close_watches()
+        if self._httpd is not None:
+            self._httpd.close_all()
+
+    def make_reachable(self) -> None:
+        self.unreachable = False
+
+    @property
+    def connection_attempts(self) -> int:
+        """TCP connections accepted so far (while unreachable too): what a client's retries cost the server."""
+        with self._connections_lock:
+            return self._connections
+
+    def _count_connection(self) -> None:
+        with self._connections_lock:
+            self._connections += 1
 
     def __enter__(self) -> ApiServer:
         return self.start()
@@ -499,6 +532,7 @@ class ApiServer:
             subresource=route.subresource if route else "",
             name=route.name if route else "",
             code=code,
+            at=time.monotonic(),
         )
         with self._requests_lock:
             self._requests.append(record)
