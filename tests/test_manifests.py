@@ -7,6 +7,7 @@ tests/test_webhook_e2e.py run the controller and the webhook with service-accoun
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -189,3 +190,29 @@ def test_namespace_owners_manage_imports_with_the_roles_they_have(cluster1, obje
     with pytest.raises(ApiException) as info:
         viewer.create({**body, "metadata": {"name": "v"}}, "team-a")
     assert info.value.status == 403
+
+
+@needs_kubectl
+def test_the_alerts_component_adds_a_rule_on_the_expiry_metric(tmp_path):
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(MANIFESTS, overlay)}]\n"
+        f"components: [{os.path.relpath(MANIFESTS / 'alerts', overlay)}]\n"
+    )
+    rendered = _render(overlay)
+    rules = [o for o in rendered if o["kind"] == "PrometheusRule"]
+    assert len(rules) == 1
+    exprs = [rule["expr"] for group in rules[0]["spec"]["groups"] for rule in group["rules"]]
+    assert any("kubemcsa_controller_seconds_to_next_expiry" in expr for expr in exprs)
+    monitor = next(o for o in rendered if o["kind"] == "PodMonitor")
+    deployment = next(
+        o
+        for o in rendered
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "service-account-import-controller"
+    )
+    ports = [p["name"] for c in deployment["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])]
+    assert monitor["spec"]["podMetricsEndpoints"][0]["port"] in ports
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()

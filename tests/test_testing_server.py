@@ -180,3 +180,26 @@ def test_restart_keeps_port_and_data(cluster1: ApiServer) -> None:
     assert cluster1.port == port
     core = client.CoreV1Api(cluster1.admin_client())
     assert core.read_namespaced_config_map("kept", "default").metadata.name == "kept"
+
+
+def test_an_unreachable_server_counts_and_resets_every_connection_then_comes_back() -> None:
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    from kubemcsa import kube
+    from kubemcsa.testing import ApiServer
+
+    with ApiServer(name="dark") as server:
+        client = server.admin_client()
+        client.configuration.retries = False
+        client = type(client)(client.configuration)  # one connection attempt per call
+        pods = kube.Resource(client, kube.PODS, timeout=5)
+        assert pods.list("default")["items"] == []
+        server.make_unreachable()
+        before = server.connection_attempts
+        for _ in range(3):
+            with pytest.raises((urllib3.exceptions.HTTPError, OSError, ApiException)):
+                pods.list("default")
+        assert server.connection_attempts - before == 3
+        server.make_reachable()
+        assert pods.list("default")["items"] == []
