@@ -1,14 +1,18 @@
-"""Benchmark of the import controller against two in-memory clusters (prints figures; not a test).
+"""Benchmark of the import controller at fleet scale (prints figures; not a test).
 
-- time from import creation to its Secret being ready (median and p95 over sequential imports);
-- time for N imports (default 1,000) to converge (all Ready), created as fast as the API allows;
-- API calls per import on the two clusters together, by verb;
-- API calls by the controller during a steady-state window (leader election renewals shown apart).
+One local cluster and --sources source clusters (default 10), each in-memory API server in a process of its own,
+and the controller as `python -m controller` in its own process, as in production. --imports (default 10,000)
+imports are spread evenly over the sources and created as fast as the API allows. Printed:
+- time from the first creation until every import is Ready (the per-source rate limit bounds it: imports per
+  source / --source-qps);
+- the controller's peak RSS (VmHWM);
+- API calls per new import (both sides, by verb);
+- API calls in the steady state (a --window of seconds; leader-election renewals shown apart);
+- the same after a controller restart: calls until every import was looked at again, token requests among them,
+  and the new process's peak RSS.
 
-Each in-memory API server runs in a process of its own, as a real API server is not in the controller's
-process; --in-process puts them in the benchmark's process (all of it then shares one GIL).
-
-Usage: python bench/bench_controller.py [--imports 1000] [--workers 4] [--window 5] [--in-process] [--argocd]
+Usage: python bench/bench_controller.py [--imports 10000] [--sources 10] [--source-qps 5] [--source-burst 10]
+       [--workers 4] [--window 10] [--argocd]
 (--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD)
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import statistics
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -25,18 +31,21 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from controller.run import Controller, Options
-from kubemcsa import api, kube
-from kubemcsa.testing import ApiServer
+from kubemcsa import api, kube  # noqa: E402
+from kubemcsa.testing import ApiServer  # noqa: E402
 
-MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
+MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = api.SYSTEM_NAMESPACE
 CONTROLLER_SA = "service-account-import-controller"
+CONTROLLER_USER = f"system:serviceaccount:{SYSTEM_NS}:{CONTROLLER_SA}"
+REMOTE_USER = "system:serviceaccount:default:import-controller"
 
 
 def _serve(name: str, conn) -> None:
@@ -49,95 +58,86 @@ def _serve(name: str, conn) -> None:
             server.stop()
             conn.send(None)
             return
-        value = server.requests if method == "requests" else getattr(server, method)(*args, **kwargs)
+        if method == "calls":  # counted in the child: the request log of 10,000 imports is large to ship
+            conn.send(_calls(server.requests, *args))
+            continue
+        value = getattr(server, method)(*args, **kwargs)
         conn.send(value)
 
 
-class ServerProcess:
-    """The part of ApiServer's interface this benchmark uses, for a server running in another process."""
+def _calls(requests, user: str) -> tuple[Counter, int]:
+    """Calls by `user` that are not watches or lists, by verb and resource; and lease calls apart."""
+    counts = Counter(
+        f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}"
+        for r in requests
+        if r.user == user and r.verb not in ("watch", "list") and r.resource != "leases"
+    )
+    return counts, sum(1 for r in requests if r.user == user and r.resource == "leases")
 
+
+class ServerProcess:
     def __init__(self, name: str) -> None:
+        self.name = name
         self._conn, child = multiprocessing.Pipe()
         self._process = multiprocessing.get_context("spawn").Process(target=_serve, args=(name, child), daemon=True)
         self._process.start()
         self._conn.recv()
 
-    def _call(self, method: str, *args, **kwargs):
+    def call(self, method: str, *args, **kwargs):
         self._conn.send((method, args, kwargs))
         return self._conn.recv()
 
-    @property
-    def requests(self):
-        return self._call("requests")
-
-    def reset_requests(self) -> None:
-        self._call("reset_requests")
-
-    def issue_token(self, *args, **kwargs) -> str:
-        return self._call("issue_token", *args, **kwargs)
-
-    def write_kubeconfig(self, *args, **kwargs) -> str:
-        return self._call("write_kubeconfig", *args, **kwargs)
-
-    def client_for_token(self, token: str):
+    def client(self, token: str | None = None):
         from kubernetes import config
 
-        return config.new_client_from_config_dict(self._call("kubeconfig", token=token))
+        return config.new_client_from_config_dict(self.call("kubeconfig", token=token))
 
-    def admin_client(self):
-        return self.client_for_token(self._call("kubeconfig")["users"][0]["user"]["token"])
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._call("stop")
+    def stop(self) -> None:
+        self.call("stop")
         self._process.join(10)
 
 
-def create(client, obj):
+def create(client, obj) -> None:
     try:
-        return kube.Resource(client, kube.resource_type_of(obj)).create(obj, obj["metadata"].get("namespace"))
+        kube.Resource(client, kube.resource_type_of(obj)).create(obj, obj["metadata"].get("namespace"))
     except ApiException as exc:
         if exc.status != 409:
             raise
-        return None
 
 
-def setup(c1, c2, tmp: str):
-    admin1, admin2 = c1.admin_client(), c2.admin_client()
-    for path in (
-        "crd/serviceaccountimports.yaml",
-        "namespace.yaml",
-        "controller/serviceaccount.yaml",
-        "controller/rbac.yaml",
-    ):
+def setup_local(c1: ServerProcess, tmp: str) -> str:
+    admin = c1.client()
+    for path in ("crd/serviceaccountimports.yaml", "namespace.yaml", "controller/serviceaccount.yaml"):
         for doc in yaml.safe_load_all((MANIFESTS / path).read_text()):
             if doc:
-                create(admin1, doc)
+                create(admin, doc)
+    for doc in yaml.safe_load_all((MANIFESTS / "controller" / "rbac.yaml").read_text()):
+        if doc:
+            create(admin, doc)
+    path = f"{tmp}/local"
+    c1.call("write_kubeconfig", path, token=c1.call("issue_token", SYSTEM_NS, CONTROLLER_SA, expiration_seconds=86400))
+    return path
+
+
+def setup_source(source: ServerProcess) -> dict:
+    """The source's objects, and its kubeconfig entry for the controller (context = cluster name)."""
+    admin = source.client()
+    for name in ("pod-lister", "import-controller"):
+        create(
+            admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}
+        )
+    rules = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
     create(
-        admin2,
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pod-lister", "namespace": "default"}},
-    )
-    create(
-        admin2,
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {"name": "import-controller", "namespace": "default"},
-        },
-    )
-    create(
-        admin2,
+        admin,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": {"name": "token-requester", "namespace": "default"},
-            "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}],
+            "rules": rules,
         },
     )
     create(
-        admin2,
+        admin,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
@@ -146,16 +146,20 @@ def setup(c1, c2, tmp: str):
             "subjects": [{"kind": "ServiceAccount", "name": "import-controller", "namespace": "default"}],
         },
     )
-    source = f"{tmp}/sources"
-    c2.write_kubeconfig(
-        source, context="cluster2", token=c2.issue_token("default", "import-controller", expiration_seconds=86400)
-    )
-    local = c1.client_for_token(c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=86400))
-    return admin1, local, source
+    token = source.call("issue_token", "default", "import-controller", expiration_seconds=86400 * 30)
+    return source.call("kubeconfig", context=source.name, token=token)
 
 
-def import_body(name: str, argocd: bool = False) -> dict:
-    spec = {"clusterName": "cluster2", "namespace": "default", "name": "pod-lister"}
+def merged_kubeconfig(configs: list[dict]) -> dict:
+    merged: dict = {"apiVersion": "v1", "kind": "Config", "clusters": [], "users": [], "contexts": []}
+    for config in configs:
+        for key in ("clusters", "users", "contexts"):
+            merged[key].extend(config[key])
+    return merged
+
+
+def import_body(name: str, cluster: str, argocd: bool = False) -> dict:
+    spec: dict = {"clusterName": cluster, "namespace": "default", "name": "pod-lister"}
     if argocd:
         spec["argoCD"] = {}
     return {
@@ -167,118 +171,167 @@ def import_body(name: str, argocd: bool = False) -> dict:
 
 
 def is_ready(obj: dict) -> bool:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == "Ready" and cond.get("status") == "True":
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reconciled(port: int) -> float:
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kubemcsa_controller_reconciles_total{")
+    )
+
+
+def start_controller(args, local: str, sources: str, port: int) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "controller", "--kubeconfig", local, "--source-kubeconfig", sources]
+    argv += ["--metrics-port", str(port), "--workers", str(args.workers), "--imports-dir", "/nonexistent"]
+    argv += ["--source-qps", str(args.source_qps), "--source-burst", str(args.source_burst), "--log-level", "WARNING"]
+    return subprocess.Popen(argv, cwd=ROOT)
+
+
+def wait_until(condition, timeout: float, poll: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
             return True
+        time.sleep(poll)
     return False
+
+
+def count_calls(c1: ServerProcess, sources: list[ServerProcess]) -> tuple[Counter, Counter, int]:
+    local, leases = c1.call("calls", CONTROLLER_USER)
+    remote: Counter = Counter()
+    for source in sources:
+        remote += source.call("calls", REMOTE_USER)[0]
+    return local, remote, leases
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--imports", type=int, default=1000)
-    parser.add_argument("--single", type=int, default=20)
+    parser.add_argument("--imports", type=int, default=10_000)
+    parser.add_argument("--sources", type=int, default=10)
+    parser.add_argument("--source-qps", type=float, default=5.0)
+    parser.add_argument("--source-burst", type=int, default=10)
     parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--window", type=float, default=5.0)
-    parser.add_argument("--in-process", action="store_true", help="run the API servers in this process")
+    parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
     args = parser.parse_args()
+    per_source = args.imports // args.sources
+    total = per_source * args.sources
+    print(
+        f"{total} imports over {args.sources} source clusters; {args.sources + 1} API servers and the controller "
+        f"each in its own process; --source-qps {args.source_qps:g} --source-burst {args.source_burst} "
+        f"--workers {args.workers}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        c1 = ServerProcess("cluster1")
+        sources = [ServerProcess(f"source{i}") for i in range(args.sources)]
+        controller = None
+        try:
+            local = setup_local(c1, tmp)
+            source_path = f"{tmp}/sources"
+            Path(source_path).write_text(yaml.safe_dump(merged_kubeconfig([setup_source(s) for s in sources])))
+            admin1 = c1.client()
+            imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+            ready_at: dict[str, float] = {}
+            lock = threading.Lock()
+            watcher = kube.Informer(imports, namespace="default")
 
-    server = ApiServer if args.in_process else ServerProcess
-    where = "in the benchmark's process" if args.in_process else "each in its own process"
-    print(f"two in-memory API servers, {where}; the controller with {args.workers} workers")
-    with tempfile.TemporaryDirectory() as tmp, server(name="cluster1") as c1, server(name="cluster2") as c2:
-        admin1, local, source = setup(c1, c2, tmp)
-        controller_user = f"system:serviceaccount:{SYSTEM_NS}:{CONTROLLER_SA}"
-        remote_user = "system:serviceaccount:default:import-controller"
-        imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+            def on_event(kind: str, obj: dict, old: dict | None) -> None:
+                if kind != "DELETED" and is_ready(obj):
+                    with lock:
+                        ready_at.setdefault(obj["metadata"]["name"], time.perf_counter())
 
-        # Watch imports to see readiness without polling the API.
-        ready_at: dict[str, float] = {}
-        lock = threading.Lock()
-        watcher = kube.Informer(imports, namespace="default")
+            watcher.add_handler(on_event)
+            watcher.start()
+            watcher.wait_for_sync(30)
 
-        def on_event(kind: str, obj: dict, old: dict | None) -> None:
-            if kind != "DELETED" and is_ready(obj):
-                with lock:
-                    ready_at.setdefault(obj["metadata"]["name"], time.perf_counter())
+            port = 18080
+            controller = start_controller(args, local, source_path, port)
+            assert wait_until(lambda: _ready(port), 60), "the controller did not become ready"
 
-        watcher.add_handler(on_event)
-        watcher.start()
-        watcher.wait_for_sync(30)
-
-        controller = Controller(
-            local, Options(source_kubeconfig=source, workers=args.workers, leader_election=True, retry_period=2.0)
-        )
-        controller.start()
-        controller.wait_until_ready(30)
-        while not controller.is_leader:
-            time.sleep(0.01)
-
-        # 1. Creation to ready, one import at a time.
-        latencies = []
-        for i in range(args.single):
-            name = f"single-{i}"
+            # 1. Cold start: every import created at once, as fast as the API takes them.
+            names = [(f"imp-{s}-{i}", sources[s].name) for i in range(per_source) for s in range(args.sources)]
             start = time.perf_counter()
-            imports.create(import_body(name, args.argocd), "default")
-            while name not in ready_at:
-                time.sleep(0.001)
-            latencies.append(ready_at[name] - start)
-        latencies.sort()
-        p95 = latencies[max(0, int(len(latencies) * 0.95) - 1)]
-        print(
-            f"creation -> Ready, one at a time ({args.single} imports): median "
-            f"{statistics.median(latencies) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms"
-        )
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda item: imports.create(import_body(*item, args.argocd), "default"), names))
+            created = time.perf_counter() - start
+            wait_until(lambda: len(ready_at) >= total, timeout=3600, poll=0.5)
+            all_ready = max(ready_at.values()) - start
+            wait_until(lambda: reconciled(port) >= 3 * total, timeout=120)  # the status writes' own echoes
+            time.sleep(2)
+            local_calls, remote_calls, _ = count_calls(c1, sources)
+            per_import = (sum(local_calls.values()) + sum(remote_calls.values())) / total
+            print(f"created {total} imports in {created:.1f} s; all Ready {all_ready:.1f} s after the first creation")
+            bound = per_source / args.source_qps
+            print(
+                f"  (the rate limit alone needs {bound:.0f} s: {per_source} imports per source / "
+                f"{args.source_qps:g} QPS)"
+            )
+            print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
+            print(f"API calls per new import: {per_import:.2f}  local {dict(local_calls)}  remote {dict(remote_calls)}")
 
-        # 2. N imports at once.
-        time.sleep(0.5)
-        c1.reset_requests()
-        c2.reset_requests()
-        names = [f"bulk-{i}" for i in range(args.imports)]
-        start = time.perf_counter()
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda n: imports.create(import_body(n, args.argocd), "default"), names))
-        created = time.perf_counter() - start
-        deadline = time.monotonic() + 300
-        while any(n not in ready_at for n in names) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        done = sum(1 for n in names if n in ready_at)
-        converged = max(ready_at[n] for n in names if n in ready_at) - start
-        print(
-            f"{args.imports} imports: created in {created:.2f} s, {done} Ready {converged:.2f} s after the first "
-            f"creation ({args.workers} workers)"
-        )
-        time.sleep(1.0)  # let the last status writes' watch events be reconciled before counting
-
-        def calls(server, user: str) -> Counter:
-            return Counter(
-                f"{r.verb} {r.resource}{'/' + r.subresource if r.subresource else ''}"
-                for r in server.requests
-                if r.user == user and r.verb not in ("watch", "list") and r.resource != "leases"
+            # 2. Steady state.
+            for server in (c1, *sources):
+                server.call("reset_requests")
+            time.sleep(args.window)
+            local_calls, remote_calls, leases = count_calls(c1, sources)
+            steady = sum(local_calls.values()) + sum(remote_calls.values())
+            print(
+                f"steady state, {args.window:g} s: {steady} API calls {dict(local_calls + remote_calls) or ''}"
+                f"(plus {leases} leader-election lease calls)"
             )
 
-        local_calls, remote_calls = calls(c1, controller_user), calls(c2, remote_user)
-        total = sum(local_calls.values()) + sum(remote_calls.values())
-        print(
-            f"API calls per new import (both clusters): {total / args.imports:.2f}  "
-            f"local {dict(local_calls)}  remote {dict(remote_calls)}"
-        )
-
-        # 3. Steady state.
-        c1.reset_requests()
-        c2.reset_requests()
-        time.sleep(args.window)
-        steady = calls(c1, controller_user) + calls(c2, remote_user)
-        leases = sum(1 for r in c1.requests if r.user == controller_user and r.resource == "leases")
-        print(
-            f"steady state, {args.window:.0f} s window, {len(ready_at)} imports: {sum(steady.values())} API calls "
-            f"{dict(steady) or ''}(plus {leases} leader-election lease renewals)"
-        )
-
-        controller.stop()
-        watcher.stop()
+            # 3. Restart: SIGTERM, a new process, every import looked at again.
+            controller.send_signal(signal.SIGTERM)
+            controller.wait(30)
+            for server in (c1, *sources):
+                server.call("reset_requests")
+            started = time.perf_counter()
+            controller = start_controller(args, local, source_path, port)
+            wait_until(lambda: reconciled(port) >= total, timeout=600)
+            looked = time.perf_counter() - started
+            time.sleep(2)
+            local_calls, remote_calls, leases = count_calls(c1, sources)
+            tokens = remote_calls.get("create serviceaccounts/token", 0)
+            print(
+                f"after a restart: every import looked at again in {looked:.1f} s; "
+                f"{sum(local_calls.values()) + sum(remote_calls.values())} API calls, {tokens} token requests "
+                f"{dict(local_calls + remote_calls) or ''}(plus {leases} lease calls); "
+                f"peak RSS {peak_rss_mb(controller.pid):.0f} MB"
+            )
+            watcher.stop()
+        finally:
+            if controller is not None and controller.poll() is None:
+                controller.send_signal(signal.SIGTERM)
+                controller.wait(30)
+            for server in (c1, *sources):
+                server.stop()
     return 0
 
 
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     sys.exit(main())

@@ -751,14 +751,17 @@ def test_an_expired_source_credential_is_said_on_every_import_with_the_fix(make_
 
 def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number_of_imports(make_env) -> None:
     """While a source is down, its imports wait and one probe at a time tests it: the attempts do not grow with
-    the number of imports. Bound: the first wave (at most --workers calls in flight) plus one probe per backoff
-    interval (here backoff_max 1 s, so at most about one per second once the backoff is at its cap)."""
-    window = 4.0
-    counts = {}
+    the number of imports.
+
+    Bound, for a window of T seconds from the first import: the first wave (at most the 4 workers' calls in
+    flight when the circuit opens), then one probe per backoff interval, 0.1 s doubling to 1 s, each at least
+    halved by jitter: 4 ramp steps (0.05 + 0.1 + 0.2 + 0.4 s), then at most one per 0.5 s.
+    """
+    workers, ramp, backoff_max = 4, 4, 1.0
     for n in (4, 40):
         env = make_env()
         env.c2.make_unreachable()
-        env.start_controller(backoff_base=0.1, backoff_max=1.0)
+        env.start_controller(backoff_base=0.1, backoff_max=backoff_max)
         before = env.c2.connection_attempts
         started = time.monotonic()
         names = [f"dead-{n}-{i}" for i in range(n)]
@@ -767,14 +770,11 @@ def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number
         wait_for(lambda names=names, env=env: all_ready(env, names, "False", api.REASON_REMOTE_UNREACHABLE), what="all")
         assert "connection was closed" in env.ready(names[0])["message"]  # reset by the dead source's address
         # A rate needs a duration: the window is the measurement, not a wait for a condition.
-        wait_for(lambda started=started: time.monotonic() >= started + window, what="the measured window")
-        counts[n] = env.c2.connection_attempts - before
-    # The first wave: at most the 4 workers' calls in flight when the circuit opens. Then one probe per backoff
-    # interval, 0.1 s doubling to 1 s, each at least halved by jitter: 4 ramp steps (0.05 + 0.1 + 0.2 + 0.4 s),
-    # then at most one per 0.5 s. Whatever the number of imports.
-    workers, ramp, backoff_max = 4, 4, 1.0
-    bound = workers + ramp + int(window / (backoff_max / 2)) + 1
-    assert counts[4] <= bound and counts[40] <= bound, counts
+        wait_for(lambda started=started: time.monotonic() >= started + 4.0, what="the measured window")
+        attempts = env.c2.connection_attempts - before
+        elapsed = time.monotonic() - started
+        bound = workers + ramp + int(elapsed / (backoff_max / 2)) + 1
+        assert attempts <= bound, (n, attempts, elapsed)
 
 
 def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env) -> None:
@@ -790,9 +790,12 @@ def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env
     wait_for(lambda: all_ready(env, names), what="all Ready after recovery")
     times = sorted(r.at for r in token_requests(env))
     assert len(times) >= len(names)
-    # A token bucket: in any window of one second, at most burst + qps calls.
-    worst = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
-    assert worst <= burst + qps, worst
+    # A token bucket: in any window of T seconds, at most burst + qps * T calls (T = 2 s here, so that a worker
+    # scheduled a little late by a busy machine does not count twice in a short window).
+    window = 2.0
+    worst = max(sum(1 for t in times if start <= t < start + window) for start in times)
+    assert worst <= burst + qps * window, worst
+    assert times[-1] - times[0] >= (len(names) - burst) / qps * 0.9  # and the whole recovery took its time
 
 
 def test_a_source_whose_ca_changed_says_its_certificate_is_not_trusted(env: Env) -> None:
