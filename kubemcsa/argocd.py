@@ -35,8 +35,19 @@ OPTIONAL_KEYS = (KEY_NAMESPACES, KEY_CLUSTER_RESOURCES, KEY_PROJECT)
 
 # The ExecCredential version Argo CD's client-go understands (and the seed's hand-written Secrets use).
 EXEC_API_VERSION = "client.authentication.k8s.io/v1"
-# The token file path is passed as $1, never spliced into the script, so no path can inject shell code.
-_EXEC_SCRIPT = 'printf \'{"apiVersion":"%s","kind":"ExecCredential","status":{"token":"%s"}}\' "$0" "$(cat "$1")"'
+# How long client-go may keep a credential from the plugin before running it again (and reading the file anew).
+EXEC_CACHE_SECONDS = 60
+# The token file path is passed as $1, never spliced into the script, so no path can inject shell code. Without
+# an expirationTimestamp client-go would keep the first token until a request fails with 401; GNU and busybox
+# `date` compute one, and a `date` that cannot just leaves it out.
+_EXEC_SCRIPT = f"""token=$(cat "$1") || exit 1
+expiry=$(date -u -d "@$(( $(date +%s) + {EXEC_CACHE_SECONDS} ))" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null)
+if [ -n "$expiry" ]; then
+  printf '{{"apiVersion":"%s","kind":"ExecCredential","status":{{"token":"%s","expirationTimestamp":"%s"}}}}' \\
+    "$0" "$token" "$expiry"
+else
+  printf '{{"apiVersion":"%s","kind":"ExecCredential","status":{{"token":"%s"}}}}' "$0" "$token"
+fi"""
 
 
 class ArgoCDSecretError(ValueError):

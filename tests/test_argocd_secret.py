@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, argocd, kube
 from kubemcsa.spec import SpecError, parse_spec
+from kubemcsa.timefmt import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -101,14 +103,20 @@ def test_token_file_config_is_an_exec_provider_that_prints_the_files_current_tok
         )
         return json.loads(out.stdout)
 
+    before = time.time()
     credential = run_plugin()
-    assert credential == {
-        "apiVersion": "client.authentication.k8s.io/v1",
-        "kind": "ExecCredential",
-        "status": {"token": "eyJhbGciOi.first"},
-    }
+    assert credential["apiVersion"] == "client.authentication.k8s.io/v1"
+    assert credential["kind"] == "ExecCredential"
+    assert set(credential["status"]) == {"token", "expirationTimestamp"}
+    assert credential["status"]["token"] == "eyJhbGciOi.first"
+    # client-go runs the plugin again once this passes: the file is read anew at least once a minute.
+    expiry = parse_time(credential["status"]["expirationTimestamp"])
+    assert before + argocd.EXEC_CACHE_SECONDS - 2 <= expiry <= time.time() + argocd.EXEC_CACHE_SECONDS + 1
     token_file.write_text("eyJhbGciOi.rotated")  # the kubelet rotates the file: the next call reads the new token
     assert run_plugin()["status"]["token"] == "eyJhbGciOi.rotated"
+    token_file.unlink()  # no file: the plugin fails, and client-go reports it, instead of an empty token
+    with pytest.raises(subprocess.CalledProcessError):
+        run_plugin()
 
 
 def test_read_back_as_argo_cd_reads_it():
