@@ -1,13 +1,14 @@
 """What to do with an import's Argo CD cluster Secret, decided from data alone (no API call, no clock).
 
 The Secret `<import>-argocd` sits next to the import's own Secret and carries the same credentials in Argo CD's
-format (kubemcsa.argocd). It follows the import's Secret: written when the import has spec.argoCD and its Secret
-holds a token, rewritten whenever that token changes, deleted when spec.argoCD goes, left alone (and reported)
-when a Secret of that name belongs to someone else. A failed refresh changes nothing: the last good token stays.
-"""
+format (kubemcsa.argocd). It follows the import's Secret: written once that Secret holds what Argo CD needs (a
+token, or for a federated import the server and CA), rewritten whenever the token changes, deleted when
+spec.argoCD goes, left alone (and reported) when a Secret of that name belongs to someone else. A failed refresh
+changes nothing: the last good token stays."""
 
 from __future__ import annotations
 
+import posixpath
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,13 +37,24 @@ def _condition(status: str, reason: str, message: str) -> dict[str, str]:
     return {"type": CONDITION_ARGOCD, "status": status, "reason": reason, "message": message}
 
 
-def desired_argocd_data(cluster: argocd.ArgoCDCluster, import_secret: dict[str, Any] | None) -> dict[str, str] | None:
-    """Argo CD's data for the credentials in the import's Secret, or None while that Secret holds no usable token."""
+def desired_argocd_data(
+    imp: dict[str, Any], spec: ImportSpec, import_secret: dict[str, Any] | None
+) -> dict[str, str] | None:
+    """Argo CD's data for the import's Secret, or None while that Secret is not usable yet.
+
+    A federated import's Secret has no token: Argo CD's pods get the projected token file the webhook mounts for
+    the import (their pod templates carry the import annotation) and read it with an exec plugin."""
+    assert spec.argocd is not None
     try:
-        creds = from_secret_data(as_dict(import_secret).get("data"))
+        creds = from_secret_data(as_dict(import_secret).get("data"), require_token=not spec.federated)
     except CredentialsError:
         return None
-    return argocd.cluster_secret_data(cluster, creds.server, argocd.bearer_token_config(creds.token, creds.ca_crt))
+    if spec.federated:
+        token_file = posixpath.join(api.mount_path_for_import(metadata_of(imp).get("name", "")), api.KEY_TOKEN)
+        config = argocd.token_file_config(token_file, creds.ca_crt)
+    else:
+        config = argocd.bearer_token_config(creds.token, creds.ca_crt)
+    return argocd.cluster_secret_data(spec.argocd, creds.server, config)
 
 
 def desired_argocd_secret(imp: dict[str, Any], data: dict[str, str], existing: dict[str, Any] | None) -> dict[str, Any]:
@@ -88,14 +100,12 @@ def assess_argocd_secret(
                 "by this import; delete or rename that Secret, or rename the import.",
             )
         )
-    data = desired_argocd_data(spec.argocd, import_secret)
+    data = desired_argocd_data(imp, spec, import_secret)
     if data is None:
         if ours:  # the import's Secret lost its token (or never had one): Argo CD keeps the last good one
             return ArgoCDAction(condition=_written(name, spec.argocd))
         return ArgoCDAction(
-            condition=_condition(
-                "False", REASON_WAITING, f"Secret {name} is written once the import's Secret holds a token."
-            )
+            condition=_condition("False", REASON_WAITING, f"Secret {name} is written once the import's own Secret is.")
         )
     wanted = desired_argocd_secret(imp, data, existing)
     condition = _written(name, spec.argocd)

@@ -101,10 +101,19 @@ def to_secret_data(creds: Credentials, cluster_name: str) -> dict[str, str]:
     return {key: base64.b64encode(value).decode() for key, value in plain.items()}
 
 
-def from_secret_data(data: dict[str, str] | None, where: str = "the Secret") -> Credentials:
-    """Read credentials back from a Secret's base64 `data`; raise CredentialsError naming what is wrong."""
+def from_secret_data(
+    data: dict[str, str] | None, where: str = "the Secret", *, require_token: bool = True
+) -> Credentials:
+    """Read credentials back from a Secret's base64 `data`; raise CredentialsError naming what is wrong.
+
+    `require_token=False` reads a federated import's Secret, which has no token (its token is empty then)."""
     data = data or {}
-    missing = [key for key in (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER) if key not in data]
+    needed = (
+        (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER)
+        if require_token
+        else api.FEDERATED_SECRET_KEYS
+    )
+    missing = [key for key in needed if key not in data]
     if missing:
         raise CredentialsError(
             f"{where} lacks the key(s) {', '.join(missing)}; re-create it with the controller or kubemcsa export."
@@ -113,7 +122,7 @@ def from_secret_data(data: dict[str, str] | None, where: str = "the Secret") -> 
         decoded = {key: base64.b64decode(data[key], validate=True) for key in data}
     except (binascii.Error, ValueError, TypeError):
         raise CredentialsError(f"{where} holds a value that is not valid base64; re-create it.") from None
-    return _from_plain(decoded, where)
+    return _from_plain(decoded, where, require_token)
 
 
 def read_mounted(directory: str | os.PathLike[str]) -> Credentials:
@@ -132,16 +141,16 @@ def read_mounted(directory: str | os.PathLike[str]) -> Credentials:
     return _from_plain(plain, where)
 
 
-def _from_plain(plain: dict[str, bytes], where: str) -> Credentials:
+def _from_plain(plain: dict[str, bytes], where: str, require_token: bool = True) -> Credentials:
     try:
         server = plain[api.KEY_SERVER].decode().strip()
         namespace = plain[api.KEY_NAMESPACE].decode().strip()
-        token = plain[api.KEY_TOKEN].decode().strip()
+        token = plain.get(api.KEY_TOKEN, b"").decode().strip()
     except UnicodeDecodeError:
         raise CredentialsError(f"{where} holds a server, namespace or token that is not UTF-8 text.") from None
     if not server.startswith("https://"):
         raise CredentialsError(f"{where} has a server that is not an https:// URL; re-create it.")
-    if not token:
+    if not token and require_token:
         raise CredentialsError(f"{where} has an empty token; wait for the controller to fill it in.")
     if b"-----BEGIN CERTIFICATE-----" not in plain[api.KEY_CA_CRT]:
         raise CredentialsError(f"{where} has a ca.crt that is not a PEM certificate; re-create it.")

@@ -104,12 +104,6 @@ def parse_spec(obj: Any) -> ImportSpec:
 
     if token_type == TOKEN_TYPE_LEGACY and audiences:
         raise SpecError("spec.audiences cannot be used with tokenType Legacy (legacy tokens have fixed audiences).")
-    if federated and spec.get("argoCD") is not None:
-        raise SpecError(
-            "spec.argoCD cannot be used with tokenType Federated yet (the Argo CD Secret needs a token); "
-            "remove spec.argoCD or use tokenType TokenRequest."
-        )
-
     return ImportSpec(
         cluster_name=cluster_name,
         argocd=_parse_argocd(spec.get("argoCD"), cluster_name),

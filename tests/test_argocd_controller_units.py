@@ -164,3 +164,21 @@ def test_a_deleted_object_reads_as_gone_until_the_informer_says_so():
     writes.deleted(key)
     now[0] += 31  # and a missed event only lasts the ttl
     assert writes.get(key, cached) is cached
+
+
+def test_a_federated_import_gets_an_exec_plugin_reading_its_projected_token_not_a_token():
+    from kubemcsa.credentials import federated_secret_data
+
+    imp = make_import({"name": "prod-eu"})
+    imp["spec"] = {"clusterName": "cluster2", "namespace": "default", "tokenType": "Federated", "argoCD": {}}
+    federated = {
+        "metadata": {"name": "imp-token", "namespace": "argocd"},
+        "data": federated_secret_data(SERVER, CA, "default", "cluster2"),
+    }
+    action = assess(imp, federated, None)
+    decoded = argocd.read_cluster_secret_data(action.write["data"])
+    assert decoded.bearer_token is None and decoded.server == SERVER and decoded.ca_pem == CA
+    exec_config = decoded.config["execProviderConfig"]
+    assert exec_config["args"][-1] == "/var/run/secrets/admiralty.io/serviceaccountimports/imp/token"
+    # The import's Secret is not written yet: nothing to point Argo CD at.
+    assert assess(imp, None, None).condition["reason"] == ac.REASON_WAITING

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
 from controller.run import Controller, Options
-from kubemcsa import api, argocd, kube
+from kubemcsa import api, argocd, cli, federation, kube
+from kubemcsa.testing.kubelet import Kubelet
 from kubemcsa.testing.wait import wait_for
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
@@ -289,3 +291,100 @@ def test_namespace_rights_cannot_put_an_argo_cd_secret_in_a_namespace_one_does_n
     with pytest.raises(ApiException) as info:
         kube.Resource(alice, kube.SECRETS).list(ARGOCD_NS)
     assert info.value.status == 403
+
+
+def test_a_federated_import_feeds_argo_cd_through_the_projected_token_of_its_application_controller(
+    make_env, tmp_path, capsys
+):
+    """No token is copied: Argo CD's Secret runs an exec plugin that reads the token the kubelet projects into the
+    application controller's pod (annotated with the import), and cluster2 trusts cluster1's tokens."""
+    env = make_env()
+    argocd_user = f"cluster1:system:serviceaccount:{ARGOCD_NS}:argocd-application-controller"
+    apply(
+        env.admin1,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "argocd-application-controller", "namespace": ARGOCD_NS},
+        },
+    )
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "argocd", "namespace": "default"},
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "argocd", "namespace": "default"},
+    }
+    apply(
+        env.admin2,
+        {**role, "rules": [rule("", "pods", "list")]},
+        {
+            **binding,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "argocd"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": argocd_user}],
+        },
+    )
+    kubeconfigs = {s.name: s.write_kubeconfig(tmp_path / f"{s.name}.admin", context=s.name) for s in (env.c1, env.c2)}
+    env.start(untrusted_recheck_seconds=0.3)
+    argv = ["federate", "--target-context", "cluster1", "--target-kubeconfig", kubeconfigs["cluster1"]]
+    assert cli.main([*argv, "--source-context", "cluster2", "--source-kubeconfig", kubeconfigs["cluster2"]]) == 0
+    printed = capsys.readouterr().out
+    start = printed.index("apiVersion: apiserver.config.k8s.io")  # what cluster2's administrator adds
+    env.c2.configure_authentication(yaml.safe_load(printed[start : printed.index("\n\n", start)]))
+    env.create_import("prod", tokenType="Federated", argoCD={"name": "prod-eu"})
+    env.wait_condition("prod", "Ready", "True", api.REASON_FEDERATED)
+    env.wait_condition("prod", "ArgoCDSecretReady", "True", "SecretWritten")
+
+    secret = env.secret("prod-argocd")
+    assert set(secret["data"]) == {"name", "server", "config"}
+    decoded = argocd.read_cluster_secret_data(secret["data"])
+    assert set(decoded.config) == {"execProviderConfig", "tlsClientConfig"} and decoded.bearer_token is None
+    assert decoded.ca_pem == env.c2.ca_pem and decoded.server == env.c2.url
+    exec_config = decoded.config["execProviderConfig"]
+    token_path = f"{api.mount_path_for_import('prod')}/{api.KEY_TOKEN}"
+    assert exec_config["args"][-1] == token_path
+
+    # Argo CD's application controller, annotated with the import, gets its projected token from the kubelet.
+    volume = federation.projected_volume(api.volume_name_for_import("prod"), "prod-token", "cluster2", 3600)
+    mount = {"name": volume["name"], "mountPath": api.mount_path_for_import("prod")}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "argocd-application-controller-0",
+            "namespace": ARGOCD_NS,
+            "annotations": {api.IMPORT_ANNOTATION: "prod"},
+        },
+        "spec": {
+            "serviceAccountName": "argocd-application-controller",
+            "containers": [{"name": "argocd-application-controller", "image": "argocd", "volumeMounts": [mount]}],
+            "volumes": [volume],
+        },
+    }
+    apply(env.admin1, pod)
+    kubelet = Kubelet(env.c1, tmp_path / "kubelet")
+    kubelet.mount(ARGOCD_NS, pod["metadata"]["name"])
+    root = kubelet.container_root(ARGOCD_NS, pod["metadata"]["name"], "argocd-application-controller")
+
+    def argo_cd_client() -> ApiClient:  # client-go runs the plugin in the container (its / is `root`) for a token
+        args = [*exec_config["args"][:-1], str(root / token_path.lstrip("/"))]
+        out = subprocess.run([exec_config["command"], *args], capture_output=True, text=True, check=True, timeout=10)
+        token = json.loads(out.stdout)["status"]["token"]
+        data = {
+            **secret["data"],
+            "config": base64.b64encode(json.dumps(argocd.bearer_token_config(token, decoded.ca_pem)).encode()).decode(),
+        }
+        return client_as_argo_cd_builds_it({"data": data})
+
+    remote = argo_cd_client()
+    assert [p["metadata"]["name"] for p in kube.Resource(remote, kube.PODS).list("default")["items"]] == ["web"]
+    assert kube.whoami(remote)["username"] == argocd_user
+    with pytest.raises(ApiException) as info:
+        kube.Resource(remote, kube.SECRETS).list("default")
+    assert info.value.status == 403
+    # The kubelet's rotation swaps the files behind the mount (the plugin reading the file anew: test_argocd_secret).
+    kubelet.rotate()
+    assert kube.whoami(argo_cd_client())["username"] == argocd_user

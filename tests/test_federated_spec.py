@@ -41,8 +41,8 @@ def test_other_modes_keep_their_defaults_and_still_need_a_name() -> None:
         parse_spec(imp())
     with pytest.raises(SpecError, match="TokenRequest, Legacy, Federated"):
         parse_spec(imp(name="sa", tokenType="Other"))
-    with pytest.raises(SpecError, match="spec.argoCD cannot be used with tokenType Federated"):
-        parse_spec(imp(tokenType="Federated", argoCD={}))
+    # A federated import feeds Argo CD too (its Argo CD Secret reads the projected token file).
+    assert parse_spec(imp(tokenType="Federated", argoCD={})).argocd is not None
 
 
 @pytest.fixture
