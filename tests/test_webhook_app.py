@@ -305,3 +305,23 @@ def test_a_body_that_does_not_come_is_answered_by_the_callers_deadline() -> None
     asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=30))
     assert sent[0]["status"] == 400
     assert "did not arrive within the request's timeout" in json.loads(sent[1]["body"])["message"]
+
+
+def test_a_dead_parsing_process_is_replaced() -> None:
+    import os
+    import signal
+
+    large = _review_with(",".join(f"name-{i}" for i in range(5_000)))
+    app = create_app(StaticCache({NS: ENABLED}, IMPORTS))
+    try:
+        with TestClient(app) as c:
+            assert c.post(MUTATE_PATH, content=large).json()["response"]["allowed"] is False
+            pool = app.state.parser._pool
+            for pid in list(pool._processes):
+                os.kill(pid, signal.SIGKILL)
+            answers = [c.post(MUTATE_PATH, content=large) for _ in range(3)]
+            # The request that finds the process dead may be refused (retry); the next ones are answered again.
+            assert answers[-1].status_code == 200 and answers[-1].json()["response"]["allowed"] is False
+            assert app.state.parser._pool is not pool
+    finally:
+        app.state.parser.close()

@@ -178,3 +178,46 @@ def test_rbac_is_least_privilege(kind: str) -> None:
                 assert rule["resourceNames"] == [CERT_SECRET_NAME]
         if "mutatingwebhookconfigurations" in rule["resources"]:
             assert rule["resourceNames"] == [WEBHOOK_CONFIGURATION_NAME]
+
+
+def test_while_the_webhook_is_down_only_annotated_pods_wait_unless_match_conditions_are_removed() -> None:
+    import copy
+    import socket
+
+    from kubemcsa.testing.admission import AdmissionAttributes, run_mutating_webhooks
+    from kubemcsa.testing.errors import StatusError
+    from kubemcsa.testing.rbac import UserInfo
+
+    with socket.socket() as probe:  # a port where nothing listens: the webhook process is stopped
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    current = one("MutatingWebhookConfiguration")
+    current["webhooks"][0]["clientConfig"] = {"url": f"https://127.0.0.1:{port}{MUTATE_PATH}"}
+    older = copy.deepcopy(current)  # what manifests/webhook/without-match-conditions makes of it
+    del older["webhooks"][0]["matchConditions"]
+
+    def create(configuration: dict[str, Any], annotations: dict[str, str] | None) -> None:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "apps"}, "spec": {}}
+        if annotations is not None:
+            pod["metadata"]["annotations"] = annotations
+        attributes = AdmissionAttributes(
+            obj=pod,
+            old_obj=None,
+            operation="CREATE",
+            kind={"group": "", "version": "v1", "kind": "Pod"},
+            resource={"group": "", "version": "v1", "resource": "pods"},
+            sub_resource="",
+            namespace="apps",
+            name="p",
+            namespace_labels={api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE, "kubernetes.io/metadata.name": "apps"},
+            user=UserInfo("someone"),
+            dry_run=False,
+        )
+        run_mutating_webhooks([configuration], attributes)
+
+    create(current, None)
+    create(current, {"other": "x"})
+    for configuration, pod_annotations in ((current, {api.IMPORT_ANNOTATION: "a"}), (older, None)):
+        with pytest.raises(StatusError) as refused:
+            create(configuration, pod_annotations)
+        assert refused.value.code == 500 and "failed calling webhook" in refused.value.message

@@ -315,11 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         server.start()
-        server.app.state.parser.warm()  # the worker process for large requests, ready before the first one
         settle_garbage_collector()
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"error: cannot serve on {args.host}:{args.port} with {cert_file} ({exc})", file=sys.stderr)
         return EXIT_FAILED
+    try:
+        server.app.state.parser.warm()  # the worker process for large requests, ready before the first one
+    except (OSError, RuntimeError) as exc:
+        log.warning("the worker process for large requests could not start yet (%s); it is retried on use", exc)
     if renewal is not None:
         renewal.reloader = server.reloader
         renewal.start()

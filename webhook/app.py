@@ -312,8 +312,8 @@ class _MutatePods:
                     parsed = await self.parser.parse(body)
         except TimeoutError:
             return review.bad_request("The webhook could not parse the request within its timeout; retry.")
-        except BrokenProcessPool:
-            log.error("the webhook's parsing process died; it is restarted for the next large request")
+        except (BrokenProcessPool, OSError) as exc:
+            log.error("the webhook's parsing process failed (%s); it is restarted for the next large request", exc)
             return review.bad_request("The webhook could not parse this large request; retry.")
         return await self._complete(parsed, deadline)
 
