@@ -1,7 +1,7 @@
 """Federated imports end to end, against two in-memory clusters, the second trusting the first.
 
-cluster1 runs the controller (with a token of its ServiceAccount, bound to manifests/controller's RBAC) and, where
-the webhook is part of the test, the webhook; the kubelet stand-in writes the pod's projected volume. cluster2 is
+cluster1 runs the controller and the webhook (each with a token of its ServiceAccount, bound to the manifests'
+RBAC); the kubelet stand-in writes the pod's projected volume. cluster2 is
 the source: it trusts cluster1's issuer once its "administrator" adds the AuthenticationConfiguration that
 `kubemcsa federate` prints. No token of either cluster is copied anywhere: a test scans both clusters and the logs.
 """
@@ -26,11 +26,13 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
+from certs import manager
 from controller.run import Controller, Options
 from kubemcsa import api, cli, config, federation, kube
 from kubemcsa.testing.kubelet import Kubelet
 from kubemcsa.testing.tokens import decode_unverified
 from kubemcsa.testing.wait import wait_for
+from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -93,6 +95,7 @@ class Env:
     controller_client: ApiClient
     kubeconfigs: dict[str, Path]
     controllers: list[Controller] = field(default_factory=list)
+    webhook: WebhookServer | None = None
 
     def start_controller(self) -> Controller:
         options = Options(
@@ -130,6 +133,26 @@ class Env:
         return wait_for(check, f"import {name} Ready={status} {reason}", timeout=30)
 
 
+def start_webhook(c1: Any, tmp_path: Path) -> WebhookServer:
+    """The webhook as deployed: its ServiceAccount's token and RBAC, its certificate, the manifests' registration."""
+    admin = c1.admin_client()
+    for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
+        apply_file(admin, MANIFESTS / "webhook" / name)
+    client = c1.client_for_token(c1.issue_token(SYSTEM_NS, SERVICE_NAME, expiration_seconds=3600))
+    bundle = manager.ensure_webhook_certificates(
+        client,
+        namespace=SYSTEM_NS,
+        secret_name=CERT_SECRET_NAME,
+        service_name=SERVICE_NAME,
+        webhook_configuration_name=WEBHOOK_CONFIGURATION_NAME,
+    )
+    cert_file, key_file = manager.write_files(bundle, tmp_path / "webhook-tls")
+    webhook = WebhookServer(client, cert_file, key_file).start()
+    c1.register_service(SYSTEM_NS, SERVICE_NAME, 443, webhook.url)
+    assert webhook.cache.wait_for_sync(30)
+    return webhook
+
+
 @pytest.fixture
 def env(api_server_factory, tmp_path: Path) -> Iterator[Env]:
     c1 = api_server_factory(name="cluster1")
@@ -138,6 +161,9 @@ def env(api_server_factory, tmp_path: Path) -> Iterator[Env]:
     for part in ("crd/serviceaccountimports.yaml", "namespace.yaml", "controller/serviceaccount.yaml"):
         apply_file(admin1, MANIFESTS / part)
     apply_file(admin1, MANIFESTS / "controller" / "rbac.yaml")
+    kube.Resource(admin1, kube.NAMESPACES).patch(
+        "default", {"metadata": {"labels": {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}}
+    )
     controller_client = c1.client_for_token(c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600))
     create(admin1, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": POD_SA, "namespace": "default"}})
     for obj in pod_lister_binding(REMOTE_USER):
@@ -150,6 +176,8 @@ def env(api_server_factory, tmp_path: Path) -> Iterator[Env]:
     yield environment
     for controller in environment.controllers:
         controller.stop()
+    if environment.webhook is not None:
+        environment.webhook.stop()
 
 
 def trust_cluster1(env: Env, out: str) -> None:
@@ -158,22 +186,13 @@ def trust_cluster1(env: Env, out: str) -> None:
     env.c2.configure_authentication(yaml.safe_load(out[start : out.index("\n\n", start)]))
 
 
-def federated_pod(volume: dict[str, Any]) -> dict[str, Any]:
+def annotated_pod() -> dict[str, Any]:
+    """A pod of service account app asking for the import, as a user writes it: the webhook adds the rest."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "client", "namespace": "default", "annotations": {api.IMPORT_ANNOTATION: "fed"}},
-        "spec": {
-            "serviceAccountName": POD_SA,
-            "containers": [
-                {
-                    "name": "client",
-                    "image": "client",
-                    "volumeMounts": [{"name": volume["name"], "mountPath": api.mount_path_for_import("fed")}],
-                }
-            ],
-            "volumes": [volume],
-        },
+        "spec": {"serviceAccountName": POD_SA, "containers": [{"name": "client", "image": "client"}]},
     }
 
 
@@ -208,6 +227,7 @@ def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_t
 ) -> None:
     caplog.set_level(logging.DEBUG)
     env.start_controller()
+    env.webhook = start_webhook(env.c1, tmp_path)
     assert env.federate()[0] == 0
     out = capsys.readouterr().out
     env.create_import()
@@ -229,9 +249,13 @@ def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_t
     assert imp["status"]["secrets"] == [{"name": "fed-token"}]
     assert "expirationTimestamp" not in imp["status"]
 
-    # A pod of service account app with the projected volume; the kubelet writes its five files.
-    volume = federation.projected_volume(api.volume_name_for_import("fed"), "fed-token", "cluster2", 3600)
-    kube.Resource(env.admin1, kube.PODS).create(federated_pod(volume), "default")
+    # An annotated pod of service account app: the webhook mounts the projected volume at the usual path, and
+    # the kubelet writes its five files.
+    pod = kube.Resource(env.admin1, kube.PODS).create(annotated_pod(), "default")
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == api.volume_name_for_import("fed"))
+    assert volume == federation.projected_volume(volume["name"], "fed-token", "cluster2", 3600)
+    (mount,) = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": volume["name"], "mountPath": api.mount_path_for_import("fed"), "readOnly": True}
     kubelet = Kubelet(env.c1, tmp_path / "kubelet")
     kubelet.mount("default", "client")
     mount_root = kubelet.container_root("default", "client", "client") / api.MOUNT_ROOT.lstrip("/")
@@ -275,13 +299,13 @@ def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_t
 
 def test_a_client_built_once_keeps_working_across_the_kubelets_rotation(env: Env, capsys, tmp_path: Path) -> None:
     env.start_controller()
+    env.webhook = start_webhook(env.c1, tmp_path)
     assert env.federate()[0] == 0
     trust_cluster1(env, capsys.readouterr().out)
     env.create_import()
     env.wait_ready("True", api.REASON_FEDERATED)
     env.c1.max_token_expiration_seconds = 4  # from now on cluster1's tokens (the pod's) live 4 seconds
-    volume = federation.projected_volume(api.volume_name_for_import("fed"), "fed-token", "cluster2", 3600)
-    kube.Resource(env.admin1, kube.PODS).create(federated_pod(volume), "default")
+    kube.Resource(env.admin1, kube.PODS).create(annotated_pod(), "default")
     kubelet = Kubelet(env.c1, tmp_path / "kubelet")
     kubelet.mount("default", "client")
     mount_root = kubelet.container_root("default", "client", "client") / api.MOUNT_ROOT.lstrip("/")

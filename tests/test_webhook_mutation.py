@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubemcsa import api
+from kubemcsa.federation import projected_volume
 from webhook import mutation
-from webhook.cache import StaticCache
+from webhook.cache import FederatedImport, StaticCache, federated_import
 
 NS = "apps"
 ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
@@ -282,3 +283,50 @@ def test_colliding_volume_names_get_two_volumes() -> None:
     volumes = [v["name"] for v in result["spec"]["volumes"]]
     assert len(set(volumes)) == 2
     assert mutation.decide(result, NS, lookup(a, b)) == mutation.Decision(allowed=True)
+
+
+# --- federated imports: a projected volume at the same path -------------------------------------------------------
+
+
+def federated_lookup(audience: str | None = None, expiration: int = 3600, recorded: bool = True) -> StaticCache:
+    fed = {(NS, "fed"): FederatedImport("cluster2", audience, expiration)}
+    audiences = {"cluster2": "cluster2-aud"} if recorded else {}
+    return StaticCache({NS: ENABLED}, {(NS, "plain")}, federated=fed, audiences=audiences)
+
+
+def test_a_federated_import_is_a_projected_volume_at_the_same_path_beside_secret_ones() -> None:
+    p = pod("plain,fed", initContainers=[{"name": "i"}])
+    out = mutated(p, mutation.decide(p, NS, federated_lookup()))
+    volumes = {v["name"]: v for v in out["spec"]["volumes"]}
+    assert volumes["sai-plain"] == {"name": "sai-plain", "secret": {"secretName": "plain-token"}}
+    assert volumes["sai-fed"] == projected_volume("sai-fed", "fed-token", "cluster2-aud", 3600)
+    for container in out["spec"]["containers"] + out["spec"]["initContainers"]:
+        paths = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert paths["sai-fed"] == api.mount_path_for_import("fed")
+    # Reinvocation adds nothing.
+    assert mutation.decide(out, NS, federated_lookup()) == mutation.Decision(allowed=True)
+
+
+def test_the_imports_own_audience_and_lifetime_win() -> None:
+    out = mutated(pod("fed"), mutation.decide(pod("fed"), NS, federated_lookup("mine", 7200, recorded=False)))
+    (volume,) = out["spec"]["volumes"]
+    assert volume["projected"]["sources"][1]["serviceAccountToken"] == {
+        "path": "token",
+        "audience": "mine",
+        "expirationSeconds": 7200,
+    }
+
+
+def test_a_federated_import_without_a_known_audience_is_refused_with_the_fix() -> None:
+    decision = mutation.decide(pod("fed"), NS, federated_lookup(recorded=False))
+    assert not decision.allowed and decision.reason == mutation.REASON_UNKNOWN_FEDERATED_SOURCE
+    assert "kubemcsa federate" in decision.message and "spec.audiences" in decision.message
+
+
+def test_the_webhook_reads_a_federated_spec_leniently() -> None:
+    spec = {"clusterName": "c2", "namespace": "d", "tokenType": "Federated"}
+    assert federated_import({"spec": spec}) == FederatedImport("c2", None, 3600)
+    odd = {**spec, "audiences": ["a", "b"], "expirationSeconds": 5}
+    assert federated_import({"spec": odd}) == FederatedImport("c2", "a", 3600)
+    assert federated_import({"spec": {**spec, "tokenType": "TokenRequest"}}) is None
+    assert federated_import({"spec": "garbage"}) is None

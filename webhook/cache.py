@@ -1,6 +1,7 @@
-"""What the webhook knows about its cluster: which ServiceAccountImports exist, and the namespaces' labels.
+"""What the webhook knows about its cluster: which ServiceAccountImports exist (and how a federated one is mounted),
+the namespaces' labels, and the audiences of the federated source clusters.
 
-Fed by two watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
+Fed by three watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
 namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
 namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
 waits past the caller's deadline.
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
-from webhook.mutation import ImportLookup, LookupFailed, LookupWouldBlock
+from kubemcsa import api, federation, kube
+from kubemcsa.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, TOKEN_TYPE_FEDERATED
+from webhook.mutation import ImportLookup, LookupFailed, LookupWouldBlock, ProjectedToken
 
 MISS_IMPORT = "import"
 MISS_NAMESPACE = "namespace"
@@ -26,6 +28,58 @@ API_TIMEOUT_SECONDS = 3.0
 # How long what a miss learnt from the API server answers again (found or not): long enough that a storm of pods
 # naming unknown imports costs one call per namespace per period, short enough that a fix is seen at once.
 RECENT_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class FederatedImport:
+    """What the webhook keeps of a federated import: its source, its audience if set, the token's lifetime."""
+
+    cluster_name: str
+    audience: str | None
+    expiration_seconds: int
+
+
+def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
+    """The mount-relevant part of a federated import's spec (None for other imports), read leniently: the
+    controller reports a bad spec; the webhook mounts what the spec says, or the defaults."""
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping) or spec.get("tokenType") != TOKEN_TYPE_FEDERATED:
+        return None
+    audiences = spec.get("audiences")
+    first = audiences[0] if isinstance(audiences, list) and audiences else None
+    expiration = spec.get("expirationSeconds")
+    valid = (
+        isinstance(expiration, int) and not isinstance(expiration, bool) and expiration >= api.MIN_EXPIRATION_SECONDS
+    )
+    return FederatedImport(
+        cluster_name=str(spec.get("clusterName") or ""),
+        audience=first if isinstance(first, str) and first else None,
+        expiration_seconds=expiration if valid else DEFAULT_FEDERATED_EXPIRATION_SECONDS,  # type: ignore[arg-type]
+    )
+
+
+def projected_tokens(
+    namespace: str,
+    names: Sequence[str],
+    imports: Mapping[str, FederatedImport | None],
+    audiences: Mapping[str, str],
+) -> dict[str, ProjectedToken | str]:
+    """For the federated ones among `names`: their projected token, or why its audience is unknown."""
+    out: dict[str, ProjectedToken | str] = {}
+    for name in names:
+        fed = imports.get(name)
+        if fed is None:
+            continue
+        audience = fed.audience or audiences.get(fed.cluster_name)
+        if audience is None:
+            out[name] = (
+                f'ServiceAccountImport "{name}" in namespace "{namespace}" is federated with cluster '
+                f'"{fed.cluster_name[:80]}", which no federated source names; record it with kubemcsa federate '
+                "(or set the import's spec.audiences)."
+            )
+        else:
+            out[name] = ProjectedToken(audience, fed.expiration_seconds)
+    return out
 
 
 class _Recent:
@@ -82,6 +136,12 @@ class _CacheOnly:
             raise LookupWouldBlock(namespace)
         return [name for name in unknown if name not in recent]  # type: ignore[operator]
 
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+        cache = self._cache
+        recent = cache._recent_imports.get(namespace) or {}
+        known = {name: cache._imports.get((namespace, name), recent.get(name)) for name in names}  # type: ignore[attr-defined]
+        return projected_tokens(namespace, names, known, cache._audiences)
+
 
 @dataclass(frozen=True)
 class _NamespaceAnswer:
@@ -97,12 +157,21 @@ class WatchCache:
     """
 
     def __init__(
-        self, api_client: ApiClient, *, api_timeout: float = API_TIMEOUT_SECONDS, recent_seconds: float = RECENT_SECONDS
+        self,
+        api_client: ApiClient,
+        *,
+        api_timeout: float = API_TIMEOUT_SECONDS,
+        recent_seconds: float = RECENT_SECONDS,
+        system_namespace: str = api.SYSTEM_NAMESPACE,
     ) -> None:
         self._imports_api = kube.Resource(api_client, kube.SERVICE_ACCOUNT_IMPORTS, timeout=api_timeout)
         self._namespaces_api = kube.Resource(api_client, kube.NAMESPACES, timeout=api_timeout)
         self._api_timeout = api_timeout
-        self._imports: set[tuple[str, str]] = set()
+        # (namespace, name) of every import -> what mounting it needs beyond its Secret (None: a Secret volume).
+        self._imports: dict[tuple[str, str], FederatedImport | None] = {}
+        # Federated source cluster -> the audience it expects, from the ConfigMaps `kubemcsa federate` records.
+        self._audiences: dict[str, str] = {}
+        self._source_records: dict[str, str] = {}  # ConfigMap name -> the cluster it records
         self._namespaces: dict[str, Mapping[str, str]] = {}
         self._recent_imports = _Recent(recent_seconds)
         self._recent_namespaces = _Recent(recent_seconds)
@@ -110,17 +179,35 @@ class WatchCache:
         self._misses_lock = threading.Lock()
         self._import_informer = kube.Informer(self._imports_api, name="webhook-serviceaccountimports")
         self._namespace_informer = kube.Informer(self._namespaces_api, name="webhook-namespaces")
+        self._source_informer = kube.Informer(
+            kube.Resource(api_client, kube.CONFIG_MAPS, timeout=api_timeout),
+            namespace=system_namespace,
+            label_selector=f"{federation.FEDERATED_SOURCE_LABEL}={federation.FEDERATED_SOURCE_LABEL_VALUE}",
+            name="webhook-federated-sources",
+        )
         self._import_informer.add_handler(self._on_import)
         self._namespace_informer.add_handler(self._on_namespace)
+        self._source_informer.add_handler(self._on_source)
         self._view = _CacheOnly(self)
 
     # Informer handlers (informer threads): single dict/set operations, atomic under the GIL.
     def _on_import(self, event_type: str, obj: dict, old: dict | None) -> None:
         key = kube.object_key(obj)
         if event_type == "DELETED":
-            self._imports.discard(key)
+            self._imports.pop(key, None)
         else:
-            self._imports.add(key)
+            self._imports[key] = federated_import(obj)
+
+    def _on_source(self, event_type: str, obj: dict, old: dict | None) -> None:
+        _, name = kube.object_key(obj)
+        previous = self._source_records.pop(name, None)
+        if previous is not None:
+            self._audiences.pop(previous, None)
+        data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+        cluster, audience = data.get(federation.KEY_CLUSTER_NAME), data.get(federation.KEY_AUDIENCE)
+        if event_type != "DELETED" and isinstance(cluster, str) and isinstance(audience, str) and audience:
+            self._source_records[name] = cluster
+            self._audiences[cluster] = audience
 
     def _on_namespace(self, event_type: str, obj: dict, old: dict | None) -> None:
         _, name = kube.object_key(obj)
@@ -129,21 +216,24 @@ class WatchCache:
         else:
             self._namespaces[name] = dict((obj.get("metadata") or {}).get("labels") or {})
 
+    def _informers(self) -> tuple[kube.Informer, ...]:
+        return (self._import_informer, self._namespace_informer, self._source_informer)
+
     def start(self) -> WatchCache:
-        self._import_informer.start()
-        self._namespace_informer.start()
+        for informer in self._informers():
+            informer.start()
         return self
 
     def stop(self) -> None:
-        self._import_informer.stop()
-        self._namespace_informer.stop()
+        for informer in self._informers():
+            informer.stop()
 
     @property
     def has_synced(self) -> bool:
-        return self._import_informer.has_synced and self._namespace_informer.has_synced
+        return all(informer.has_synced for informer in self._informers())
 
     def wait_for_sync(self, timeout: float | None = None) -> bool:
-        return self._import_informer.wait_for_sync(timeout) and self._namespace_informer.wait_for_sync(timeout)
+        return all(informer.wait_for_sync(timeout) for informer in self._informers())
 
     def cached(self) -> ImportLookup:
         return self._view
@@ -167,6 +257,9 @@ class WatchCache:
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         return self.before(time.monotonic() + self._api_timeout).missing_imports(namespace, names)
+
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+        return self._view.federated_imports(namespace, names)
 
 
 class _Blocking:
@@ -229,14 +322,21 @@ class _Blocking:
         except LookupWouldBlock:
             pass
 
-        def list_names(timeout: float) -> frozenset[str]:
+        def list_names(timeout: float) -> dict[str, FederatedImport | None]:
             listed = cache._imports_api.list(namespace, timeout=timeout)
             items = listed.get("items") or ()
-            return frozenset((item.get("metadata") or {}).get("name") for item in items if isinstance(item, dict))
+            return {
+                (item.get("metadata") or {}).get("name"): federated_import(item)
+                for item in items
+                if isinstance(item, dict)
+            }
 
         what = f'ServiceAccountImports in namespace "{namespace}"'
         present = self._ask_once(cache._recent_imports, namespace, MISS_IMPORT, what, list_names)
         return [name for name in names if (namespace, name) not in cache._imports and name not in present]  # type: ignore[operator]
+
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+        return self._cache._view.federated_imports(namespace, names)
 
 
 def _failure(what: str, cause: str) -> str:
@@ -255,10 +355,14 @@ class StaticCache:
         imports: set[tuple[str, str]] | None = None,
         *,
         synced: bool = True,
+        federated: Mapping[tuple[str, str], FederatedImport] | None = None,
+        audiences: Mapping[str, str] | None = None,
     ) -> None:
         self.namespaces = dict(namespaces or {})
-        self.imports = set(imports or ())
+        self.imports = set(imports or ()) | set(federated or ())
         self.synced = synced
+        self.federated = dict(federated or {})
+        self.audiences = dict(audiences or {})
 
     @property
     def has_synced(self) -> bool:
@@ -278,3 +382,7 @@ class StaticCache:
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         return [name for name in names if (namespace, name) not in self.imports]
+
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+        known = {name: self.federated.get((namespace, name)) for name in names}
+        return projected_tokens(namespace, names, known, self.audiences)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubemcsa import api
+from kubemcsa import api, federation
 
 # Refusal reasons: the label of the refusals metric, and a stable word for tests and logs.
 REASON_IMPORT_NOT_FOUND = "ImportNotFound"
@@ -23,12 +23,21 @@ REASON_INVALID_POD = "InvalidPod"
 REASON_LOOKUP_FAILED = "LookupFailed"
 REASON_TOO_MANY_IMPORTS = "TooManyImports"
 REASON_TOO_MANY_CONTAINERS = "TooManyContainers"
+REASON_UNKNOWN_FEDERATED_SOURCE = "UnknownFederatedSource"
 
 # The most containers (init, regular and ephemeral together) the webhook mounts imports into: with the import cap,
 # it bounds the patch (and the work) to MAX_CONTAINERS * MAX_IMPORTS_PER_POD mounts.
 MAX_CONTAINERS = 256
 
 _CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
+
+
+@dataclass(frozen=True)
+class ProjectedToken:
+    """How a federated import is mounted: the pod's own token for this audience and lifetime."""
+
+    audience: str
+    expiration_seconds: int
 
 
 class ImportLookup(Protocol):
@@ -40,6 +49,11 @@ class ImportLookup(Protocol):
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         """Those of `names` (at most MAX_IMPORTS_PER_POD) that are not ServiceAccountImports in this namespace."""
+        ...
+
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> Mapping[str, ProjectedToken | str]:
+        """Those of `names` (all existing) that are federated: their projected token, or why it is unknown
+        (their source has no audience on record). Asked after missing_imports, from what it already knows."""
         ...
 
 
@@ -200,7 +214,30 @@ def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision
             f"or fix the pod's {api.IMPORT_ANNOTATION} annotation.",
         )
     assert prepared.planned is not None
-    return prepared.planned
+    federated = lookup.federated_imports(namespace, prepared.names)
+    if not federated:
+        return prepared.planned
+    unknown = {name: why for name, why in federated.items() if isinstance(why, str)}
+    if unknown:
+        return refuse(REASON_UNKNOWN_FEDERATED_SOURCE, " ".join(unknown.values()))
+    return with_projected_tokens(prepared.planned, prepared.names, federated)  # type: ignore[arg-type]
+
+
+def with_projected_tokens(planned: Decision, names: Sequence[str], federated: Mapping[str, ProjectedToken]) -> Decision:
+    """The planned patch with each federated import's Secret volume replaced by its projected volume (the Secret's
+    four keys and the pod's own token): the same path, the same five files."""
+    if not planned.allowed:
+        return planned
+    patch_json = planned.patch_json
+    for item in _mounts_for(names):
+        token = federated.get(item.name)
+        if token is None:
+            continue
+        volume = federation.projected_volume(
+            item.volume_name, item.secret_name, token.audience, token.expiration_seconds
+        )
+        patch_json = patch_json.replace(item.volume_json, _compact(volume))
+    return Decision(allowed=True, patch_json=patch_json)
 
 
 def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
@@ -208,7 +245,8 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
 
     No annotation, or a namespace that is not enabled: allowed untouched (even if the API server's
     namespaceSelector is misconfigured). Otherwise the pod may ask for at most MAX_IMPORTS_PER_POD imports,
-    every one must exist in the namespace, and the pod gets one Secret volume per import and one read-only
+    every one must exist in the namespace, and the pod gets one volume per import (its Secret; for a federated
+    import, a projected volume of the Secret's four keys and the pod's own token) and one read-only
     mount per import in every container (of at most MAX_CONTAINERS); what is already there (reinvocation) is
     not added again, and what collides with the pod's own volumes or mounts is refused. May raise LookupFailed.
     """
@@ -249,6 +287,18 @@ def _mounts_for(names: Sequence[str]) -> list[_Mounted]:
 _compact = json.JSONEncoder(separators=(",", ":")).encode
 
 
+def _is_import_volume(volume: Mapping[str, Any], secret_name: str) -> bool:
+    """True if a volume of the pod already is the import's (reinvocation): its Secret volume, or the projected
+    volume of a federated import, whose first source is that Secret."""
+    secret = volume.get("secret")
+    if isinstance(secret, Mapping):
+        return secret.get("secretName") == secret_name
+    projected = volume.get("projected")
+    sources = projected.get("sources") if isinstance(projected, Mapping) else None
+    first = sources[0] if isinstance(sources, list) and sources and isinstance(sources[0], Mapping) else {}
+    return isinstance(first.get("secret"), Mapping) and first["secret"].get("name") == secret_name
+
+
 def _add(path: str, value_json: str) -> str:
     # Paths are built here from field names and indexes: nothing to escape.
     return f'{{"op":"add","path":"{path}","value":{value_json}}}'
@@ -286,8 +336,7 @@ def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
         if existing is None:
             new_volumes.append(item.volume_json)
             continue
-        secret = existing.get("secret")
-        if not (isinstance(secret, Mapping) and secret.get("secretName") == item.secret_name):
+        if not _is_import_volume(existing, item.secret_name):
             return refuse(
                 REASON_VOLUME_CONFLICT,
                 f'The pod already has a volume named "{item.volume_name}" that is not the Secret of '
