@@ -249,11 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
             f"""
             {prog} demo
             {prog} demo --keep-running    # leave the clusters up and print their kubeconfig paths
+            {prog} demo --federated       # the federated trust mode: no token copied anywhere
             """
         ),
     )
     demo.add_argument(
         "--keep-running", action="store_true", help="leave everything running until Ctrl-C (prints kubeconfigs)"
+    )
+    demo.add_argument(
+        "--federated",
+        action="store_true",
+        help="play the federated trust mode: cluster2 trusts cluster1's own tokens, no token is copied",
     )
     return parser
 
@@ -536,7 +542,9 @@ def _run_demo(args: argparse.Namespace) -> int:
             "this installation leaves out; install the test extras: pip install -e '.[test]' in a source checkout."
         ) from None
 
-    return demo.main(keep_running=args.keep_running)
+    if args.federated and args.keep_running:
+        raise CommandError("--keep-running is not available with --federated yet; run the demo without it.")
+    return demo.main(keep_running=args.keep_running, federated=args.federated)
 
 
 COMMANDS = {

@@ -1,4 +1,5 @@
 """`kubemcsa demo`: the original Getting Started flow, played on two in-memory clusters, each step printed.
+`kubemcsa demo --federated` plays the federated trust mode instead: no token copied anywhere.
 
 Nothing is installed anywhere: two `kubemcsa.testing.ApiServer`s stand in for cluster1 and cluster2, and the
 controller and the admission webhook run in this process against cluster1, exactly as they would in a pod.
@@ -141,6 +142,59 @@ def annotated_pod() -> JSON:
     }
 
 
+FEDERATED_IMPORT_NAME = "cluster2-federated"
+FEDERATED_POD_SA = "app"
+
+
+def federated_import() -> JSON:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": FEDERATED_IMPORT_NAME, "namespace": "default"},
+        "spec": {"clusterName": "cluster2", "namespace": "default", "tokenType": "Federated"},
+    }
+
+
+def federated_cluster2(remote_user: str) -> list[JSON]:
+    """In cluster2: a Role that lists pods, bound to the federated user of cluster1's pods, and an nginx pod."""
+    return [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": "pod-lister", "namespace": "default"},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": "cluster1-app-pod-lister", "namespace": "default"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-lister"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": remote_user}],
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "nginx", "namespace": "default"},
+            "spec": {"containers": [{"name": "nginx", "image": "nginx"}]},
+        },
+    ]
+
+
+def federated_pod() -> JSON:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "federated-client", "annotations": {api.IMPORT_ANNOTATION: FEDERATED_IMPORT_NAME}},
+        "spec": {"serviceAccountName": FEDERATED_POD_SA, "containers": [{"name": "client", "image": "client"}]},
+    }
+
+
+def _ready_condition(imports: kube.Resource, name: str, status: str, reason: str) -> JSON | None:
+    conditions = (imports.get(name, "default").get("status") or {}).get("conditions") or []
+    found = next((c for c in conditions if c.get("type") == api.CONDITION_READY), None)
+    return found if found and (found.get("status"), found.get("reason")) == (status, reason) else None
+
+
 def write_secret_files(secret: JSON, directory: Path) -> None:
     """Write a Secret's keys as files, the way the kubelet projects a Secret volume (atomic ..data swap)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -177,7 +231,7 @@ class Demo:
     def close(self) -> None:
         self._stack.close()
 
-    def run(self, keep_running: bool = False, stop: threading.Event | None = None) -> None:
+    def _start_clusters(self) -> tuple[Any, Any, dict[str, Path], ApiClient, ApiClient]:
         from kubemcsa.testing import ApiServer
 
         self.step("Starting two in-memory Kubernetes API servers")
@@ -195,29 +249,18 @@ class Demo:
         crd = api.crd_manifest()
         kube.Resource(admin1, kube.CRDS).create(crd)
         self.say(f"created CustomResourceDefinition {crd['metadata']['name']}")
+        return cluster1, cluster2, kubeconfigs, admin1, admin2
 
-        self.step("kubemcsa bootstrap --target-context cluster1 --source-context cluster2")
-        source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
-        target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
-        the_plan = bootstrap.plan("cluster1", "cluster2")
-        result = bootstrap.apply(
-            the_plan,
-            bootstrap.Cluster("source", "cluster2", admin2, source.server, source.ca_pem),
-            bootstrap.Cluster("target", "cluster1", admin1, target.server),
-            report=self.say,
-        )
-        self.say(result.summary())
-
-        self.step("Starting the service account import controller against cluster1")
+    def _start_controller(self, cluster1: Any, **options: Any) -> None:
         from controller.run import Controller, Options
 
-        controller = Controller(self._client(cluster1.admin_client()), Options(leader_election=False))
+        controller = Controller(self._client(cluster1.admin_client()), Options(leader_election=False, **options))
         controller.start()
         self._stack.callback(controller.stop)
         if not controller.wait_until_ready(WAIT_SECONDS):
             raise DemoError("the controller did not become ready within 30s.")
-        self.say("the controller reaches cluster2 with the credential bootstrap gave it")
 
+    def _start_webhook(self, cluster1: Any, admin1: ApiClient) -> None:
         self.step("Starting the admission webhook and registering it in cluster1")
         from kubemcsa.tls import make_ca, make_serving_cert
         from webhook.__main__ import WebhookServer
@@ -233,6 +276,27 @@ class Demo:
         kube.Resource(admin1, kube.MUTATING_WEBHOOK_CONFIGURATIONS).create(webhook_configuration(webhook.url, ca_cert))
         self.say(f"webhook on {webhook.url}/mutate-pods, MutatingWebhookConfiguration {WEBHOOK_CONFIGURATION}")
         wait_for("the webhook's cache", lambda: webhook.cache.has_synced)
+
+    def run(self, keep_running: bool = False, stop: threading.Event | None = None) -> None:
+        cluster1, _, kubeconfigs, admin1, admin2 = self._start_clusters()
+
+        self.step("kubemcsa bootstrap --target-context cluster1 --source-context cluster2")
+        source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
+        target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
+        the_plan = bootstrap.plan("cluster1", "cluster2")
+        result = bootstrap.apply(
+            the_plan,
+            bootstrap.Cluster("source", "cluster2", admin2, source.server, source.ca_pem),
+            bootstrap.Cluster("target", "cluster1", admin1, target.server),
+            report=self.say,
+        )
+        self.say(result.summary())
+
+        self.step("Starting the service account import controller against cluster1")
+        self._start_controller(cluster1)
+        self.say("the controller reaches cluster2 with the credential bootstrap gave it")
+
+        self._start_webhook(cluster1, admin1)
 
         self.step("In cluster2: service account pod-lister, allowed to list pods in default, and an nginx pod")
         for obj in getting_started_cluster2():
@@ -342,6 +406,119 @@ class Demo:
             self.say(f"kubectl --kubeconfig {kubeconfigs['cluster2']} get pods")
             (stop or threading.Event()).wait()
 
+    def run_federated(self) -> None:
+        """The federated trust mode: cluster2 trusts cluster1's own tokens, and no token is copied anywhere."""
+        from kubemcsa import federate, federation
+        from kubemcsa.testing.kubelet import Kubelet
+
+        cluster1, cluster2, kubeconfigs, admin1, admin2 = self._start_clusters()
+        system = api.SYSTEM_NAMESPACE
+
+        self.step("Starting the service account import controller against cluster1")
+        kube.Resource(admin1, kube.NAMESPACES).create({"metadata": {"name": system}})
+        controller_sa = "service-account-import-controller"
+        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": controller_sa}}, system)
+        # The demo's controller runs as the admin: it checks trust with a token of the account it would run as.
+        self._start_controller(
+            cluster1, service_account=f"{system}/{controller_sa}", untrusted_recheck_seconds=0.5, backoff_max=1.0
+        )
+        self.say(f"it checks trust with tokens of its own service account {system}/{controller_sa}")
+        self._start_webhook(cluster1, admin1)
+
+        self.step("kubemcsa federate --target-context cluster1 --source-context cluster2")
+        target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
+        source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
+        wanted = federation.FederatedSource("cluster2", source.server, source.ca_pem, "cluster2", "cluster1:")
+        target_cluster = bootstrap.Cluster("target", "cluster1", admin1, target.server, target.ca_pem)
+        issuer, _ = federate.apply(wanted, target_cluster, report=self.say)
+        instructions = federate.instructions(issuer, target_cluster, wanted)
+        for line in instructions.splitlines():
+            self.say(line)
+
+        self.step(f"In cluster1: label namespace default, a service account {FEDERATED_POD_SA}, and a federated import")
+        kube.Resource(admin1, kube.NAMESPACES).patch(
+            "default", {"metadata": {"labels": {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}}
+        )
+        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": FEDERATED_POD_SA}}, "default")
+        imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+        imports.create(federated_import(), "default")
+        self.say(f"ServiceAccountImport default/{FEDERATED_IMPORT_NAME}: clusterName cluster2, tokenType Federated")
+        condition = wait_for(
+            "the import to say cluster2 does not trust cluster1 yet",
+            lambda: _ready_condition(imports, FEDERATED_IMPORT_NAME, "False", api.REASON_FEDERATION_NOT_TRUSTED),
+        )
+        self.say(f"import Ready=False reason={condition['reason']}: {condition['message']}")
+
+        self.step("In cluster2, its administrator adds the printed AuthenticationConfiguration to kube-apiserver")
+        start = instructions.index("apiVersion: apiserver.config.k8s.io")
+        cluster2.configure_authentication(instructions[start : instructions.index("\n\n", start)])
+        self.say("cluster2 now authenticates cluster1's service-account tokens for audience cluster2")
+        check = federate.check(wanted, target_cluster)
+        self.say(f"kubemcsa federate --check: a token of cluster1's default/default is user {check.username!r}")
+        remote_user = wanted.remote_user("default", FEDERATED_POD_SA)
+        for obj in federated_cluster2(remote_user):
+            kube.Resource(admin2, kube.resource_type_of(obj)).create(obj)
+            self.say(f"created {obj['kind']} default/{obj['metadata']['name']}")
+        self.say(f"the RoleBinding lets user {remote_user} list pods in default, nothing more")
+
+        self.step("The import turns Ready by itself")
+        condition = wait_for(
+            "the federated import to be Ready",
+            lambda: _ready_condition(imports, FEDERATED_IMPORT_NAME, "True", api.REASON_FEDERATED),
+        )
+        self.say(f"import Ready=True reason={condition['reason']}: {condition['message']}")
+        status = imports.get(FEDERATED_IMPORT_NAME, "default").get("status") or {}
+        self.say(f"status.remoteUser: {status.get('remoteUser')}")
+        secret = kube.Resource(admin1, kube.SECRETS).get(api.secret_name_for_import(FEDERATED_IMPORT_NAME), "default")
+        self.say(f"Secret default/{secret['metadata']['name']} holds {', '.join(sorted(secret['data']))}: no token")
+
+        self.step(f"In cluster1: a pod of service account {FEDERATED_POD_SA}, annotated, is admitted by the webhook")
+        pod = kube.Resource(admin1, kube.PODS).create(federated_pod(), "default")
+        volume = next(
+            v for v in pod["spec"]["volumes"] if v["name"] == api.volume_name_for_import(FEDERATED_IMPORT_NAME)
+        )
+        secret_source, token_source = volume["projected"]["sources"]
+        self.say(f"volume {volume['name']}: projected, Secret {secret_source['secret']['name']} (four keys) and")
+        self.say(f"  serviceAccountToken {token_source['serviceAccountToken']}")
+        self.say(f"mounted at {api.mount_path_for_import(FEDERATED_IMPORT_NAME)} in every container")
+
+        self.step("In the pod: the kubelet writes the five files; a client is built with kubemcsa.config")
+        kubelet = Kubelet(cluster1, self.workdir / "kubelet")
+        kubelet.mount("default", "federated-client")
+        root = kubelet.container_root("default", "federated-client", "client") / api.MOUNT_ROOT.lstrip("/")
+        files = sorted(p.name for p in (root / FEDERATED_IMPORT_NAME).iterdir() if not p.name.startswith(".."))
+        self.say(f"files: {', '.join(files)} (token: the pod's own, for audience cluster2)")
+        remote = config.import_config_and_namespace(FEDERATED_IMPORT_NAME, root)
+        with remote.api_client() as client:
+            self.say(f"cluster2 sees the client as {kube.whoami(client).get('username')!r}")
+            pods = kube.Resource(client, kube.PODS).list(remote.namespace).get("items") or []
+            self.say(f"pods in cluster2's default namespace: {', '.join(p['metadata']['name'] for p in pods)}")
+            try:
+                kube.Resource(client, kube.SECRETS).list(remote.namespace)
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise
+                self.say(f"listing secrets is refused, as it should be: {exc.status} {kube.error_message(exc)}")
+            else:
+                raise DemoError("the federated user could list cluster2's secrets, which its Role does not allow.")
+
+            self.step("The kubelet rotates the pod's token; the same client keeps working")
+            first = (root / FEDERATED_IMPORT_NAME / "token").read_text()
+            wait_for(
+                "a new token",
+                lambda: kubelet.rotate() and (root / FEDERATED_IMPORT_NAME / "token").read_text() != first,
+            )
+            pods = kube.Resource(client, kube.PODS).list(remote.namespace).get("items") or []
+            self.say(f"after rotation, still listed: {', '.join(p['metadata']['name'] for p in pods)}")
+
+        self.step("No token was copied: the Secrets of cluster1 hold none for cluster2")
+        holders = [
+            f"{s['metadata']['namespace']}/{s['metadata']['name']}"
+            for s in kube.Resource(admin1, kube.SECRETS).list().get("items") or []
+            if api.KEY_TOKEN in (s.get("data") or {})
+        ]
+        self.say(f"Secrets with a token key in cluster1: {', '.join(holders) or 'none'}")
+
     def _client(self, client: ApiClient) -> ApiClient:
         self._stack.callback(client.close)
         return client
@@ -370,6 +547,7 @@ def main(
     out: Callable[[str], None] | None = None,
     err: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
+    federated: bool = False,
 ) -> int:
     """Run the demo; 0 on success, 1 (after one sentence on `err`) on failure. Everything is stopped at the end."""
     import sys
@@ -380,7 +558,10 @@ def main(
     with _workdir() as workdir:
         demo = Demo(write, workdir)
         try:
-            demo.run(keep_running=keep_running, stop=stop)
+            if federated:
+                demo.run_federated()
+            else:
+                demo.run(keep_running=keep_running, stop=stop)
         except KeyboardInterrupt:
             write("\nStopped.")
         except DemoError as exc:

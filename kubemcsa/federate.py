@@ -120,8 +120,8 @@ def instructions(issuer: Issuer, target: Cluster, source: FederatedSource) -> st
     """What the source cluster's administrator adds, and the RBAC a federated user needs there."""
     config = federation.authentication_configuration(issuer.url, target.server, target.ca_pem, source)
     lines = [
-        f"Add this to the --authentication-config file of source cluster {source.cluster_name!r}'s kube-apiserver "
-        "(it reloads the file by itself; merge the jwt entry if the file exists):",
+        f"Add this to the --authentication-config file of the kube-apiserver of source cluster "
+        f"{source.cluster_name!r} (it reloads the file by itself; merge the jwt entry if the file exists):",
         "",
         federation.render_authentication_configuration(config).rstrip("\n"),
         "",

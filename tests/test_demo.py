@@ -62,3 +62,30 @@ def test_the_demo_keeps_running_until_asked_to_stop() -> None:
         stop.set()
         runner.join(60)
     assert result == [0]
+
+
+def test_the_federated_demo_plays_the_whole_flow_without_copying_a_token() -> None:
+    out: list[str] = []
+    err: list[str] = []
+    assert demo.main(out=out.append, err=err.append, federated=True) == 0, err
+    text = "\n".join(out)
+    for expected in (
+        "kubemcsa federate --target-context cluster1 --source-context cluster2",
+        "ConfigMap multicluster-service-account/federated-cluster2 created",
+        "kind: AuthenticationConfiguration",
+        "import Ready=False reason=FederationNotTrusted",
+        "is user 'cluster1:system:serviceaccount:default:default'",
+        "import Ready=True reason=Federated",
+        "status.remoteUser: cluster1:system:serviceaccount:default:<service-account>",
+        "holds ca.crt, config, namespace, server: no token",
+        "serviceAccountToken {'path': 'token', 'audience': 'cluster2', 'expirationSeconds': 3600}",
+        "files: ca.crt, config, namespace, server, token",
+        "cluster2 sees the client as 'cluster1:system:serviceaccount:default:app'",
+        "pods in cluster2's default namespace: nginx",
+        "listing secrets is refused, as it should be: 403",
+        "after rotation, still listed: nginx",
+        "Secrets with a token key in cluster1: none",
+        "everything started by the demo is stopped",
+    ):
+        assert expected in text, f"{expected!r} missing from the demo's output:\n{text}"
+    assert err == []
