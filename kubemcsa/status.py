@@ -71,6 +71,13 @@ def _ready_condition(obj: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _remote(spec: dict[str, Any]) -> str:
+    """The remote namespace/name; a federated import calls the source as each pod's own service account."""
+    if spec.get("tokenType") == "Federated":
+        return f"{spec.get('namespace') or '?'}/(each pod's own)"
+    return f"{spec.get('namespace') or '?'}/{spec.get('name') or '?'}"
+
+
 def import_status(obj: dict[str, Any], now: dt.datetime) -> ImportStatus:
     """One import's line; tolerant of imports the controller has not seen yet or that are malformed."""
     metadata, spec, status = (_mapping(obj.get(key)) for key in ("metadata", "spec", "status"))
@@ -91,7 +98,7 @@ def import_status(obj: dict[str, Any], now: dt.datetime) -> ImportStatus:
         namespace=str(metadata.get("namespace") or ""),
         name=str(metadata.get("name") or ""),
         cluster=str(spec.get("clusterName") or "-"),
-        remote=f"{spec.get('namespace') or '?'}/{spec.get('name') or '?'}",
+        remote=_remote(spec),
         ready=ready,
         reason=reason,
         message=message,

@@ -84,3 +84,10 @@ def test_expires_in() -> None:
 def test_malformed_imports_never_crash(obj) -> None:
     candidate = obj if isinstance(obj, dict) else {"status": obj, "spec": obj, "metadata": obj}
     status.format_table([status.import_status(candidate, NOW)])
+
+
+def test_a_federated_import_calls_the_source_as_each_pods_own_service_account() -> None:
+    fed = sai("fed", reason="Federated")
+    fed["spec"] = {"clusterName": "cluster2", "namespace": "default", "tokenType": "Federated"}
+    (row,) = status.rows([fed], NOW)
+    assert (row.ready, row.reason, row.remote, row.expires_in) == ("True", "Federated", "default/(each pod's own)", "-")

@@ -32,7 +32,9 @@ from kubemcsa import api, cli, config, federation, kube
 from kubemcsa.testing.kubelet import Kubelet
 from kubemcsa.testing.tokens import decode_unverified
 from kubemcsa.testing.wait import wait_for
+from webhook import mutation
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
+from webhook.cache import MISS_IMPORT, MISS_NAMESPACE, WatchCache
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -365,3 +367,14 @@ def test_no_one_with_namespace_rights_or_the_controllers_identity_can_record_a_f
             "default", "token", {"spec": {"audiences": ["cluster2"]}}, SYSTEM_NS
         )
     assert info.value.status == 403
+
+
+def test_a_federated_import_the_webhook_has_not_seen_yet_is_mounted_from_one_list(env: Env) -> None:
+    """The cache-miss path: the pod comes with its import, before the watch has delivered it."""
+    env.create_import(audiences=["cluster2-aud"], expirationSeconds=1200)
+    cache = WatchCache(env.admin1)  # never started: every lookup misses
+    pod = annotated_pod()
+    decision = mutation.decide(pod, "default", cache.before(time.monotonic() + 5))
+    assert decision.allowed and cache.misses() == {MISS_IMPORT: 1, MISS_NAMESPACE: 1}
+    (volume,) = next(op["value"] for op in decision.patch if op["path"] == "/spec/volumes")
+    assert volume == federation.projected_volume(volume["name"], "fed-token", "cluster2-aud", 1200)
