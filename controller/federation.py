@@ -5,7 +5,8 @@
 - `TrustChecks` asks a source whether it accepts this cluster's tokens: a token of the controller's own service
   account, requested from the local cluster for the source's audience, sent to the source's SelfSubjectReview.
   One answer per source and audience serves every import of it until it is stale (a refusal is asked again
-  sooner than an acceptance), so the number of checks does not grow with the number of imports.
+  sooner than an acceptance), and one check at a time is made for it, so the number of checks does not grow
+  with the number of imports.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class TrustChecks:
         self.timeout = timeout
         self.clock = clock
         self._answers: dict[tuple[str, str], tuple[str, Trust]] = {}
+        self._checking: dict[tuple[str, str], threading.Lock] = {}
         self._lock = threading.Lock()
 
     def cached(self, source: FederatedSource, audience: str) -> Trust | None:
@@ -127,7 +129,17 @@ class TrustChecks:
         return found
 
     def check(self, need: NeedsTrustCheck) -> Trust:
-        """Ask the source now, remember and return its answer (the token is never kept or shown)."""
+        """Ask the source, remember and return its answer (the token is never kept or shown). One check at a time
+        per source and audience: workers that need the same answer wait for it instead of asking again."""
+        with self._lock:
+            key_lock = self._checking.setdefault((need.source.cluster_name, need.audience), threading.Lock())
+        with key_lock:
+            fresh = self.cached(need.source, need.audience)
+            if fresh is not None and self.clock() < fresh.valid_until:
+                return fresh
+            return self._check(need)
+
+    def _check(self, need: NeedsTrustCheck) -> Trust:
         source, audience = need.source, need.audience
         now = self.clock()
         own = self.own_service_account()

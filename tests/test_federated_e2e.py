@@ -378,3 +378,23 @@ def test_a_federated_import_the_webhook_has_not_seen_yet_is_mounted_from_one_lis
     assert decision.allowed and cache.misses() == {MISS_IMPORT: 1, MISS_NAMESPACE: 1}
     (volume,) = next(op["value"] for op in decision.patch if op["path"] == "/spec/volumes")
     assert volume == federation.projected_volume(volume["name"], "fed-token", "cluster2-aud", 1200)
+
+
+def test_twenty_federated_imports_of_one_source_share_its_trust_check(env: Env, capsys) -> None:
+    """Checks are per source and audience, not per import: the source sees a handful, whatever the imports."""
+    controller = env.start_controller()
+    assert env.federate()[0] == 0
+    trust_cluster1(env, capsys.readouterr().out)
+    wait_for(controller.federated_sources.list, "the controller to see the federated source")
+    env.c1.reset_requests()
+    env.c2.reset_requests()
+    for i in range(20):
+        env.create_import(f"fed-{i}")
+    for i in range(20):
+        env.wait_ready("True", api.REASON_FEDERATED, name=f"fed-{i}")
+    reviews = [r for r in env.c2.requests if r.resource == "selfsubjectreviews"]
+    own_tokens = [r for r in env.c1.requests if r.subresource == "token" and r.name == CONTROLLER_SA]
+    # At most one per worker racing for the first answer (the default is 4 workers), then none.
+    print(f"20 federated imports: {len(reviews)} SelfSubjectReview(s) at the source, {len(own_tokens)} token(s)")
+    assert 1 <= len(reviews) <= controller.options.workers
+    assert len(own_tokens) == len(reviews)
