@@ -542,8 +542,6 @@ def _run_demo(args: argparse.Namespace) -> int:
             "this installation leaves out; install the test extras: pip install -e '.[test]' in a source checkout."
         ) from None
 
-    if args.federated and args.keep_running:
-        raise CommandError("--keep-running is not available with --federated yet; run the demo without it.")
     return demo.main(keep_running=args.keep_running, federated=args.federated)
 
 

@@ -406,7 +406,7 @@ class Demo:
             self.say(f"kubectl --kubeconfig {kubeconfigs['cluster2']} get pods")
             (stop or threading.Event()).wait()
 
-    def run_federated(self) -> None:
+    def run_federated(self, keep_running: bool = False, stop: threading.Event | None = None) -> None:
         """The federated trust mode: cluster2 trusts cluster1's own tokens, and no token is copied anywhere."""
         from kubemcsa import federate, federation
         from kubemcsa.testing.kubelet import Kubelet
@@ -518,6 +518,11 @@ class Demo:
             if api.KEY_TOKEN in (s.get("data") or {})
         ]
         self.say(f"Secrets with a token key in cluster1: {', '.join(holders) or 'none'}")
+        if keep_running:
+            self.step("Still running; press Ctrl-C to stop. Try:")
+            self.say(f"kubectl --kubeconfig {kubeconfigs['cluster1']} get serviceaccountimports -A")
+            self.say(f"kubectl --kubeconfig {root / FEDERATED_IMPORT_NAME / 'config'} get pods")
+            (stop or threading.Event()).wait()
 
     def _client(self, client: ApiClient) -> ApiClient:
         self._stack.callback(client.close)
@@ -559,7 +564,7 @@ def main(
         demo = Demo(write, workdir)
         try:
             if federated:
-                demo.run_federated()
+                demo.run_federated(keep_running=keep_running, stop=stop)
             else:
                 demo.run(keep_running=keep_running, stop=stop)
         except KeyboardInterrupt:
