@@ -202,7 +202,8 @@ def make_env(api_server_factory, tmp_path: Path) -> Iterator[Callable[..., Env]]
         c2 = api_server_factory(name="cluster2", max_token_expiration_seconds=max_token_expiration_seconds)
         admin1, controller_client = setup_cluster1(c1)
         admin2, remote_token = setup_cluster2(c2, extra_rules)
-        path = str(tmp_path / "sources.kubeconfig")
+        # One file per env: a controller of an earlier env follows its file, and must not move to this env's source.
+        path = str(tmp_path / f"sources-{len(envs)}.kubeconfig")
         c2.write_kubeconfig(path, context="cluster2", token=remote_token)
         env = Env(c1, c2, tmp_path, admin1, admin2, controller_client, path, remote_token)
         envs.append(env)
