@@ -810,6 +810,16 @@ def test_a_source_whose_ca_changed_says_its_certificate_is_not_trusted(env: Env)
     assert "--source-kubeconfig" in cond["message"]
 
 
+def test_a_source_whose_name_does_not_resolve_says_dns(env: Env) -> None:
+    config = yaml.safe_load(Path(env.source_kubeconfig).read_text())
+    config["clusters"][0]["cluster"]["server"] = "https://source.invalid:6443"  # RFC 6761: never resolves
+    Path(env.source_kubeconfig).write_text(yaml.safe_dump(config))
+    env.start_controller()
+    env.create_import("dns")
+    cond = env.wait_ready("dns", "False", api.REASON_REMOTE_UNREACHABLE)
+    assert "does not resolve (DNS)" in cond["message"] and "source.invalid" in cond["message"]
+
+
 def test_a_missing_system_namespace_is_one_clear_startup_error(api_server_factory, tmp_path: Path) -> None:
     c1 = api_server_factory(name="laptop")
     apply_file(c1.admin_client(), MANIFESTS / "crd" / "serviceaccountimports.yaml")  # only the CRD
