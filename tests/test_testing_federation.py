@@ -4,8 +4,12 @@ service-account tokens"."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -273,3 +277,50 @@ def test_the_kubelet_refuses_a_missing_secret_as_the_pod_would_stay_creating(
     client.CoreV1Api(c1.admin_client()).create_namespaced_pod("default", projected_pod(audience=None))
     with pytest.raises(VolumeError, match='secret "files" not found'):
         Kubelet(c1, tmp_path).mount("default", "p")
+
+
+def test_the_command_line_trusts_an_authentication_config_file_and_reloads_it(
+    api_server_factory: Any, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    c1 = api_server_factory(name="cluster1")
+    client.RbacAuthorizationV1Api(c1.admin_client()).create_cluster_role_binding(DISCOVERY_BINDING)
+    sa(c1, "fed")
+    config_file = tmp_path / "authn.yaml"
+    config_file.write_text(yaml.safe_dump(trust(c1, audience="other")))
+    kubeconfig = tmp_path / "kc"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kubemcsa.testing", "--name", "cluster2", "--kubeconfig-out", str(kubeconfig),
+         "--authentication-config", str(config_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert "serving" in process.stdout.readline()
+        cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
+        server = cluster["server"]
+        context = ssl.create_default_context(cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+        token = c1.issue_token("default", "fed", audiences=["cluster2"])
+
+        def status() -> int:
+            request = urllib.request.Request(
+                f"{server}/apis/authentication.k8s.io/v1/selfsubjectreviews",
+                data=b'{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}',
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, context=context, timeout=5) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert status() == 401  # another audience
+        config_file.write_text(yaml.safe_dump(trust(c1)))
+        assert "reloaded" in process.stdout.readline()
+        assert wait_for(lambda: status() == 201, "the reloaded configuration", timeout=10)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0

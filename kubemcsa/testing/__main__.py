@@ -1,4 +1,8 @@
-"""`python -m kubemcsa.testing --port N --kubeconfig-out FILE`: serve an in-memory cluster until SIGINT/SIGTERM."""
+"""`python -m kubemcsa.testing --port N --kubeconfig-out FILE`: serve an in-memory cluster until SIGINT/SIGTERM.
+
+With `--authentication-config FILE` it trusts the JWT issuers of that AuthenticationConfiguration, as
+kube-apiserver does, and reloads the file when it changes (an invalid new version is reported and ignored).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import argparse
 import signal
 import sys
 import threading
+from pathlib import Path
 
+from kubemcsa.testing.oidc import ConfigurationError, parse_authentication_configuration
 from kubemcsa.testing.server import ApiServer
 
 
@@ -16,13 +22,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig-out", required=True, help="where to write an admin kubeconfig (mode 0600)")
     parser.add_argument("--name", default="cluster1", help="cluster (and kubeconfig context) name")
     parser.add_argument("--max-token-expiration-seconds", type=int, default=None, help="cap on issued tokens' lifetime")
+    parser.add_argument(
+        "--authentication-config", metavar="FILE", help="an AuthenticationConfiguration whose jwt issuers it trusts"
+    )
     args = parser.parse_args(argv)
+    auth_text = None
+    if args.authentication_config:
+        try:
+            auth_text = Path(args.authentication_config).read_text()
+            parse_authentication_configuration(auth_text)
+        except (OSError, ConfigurationError) as exc:
+            print(f"--authentication-config {args.authentication_config}: {exc}", file=sys.stderr)
+            return 1
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         server = ApiServer(
-            name=args.name, max_token_expiration_seconds=args.max_token_expiration_seconds, port=args.port
+            name=args.name,
+            max_token_expiration_seconds=args.max_token_expiration_seconds,
+            port=args.port,
+            authentication_config=auth_text,
         ).start()
     except OSError as exc:
         print(f"cannot listen on 127.0.0.1:{args.port}: {exc.strerror}; choose another --port", file=sys.stderr)
@@ -34,9 +54,28 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         return 1
     print(f"serving {args.name} at {server.url}; kubeconfig in {args.kubeconfig_out}", flush=True)
-    stop.wait()
+    while not stop.wait(1):
+        if args.authentication_config:
+            auth_text = _reload(server, args.authentication_config, auth_text)
     server.stop()
     return 0
+
+
+def _reload(server: ApiServer, path: str, current: str | None) -> str | None:
+    """Use the file's new content if it changed and is valid, as kube-apiserver reloads --authentication-config."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return current
+    if text == current:
+        return current
+    try:
+        server.configure_authentication(text)
+    except ConfigurationError as exc:
+        print(f"--authentication-config {path} changed but is invalid, keeping the previous one: {exc}", flush=True)
+        return text
+    print(f"--authentication-config {path} reloaded", flush=True)
+    return text
 
 
 if __name__ == "__main__":
