@@ -106,3 +106,22 @@ def test_service_account_of_a_user_name() -> None:
     assert service_account_of("system:serviceaccount:ns:sa") == ("ns", "sa")
     assert service_account_of("admin") is None
     assert service_account_of("system:serviceaccount:ns") is None
+
+
+def test_switching_an_import_to_federated_drops_the_token_from_its_secret() -> None:
+    old = {
+        "metadata": {
+            "name": "fed-token",
+            "namespace": "team-a",
+            "resourceVersion": "7",
+            "ownerReferences": [{"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "fed", "uid": "u1",
+                                 "controller": True}],
+        },
+        "data": {key: "eA==" for key in api.SECRET_KEYS},
+    }  # fmt: skip
+    obs = observe({**imp(), "status": {"expirationTimestamp": "2027-01-01T00:00:00Z"}}, trust=trust(), secret=old)
+    writes = plan(obs, assess(obs))
+    (secret,) = writes.secrets
+    assert not secret.create and secret.body["metadata"]["resourceVersion"] == "7"
+    assert api.KEY_TOKEN not in secret.body["data"]
+    assert "expirationTimestamp" not in writes.status
