@@ -241,7 +241,8 @@ def test_the_crd_accepts_argo_cds_fields(imports):
         ({"namespaces": ["a", "a"]}, "spec.argoCD.namespaces[1]"),
         ({"namespaces": ["Team_A"]}, "spec.argoCD.namespaces[0]"),
         ({"project": "Bad Project"}, "spec.argoCD.project"),
-        ({"clusterResources": "true"}, "spec.argoCD.clusterResources"),
+        ({"clusterResources": "true", "namespaces": ["a"]}, "spec.argoCD.clusterResources"),
+        ({"clusterResources": True}, "only applies with spec.argoCD.namespaces"),
         ("prod-eu", "spec.argoCD"),
     ],
 )
