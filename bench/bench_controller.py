@@ -22,6 +22,7 @@ import argparse
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,12 @@ def count_calls(c1: ServerProcess, sources: list[ServerProcess]) -> tuple[Counte
     return local, remote, leases
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--imports", type=int, default=10_000)
@@ -261,7 +268,7 @@ def main() -> int:
             watcher.start()
             watcher.wait_for_sync(30)
 
-            port = 18080
+            port = free_port()  # not a fixed one: other benchmarks may run on the same machine
             controller = start_controller(args, local, source_path, port)
             assert wait_until(lambda: _ready(port), 60), "the controller did not become ready"
 
