@@ -297,9 +297,10 @@ def test_unknown_names_cost_one_api_call_per_request_at_most(env: Env) -> None:
         thread.join(WAIT)
     assert all(import_volumes(pod) for pod in ordinary)
     assert len(results) == 4 and all("do not exist" in message for message in results), results
-    calls = [r for r in env.server.requests if r.user == WEBHOOK_USER]
-    # Four pods naming 32 unknown imports each: one LIST between them (the others waited for it, then reused it).
-    assert [(r.verb, r.resource) for r in calls] == [("list", api.PLURAL)]
+    calls = [(r.verb, r.resource) for r in env.server.requests if r.user == WEBHOOK_USER]
+    # Four pods naming 32 unknown imports each: at most one LIST each, whatever the number of names; usually one
+    # between them (the others wait for it and reuse its answer for 2 s).
+    assert 1 <= len(calls) <= len(results) and set(calls) == {("list", api.PLURAL)}, calls
 
 
 def _base36(number: int) -> str:

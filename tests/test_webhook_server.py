@@ -15,6 +15,7 @@ from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import WebhookServer, main
 from webhook.app import MUTATE_PATH
 from webhook.cache import StaticCache
+from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"
@@ -146,7 +147,7 @@ def test_cli_without_cluster_configuration_says_what_to_do(
 
 SLOW_CONNECTIONS = 1000  # TLS, headers sent, body declared and never finished
 SILENT_CONNECTIONS = 50  # TCP only: not even a TLS hello
-READ_TIMEOUT = 6.0
+READ_TIMEOUT = DEFAULT_REQUEST_READ_TIMEOUT  # the default, 10 s: time enough to open all of them on a busy machine
 
 
 async def _slowloris(url: str, ca_pem: bytes, counts: dict[str, int]) -> None:
