@@ -17,6 +17,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--kubeconfig", help="kubeconfig of the local cluster (default: in-cluster, then KUBECONFIG)")
     parser.add_argument("--source-kubeconfig", help="kubeconfig whose contexts are source clusters (context = name)")
     parser.add_argument("--imports-dir", default=api.MOUNT_ROOT, help="where service-account imports are mounted")
+    parser.add_argument(
+        "--cluster-name",
+        help="this cluster's name in the --source-kubeconfig clusters, which owners export to (kubemcsa allow --to "
+        "NAME/namespace); bootstrap credentials carry it already",
+    )
     parser.add_argument("--namespace", help="watch only this namespace (default: all)")
     parser.add_argument("--system-namespace", default=api.SYSTEM_NAMESPACE, help="namespace of the Lease and sources")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
@@ -51,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.source_qps <= 0 or args.source_burst < 1:
         print("kubemcsa-controller: --source-qps must be above 0 and --source-burst at least 1.", file=sys.stderr)
         return 2
+    if args.cluster_name is not None and not api.is_dns_subdomain(args.cluster_name):
+        print(f"kubemcsa-controller: --cluster-name {args.cluster_name!r} is not a cluster name.", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(
         source_kubeconfig=source_kubeconfig,
         imports_dir=args.imports_dir,
+        cluster_name=args.cluster_name,
         namespace=args.namespace,
         system_namespace=args.system_namespace,
         leader_election=args.leader_election,

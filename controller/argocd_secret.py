@@ -80,10 +80,16 @@ def _is_current(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
 
 
 def assess_argocd_secret(
-    imp: dict[str, Any], spec: ImportSpec | None, import_secret: dict[str, Any] | None, existing: dict[str, Any] | None
+    imp: dict[str, Any],
+    spec: ImportSpec | None,
+    import_secret: dict[str, Any] | None,
+    existing: dict[str, Any] | None,
+    *,
+    withdrawn: bool = False,
 ) -> ArgoCDAction:
     """Decide for the Argo CD Secret of `imp`, given its parsed spec (None if invalid), the import's Secret as it is
-    (or is being written) and the Argo CD Secret as cached (or None)."""
+    (or is being written) and the Argo CD Secret as cached (or None). `withdrawn`: the source no longer exports the
+    service account, so no Secret may keep its token."""
     meta = metadata_of(imp)
     name = api.argocd_secret_name_for_import(meta.get("name", ""))
     if spec is None:  # an invalid spec: keep what exists, report nothing new
@@ -99,6 +105,13 @@ def assess_argocd_secret(
                 f"A Secret named {name} already exists in namespace {meta.get('namespace')} and is not controlled "
                 "by this import; delete or rename that Secret, or rename the import.",
             )
+        )
+    if withdrawn:
+        return ArgoCDAction(
+            delete=existing if ours else None,
+            condition=_condition(
+                "False", api.REASON_NOT_EXPORTED, f"Secret {name} is written once the service account is exported."
+            ),
         )
     data = desired_argocd_data(imp, spec, import_secret)
     if data is None:

@@ -17,6 +17,7 @@ from typing import Any
 from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
 from kubemcsa import api
 from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource
+from kubemcsa.export_policy import export_verdict
 from kubemcsa.imports import (
     ImportToken,
     as_dict,
@@ -30,6 +31,7 @@ from kubemcsa.imports import (
     secret_is_current,
     token_from_secret,
     token_times,
+    without_token,
 )
 from kubemcsa.spec import ImportSpec, SpecError, parse_spec
 from kubemcsa.timefmt import format_time
@@ -44,6 +46,23 @@ class Remote:
     ca_pem: bytes = field(repr=False)
     origin: str = ""  # where the controller's credential for it comes from (to say how to renew it)
     credential_expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ExportView:
+    """What the source's export watch says of the service account an import names."""
+
+    consumer: str | None  # this cluster's name in the source (its account there); None: unknown
+    synced: bool  # False: the watch has not listed yet (or cannot: see `problem`)
+    service_account: dict[str, Any] | None = None  # as the watch has it; None: not exported, or no such account
+    exists: bool | None = None  # when the watch lacks it: whether it exists at all (None: unknown)
+    problem: str | None = None  # why the watch cannot list, when it cannot
+    problem_reason: str = api.REASON_REMOTE_UNREACHABLE  # the condition reason for that
+
+    @property
+    def remote_uid(self) -> str | None:
+        uid = metadata_of(self.service_account).get("uid")
+        return uid if isinstance(uid, str) and uid else None
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,10 @@ class Observation:
     federated_error: str | None = None
     known_federated: tuple[str, ...] = ()
     trust: Trust | None = None
+    export: ExportView | None = None  # None with export_exempt False: unknown, so not allowed
+    # The controller's own credential import (its own account in the source, in the system namespace): the
+    # source's RBAC lets it rotate that token, and no owner exports it.
+    export_exempt: bool = False
 
     @property
     def own_secret(self) -> dict[str, Any] | None:
@@ -89,12 +112,14 @@ class Blocked:
     retry: bool = False
     spec: ImportSpec | None = None
     source_failed: bool = False
+    withdraw: bool = False  # the source does not export it (any more): the token leaves the Secrets
 
 
 @dataclass(frozen=True)
 class NeedsToken:
     spec: ImportSpec
     source: Remote
+    remote_uid: str | None = None  # of the exported service account, which the token is for
 
 
 @dataclass(frozen=True)
@@ -175,8 +200,45 @@ def check_source_known(obs: Observation, spec: ImportSpec) -> Blocked | None:
     return Blocked(api.REASON_UNKNOWN_CLUSTER, message, spec=spec)
 
 
+def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
+    """The source's owner must export the service account to this cluster and the import's namespace."""
+    if obs.export_exempt:
+        return None
+    view = obs.export
+    if view is None or not view.synced:
+        problem = f" ({view.problem})" if view is not None and view.problem else ""
+        return Blocked(
+            view.problem_reason if view is not None else api.REASON_REMOTE_UNREACHABLE,
+            f"The controller cannot see yet which service accounts cluster {spec.cluster_name} exports{problem}; "
+            "it retries by itself.",
+            retry=True,
+            spec=spec,
+            source_failed=True,
+        )
+    if view.consumer is None:
+        return Blocked(
+            api.REASON_NOT_EXPORTED,
+            f"The controller does not know its own name in cluster {spec.cluster_name}, which exports name; start it "
+            "with --cluster-name (the name bootstrap gave this cluster there).",
+            spec=spec,
+            withdraw=True,
+        )
+    verdict = export_verdict(
+        view.service_account,
+        exists=view.exists,
+        source=spec.cluster_name,
+        namespace=spec.namespace,
+        name=spec.name,
+        consumer=view.consumer,
+        import_namespace=str(metadata_of(obs.imp).get("namespace", "")),
+    )
+    if verdict.allowed:
+        return None
+    return Blocked(verdict.reason, verdict.message, spec=spec, withdraw=True)
+
+
 # In order: the first that blocks wins.
-CHECKS: list[Check] = [check_secret_conflict, check_source_known]
+CHECKS: list[Check] = [check_secret_conflict, check_source_known, check_exported]
 
 
 def assess(obs: Observation) -> Assessment:
@@ -192,7 +254,8 @@ def assess(obs: Observation) -> Assessment:
         if blocked is not None:
             return blocked
     assert obs.source is not None  # check_source_known
-    wanted = inputs_hash(spec, obs.source.server, obs.source.ca_pem)
+    remote_uid = None if obs.export_exempt or obs.export is None else obs.export.remote_uid
+    wanted = inputs_hash(spec, obs.source.server, obs.source.ca_pem, remote_uid)
     ours = obs.own_secret
     if ours is not None and secret_is_current(ours, wanted, obs.now):
         recovered = token_from_secret(ours)
@@ -201,7 +264,7 @@ def assess(obs: Observation) -> Assessment:
     held = obs.held
     if held is not None and held.inputs_hash == wanted and (held.refresh_at is None or obs.now < held.refresh_at):
         return HasToken(spec, held)  # the Secret is missing or was edited: rewrite it from memory
-    return NeedsToken(spec, obs.source)
+    return NeedsToken(spec, obs.source, remote_uid)
 
 
 def federated_inputs(spec: ImportSpec, source: FederatedSource) -> str:
@@ -259,6 +322,7 @@ class Writes:
     retry: bool = False  # back off and look again
     failure_reason: str | None = None
     remember: ImportToken | None = None  # the token to keep in memory
+    forget: bool = False  # drop the token kept in memory (its export was withdrawn)
     expires_at: float | None = None  # of the token the Secret holds after this pass, for the expiry metric
 
 
@@ -330,10 +394,23 @@ def _plan_token(obs: Observation, state: HasToken) -> Writes:
 def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     ours = obs.own_secret
     name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
-    keeps = ours is not None and state.reason not in (api.REASON_INVALID_SPEC, api.REASON_SECRET_CONFLICT)
+    keeps = (
+        ours is not None
+        and not state.withdraw
+        and state.reason not in (api.REASON_INVALID_SPEC, api.REASON_SECRET_CONFLICT)
+    )
     issued_at, expires_at = token_times(ours) if keeps else (None, None)
     reason, message = state.reason, state.message
     writes = Writes(retry=state.retry, failure_reason=reason if state.retry else None)
+    if state.withdraw:
+        writes.forget = True
+        if ours is not None:
+            stripped = without_token(obs.imp, ours)
+            if stripped is not None:
+                writes.secrets.append(SecretWrite(stripped, create=False))
+            # The same words before and after the token goes, so that the status is written once.
+            message = f"{message} Secret {name} holds no token of it; tokens already issued stay valid in the "
+            message += "source until they expire."
     if state.source_failed and expires_at is not None:
         if obs.now < expires_at:
             message = f"{message} The last token stays in Secret {name} until it expires at {format_time(expires_at)}."
@@ -357,7 +434,8 @@ def _plan_argocd_secret(obs: Observation, state: Blocked | HasToken, writes: Wri
     import_name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
     written = [w.body for w in writes.secrets if metadata_of(w.body).get("name") == import_name]
     import_secret_after = written[-1] if written else obs.own_secret
-    action = assess_argocd_secret(obs.imp, state.spec, import_secret_after, obs.argocd_secret)
+    withdrawn = isinstance(state, Blocked) and state.withdraw
+    action = assess_argocd_secret(obs.imp, state.spec, import_secret_after, obs.argocd_secret, withdrawn=withdrawn)
     if action.write is not None:
         writes.secrets.append(SecretWrite(action.write, create=action.create))
     if action.delete is not None:

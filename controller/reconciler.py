@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import (
     Blocked,
+    ExportView,
     Federated,
     HasToken,
     NeedsToken,
@@ -30,6 +31,7 @@ from controller.assess import (
     plan,
     status_patch,
 )
+from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks
 from controller.gates import SourceGates, Wait
 from controller.metrics import Metrics
@@ -37,12 +39,16 @@ from controller.remote import RemoteFailure, fetch_token
 from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
-from controller.sources import SourceRegistry, client_error_message
+from controller.sources import SourceCluster, SourceRegistry, client_error_message
 from kubemcsa import api, kube
 from kubemcsa.imports import ImportToken
 from kubemcsa.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
+
+
+# What observe returns while the import's source is still listing its exports: look again once it has.
+WARMING: Any = object()
 
 
 def import_key(namespace: str | None, name: str) -> str:
@@ -78,11 +84,15 @@ class Reconciler:
         wake: Callable[[Iterable[str]], None],
         may_write: Callable[[], bool],
         remote_timeout: float,
+        exports: ExportWatches,
+        system_namespace: str = api.SYSTEM_NAMESPACE,
         clock: Callable[[], float] = time.time,
         federated: FederatedSources | None = None,
         trust_checks: TrustChecks | None = None,
     ) -> None:
         self.caches = caches
+        self.exports = exports
+        self.system_namespace = system_namespace
         self.sources = sources
         self.federated = federated
         self.trust_checks = trust_checks
@@ -120,6 +130,9 @@ class Reconciler:
         observation = self.observe(key)
         if observation is None:
             return Result(outcome="skipped")  # gone or going: its Secret goes with it (ownerReference)
+        if observation is WARMING:
+            # The source's export watch is listing: it queues the import again once it has (this is a backstop).
+            return Result(outcome="skipped", requeue_after=self.exports.warm_up_seconds)
         state = assess(observation)
         if isinstance(state, NeedsToken):
             if not self.may_write():
@@ -135,6 +148,7 @@ class Reconciler:
         return self.act(key, observation, plan(observation, state))
 
     def observe(self, key: str) -> Observation | None:
+        """What the caches say of the import (None: gone; WARMING: its source's exports are not listed yet)."""
         namespace, name = split_key(key)
         imp = self.import_writes.get((namespace, name), self.caches.imports.get(name, namespace))
         if imp is None or (imp.get("metadata") or {}).get("deletionTimestamp"):
@@ -160,6 +174,9 @@ class Reconciler:
             except SpecError:
                 audience = federated.audience
             trust = self.trust_checks.cached(federated, audience)
+        exempt, export = self._export_of(imp, source)
+        if export is WARMING:
+            return WARMING
         return Observation(
             imp=imp,
             secret=secret,
@@ -173,7 +190,46 @@ class Reconciler:
             federated_error=federated_error,
             known_federated=self.federated.names() if self.federated is not None else (),
             trust=trust,
+            export=export,
+            export_exempt=exempt,
         )
+
+    def _export_of(self, imp: dict[str, Any], source: SourceCluster | None) -> tuple[bool, Any]:
+        """(exempt, ExportView or None or WARMING) for the import: whether its source exports what it names to it.
+
+        The one import exempt is the controller's own credential: its own account in the source, imported in
+        the system namespace (the source's RBAC lets it rotate exactly that token, and nothing else).
+        """
+        if source is None:
+            return False, None
+        try:
+            spec = parse_spec(imp)
+        except SpecError:
+            return False, None
+        if spec.federated:  # no token is minted for it: the source's RBAC of the pod's own identity decides
+            return False, None
+        namespace = (imp.get("metadata") or {}).get("namespace")
+        if (
+            namespace == self.system_namespace
+            and spec.namespace == api.SYSTEM_NAMESPACE
+            and source.consumer is not None
+            and spec.name == api.consumer_service_account(source.consumer)
+        ):
+            return True, None
+        try:
+            client = self.sources.client(source)
+        except Exception:  # reported by request_token's own attempt, once the export check lets it through
+            return False, ExportView(source.consumer, synced=False, problem="no client for its credentials")
+        view, warming = self.exports.view(
+            source.name, source.fingerprint, client, source.consumer, spec.namespace, spec.name
+        )
+        if warming:
+            return False, WARMING
+        if view.synced and view.service_account is None and view.exists is None:
+            # One list call tells a withdrawn export from a deleted account; remembered until the watch speaks.
+            exists = self.exports.probe_exists(source.name, spec.namespace, spec.name)
+            view = ExportView(view.consumer, synced=True, exists=exists)
+        return False, view
 
     def request_token(self, key: str, need: NeedsToken) -> HasToken | Blocked | Result:
         """Ask the source for a token, through its gate (rate limit and circuit)."""
@@ -194,7 +250,14 @@ class Reconciler:
             message = client_error_message(source, exc)
             return Blocked(api.REASON_REMOTE_ERROR, message, retry=True, spec=need.spec)
         try:
-            token = fetch_token(client, need.source, need.spec, timeout=self.remote_timeout, clock=self.clock)
+            token = fetch_token(
+                client,
+                need.source,
+                need.spec,
+                timeout=self.remote_timeout,
+                clock=self.clock,
+                remote_uid=need.remote_uid,
+            )
         except RemoteFailure as failure:
             if failure.source_down:
                 self.wake(gate.failed(key, self.clock(), failure.reason, failure.message))
@@ -212,6 +275,9 @@ class Reconciler:
         if writes.remember is not None:
             with self._lock:
                 self._held[key] = writes.remember
+        if writes.forget:
+            with self._lock:
+                self._held.pop(key, None)
         for write in writes.secrets:
             secret_key = kube.object_key(write.body)
             try:

@@ -139,11 +139,19 @@ def classify_remote_error(
             source_down=True,
         )
     if code == 403:
-        verb = "get or create secrets" if spec.legacy else "create serviceaccounts/token"
+        if spec.legacy:
+            fix = (
+                f"legacy tokens need the open grant: kubemcsa bootstrap --legacy-tokens --allow-all-service-accounts "
+                f"for cluster {cluster}"
+            )
+        else:
+            fix = (
+                f"its owner must export it to this cluster with RBAC: kubemcsa allow {spec.name} -n {spec.namespace} "
+                f"--context {cluster} --to <this cluster>/<namespace>"
+            )
         return RemoteFailure(
             api.REASON_FORBIDDEN,
-            f"The controller may not request a token for {target} (403: {detail}); grant its identity in "
-            f"cluster {cluster} the right to {verb} in namespace {spec.namespace}.",
+            f"Cluster {cluster} refused the controller a token for {target} (403: {detail}); {fix}.",
         )
     if code == 404:
         return RemoteFailure(
@@ -168,7 +176,13 @@ def classify_remote_error(
 
 
 def fetch_token(
-    client: ApiClient, source: Remote, spec: ImportSpec, *, timeout: float, clock: Callable[[], float]
+    client: ApiClient,
+    source: Remote,
+    spec: ImportSpec,
+    *,
+    timeout: float,
+    clock: Callable[[], float],
+    remote_uid: str | None = None,
 ) -> ImportToken:
     """A new token for the import of `spec` from `source`; RemoteFailure if the source does not give one."""
     try:
@@ -210,4 +224,4 @@ def fetch_token(
     creds = Credentials(
         server=source.server, ca_crt=issued.ca_pem or source.ca_pem, token=issued.token, namespace=spec.namespace
     )
-    return ImportToken(creds, issued, inputs_hash(spec, source.server, source.ca_pem))
+    return ImportToken(creds, issued, inputs_hash(spec, source.server, source.ca_pem, remote_uid))

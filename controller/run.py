@@ -17,6 +17,7 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
+from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
@@ -24,7 +25,7 @@ from controller.reconciler import Caches, Reconciler, import_key
 from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
-from controller.sources import SourceRegistry
+from controller.sources import SourceRegistry, is_source_credential
 from kubemcsa import api, argocd, federation, kube
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ class Options:
 
     source_kubeconfig: str | None = None  # contexts are source clusters (context name = cluster name)
     imports_dir: str | None = None  # service-account imports mounted as source clusters
+    cluster_name: str | None = None  # this cluster's name in kubeconfig-defined sources (what owners export to)
     namespace: str | None = None  # watch only this namespace (None: all)
     system_namespace: str = api.SYSTEM_NAMESPACE  # the Lease, and import Secrets that are source credentials
     leader_election: bool = True
@@ -67,7 +69,14 @@ class Controller:
         self.options = options = options or Options()
         self.identity = options.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         self.metrics = Metrics()
-        self.sources = SourceRegistry(source_kubeconfig=options.source_kubeconfig, imports_dir=options.imports_dir)
+        self.sources = SourceRegistry(
+            source_kubeconfig=options.source_kubeconfig,
+            imports_dir=options.imports_dir,
+            cluster_name=options.cluster_name,
+        )
+        self.exports = ExportWatches(
+            on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
+        )
         imports_api = kube.Resource(local_api_client, kube.SERVICE_ACCOUNT_IMPORTS)
         secrets_api = kube.Resource(local_api_client, kube.SECRETS)
         self.manager = Manager(
@@ -112,7 +121,12 @@ class Controller:
         )
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
         self.system_secrets: kube.Informer | None = None
+        # And the system namespace's imports, which say which of those Secrets are credentials they control.
+        self.system_imports: kube.Informer | None = None
         if options.namespace is not None and options.namespace != options.system_namespace:
+            self.system_imports = self.manager.add_informer(
+                kube.Informer(imports_api, namespace=options.system_namespace, name="system-imports")
+            )
             self.system_secrets = self.manager.add_informer(
                 kube.Informer(
                     secrets_api,
@@ -155,6 +169,8 @@ class Controller:
             wake=self._wake,
             may_write=lambda: self.manager.is_leader and not self.manager.stopping,
             remote_timeout=options.remote_timeout,
+            exports=self.exports,
+            system_namespace=options.system_namespace,
             clock=options.clock,
             federated=FederatedSources(self.federated_sources),
             trust_checks=self.trust_checks,
@@ -163,12 +179,15 @@ class Controller:
     # --- lifecycle ---
     def start(self) -> Controller:
         self.sources.refresh_files()
+        self._watch_exports(set(self.sources.names()))
         self.imports.add_handler(self._on_import)
         self.secrets.add_handler(self._on_secret)
         self.argocd_secrets.add_handler(self._on_argocd_secret)
         self.federated_sources.add_handler(self._on_federated_source)
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
+        if self.system_imports is not None:
+            self.system_imports.add_handler(self._on_system_import)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
@@ -179,6 +198,7 @@ class Controller:
 
     def stop(self) -> None:
         self.manager.stop()
+        self.exports.stop()
         log.info("controller %s stopped", self.identity)
 
     def __enter__(self) -> Controller:
@@ -223,12 +243,21 @@ class Controller:
     # --- event handlers (informer threads: quick) ---
     def _on_import(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         key = import_key(*kube.object_key(obj))
+        if kube.object_key(obj)[0] == self.options.system_namespace and self.system_imports is None:
+            self._on_system_import(event, obj, old)
         if event == "DELETED":
             self.reconciler.import_deleted(key)
             self.manager.queue.forget(key)
             return
         self.reconciler.import_seen(obj)
         self.manager.queue.add(key)
+
+    def _on_system_import(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        """An import of the system namespace came or went: its Secret becomes (or stops being) a credential."""
+        namespace, name = kube.object_key(obj)
+        secret = (self.system_secrets or self.secrets).get(api.secret_name_for_import(name), namespace)
+        if secret is not None:
+            self._on_system_secret("DELETED" if event == "DELETED" else "MODIFIED", secret, None)
 
     def _on_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         namespace, _ = kube.object_key(obj)
@@ -258,12 +287,47 @@ class Controller:
         self._requeue_clusters(names)
 
     def _on_system_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        changed = self.sources.remove_secret(obj) if event == "DELETED" else self.sources.set_secret(obj)
+        """A Secret of the system namespace is a source credential only if an import there controls it: a labelled
+        Secret anyone else made (say, with the webhook's right to create Secrets there) changes nothing."""
+        label = ((obj.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
+        system_imports = self.system_imports or self.imports
+        owner = system_imports.get(label, self.options.system_namespace) if isinstance(label, str) else None
+        if event != "DELETED" and is_source_credential(obj, owner, self.options.system_namespace):
+            changed = self.sources.set_secret(obj)
+        else:
+            changed = self.sources.remove_secret(obj)
         self._requeue_clusters(changed)
 
     def _wake(self, keys: Iterable[str]) -> None:
         for key in keys:
             self.manager.queue.add(key)
+
+    def _watch_exports(self, names: set[str]) -> None:
+        """Each source's export watch starts as soon as the source is known, so its first import finds it listed."""
+        for name in names:
+            source = self.sources.get(name)
+            if source is None:
+                self.exports.forget(name)
+                continue
+            try:
+                client = self.sources.client(source)
+            except Exception as exc:  # an unusable kubeconfig: its imports say so when they try
+                log.info("no export watch for cluster %s yet: %s", name, type(exc).__name__)
+                continue
+            self.exports.ensure(name, source.fingerprint, client)
+
+    def _on_export(self, source: str, namespace: str, name: str) -> None:
+        """The source's export watch saw namespace/name change: the imports of it look again."""
+        for imp in self.imports.list():
+            spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
+            if (spec.get("clusterName"), spec.get("namespace"), spec.get("name")) == (source, namespace, name):
+                self.manager.queue.add(import_key(*kube.object_key(imp)))
+
+    def _on_exports_synced(self, source: str) -> None:
+        for imp in self.imports.list():
+            spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
+            if spec.get("clusterName") == source:
+                self.manager.queue.add(import_key(*kube.object_key(imp)))
 
     def _requeue_clusters(self, names: set[str]) -> None:
         if not names:
@@ -271,6 +335,7 @@ class Controller:
         log.info("credentials or records changed for cluster(s) %s", ", ".join(sorted(names)))
         for name in names:
             self._wake(self.gates.reset(name))
+        self._watch_exports(names)
         for imp in self.imports.list():
             spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
             if spec.get("clusterName") in names:

@@ -4,7 +4,11 @@ Three origins, looked up in this order for a name:
 1. contexts of --source-kubeconfig (context name = cluster name);
 2. service-account imports mounted under --imports-dir/NAME/ (the original bootstrap model);
 3. import Secrets in the controller's own system namespace (the Secret of import NAME gives cluster NAME:
-   `kubemcsa bootstrap` adds a cluster this way without a restart).
+   `kubemcsa bootstrap` adds a cluster this way without a restart). Only a Secret the controller made counts:
+   `<NAME>-token`, controlled by the import NAME of the system namespace (`is_source_credential`), so that whoever
+   may merely create Secrets there (the webhook's identity, say) cannot add or replace a cluster.
+Each source knows the consumer's name there (`consumer`: the controller's own account in the source, read from a
+bootstrap credential's token, or --cluster-name for kubeconfig contexts), which is what owners export to.
 Files are re-read only when a cheap stat says they changed; an ApiClient is rebuilt only when its
 credentials change. `refresh_files` returns the names whose credentials changed, to re-queue their imports.
 """
@@ -28,7 +32,7 @@ from kubernetes.client import ApiClient
 from controller.assess import Remote
 from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
-from kubemcsa.imports import token_times
+from kubemcsa.imports import is_controlled_by, metadata_of, string_map, token_times
 from kubemcsa.kubeconfig import (
     ConfigError,
     absolutize,
@@ -36,6 +40,7 @@ from kubemcsa.kubeconfig import (
     referenced_files,
     resolve_context,
 )
+from kubemcsa.tokens import consumer_of_token
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,7 @@ class SourceCluster:
     fingerprint: str  # changes whenever the credentials change
     build: Callable[[], ApiClient] = field(repr=False, compare=False)
     credential_expires_at: float | None = None  # when the controller's own credential for it expires, if known
+    consumer: str | None = None  # this cluster's name in the source, which exports name; None: unknown
 
     @property
     def remote(self) -> Remote:
@@ -103,8 +109,9 @@ def client_error_message(source: SourceCluster, exc: Exception) -> str:
 
 
 def source_from_credentials(
-    name: str, origin: str, creds: Credentials, expires_at: float | None = None
+    name: str, origin: str, creds: Credentials, expires_at: float | None = None, cluster_name: str | None = None
 ) -> SourceCluster:
+    """The source `creds` reach; its consumer name is the one its token says (bootstrap's), else `cluster_name`."""
     return SourceCluster(
         name=name,
         origin=origin,
@@ -113,10 +120,31 @@ def source_from_credentials(
         fingerprint=_fingerprint(creds.server, creds.ca_crt.decode(errors="replace"), creds.token),
         build=lambda: kube.client_for_credentials(creds),
         credential_expires_at=expires_at if expires_at is not None else token_expiry(creds.token),
+        consumer=consumer_of_token(creds.token) or cluster_name,
     )
 
 
-def sources_from_kubeconfig(config: dict[str, Any], base_dir: str) -> tuple[dict[str, SourceCluster], dict[str, str]]:
+def is_source_credential(secret: dict[str, Any], import_obj: dict[str, Any] | None, system_namespace: str) -> bool:
+    """True if `secret` is the Secret of import `import_obj` of the system namespace, controlled by it (by UID):
+    the only Secrets the controller takes as source credentials are those it (or bootstrap, for it) made."""
+    meta = metadata_of(secret)
+    name = string_map(meta.get("labels")).get(api.IMPORT_LABEL)
+    imp = metadata_of(import_obj)
+    return bool(
+        name
+        and meta.get("namespace") == system_namespace
+        and meta.get("name") == api.secret_name_for_import(name)
+        and imp.get("namespace") == system_namespace
+        and imp.get("name") == name
+        and imp.get("uid")
+        and not imp.get("deletionTimestamp")
+        and is_controlled_by(secret, imp["uid"])
+    )
+
+
+def sources_from_kubeconfig(
+    config: dict[str, Any], base_dir: str, cluster_name: str | None = None
+) -> tuple[dict[str, SourceCluster], dict[str, str]]:
     """Source clusters named after the contexts of a kubeconfig dict, and errors for contexts that are unusable.
 
     Read by kubemcsa.kubeconfig, as every kubeconfig of the project: paths relative to `base_dir`, the CA kept in
@@ -145,6 +173,7 @@ def sources_from_kubeconfig(config: dict[str, Any], base_dir: str) -> tuple[dict
             # Files the context refers to (a rotated tokenFile, renewed client certificates) count as credentials.
             fingerprint=_fingerprint(context.cluster, context.user, _stat_signature(context.files())),
             build=lambda context=context: api_client_for(context),
+            consumer=cluster_name or consumer_of_token(str(context.user.get("token") or "")),
         )
     return sources, errors
 
@@ -163,9 +192,17 @@ def _stat_signature(paths: list[str]) -> tuple[Any, ...]:
 class SourceRegistry:
     """Thread-safe registry of source clusters by name, with one cached ApiClient per cluster."""
 
-    def __init__(self, *, source_kubeconfig: str | None = None, imports_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        source_kubeconfig: str | None = None,
+        imports_dir: str | None = None,
+        cluster_name: str | None = None,
+    ) -> None:
         self.source_kubeconfig = source_kubeconfig
         self.imports_dir = imports_dir
+        self.cluster_name = cluster_name  # this cluster's name in sources whose credential does not say it
+        self._secret_uids: dict[str, str] = {}  # cluster name -> UID of the system-namespace Secret it came from
         self._lock = threading.RLock()
         self._by_origin: dict[str, dict[str, SourceCluster]] = {origin: {} for origin in _ORDER}
         self._errors: dict[str, dict[str, str]] = {origin: {} for origin in _ORDER}
@@ -253,7 +290,7 @@ class SourceRegistry:
             log.warning("source kubeconfig %s is unreadable (%s); keeping the clusters read before", path, type(exc))
             return set()
         base_dir = os.path.dirname(os.path.abspath(path))
-        sources, errors = sources_from_kubeconfig(config, base_dir)
+        sources, errors = sources_from_kubeconfig(config, base_dir, self.cluster_name)
         files = referenced_files(config, base_dir)
         if files != self._kubeconfig_files:
             self._kubeconfig_files = files
@@ -285,7 +322,7 @@ class SourceRegistry:
             except OSError as exc:
                 errors[name] = f"the mounted import {name} is unreadable ({exc.strerror}); check the volume."
                 continue
-            sources[name] = source_from_credentials(name, ORIGIN_MOUNTED, creds)
+            sources[name] = source_from_credentials(name, ORIGIN_MOUNTED, creds, cluster_name=self.cluster_name)
         return self._replace(ORIGIN_MOUNTED, sources, errors)
 
     # --- system namespace Secrets ----------------------------------------------------------------------------------
@@ -311,13 +348,22 @@ class SourceRegistry:
             sources.pop(name, None)
         else:
             errors.pop(name, None)
-            sources[name] = source_from_credentials(name, ORIGIN_SECRET, creds, token_times(secret)[1])
+            sources[name] = source_from_credentials(
+                name, ORIGIN_SECRET, creds, token_times(secret)[1], cluster_name=self.cluster_name
+            )
+        with self._lock:
+            self._secret_uids[name] = str(metadata_of(secret).get("uid") or "")
         return self._replace(ORIGIN_SECRET, sources, errors)
 
     def remove_secret(self, secret: dict[str, Any]) -> set[str]:
+        """Forget the cluster a system-namespace Secret gave, if it is that very Secret (same UID) that gave it."""
         name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()
+        with self._lock:
+            if self._secret_uids.get(name, "") != str(metadata_of(secret).get("uid") or ""):
+                return set()  # another Secret (say, a rejected look-alike) going away changes nothing
+            self._secret_uids.pop(name, None)
         sources.pop(name, None)
         errors.pop(name, None)
         return self._replace(ORIGIN_SECRET, sources, errors)

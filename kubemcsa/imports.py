@@ -64,11 +64,14 @@ def metadata_of(obj: Any) -> dict[str, Any]:
     return as_dict(as_dict(obj).get("metadata"))
 
 
-def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes) -> str:
-    """A hash of everything a token depends on: the spec and the source's server and CA."""
+def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | None = None) -> str:
+    """A hash of everything a token depends on: the spec, the source's server and CA, and the UID of the exported
+    service account (a service account deleted and re-created under the same name is another one)."""
     material = dict(spec.fingerprint_fields())
     material["server"] = server
     material["ca"] = hashlib.sha256(ca_pem).hexdigest()
+    if remote_uid:
+        material["uid"] = remote_uid
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -192,6 +195,18 @@ def _secret(
     annotations.update(ours)
     annotations[ANNOTATION_DATA_HASH] = data_hash(data)
     return controlled_secret(imp, api.secret_name_for_import(meta["name"]), data, labels, annotations, existing)
+
+
+def without_token(imp: dict[str, Any], existing: dict[str, Any]) -> dict[str, Any] | None:
+    """The import's Secret without its token (and without `config`, which holds it inline), or None if it holds
+    none already: what is left when the source no longer exports the service account."""
+    data = {k: v for k, v in as_dict(existing.get("data")).items() if k not in (api.KEY_TOKEN, api.KEY_CONFIG)}
+    if data == as_dict(existing.get("data")):
+        return None
+    old_meta = metadata_of(existing)
+    annotations = {k: v for k, v in string_map(old_meta.get("annotations")).items() if k not in _OURS}
+    name = api.secret_name_for_import(metadata_of(imp).get("name", ""))
+    return controlled_secret(imp, name, data, string_map(old_meta.get("labels")), annotations, existing)
 
 
 def token_times(secret: dict[str, Any] | None) -> tuple[float | None, float | None]:

@@ -384,6 +384,8 @@ class Informer:
         self._lock = threading.RLock()
         self._handlers: list[EventHandler] = []
         self._synced = threading.Event()
+        # Why the last list or watch failed: its HTTP status (0: unreachable), None once a list succeeded again.
+        self.last_error: int | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._resync_thread: threading.Thread | None = None
@@ -434,6 +436,7 @@ class Informer:
     def _relist(self) -> str:
         listing = self.resource.list(self.namespace, label_selector=self.label_selector)
         fresh = {object_key(item): item for item in listing.get("items") or []}
+        self.last_error = None
         with self._lock:
             previous = self._cache
             self._cache = fresh
@@ -502,6 +505,7 @@ class Informer:
                     version = None
                     continue
                 log.warning("informer %s: %s; retrying in %.1fs", self.name, error_message(exc), backoff)
+                self.last_error = exc.status or 0
                 version = None
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, 30)
@@ -511,6 +515,7 @@ class Informer:
                 log.warning(
                     "informer %s: API unreachable (%s); retrying in %.1fs", self.name, type(exc).__name__, backoff
                 )
+                self.last_error = 0
                 self._stopped.wait(backoff)
                 backoff = min(backoff * 2, 30)
             finally:

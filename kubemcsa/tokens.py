@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,6 +81,27 @@ def token_from_response(response: Any, issued_at: float) -> IssuedToken:
     if not isinstance(token, str) or not token:
         raise TokenAnswerError("the API server answered the TokenRequest without a token")
     return IssuedToken(token=token, issued_at=issued_at, expires_at=parse_time(status.get("expirationTimestamp")))
+
+
+def consumer_of_token(token: str) -> str | None:
+    """The consumer cluster a source credential belongs to: NAME when the token is a JWT of
+    `system:serviceaccount:multicluster-service-account:NAME` (what bootstrap issues), else None.
+
+    Read without verifying the signature: the source verifies it; this only names the controller's own account.
+    """
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    prefix = f"system:serviceaccount:{api.SYSTEM_NAMESPACE}:"
+    if not isinstance(subject, str) or not subject.startswith(prefix):
+        return None
+    name = subject[len(prefix) :]
+    return name if api.is_dns_subdomain(name) else None
 
 
 def legacy_secret_name(service_account: str) -> str:

@@ -64,11 +64,13 @@ class ArgoEnv:
         self.controller_user = "system:serviceaccount:{}:{}".format(*CONTROLLER)
         self.controller_client = self.c1.client_for_token(self.c1.issue_token(*CONTROLLER))
         sa = {"apiVersion": "v1", "kind": "ServiceAccount"}
-        apply(self.admin2, {**sa, "metadata": {"name": "deployer", "namespace": "default"}})
+        # Its owner exports it to every namespace of cluster1 (kubemcsa allow deployer --to 'cluster1/*').
+        exported = {"labels": {api.EXPORTED_LABEL: "true"}, "annotations": {api.EXPORT_TO_ANNOTATION: "cluster1/*"}}
+        apply(self.admin2, {**sa, "metadata": {"name": "deployer", "namespace": "default", **exported}})
         apply(self.admin2, *namespaced_grant("default", ("default", "deployer"), [rule("", "pods", "list")]))
         apply(self.admin2, {**sa, "metadata": {"name": REMOTE_IDENTITY, "namespace": "default"}})
-        token_rule = rule("", "serviceaccounts/token", "create")
-        apply(self.admin2, *namespaced_grant("default", ("default", REMOTE_IDENTITY), [token_rule]))
+        token_rules = [rule("", "serviceaccounts/token", "create"), rule("", "serviceaccounts", "list", "watch")]
+        apply(self.admin2, *namespaced_grant("default", ("default", REMOTE_IDENTITY), token_rules))
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "namespace": "default"}}
         apply(self.admin2, {**pod, "spec": {"containers": [{"name": "web", "image": "nginx"}]}})
         remote_token = self.c2.issue_token("default", REMOTE_IDENTITY)
@@ -79,6 +81,7 @@ class ArgoEnv:
 
     def start(self, **options: Any) -> Controller:
         settings = {"leader_election": False, "file_poll_seconds": 0.1, "backoff_base": 0.1, "backoff_max": 1.0}
+        settings["cluster_name"] = "cluster1"
         self.controller = Controller(
             self.controller_client, Options(source_kubeconfig=self.sources, **settings, **options)
         )

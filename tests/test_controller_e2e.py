@@ -2,7 +2,9 @@
 
 cluster1 is local (the controller runs there with a token of its ServiceAccount, bound to the RBAC of
 manifests/controller, to prove that RBAC is enough); cluster2 is the source, where the controller's identity
-may only `create serviceaccounts/token` (plus secrets rights in the legacy-mode test).
+may only `create serviceaccounts/token` and list and watch service accounts in `default` (plus secrets rights in
+the legacy-mode test), and where the service accounts imported are exported to every namespace of cluster1.
+The export model itself (who may import what) is tested in tests/test_controller_exports.py.
 """
 
 from __future__ import annotations
@@ -76,11 +78,18 @@ def role(namespace: str, name: str, rules: list[dict[str, Any]], subject_ns: str
     ]
 
 
-def service_account(namespace: str, name: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}
+def service_account(namespace: str, name: str, export_to: str | None = "cluster1/*") -> dict[str, Any]:
+    """A service account, exported by its owner to `export_to` (as kubemcsa allow labels and annotates it)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if export_to:
+        meta["labels"] = {api.EXPORTED_LABEL: "true"}
+        meta["annotations"] = {api.EXPORT_TO_ANNOTATION: export_to}
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
 
 
 TOKEN_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
+# As bootstrap grants: see which service accounts are exported, in every namespace.
+WATCH_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}]
 # As bootstrap --legacy-tokens grants (kubemcsa.bootstrap.controller_rules).
 LEGACY_RULES = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
@@ -108,9 +117,10 @@ class Env:
     def remote_user(self) -> str:
         return f"system:serviceaccount:default:{REMOTE_SA}"
 
-    def start_controller(self, client: ApiClient | None = None, **kwargs: Any) -> Controller:
+    def start_controller(self, client: ApiClient | None = None, exports: bool = True, **kwargs: Any) -> Controller:
         options: dict[str, Any] = {
             "source_kubeconfig": self.source_kubeconfig,
+            "cluster_name": "cluster1",
             "leader_election": False,
             "remote_timeout": 3.0,
             "file_poll_seconds": 0.1,
@@ -122,6 +132,8 @@ class Env:
         self.controllers.append(controller)
         controller.start()
         assert controller.wait_until_ready(WAIT)
+        if exports and controller.sources.get("cluster2") is not None:
+            wait_for(lambda: controller.exports.has_synced("cluster2"), what="cluster2's export watch")
         return controller
 
     def create_import(self, import_name: str, import_namespace: str = "default", **spec: Any) -> dict[str, Any]:
@@ -180,6 +192,12 @@ def setup_cluster2(c2: Any, extra_rules: list[dict[str, Any]] | None = None) -> 
         create(admin, obj)
     create(admin, service_account("default", REMOTE_SA))
     for obj in role("default", "token-requester", TOKEN_RULES + (extra_rules or []), "default", REMOTE_SA):
+        create(admin, obj)
+    for obj in role("default", "export-watcher", WATCH_RULES, "default", REMOTE_SA):
+        obj["kind"] = "Cluster" + obj["kind"]
+        obj["metadata"].pop("namespace")
+        if obj["kind"] == "ClusterRoleBinding":
+            obj["roleRef"]["kind"] = "ClusterRole"
         create(admin, obj)
     create(
         admin,
@@ -468,7 +486,7 @@ def test_remote_forbidden_then_granted(env: Env) -> None:
 
 def test_remote_unauthorized(env: Env) -> None:
     env.c2.write_kubeconfig(env.source_kubeconfig, context="cluster2", token="not-a-valid-token")
-    env.start_controller()
+    env.start_controller(exports=False)
     env.create_import("unauth")
     cond = env.wait_ready("unauth", "False", api.REASON_UNAUTHORIZED)
     assert "not-a-valid-token" not in cond["message"]
@@ -515,6 +533,9 @@ def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
     env.start_controller(source_kubeconfig=None, namespace=watched)
     env.create_import("s", clusterName="boot2")
     env.wait_ready("s", "False", api.REASON_UNKNOWN_CLUSTER)
+    # As bootstrap leaves it: the import boot2 of the system namespace, and its Secret, which it controls.
+    boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
+    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
     create(
         env.admin1,
         {
@@ -524,6 +545,7 @@ def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
                 "name": api.secret_name_for_import("boot2"),
                 "namespace": SYSTEM_NS,
                 "labels": {api.IMPORT_LABEL: "boot2"},
+                "ownerReferences": [{**owner, "controller": True, "blockOwnerDeletion": True}],
             },
             "data": to_secret_data(remote_credentials(env), "boot2"),
         },
@@ -549,7 +571,7 @@ def test_legacy_token_mode(make_env) -> None:
 
 def test_only_the_leader_writes_and_stopping_it_hands_over(env: Env) -> None:
     second_sa = CONTROLLER_SA + "-2"
-    create(env.admin1, service_account(SYSTEM_NS, second_sa))
+    create(env.admin1, service_account(SYSTEM_NS, second_sa, export_to=None))
     for doc in yaml.safe_load_all((MANIFESTS / "controller" / "rbac.yaml").read_text()):
         if doc["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             doc["metadata"]["name"] += "-2"
@@ -617,6 +639,8 @@ def test_main_serves_metrics_and_stops_on_sigterm(env: Env) -> None:
             str(port),
             "--imports-dir",
             str(env.tmp / "none"),
+            "--cluster-name",
+            "cluster1",
             "--log-level",
             "DEBUG",
         ],

@@ -115,6 +115,7 @@ def decide(
     **observed,
 ) -> tuple[ca.Assessment, ca.Writes | None]:
     """One pass as the reconciler makes it: assess; if a token is needed, `new` or `failure` is the answer."""
+    observed.setdefault("export_exempt", True)  # exports have their own tests (tests/test_controller_exports.py)
     observation = ca.Observation(imp, secret, now, source=source, **observed)
     state = ca.assess(observation)
     if isinstance(state, ca.NeedsToken):
