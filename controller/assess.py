@@ -16,8 +16,8 @@ from typing import Any
 
 from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
 from kubemcsa import api
-from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource
 from kubemcsa.export_policy import export_verdict
+from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource
 from kubemcsa.imports import (
     ImportToken,
     as_dict,
