@@ -9,7 +9,10 @@ imports are spread evenly over the sources and created as fast as the API allows
 - API calls per new import (both sides, by verb);
 - API calls in the steady state (a --window of seconds; leader-election renewals shown apart);
 - the same after a controller restart: calls until every import was looked at again, token requests among them,
-  and the new process's peak RSS.
+  and the new process's peak RSS;
+- what the export check costs (per source: two SelfSubjectAccessReviews, then one list and one watch of exported
+  service accounts; lists and watches are not in the per-import figures above), and how long a withdrawn export
+  takes to turn every import of it NotExported with its token gone.
 
 Usage: python bench/bench_controller.py [--imports 10000] [--sources 10] [--source-qps 5] [--source-burst 10]
        [--workers 4] [--window 10] [--argocd]
@@ -62,8 +65,21 @@ def _serve(name: str, conn) -> None:
         if method == "calls":  # counted in the child: the request log of 10,000 imports is large to ship
             conn.send(_calls(server.requests, *args))
             continue
+        if method == "export_calls":
+            conn.send(_export_calls(server.requests, *args))
+            continue
         value = getattr(server, method)(*args, **kwargs)
         conn.send(value)
+
+
+def _export_calls(requests, user: str) -> Counter:
+    """The export check's calls: access reviews, and lists and watches of service accounts."""
+    return Counter(
+        f"{r.verb} {r.resource}"
+        for r in requests
+        if r.user == user
+        and (r.resource == "selfsubjectaccessreviews" or (r.resource == "serviceaccounts" and not r.subresource))
+    )
 
 
 def _calls(requests, user: str) -> tuple[Counter, int]:
@@ -123,10 +139,28 @@ def setup_local(c1: ServerProcess, tmp: str) -> str:
 def setup_source(source: ServerProcess) -> dict:
     """The source's objects, and its kubeconfig entry for the controller (context = cluster name)."""
     admin = source.client()
-    for name in ("pod-lister", "import-controller"):
-        create(
-            admin, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "default"}}
-        )
+    # pod-lister's owner exports it to every namespace of cluster1 (kubemcsa allow ... --to 'cluster1/*').
+    exported = {"labels": {api.EXPORTED_LABEL: "true"}, "annotations": {api.EXPORT_TO_ANNOTATION: "cluster1/*"}}
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount"}
+    create(admin, {**sa, "metadata": {"name": "pod-lister", "namespace": "default", **exported}})
+    create(admin, {**sa, "metadata": {"name": "import-controller", "namespace": "default"}})
+    # As bootstrap grants: list and watch service accounts everywhere, to see the exports.
+    rbac = "rbac.authorization.k8s.io"
+    watch_rules = [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}]
+    create(
+        admin,
+        {"apiVersion": f"{rbac}/v1", "kind": "ClusterRole", "metadata": {"name": "exports"}, "rules": watch_rules},
+    )
+    create(
+        admin,
+        {
+            "apiVersion": f"{rbac}/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "exports"},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "exports"},
+            "subjects": [{"kind": "ServiceAccount", "name": "import-controller", "namespace": "default"}],
+        },
+    )
     rules = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
     create(
         admin,
@@ -171,6 +205,13 @@ def import_body(name: str, cluster: str, argocd: bool = False) -> dict:
     }
 
 
+def reason_of(obj: dict) -> str | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == "Ready":
+            return condition.get("reason")
+    return None
+
+
 def is_ready(obj: dict) -> bool:
     return any(
         c.get("type") == "Ready" and c.get("status") == "True"
@@ -201,6 +242,7 @@ def reconciled(port: int) -> float:
 def start_controller(args, local: str, sources: str, port: int) -> subprocess.Popen:
     argv = [sys.executable, "-m", "controller", "--kubeconfig", local, "--source-kubeconfig", sources]
     argv += ["--metrics-port", str(port), "--workers", str(args.workers), "--imports-dir", "/nonexistent"]
+    argv += ["--cluster-name", "cluster1"]
     argv += ["--source-qps", str(args.source_qps), "--source-burst", str(args.source_burst), "--log-level", "WARNING"]
     return subprocess.Popen(argv, cwd=ROOT)
 
@@ -256,6 +298,7 @@ def main() -> int:
             admin1 = c1.client()
             imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
             ready_at: dict[str, float] = {}
+            not_exported_at: dict[str, float] = {}
             lock = threading.Lock()
             watcher = kube.Informer(imports, namespace="default")
 
@@ -263,6 +306,9 @@ def main() -> int:
                 if kind != "DELETED" and is_ready(obj):
                     with lock:
                         ready_at.setdefault(obj["metadata"]["name"], time.perf_counter())
+                if kind != "DELETED" and reason_of(obj) == api.REASON_NOT_EXPORTED:
+                    with lock:
+                        not_exported_at.setdefault(obj["metadata"]["name"], time.perf_counter())
 
             watcher.add_handler(on_event)
             watcher.start()
@@ -321,6 +367,33 @@ def main() -> int:
                 f"{sum(local_calls.values()) + sum(remote_calls.values())} API calls, {tokens} token requests "
                 f"{dict(local_calls + remote_calls) or ''}(plus {leases} lease calls); "
                 f"peak RSS {peak_rss_mb(controller.pid):.0f} MB"
+            )
+            # 4. The export check: its calls so far, then one export withdrawn.
+            exports = Counter()
+            for server in sources:
+                exports += server.call("export_calls", REMOTE_USER)
+            print(f"export check, since the restart, all {args.sources} sources: {dict(exports)}")
+            withdrawn = [name for name, cluster in names if cluster == sources[0].name]
+            started = time.perf_counter()
+            kube.Resource(sources[0].client(), kube.SERVICE_ACCOUNTS).patch(
+                "pod-lister", {"metadata": {"labels": {api.EXPORTED_LABEL: None}}}, "default"
+            )
+            wait_until(lambda: all(n in not_exported_at for n in withdrawn), timeout=600, poll=0.05)
+            secrets = kube.Resource(admin1, kube.SECRETS)
+
+            def tokens_left() -> int:
+                listed = secrets.list("default").get("items") or []
+                mine = {api.secret_name_for_import(n) for n in withdrawn}
+                return sum(
+                    1 for s in listed if s["metadata"]["name"] in mine and api.KEY_TOKEN in (s.get("data") or {})
+                )
+
+            wait_until(lambda: tokens_left() == 0, timeout=600, poll=0.05)
+            gone = time.perf_counter() - started
+            last = max(not_exported_at[n] for n in withdrawn) - started
+            print(
+                f"export withdrawn on {sources[0].name}: its {len(withdrawn)} imports NotExported in {last:.2f} s, "
+                f"every token gone from their Secrets in {gone:.2f} s"
             )
             watcher.stop()
         finally:

@@ -56,7 +56,7 @@ class ExportView:
     synced: bool  # False: the watch has not listed yet (or cannot: see `problem`)
     service_account: dict[str, Any] | None = None  # as the watch has it; None: not exported, or no such account
     exists: bool | None = None  # when the watch lacks it: whether it exists at all (None: unknown)
-    problem: str | None = None  # why the watch cannot list, when it cannot
+    problem: str | None = None  # why the watch cannot list, when it cannot: the import's message
     problem_reason: str = api.REASON_REMOTE_UNREACHABLE  # the condition reason for that
 
     @property
@@ -206,11 +206,11 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
         return None
     view = obs.export
     if view is None or not view.synced:
-        problem = f" ({view.problem})" if view is not None and view.problem else ""
         return Blocked(
             view.problem_reason if view is not None else api.REASON_REMOTE_UNREACHABLE,
-            f"The controller cannot see yet which service accounts cluster {spec.cluster_name} exports{problem}; "
-            "it retries by itself.",
+            (view.problem if view is not None else None)
+            or f"The controller cannot see yet which service accounts cluster {spec.cluster_name} exports; it "
+            "retries by itself.",
             retry=True,
             spec=spec,
             source_failed=True,
@@ -220,8 +220,7 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
             api.REASON_NOT_EXPORTED,
             f"The controller does not know its own name in cluster {spec.cluster_name}, which exports name; start it "
             "with --cluster-name (the name bootstrap gave this cluster there).",
-            spec=spec,
-            withdraw=True,
+            spec=spec,  # a configuration error, not a withdrawal: the Secret keeps what it holds until it expires
         )
     verdict = export_verdict(
         view.service_account,

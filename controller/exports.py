@@ -23,7 +23,8 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import ExportView
+from controller.assess import ExportView, Remote
+from controller.remote import renew_hint, unreachable
 from kubemcsa import api, kube
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ SELF_SUBJECT_ACCESS_REVIEWS = kube.ResourceType(
 )
 # How long a new watch may take to list before imports waiting on it are told the source cannot be seen.
 WARM_UP_SECONDS = 10.0
+# While a source cannot be listed, it is tried again at least this often, so that its recovery is seen soon.
+MAX_LIST_BACKOFF = 5.0
 CLUSTER_WIDE = ""
 
 EventCallback = Callable[[str, str, str], None]  # (source, namespace, name) of a service account the watch saw
@@ -50,24 +53,30 @@ def access_review(resource: str, verb: str, subresource: str = "") -> dict[str, 
     }
 
 
-def watch_problem(source: str, namespace: str, last_error: int | None) -> tuple[str, str] | None:
-    """Why a watch of exported service accounts has not listed: (condition reason, words for the message)."""
-    where = f"in namespace {namespace} of cluster {source}" if namespace else f"in cluster {source}"
+def watch_problem(
+    source: Remote, namespace: str, last_error: int | None, exception: BaseException | None = None
+) -> tuple[str, str] | None:
+    """Why a watch of exported service accounts has not listed: (condition reason, the import's message)."""
+    cluster = source.cluster_name
+    where = f"in namespace {namespace} of cluster {cluster}" if namespace else f"in cluster {cluster}"
     if last_error is None:
         return None
+    if last_error == 0 and exception is not None:
+        failure = unreachable(source, exception)  # as the token requests say it
+        return failure.reason, failure.message
     if last_error == 403:
         return api.REASON_FORBIDDEN, (
-            f"the controller may not list service accounts {where}; run kubemcsa bootstrap again, with this "
-            "namespace in --source-namespaces if you use it"
+            f"The controller may not list service accounts {where}, so it cannot see what is exported there; run "
+            "kubemcsa bootstrap again, with this namespace in --source-namespaces if you use it."
         )
     if last_error == 401:
         return api.REASON_UNAUTHORIZED, (
-            f"cluster {source} rejected the controller's credentials (401 Unauthorized); renew the controller's "
-            f"credential for cluster {source}"
+            f"Cluster {cluster} rejected the controller's credentials (401 Unauthorized); {renew_hint(source)}."
         )
-    if last_error == 0:
-        return api.REASON_REMOTE_UNREACHABLE, f"cluster {source} is unreachable"
-    return api.REASON_REMOTE_UNREACHABLE, f"cluster {source} answered {last_error} to the list of service accounts"
+    return api.REASON_REMOTE_UNREACHABLE, (
+        f"Cluster {cluster} answered {last_error} to the list of exported service accounts; the controller retries "
+        "by itself."
+    )
 
 
 @dataclass
@@ -105,18 +114,21 @@ class ExportWatches:
 
     # --- what reconciles read ---
     def view(
-        self, source: str, fingerprint: str, client: ApiClient, consumer: str | None, namespace: str, name: str
+        self, remote: Remote, fingerprint: str, client: ApiClient, consumer: str | None, namespace: str, name: str
     ) -> tuple[ExportView, bool]:
-        """(ExportView of namespace/name in `source`, warming), warming meaning: not listed yet, wait a little."""
+        """(ExportView of namespace/name in `remote`, warming), warming meaning: not listed yet, wait a little."""
+        source = remote.cluster_name
         watch = self.ensure(source, fingerprint, client)
         if not watch.scope_decided.is_set():
             return ExportView(consumer, synced=False), not self._warm_up_over(watch)
         informer = self._informer(watch, namespace)
         if not informer.has_synced:
-            problem = watch_problem(source, "" if watch.cluster_wide else namespace, informer.last_error)
+            scope = "" if watch.cluster_wide else namespace
+            problem = watch_problem(remote, scope, informer.last_error, informer.last_exception)
             reason, text = problem or (api.REASON_REMOTE_UNREACHABLE, None)
             view = ExportView(consumer, synced=False, problem=text, problem_reason=reason)
-            return view, not self._warm_up_over(watch)
+            # Still listing for the first time: wait a little. Failed already: say so at once.
+            return view, informer.last_error is None and not self._warm_up_over(watch)
         service_account = informer.get(name, namespace)
         with self._lock:
             exists = True if service_account is not None else watch.exists.get((namespace, name))
@@ -223,6 +235,7 @@ class ExportWatches:
                 namespace=scope or None,
                 label_selector=api.EXPORTED_SELECTOR,
                 name=f"exports-{watch.name}{'-' + scope if scope else ''}",
+                max_backoff=MAX_LIST_BACKOFF,
             )
             informer.add_handler(lambda _event, obj, _old, watch=watch: self._seen(watch, obj))
             watch.informers[scope] = informer
@@ -243,7 +256,7 @@ class ExportWatches:
         while not informer.wait_for_sync(0.5):
             if self._stopped.is_set() or informer not in list(watch.informers.values()):
                 return
-            if not told and self._warm_up_over(watch) and informer.last_error is not None:
+            if not told and informer.last_error is not None:
                 told = True
                 self._on_synced(watch.name)  # imports waiting on it learn why it cannot list (they retry)
         with self._lock:

@@ -219,9 +219,9 @@ class Reconciler:
         try:
             client = self.sources.client(source)
         except Exception:  # reported by request_token's own attempt, once the export check lets it through
-            return False, ExportView(source.consumer, synced=False, problem="no client for its credentials")
+            return False, ExportView(source.consumer, synced=False)
         view, warming = self.exports.view(
-            source.name, source.fingerprint, client, source.consumer, spec.namespace, spec.name
+            source.remote, source.fingerprint, client, source.consumer, spec.namespace, spec.name
         )
         if warming:
             return False, WARMING

@@ -373,19 +373,23 @@ class Informer:
         resync_seconds: float | None = None,
         watch_timeout_seconds: int = 300,
         name: str | None = None,
+        max_backoff: float = 30.0,
     ) -> None:
         self.resource = resource
         self.namespace = namespace
         self.label_selector = label_selector
         self.resync_seconds = resync_seconds
         self.watch_timeout_seconds = watch_timeout_seconds
+        self.max_backoff = max_backoff  # the longest wait between failed lists (the API's recovery is seen this late)
         self.name = name or resource.type.plural
         self._cache: dict[tuple[str, str], JSON] = {}
         self._lock = threading.RLock()
         self._handlers: list[EventHandler] = []
         self._synced = threading.Event()
-        # Why the last list or watch failed: its HTTP status (0: unreachable), None once a list succeeded again.
+        # Why the last list or watch failed: its HTTP status (0: unreachable), None once a list succeeded again;
+        # and the exception itself, for a caller that explains it.
         self.last_error: int | None = None
+        self.last_exception: BaseException | None = None
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
         self._resync_thread: threading.Thread | None = None
@@ -436,7 +440,7 @@ class Informer:
     def _relist(self) -> str:
         listing = self.resource.list(self.namespace, label_selector=self.label_selector)
         fresh = {object_key(item): item for item in listing.get("items") or []}
-        self.last_error = None
+        self.last_error, self.last_exception = None, None
         with self._lock:
             previous = self._cache
             self._cache = fresh
@@ -505,19 +509,19 @@ class Informer:
                     version = None
                     continue
                 log.warning("informer %s: %s; retrying in %.1fs", self.name, error_message(exc), backoff)
-                self.last_error = exc.status or 0
+                self.last_error, self.last_exception = exc.status or 0, exc
                 version = None
                 self._stopped.wait(backoff)
-                backoff = min(backoff * 2, 30)
+                backoff = min(backoff * 2, self.max_backoff)
             except (*CONNECTION_ERRORS, ValueError) as exc:
                 if self._stopped.is_set():
                     break
                 log.warning(
                     "informer %s: API unreachable (%s); retrying in %.1fs", self.name, type(exc).__name__, backoff
                 )
-                self.last_error = 0
+                self.last_error, self.last_exception = 0, exc
                 self._stopped.wait(backoff)
-                backoff = min(backoff * 2, 30)
+                backoff = min(backoff * 2, self.max_backoff)
             finally:
                 self._current_watch = None
 

@@ -786,14 +786,15 @@ def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number
     for n in (4, 40):
         env = make_env()
         env.c2.make_unreachable()
-        env.start_controller(backoff_base=0.1, backoff_max=backoff_max)
+        env.start_controller(backoff_base=0.1, backoff_max=backoff_max, exports=False)
         before = env.c2.connection_attempts
         started = time.monotonic()
         names = [f"dead-{n}-{i}" for i in range(n)]
         for name in names:
             env.create_import(name)
         wait_for(lambda names=names, env=env: all_ready(env, names, "False", api.REASON_REMOTE_UNREACHABLE), what="all")
-        assert "connection was closed" in env.ready(names[0])["message"]  # reset by the dead source's address
+        # Reset by the dead source's address (unreachable from the start: as its export watch found it).
+        assert "connection was closed" in env.ready(names[0])["message"]
         # A rate needs a duration: the window is the measurement, not a wait for a condition.
         wait_for(lambda started=started: time.monotonic() >= started + 4.0, what="the measured window")
         attempts = env.c2.connection_attempts - before
@@ -805,7 +806,7 @@ def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number
 def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env) -> None:
     qps, burst = 10.0, 5
     env.c2.stop()
-    env.start_controller(backoff_base=0.1, backoff_max=0.5, source_qps=qps, source_burst=burst)
+    env.start_controller(backoff_base=0.1, backoff_max=0.5, source_qps=qps, source_burst=burst, exports=False)
     names = [f"rec-{i}" for i in range(30)]
     for name in names:
         env.create_import(name)
@@ -827,7 +828,7 @@ def test_a_source_whose_ca_changed_says_its_certificate_is_not_trusted(env: Env)
     config = yaml.safe_load(Path(env.source_kubeconfig).read_text())
     config["clusters"][0]["cluster"]["certificate-authority-data"] = base64.b64encode(env.c1.ca_pem).decode()
     Path(env.source_kubeconfig).write_text(yaml.safe_dump(config))
-    env.start_controller()
+    env.start_controller(exports=False)
     env.create_import("tls")
     cond = env.wait_ready("tls", "False", api.REASON_REMOTE_CERTIFICATE_UNTRUSTED)
     assert "not signed by the CA the controller holds" in cond["message"]
@@ -905,7 +906,7 @@ def test_restarts_and_kills_change_nothing(env: Env) -> None:
         port = free_port()
         argv = [sys.executable, "-m", "controller", "--kubeconfig", str(local)]
         argv += ["--source-kubeconfig", env.source_kubeconfig, "--metrics-port", str(port), "--no-leader-election"]
-        argv += ["--imports-dir", str(env.tmp / "none")]
+        argv += ["--imports-dir", str(env.tmp / "none"), "--cluster-name", "cluster1"]
         process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
 

@@ -152,9 +152,15 @@ def test_controller_reaches_every_kind_of_source_without_a_writable_filesystem(
     admin1, admin2 = cluster1.admin_client(), cluster2.admin_client()
     for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml") + documents(MANIFESTS / "namespace.yaml"):
         create(admin1, doc)
+    # Exported by its owner to every namespace of cluster1 (kubemcsa allow pod-lister --to 'cluster1/*').
+    exported = {"labels": {api.EXPORTED_LABEL: "true"}, "annotations": {api.EXPORT_TO_ANNOTATION: "cluster1/*"}}
     create(
         admin2,
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pod-lister", "namespace": "default"}},
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "pod-lister", "namespace": "default", **exported},
+        },
     )
     creds = Credentials(server=cluster2.url, ca_crt=cluster2.ca_pem, token=cluster2.admin_token, namespace="default")
     # 1. --source-kubeconfig, as the controller Deployment's comment suggests (certificate-authority-data inside).
@@ -166,18 +172,27 @@ def test_controller_reaches_every_kind_of_source_without_a_writable_filesystem(
     mounted.mkdir(parents=True)
     for key, value in to_secret_data(creds, "via-mount").items():
         (mounted / key).write_bytes(base64.b64decode(value))
-    # 3. a Secret in the system namespace, as `kubemcsa bootstrap` leaves it.
+    # 3. a Secret in the system namespace, controlled by its import there, as `kubemcsa bootstrap` leaves them.
+    spec = {"clusterName": "via-secret", "namespace": "default", "name": "pod-lister"}
+    boot = {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "via-secret"}, "spec": spec}
+    boot = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS).create(boot, SYSTEM_NS)
+    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "via-secret", "uid": boot["metadata"]["uid"]}
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": "via-secret-token", "namespace": SYSTEM_NS, "labels": {api.IMPORT_LABEL: "via-secret"}},
+        "metadata": {
+            "name": "via-secret-token",
+            "namespace": SYSTEM_NS,
+            "labels": {api.IMPORT_LABEL: "via-secret"},
+            "ownerReferences": [{**owner, "controller": True}],
+        },
         "data": to_secret_data(creds, "via-secret"),
     }
     create(admin1, secret)
     local = local_kubeconfig_with_ca_file(cluster1, tmp_path)
     port = free_port()
     args = ["--kubeconfig", local, "--source-kubeconfig", str(sources), "--imports-dir", str(tmp_path / "imports")]
-    args += ["--metrics-port", str(port), "--identity", "read-only"]
+    args += ["--metrics-port", str(port), "--identity", "read-only", "--cluster-name", "cluster1"]
     process = start(tmp_path, "controller.__main__:main", *args)
     try:
         for cluster_name in ("via-kubeconfig", "via-mount", "via-secret"):
