@@ -15,8 +15,6 @@ credentials change. `refresh_files` returns the names whose credentials changed,
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -40,7 +38,7 @@ from kubemcsa.kubeconfig import (
     referenced_files,
     resolve_context,
 )
-from kubemcsa.tokens import consumer_of_token
+from kubemcsa.tokens import consumer_of_token, unverified_claims
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +74,7 @@ class SourceCluster:
 
 def token_expiry(token: str) -> float | None:
     """The `exp` claim of a JWT, unverified (None if it is not one): when a credential stops working."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
+    exp = unverified_claims(token).get("exp")
     return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
 
 

@@ -83,20 +83,26 @@ def token_from_response(response: Any, issued_at: float) -> IssuedToken:
     return IssuedToken(token=token, issued_at=issued_at, expires_at=parse_time(status.get("expirationTimestamp")))
 
 
-def consumer_of_token(token: str) -> str | None:
-    """The consumer cluster a source credential belongs to: NAME when the token is a JWT of
-    `system:serviceaccount:multicluster-service-account:NAME` (what bootstrap issues), else None.
+def unverified_claims(token: str) -> dict[str, Any]:
+    """The payload of a JWT, without verifying it ({} if it is not one): what a credential says of itself.
 
-    Read without verifying the signature: the source verifies it; this only names the controller's own account.
+    Only ever used to describe the controller's own credentials (when they expire, whose they are); the API server
+    that receives them verifies them.
     """
     parts = token.split(".")
     if len(parts) != 3:
-        return None
+        return {}
     try:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
-    subject = claims.get("sub") if isinstance(claims, dict) else None
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def consumer_of_token(token: str) -> str | None:
+    """The consumer cluster a source credential belongs to: NAME when the token is a JWT of
+    `system:serviceaccount:multicluster-service-account:NAME` (what bootstrap issues), else None."""
+    subject = unverified_claims(token).get("sub")
     prefix = f"system:serviceaccount:{api.SYSTEM_NAMESPACE}:"
     if not isinstance(subject, str) or not subject.startswith(prefix):
         return None
