@@ -157,6 +157,13 @@ class ExportWatches:
             informers = list(watch.informers.values()) if watch is not None else []
         return bool(watch and watch.scope_decided.is_set() and all(i.has_synced for i in informers))
 
+    def failing(self, source: str) -> bool:
+        """True while some informer of `source`'s export watch fails to list (its imports say why)."""
+        with self._lock:
+            watch = self._watches.get(source)
+            informers = list(watch.informers.values()) if watch is not None else []
+        return any(i.last_error is not None and not i.has_synced for i in informers)
+
     def forget(self, source: str) -> None:
         """Stop the watch of a source the controller no longer knows."""
         with self._lock:
