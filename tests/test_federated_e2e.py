@@ -306,7 +306,9 @@ def test_a_client_built_once_keeps_working_across_the_kubelets_rotation(env: Env
     trust_cluster1(env, capsys.readouterr().out)
     env.create_import()
     env.wait_ready("True", api.REASON_FEDERATED)
-    env.c1.max_token_expiration_seconds = 4  # from now on cluster1's tokens (the pod's) live 4 seconds
+    # From now on cluster1's tokens (the pod's) live 8 seconds: the kubelet rotates at 6.4 s, the first token dies
+    # at 8 s, and the second lives until 14.4 s, a margin for a loaded machine.
+    env.c1.max_token_expiration_seconds = 8
     kube.Resource(env.admin1, kube.PODS).create(annotated_pod(), "default")
     kubelet = Kubelet(env.c1, tmp_path / "kubelet")
     kubelet.mount("default", "client")
@@ -324,6 +326,7 @@ def test_a_client_built_once_keeps_working_across_the_kubelets_rotation(env: Env
         with pytest.raises(ApiException) as info:  # the old token is dead at cluster2...
             kube.Resource(env.c2.client_for_token(first), kube.PODS).list("default")
         assert info.value.status == 401
+        kubelet.rotate(force=False)  # as the kubelet keeps doing, if another rotation is due by now
         assert [p["metadata"]["name"] for p in pods.list("default")["items"]] == ["web"]  # ...the client is not
 
 
