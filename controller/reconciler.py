@@ -158,7 +158,11 @@ class Reconciler:
         argocd_key = (namespace, api.argocd_secret_name_for_import(name))
         argocd_cached = self.caches.secrets.get(argocd_key[1], namespace)
         if argocd_cached is None and self.caches.argocd_secrets is not None:
-            argocd_cached = self.caches.argocd_secrets.get(argocd_key[1], namespace)
+            # Argo CD's cache is only for foreign Secrets: one with our label is known from ours alone, which may
+            # already have seen it deleted while Argo CD's still holds it (a second delete, or a stale rewrite).
+            foreign = self.caches.argocd_secrets.get(argocd_key[1], namespace)
+            if not (((foreign or {}).get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL):
+                argocd_cached = foreign
         argocd_secret = self.secret_writes.get(argocd_key, argocd_cached)
         spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
         cluster = spec.get("clusterName")
