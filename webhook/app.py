@@ -260,13 +260,7 @@ class _MutatePods:
             return
         # The usual request: a small body that came whole, reviewed right here (well under a millisecond).
         started = time.perf_counter()
-        body = message.get("body", b"")
-        try:
-            parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
-        except TooMuchWork:
-            answer = await self._elsewhere(body, deadline, take_slot=True)
-        else:
-            answer = await self._complete(parsed, deadline)
+        answer = await self._review_small(message.get("body", b""), deadline)
         self.metrics.record(answer, time.perf_counter() - started)
         await self._send(send, answer)
 
@@ -289,17 +283,20 @@ class _MutatePods:
             elif holds_slot:
                 answer = await self._elsewhere(body, deadline, take_slot=False)
             else:  # came in parts, yet small
-                try:
-                    parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
-                except TooMuchWork:
-                    answer = await self._elsewhere(body, deadline, take_slot=True)
-                else:
-                    answer = await self._complete(parsed, deadline)
+                answer = await self._review_small(body, deadline)
         finally:
             if holds_slot:
                 slots.release()
         self.metrics.record(answer, time.perf_counter() - started)
         await self._send(send, answer)
+
+    async def _review_small(self, body: bytes, deadline: float) -> review.Answer:
+        """Parse a small body right here unless it asks too much work (many mounts); then parse it elsewhere."""
+        try:
+            parsed = review.parse(body, max_mounts=INLINE_MAX_MOUNTS)
+        except TooMuchWork:
+            return await self._elsewhere(body, deadline, take_slot=True)
+        return await self._complete(parsed, deadline)
 
     async def _elsewhere(self, body: bytes, deadline: float, *, take_slot: bool) -> review.Answer:
         """Parse in the worker process (taking a large-body slot first if the caller holds none), then complete."""
