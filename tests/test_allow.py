@@ -114,14 +114,11 @@ def test_the_written_annotation_parses_back() -> None:
 
 
 @pytest.fixture
-def clusters(cluster1, cluster2, tmp_path: Path, capsys) -> dict[str, Any]:
+def clusters(cluster1, cluster2, kubeconfig_paths: dict[str, Path], tmp_path: Path, capsys) -> dict[str, Any]:
     """cluster1 (consumer) bootstrapped to import from cluster2 (source); in cluster2, namespace team-x with the
     service accounts bot and other, and a kubeconfig for team-x's admin (not a cluster admin)."""
     kube.Resource(cluster1.admin_client(), kube.CRDS).create(yaml.safe_load(CRD.read_text()))
-    paths = {}
-    for server in (cluster1, cluster2):
-        paths[server.name] = tmp_path / f"{server.name}.yaml"
-        server.write_kubeconfig(str(paths[server.name]), context=server.name)
+    paths = kubeconfig_paths
     argv = ["bootstrap", "--target-context", "cluster1", "--target-kubeconfig", str(paths["cluster1"])]
     argv += ["--source-context", "cluster2", "--source-kubeconfig", str(paths["cluster2"])]
     assert cli.main(argv) == 0

@@ -18,14 +18,10 @@ SYSTEM = api.SYSTEM_NAMESPACE
 
 
 @pytest.fixture
-def clusters(cluster1, cluster2, tmp_path: Path) -> dict[str, Any]:
+def clusters(cluster1, cluster2, kubeconfig_paths: dict[str, Path]) -> dict[str, Any]:
     """cluster1 (target, with the CRD installed) and cluster2 (source), each with its own kubeconfig file."""
     kube.Resource(cluster1.admin_client(), kube.CRDS).create(yaml.safe_load(CRD.read_text()))
-    paths = {}
-    for server in (cluster1, cluster2):
-        paths[server.name] = tmp_path / f"{server.name}.yaml"
-        server.write_kubeconfig(str(paths[server.name]), context=server.name)
-    return {"cluster1": cluster1, "cluster2": cluster2, "paths": paths}
+    return {"cluster1": cluster1, "cluster2": cluster2, "paths": kubeconfig_paths}
 
 
 def bootstrap_argv(clusters: dict[str, Any], *extra: str) -> list[str]:
@@ -160,13 +156,9 @@ def test_source_namespaces_narrow_the_grant_and_a_rerun_removes_the_cluster_wide
 
 
 def test_a_missing_source_namespace_and_a_missing_crd_are_one_sentence_each(
-    cluster1, cluster2, tmp_path, capsys
+    kubeconfig_paths: dict[str, Path], capsys
 ) -> None:
-    paths = {}
-    for server in (cluster1, cluster2):
-        paths[server.name] = tmp_path / f"{server.name}.yaml"
-        server.write_kubeconfig(str(paths[server.name]), context=server.name)
-    clusters = {"paths": paths}
+    clusters = {"paths": kubeconfig_paths}
     assert cli.main(bootstrap_argv(clusters, "--source-namespaces", "nope")) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0

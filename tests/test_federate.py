@@ -25,12 +25,8 @@ FAKE_CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
 
 @pytest.fixture
-def clusters(cluster1, cluster2, tmp_path: Path) -> dict[str, Any]:
-    paths = {}
-    for server in (cluster1, cluster2):
-        paths[server.name] = tmp_path / f"{server.name}.yaml"
-        server.write_kubeconfig(str(paths[server.name]), context=server.name)
-    return {"cluster1": cluster1, "cluster2": cluster2, "paths": paths}
+def clusters(cluster1, cluster2, kubeconfig_paths: dict[str, Path]) -> dict[str, Any]:
+    return {"cluster1": cluster1, "cluster2": cluster2, "paths": kubeconfig_paths}
 
 
 def federate_argv(clusters: dict[str, Any], *extra: str) -> list[str]:
