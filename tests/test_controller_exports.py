@@ -206,7 +206,7 @@ def test_a_team_a_user_gets_no_token_of_an_account_nobody_exported(env: Env) -> 
         assert f"Service account {what} in cluster cluster2 is not exported" in cond["message"]
         assert "kubemcsa allow" in cond["message"]
         assert env.token_in(name) is None
-    assert env.events("team-a", api.REASON_NOT_EXPORTED)
+    wait_for(lambda: env.events("team-a", api.REASON_NOT_EXPORTED), what="the Events saying why")
     # alice cannot take the controller's credential either.
     forbidden(lambda: kube.Resource(env.alice, kube.SECRETS).get(api.secret_name_for_import("cluster2"), SYSTEM))
 
@@ -243,7 +243,8 @@ def test_allow_then_import_works_only_where_allowed_and_withdrawing_removes_the_
     assert env.token_in("bot", "team-b") is None
 
     # The steady state: reconciles (resyncs every 0.2 s) from the caches alone, no API call in either cluster.
-    wait_for(lambda: env.secret("bot") and env.ready("bot", "team-b"), what="settled")
+    # Settled: the Secret, and team-b's refusal written with its Event (the Event is recorded after the status).
+    wait_for(lambda: env.secret("bot") and env.events("team-b", api.REASON_NOT_EXPORTED), what="settled")
     env.c1.reset_requests()
     env.c2.reset_requests()
     done = controller.metrics.reconciles.labels("success")._value.get()
@@ -259,7 +260,8 @@ def test_allow_then_import_works_only_where_allowed_and_withdrawing_removes_the_
     secret = env.secret("bot")
     assert api.KEY_TOKEN not in secret["data"] and api.KEY_CONFIG not in secret["data"]
     assert {api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_SERVER} <= set(secret["data"])
-    assert [e for e in env.events("team-a", api.REASON_NOT_EXPORTED) if "holds no token" in e["message"]]
+    said = lambda: [e for e in env.events("team-a", api.REASON_NOT_EXPORTED) if "holds no token" in e["message"]]  # noqa: E731
+    wait_for(said, what="the Event saying why")  # recorded just after the status
     # No new token request was made for it: only the probe that tells a withdrawn export from a deleted account.
     asked = [(r.verb, r.resource, r.subresource) for r in env.c2.requests if r.user == CONSUMER_USER]
     assert ("create", "serviceaccounts", "token") not in asked
