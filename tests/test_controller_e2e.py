@@ -33,6 +33,7 @@ from controller.run import Controller, Options
 from kubemcsa import api, federation, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
+from kubemcsa.testing.objects import create_file, create_or_get
 from kubemcsa.testing.wait import wait_for
 from kubemcsa.timefmt import parse_time
 
@@ -42,22 +43,6 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 CONTROLLER_SA = "service-account-import-controller"
 REMOTE_SA = "import-controller"  # the controller's identity in cluster2
 WAIT = 30.0
-
-
-def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
-    resource = kube.Resource(client, kube.resource_type_of(obj))
-    try:
-        return resource.create(obj, (obj.get("metadata") or {}).get("namespace"))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        return resource.get(obj["metadata"]["name"], (obj.get("metadata") or {}).get("namespace"))
-
-
-def apply_file(client: ApiClient, path: Path, skip_kinds: tuple[str, ...] = ()) -> None:
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc and doc.get("kind") not in skip_kinds:
-            create(client, doc)
 
 
 def role(namespace: str, name: str, rules: list[dict[str, Any]], subject_ns: str, subject: str) -> list[dict]:
@@ -173,17 +158,17 @@ class Env:
 
 def setup_cluster1(c1: Any) -> tuple[ApiClient, ApiClient]:
     admin = c1.admin_client()
-    apply_file(admin, MANIFESTS / "crd" / "serviceaccountimports.yaml")
-    apply_file(admin, MANIFESTS / "namespace.yaml")
-    apply_file(admin, MANIFESTS / "controller" / "serviceaccount.yaml")
-    apply_file(admin, MANIFESTS / "controller" / "rbac.yaml")
+    create_file(admin, MANIFESTS / "crd" / "serviceaccountimports.yaml")
+    create_file(admin, MANIFESTS / "namespace.yaml")
+    create_file(admin, MANIFESTS / "controller" / "serviceaccount.yaml")
+    create_file(admin, MANIFESTS / "controller" / "rbac.yaml")
     token = c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600)
     return admin, c1.client_for_token(token)
 
 
 def setup_cluster2(c2: Any, extra_rules: list[dict[str, Any]] | None = None) -> tuple[ApiClient, str]:
     admin = c2.admin_client()
-    create(admin, service_account("default", "pod-lister"))
+    create_or_get(admin, service_account("default", "pod-lister"))
     for obj in role(
         "default",
         "pod-lister",
@@ -191,17 +176,17 @@ def setup_cluster2(c2: Any, extra_rules: list[dict[str, Any]] | None = None) -> 
         "default",
         "pod-lister",
     ):
-        create(admin, obj)
-    create(admin, service_account("default", REMOTE_SA))
+        create_or_get(admin, obj)
+    create_or_get(admin, service_account("default", REMOTE_SA))
     for obj in role("default", "token-requester", TOKEN_RULES + (extra_rules or []), "default", REMOTE_SA):
-        create(admin, obj)
+        create_or_get(admin, obj)
     for obj in role("default", "export-watcher", WATCH_RULES, "default", REMOTE_SA):
         obj["kind"] = "Cluster" + obj["kind"]
         obj["metadata"].pop("namespace")
         if obj["kind"] == "ClusterRoleBinding":
             obj["roleRef"]["kind"] = "ClusterRole"
-        create(admin, obj)
-    create(
+        create_or_get(admin, obj)
+    create_or_get(
         admin,
         {
             "apiVersion": "v1",
@@ -243,7 +228,7 @@ def env(make_env) -> Env:
 def bootstrap_source(env: Env) -> None:
     """What `kubemcsa bootstrap` leaves in cluster1: an import named cluster2 in the system namespace and its first
     Secret, whose credentials the controller uses to reach cluster2 and keeps refreshing itself."""
-    imp = create(
+    imp = create_or_get(
         env.admin1,
         {
             "apiVersion": api.API_VERSION,
@@ -255,7 +240,7 @@ def bootstrap_source(env: Env) -> None:
     creds = Credentials(server=env.c2.url, ca_crt=env.c2.ca_pem, token=env.remote_token, namespace="default")
     owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "cluster2", "uid": imp["metadata"]["uid"]}
     owner.update(controller=True, blockOwnerDeletion=True)
-    create(
+    create_or_get(
         env.admin1,
         {
             "apiVersion": "v1",
@@ -440,7 +425,7 @@ def test_secret_name_conflict_is_reported_and_never_overwritten(env: Env) -> Non
         "metadata": {"name": "conf-token", "namespace": "default", "labels": {api.IMPORT_LABEL: "conf"}},
         "data": {"mine": base64.b64encode(b"keep me").decode()},
     }
-    create(env.admin1, foreign)
+    create_or_get(env.admin1, foreign)
     env.start_controller()
     env.create_import("conf")
     cond = env.wait_ready("conf", "False", api.REASON_SECRET_CONFLICT)
@@ -462,7 +447,7 @@ def test_remote_service_account_deleted_then_recreated(make_env) -> None:
     assert env.secret("gone") is not None  # the last Secret stays
     events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
     assert any(e["type"] == "Warning" and e["reason"] == api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND for e in events)
-    create(env.admin2, service_account("default", "pod-lister"))
+    create_or_get(env.admin2, service_account("default", "pod-lister"))
     env.wait_ready("gone")
 
 
@@ -476,14 +461,14 @@ def test_unknown_cluster_then_added_to_source_kubeconfig(env: Env) -> None:
 
 
 def test_remote_forbidden_then_granted(env: Env) -> None:
-    create(env.admin2, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
-    create(env.admin2, service_account("other", "reader"))
+    create_or_get(env.admin2, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+    create_or_get(env.admin2, service_account("other", "reader"))
     env.start_controller()
     env.create_import("nope", namespace="other", name="reader")
     cond = env.wait_ready("nope", "False", api.REASON_FORBIDDEN)
     assert "serviceaccounts/token" in cond["message"]
     for obj in role("other", "token-requester", TOKEN_RULES, "default", REMOTE_SA):
-        create(env.admin2, obj)
+        create_or_get(env.admin2, obj)
     env.wait_ready("nope")
 
 
@@ -539,7 +524,7 @@ def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
     # As bootstrap leaves it: the import boot2 of the system namespace, and its Secret, which it controls.
     boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
     owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
-    create(
+    create_or_get(
         env.admin1,
         {
             "apiVersion": "v1",
@@ -574,12 +559,12 @@ def test_legacy_token_mode(make_env) -> None:
 
 def test_only_the_leader_writes_and_stopping_it_hands_over(env: Env) -> None:
     second_sa = CONTROLLER_SA + "-2"
-    create(env.admin1, service_account(SYSTEM_NS, second_sa, export_to=None))
+    create_or_get(env.admin1, service_account(SYSTEM_NS, second_sa, export_to=None))
     for doc in yaml.safe_load_all((MANIFESTS / "controller" / "rbac.yaml").read_text()):
         if doc["kind"] in ("ClusterRoleBinding", "RoleBinding"):
             doc["metadata"]["name"] += "-2"
             doc["subjects"][0]["name"] = second_sa
-            create(env.admin1, doc)
+            create_or_get(env.admin1, doc)
     second_client = env.c1.client_for_token(env.c1.issue_token(SYSTEM_NS, second_sa, expiration_seconds=3600))
     election = {"leader_election": True, "lease_duration": 3.0, "renew_deadline": 2.0, "retry_period": 0.1}
     first = env.start_controller(identity="first", **election)
@@ -712,7 +697,7 @@ def test_every_permission_in_the_manifests_is_one_the_controller_uses(make_env) 
     wait_for(lambda: ("delete", "secrets", "") in controller_calls(), what="the Argo CD Secret's deletion")
     # A federated import: the controller asks for a token of its own service account to check the source's trust.
     source = federation.FederatedSource("cluster2", env.c2.url, env.c2.ca_pem, "cluster2", "cluster1:")
-    create(env.admin1, federation.source_configmap(source))
+    create_or_get(env.admin1, federation.source_configmap(source))
     env.create_import("fed", tokenType="Federated")
     env.wait_ready("fed", status="False", reason=api.REASON_FEDERATION_NOT_TRUSTED)
     refused = [(r.verb, r.path) for r in env.c1.requests if r.user == env.controller_user and r.code in (401, 403)]
@@ -850,7 +835,7 @@ def test_a_source_whose_name_does_not_resolve_says_dns(env: Env) -> None:
 
 def test_a_missing_system_namespace_is_one_clear_startup_error(api_server_factory, tmp_path: Path) -> None:
     c1 = api_server_factory(name="laptop")
-    apply_file(c1.admin_client(), MANIFESTS / "crd" / "serviceaccountimports.yaml")  # only the CRD
+    create_file(c1.admin_client(), MANIFESTS / "crd" / "serviceaccountimports.yaml")  # only the CRD
     local = tmp_path / "local.kubeconfig"
     c1.write_kubeconfig(str(local))
     process = subprocess.run(

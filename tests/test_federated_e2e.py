@@ -30,6 +30,7 @@ from certs import manager
 from controller.run import Controller, Options
 from kubemcsa import api, cli, config, federation, kube
 from kubemcsa.testing.kubelet import Kubelet
+from kubemcsa.testing.objects import create_file, create_or_get
 from kubemcsa.testing.tokens import decode_unverified
 from kubemcsa.testing.wait import wait_for
 from webhook import mutation
@@ -44,22 +45,6 @@ POD_SA = "app"  # the pod's own service account in cluster1
 REMOTE_USER = f"cluster1:system:serviceaccount:default:{POD_SA}"
 KUBECTL = shutil.which("kubectl")
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
-
-
-def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
-    resource = kube.Resource(client, kube.resource_type_of(obj))
-    try:
-        return resource.create(obj, (obj.get("metadata") or {}).get("namespace"))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        return resource.get(obj["metadata"]["name"], (obj.get("metadata") or {}).get("namespace"))
-
-
-def apply_file(client: ApiClient, path: Path) -> None:
-    for doc in yaml.safe_load_all(path.read_text()):
-        if doc:
-            create(client, doc)
 
 
 def pod_lister_binding(user: str) -> list[dict[str, Any]]:
@@ -139,7 +124,7 @@ def start_webhook(c1: Any, tmp_path: Path) -> WebhookServer:
     """The webhook as deployed: its ServiceAccount's token and RBAC, its certificate, the manifests' registration."""
     admin = c1.admin_client()
     for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
-        apply_file(admin, MANIFESTS / "webhook" / name)
+        create_file(admin, MANIFESTS / "webhook" / name)
     client = c1.client_for_token(c1.issue_token(SYSTEM_NS, SERVICE_NAME, expiration_seconds=3600))
     bundle = manager.ensure_webhook_certificates(
         client,
@@ -161,15 +146,17 @@ def env(api_server_factory, tmp_path: Path) -> Iterator[Env]:
     c2 = api_server_factory(name="cluster2")
     admin1, admin2 = c1.admin_client(), c2.admin_client()
     for part in ("crd/serviceaccountimports.yaml", "namespace.yaml", "controller/serviceaccount.yaml"):
-        apply_file(admin1, MANIFESTS / part)
-    apply_file(admin1, MANIFESTS / "controller" / "rbac.yaml")
+        create_file(admin1, MANIFESTS / part)
+    create_file(admin1, MANIFESTS / "controller" / "rbac.yaml")
     kube.Resource(admin1, kube.NAMESPACES).patch(
         "default", {"metadata": {"labels": {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}}
     )
     controller_client = c1.client_for_token(c1.issue_token(SYSTEM_NS, CONTROLLER_SA, expiration_seconds=3600))
-    create(admin1, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": POD_SA, "namespace": "default"}})
+    create_or_get(
+        admin1, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": POD_SA, "namespace": "default"}}
+    )
     for obj in pod_lister_binding(REMOTE_USER):
-        create(admin2, obj)
+        create_or_get(admin2, obj)
     kubeconfigs = {}
     for server in (c1, c2):
         kubeconfigs[server.name] = tmp_path / f"{server.name}.kubeconfig"
@@ -346,10 +333,10 @@ def test_no_one_with_namespace_rights_or_the_controllers_identity_can_record_a_f
     """A federated source decides where pods send their tokens: only cluster admins may record one."""
     source = federation.FederatedSource("evil", "https://evil.example", env.c2.ca_pem, "cluster2", "x:")
     body = federation.source_configmap(source)
-    create(
+    create_or_get(
         env.admin1, {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "dev", "namespace": "default"}}
     )
-    create(
+    create_or_get(
         env.admin1,
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",

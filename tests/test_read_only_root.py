@@ -22,12 +22,12 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from kubernetes.client.exceptions import ApiException
 
 from controller.sources import SourceCluster, client_error_message
 from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, to_secret_data
 from kubemcsa.kubeconfig import ConfigError
+from kubemcsa.testing.objects import create_or_get
 from kubemcsa.testing.wait import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +38,6 @@ SYSTEM_NS = api.SYSTEM_NAMESPACE
 
 def documents(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def create(client: Any, obj: dict[str, Any]) -> dict[str, Any]:
-    resource = kube.Resource(client, kube.resource_type_of(obj))
-    try:
-        return resource.create(obj, obj["metadata"].get("namespace"))
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
-        return resource.get(obj["metadata"]["name"], obj["metadata"].get("namespace"))
 
 
 def free_port() -> int:
@@ -151,10 +141,10 @@ def test_controller_reaches_every_kind_of_source_without_a_writable_filesystem(
 ) -> None:
     admin1, admin2 = cluster1.admin_client(), cluster2.admin_client()
     for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml") + documents(MANIFESTS / "namespace.yaml"):
-        create(admin1, doc)
+        create_or_get(admin1, doc)
     # Exported by its owner to every namespace of cluster1 (kubemcsa allow pod-lister --to 'cluster1/*').
     exported = {"labels": {api.EXPORTED_LABEL: "true"}, "annotations": {api.EXPORT_TO_ANNOTATION: "cluster1/*"}}
-    create(
+    create_or_get(
         admin2,
         {
             "apiVersion": "v1",
@@ -188,7 +178,7 @@ def test_controller_reaches_every_kind_of_source_without_a_writable_filesystem(
         },
         "data": to_secret_data(creds, "via-secret"),
     }
-    create(admin1, secret)
+    create_or_get(admin1, secret)
     local = local_kubeconfig_with_ca_file(cluster1, tmp_path)
     port = free_port()
     args = ["--kubeconfig", local, "--source-kubeconfig", str(sources), "--imports-dir", str(tmp_path / "imports")]
@@ -239,9 +229,9 @@ def test_a_local_filesystem_failure_is_reported_as_such_not_as_bad_configuration
 def webhook_cluster(cluster: Any) -> None:
     admin = cluster.admin_client()
     for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml") + documents(MANIFESTS / "namespace.yaml"):
-        create(admin, doc)
+        create_or_get(admin, doc)
     for doc in documents(MANIFESTS / "webhook" / "mutatingwebhookconfiguration.yaml"):
-        create(admin, doc)
+        create_or_get(admin, doc)
 
 
 def test_webhook_manages_its_certificates_writing_only_its_declared_volume(cluster1: Any, tmp_path: Path) -> None:
@@ -289,8 +279,8 @@ def test_kubemcsa_bootstrap_export_and_status_run_with_nothing_writable(
     cluster1: Any, cluster2: Any, tmp_path: Path
 ) -> None:
     for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml"):
-        create(cluster1.admin_client(), doc)
-    create(
+        create_or_get(cluster1.admin_client(), doc)
+    create_or_get(
         cluster2.admin_client(),
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "pod-lister", "namespace": "default"}},
     )
