@@ -40,9 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--leader-election", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--identity", help="leader election identity (default: hostname and a random suffix)")
     parser.add_argument(
-        "--service-account",
+        "--trust-check-service-account",
+        "--service-account",  # its earlier name
+        dest="trust_check_service_account",
         metavar="NAMESPACE/NAME",
-        help="federated imports: the service account whose token checks a source's trust (default: the controller's)",
+        help="federated imports: the service account whose tokens check a source's trust; bind it to nothing "
+        f"(default: {api.TRUST_CHECK_SERVICE_ACCOUNT} of --system-namespace)",
     )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
@@ -59,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster_name is not None and not api.is_dns_subdomain(args.cluster_name):
         print(f"kubemcsa-controller: --cluster-name {args.cluster_name!r} is not a cluster name.", file=sys.stderr)
         return 2
+    if args.trust_check_service_account is not None:
+        from controller.federation import parse_service_account
+
+        try:
+            parse_service_account(args.trust_check_service_account)
+        except ValueError as exc:
+            print(f"kubemcsa-controller: --trust-check-service-account {exc}.", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -86,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         source_qps=args.source_qps,
         source_burst=args.source_burst,
-        service_account=args.service_account,
+        trust_check_service_account=args.trust_check_service_account,
     )
     controller = Controller(client, options)
     stop = threading.Event()

@@ -17,7 +17,7 @@ from typing import Any
 from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
 from kubemcsa import api
 from kubemcsa.export_policy import export_verdict
-from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource
+from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource, audience_refusal
 from kubemcsa.imports import (
     ImportToken,
     as_dict,
@@ -138,7 +138,7 @@ class Trust:
 
     cluster_name: str
     audience: str
-    username: str | None  # as the source saw the controller's own token; None: not trusted
+    username: str | None  # as the source saw the trust-check identity's token; None: not trusted
     problem: str
     valid_until: float
 
@@ -149,7 +149,8 @@ class Trust:
 
 @dataclass(frozen=True)
 class NeedsTrustCheck:
-    """A federated import whose source's trust is unknown or due for a new look."""
+    """A federated import whose source's trust is unknown or due for a new look; `audience` is one the source's
+    record allows (assess_federated refuses the others)."""
 
     spec: ImportSpec
     source: FederatedSource
@@ -272,7 +273,8 @@ def federated_inputs(spec: ImportSpec, source: FederatedSource) -> str:
 
 
 def federated_audience(spec: ImportSpec, source: FederatedSource) -> str:
-    """The audience of a federated import's projected token: its first spec.audiences, else the source's."""
+    """The audience of a federated import's projected token: its first spec.audiences, else the source's default
+    (only once assess_federated has found every spec.audiences allowed by the source's record)."""
     return spec.audiences[0] if spec.audiences else source.audience
 
 
@@ -293,6 +295,10 @@ def assess_federated(obs: Observation, spec: ImportSpec) -> Blocked | NeedsTrust
                 f"--target-context <this cluster> --source-context <{spec.cluster_name}>, or fix spec.clusterName."
             )
         return Blocked(api.REASON_UNKNOWN_CLUSTER, message, spec=spec)
+    # The check's token goes to the source: its audience is one an admin recorded, never one the import chose.
+    refusal = audience_refusal(spec.cluster_name, spec.audiences, source.allowed_audiences)
+    if refusal is not None:
+        return Blocked(api.REASON_AUDIENCE_NOT_ALLOWED, refusal, spec=spec)
     audience = federated_audience(spec, source)
     trust = obs.trust
     if trust is None or trust.audience != audience or obs.now >= trust.valid_until:

@@ -2,11 +2,13 @@
 
 - `FederatedSources` reads the ConfigMaps `kubemcsa federate` writes in the system namespace, from a label-selected
   cache: a source added or changed is used at once, without a restart.
-- `TrustChecks` asks a source whether it accepts this cluster's tokens: a token of the controller's own service
-  account, requested from the local cluster for the source's audience, sent to the source's SelfSubjectReview.
-  One answer per source and audience serves every import of it until it is stale (a refusal is asked again
-  sooner than an acceptance), and one check at a time is made for it, so the number of checks does not grow
-  with the number of imports.
+- `TrustChecks` asks a source whether it accepts this cluster's tokens: a token of the trust-check service account
+  (`multicluster-service-account-trust-check`, bound to nothing: never the controller's own identity), requested
+  from the local cluster for an audience the source's record allows, sent to the source's SelfSubjectReview. A
+  token that leaks there (to its admins, a proxy, its token webhook) is worth nothing in this cluster, and no
+  import can aim it at another audience. One answer per source and audience serves every import of it until it
+  is stale (a refusal is asked again sooner than an acceptance), and one check at a time is made for it, so the
+  number of checks does not grow with the number of imports.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.assess import NeedsTrustCheck, Trust
-from kubemcsa import federation, kube, tokens
+from kubemcsa import api, federation, kube, tokens
 from kubemcsa.federation import FederatedSource, FederationError
 
 log = logging.getLogger(__name__)
 
-SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 # The shortest token the TokenRequest API gives; it only lives for one SelfSubjectReview.
 CHECK_TOKEN_SECONDS = 600
 
@@ -66,12 +67,12 @@ def _fingerprint(source: FederatedSource, audience: str) -> str:
     return hashlib.sha256(material.encode() + b"\0" + source.ca_pem).hexdigest()[:16]
 
 
-def service_account_of(username: str) -> tuple[str, str] | None:
-    """(namespace, name) of a service account's user name, None for any other user."""
-    if not username.startswith(SERVICE_ACCOUNT_PREFIX):
-        return None
-    namespace, _, name = username[len(SERVICE_ACCOUNT_PREFIX) :].partition(":")
-    return (namespace, name) if namespace and name and ":" not in name else None
+def parse_service_account(value: str) -> tuple[str, str]:
+    """(namespace, name) of "NAMESPACE/NAME"; ValueError naming the expected form."""
+    namespace, _, name = value.partition("/")
+    if not (api.is_dns_label(namespace) and api.is_dns_subdomain(name)):
+        raise ValueError(f"{value!r} is not NAMESPACE/NAME of a service account")
+    return namespace, name
 
 
 class TrustChecks:
@@ -81,14 +82,14 @@ class TrustChecks:
         self,
         local_client: ApiClient,
         *,
-        service_account: str | None,
+        check_identity: tuple[str, str],
         trusted_seconds: float,
         untrusted_seconds: float,
         timeout: float,
         clock: Callable[[], float],
     ) -> None:
         self.local_client = local_client
-        self._service_account = service_account  # "namespace/name", else found with a SelfSubjectReview
+        self.check_identity = check_identity  # (namespace, name) of the trust-check service account
         self.trusted_seconds = trusted_seconds
         self.untrusted_seconds = untrusted_seconds
         self.timeout = timeout
@@ -110,24 +111,6 @@ class TrustChecks:
             for key in [k for k in self._answers if k[0] == cluster_name]:
                 del self._answers[key]
 
-    def own_service_account(self) -> tuple[str, str] | str:
-        """(namespace, name) of the controller's own service account, or why it has none."""
-        if self._service_account:
-            namespace, _, name = self._service_account.partition("/")
-            return namespace, name
-        try:
-            username = str(kube.whoami(self.local_client, timeout=self.timeout).get("username") or "")
-        except (ApiException, *kube.CONNECTION_ERRORS) as exc:
-            return f"the local API server did not say who the controller is ({type(exc).__name__})"
-        found = service_account_of(username)
-        if found is None:
-            return (
-                f"the controller runs as {username!r}, not as a service account, so it has no token to check with; "
-                "run it as its service account or pass --service-account NAMESPACE/NAME"
-            )
-        self._service_account = "/".join(found)
-        return found
-
     def check(self, need: NeedsTrustCheck) -> Trust:
         """Ask the source, remember and return its answer (the token is never kept or shown). One check at a time
         per source and audience: workers that need the same answer wait for it instead of asking again."""
@@ -142,11 +125,12 @@ class TrustChecks:
     def _check(self, need: NeedsTrustCheck) -> Trust:
         source, audience = need.source, need.audience
         now = self.clock()
-        own = self.own_service_account()
-        if isinstance(own, str):
-            answer = federation.TrustCheck(None, f"The controller cannot check cluster {source.cluster_name}: {own}")
+        if audience not in source.allowed_audiences:  # assess refuses these; never mint one for the source anyway
+            answer = federation.TrustCheck(
+                None, f"The record of federated cluster {source.cluster_name} does not allow that audience"
+            )
         else:
-            answer = self._ask(source, audience, own)
+            answer = self._ask(source, audience)
         seconds = self.trusted_seconds if answer.trusted else self.untrusted_seconds
         trust = Trust(source.cluster_name, audience, answer.username, answer.problem, now + seconds)
         with self._lock:
@@ -157,8 +141,8 @@ class TrustChecks:
             log.info("cluster %s does not trust this cluster's tokens yet: %s", source.cluster_name, answer.problem)
         return trust
 
-    def _ask(self, source: FederatedSource, audience: str, own: tuple[str, str]) -> federation.TrustCheck:
-        namespace, name = own
+    def _ask(self, source: FederatedSource, audience: str) -> federation.TrustCheck:
+        namespace, name = self.check_identity
         try:
             issued = tokens.request_token(
                 self.local_client,
@@ -170,11 +154,15 @@ class TrustChecks:
                 clock=self.clock,
             )
         except ApiException as exc:
+            if exc.status == 404:
+                fix = "create it (manifests/controller/serviceaccount.yaml), bound to nothing"
+            else:
+                fix = f"grant the controller create on serviceaccounts/token with resourceNames [{name}] there only"
             return federation.TrustCheck(
                 None,
-                f"The controller could not get a token of its own service account {namespace}/{name} for audience "
-                f"{audience} ({exc.status}: {' '.join(kube.error_message(exc).split())[:200]}); grant it create "
-                "serviceaccounts/token on itself (manifests/controller)",
+                f"The controller could not get a token of the trust-check service account {namespace}/{name} for "
+                f"audience {audience} ({exc.status}: {' '.join(kube.error_message(exc).split())[:200]}); {fix} "
+                "(manifests/controller), or name another account bound to nothing with --trust-check-service-account",
             )
         except (*kube.CONNECTION_ERRORS, tokens.TokenAnswerError) as exc:
             return federation.TrustCheck(

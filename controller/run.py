@@ -18,7 +18,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from controller.exports import ExportWatches
-from controller.federation import FederatedSources, TrustChecks
+from controller.federation import FederatedSources, TrustChecks, parse_service_account
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
 from controller.reconciler import Caches, Reconciler, import_key
@@ -57,8 +57,9 @@ class Options:
     source_qps: float = DEFAULT_QPS  # token requests per second to each source cluster, at most
     source_burst: int = DEFAULT_BURST
     # Federated imports: the service account whose token checks a source's trust ("namespace/name"; default:
-    # the controller's own identity), and how long a source's answer stands before it is asked again.
-    service_account: str | None = None
+    # multicluster-service-account-trust-check of the system namespace, bound to nothing; never the controller's
+    # own identity), and how long a source's answer stands before it is asked again.
+    trust_check_service_account: str | None = None
     trusted_recheck_seconds: float = 600.0
     untrusted_recheck_seconds: float = 15.0
     clock: Callable[[], float] = field(default=time.time, compare=False)
@@ -146,7 +147,10 @@ class Controller:
         )
         self.trust_checks = TrustChecks(
             local_api_client,
-            service_account=options.service_account,
+            check_identity=parse_service_account(
+                options.trust_check_service_account
+                or f"{options.system_namespace}/{api.TRUST_CHECK_SERVICE_ACCOUNT}"
+            ),
             trusted_seconds=options.trusted_recheck_seconds,
             untrusted_seconds=options.untrusted_recheck_seconds,
             timeout=options.remote_timeout,

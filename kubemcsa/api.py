@@ -35,6 +35,9 @@ NAMESPACE_LABEL_VALUE = "enabled"
 
 MOUNT_ROOT = "/var/run/secrets/admiralty.io/serviceaccountimports"
 SYSTEM_NAMESPACE = "multicluster-service-account"
+# The identity whose tokens check a federated source's trust (manifests/controller/serviceaccount.yaml): it is
+# bound to nothing, so a check token is worth nothing in this cluster, only at the source's authentication.
+TRUST_CHECK_SERVICE_ACCOUNT = "multicluster-service-account-trust-check"
 # The most imports one pod may ask for: a pod has no use for more, and it bounds the webhook's work per request.
 MAX_IMPORTS_PER_POD = 32
 
@@ -71,6 +74,8 @@ REASON_TOKEN_EXPIRED = "TokenExpired"
 # Federated imports: Ready when the source trusts this cluster's tokens, FederationNotTrusted until it does.
 REASON_FEDERATED = "Federated"
 REASON_FEDERATION_NOT_TRUSTED = "FederationNotTrusted"
+# A federated import asks for a token audience that the admin's record of its source does not allow.
+REASON_AUDIENCE_NOT_ALLOWED = "AudienceNotAllowed"
 REASON_NOT_EXPORTED = "NotExported"
 # The controller's own credential for the source cluster expired: every import of that cluster says so.
 REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"

@@ -152,7 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_cluster_pair_arguments(fed)
-    fed.add_argument("--audience", help="audience the source accepts (default: the source cluster's name)")
+    fed.add_argument(
+        "--audience",
+        dest="audiences",
+        action="append",
+        help="audience the source accepts; repeat it to allow imports (spec.audiences) several, the first being "
+        "the default (default: the source cluster's name). Only these may be asked for by imports of the source",
+    )
     fed.add_argument(
         "--user-prefix", help="prefix of the user names the source gives the target's pods (default: '<target>:')"
     )
@@ -385,7 +391,8 @@ def _run_federate(args: argparse.Namespace) -> int:
         cluster_name=source_name,
         server=servers["--source-server"].rstrip("/"),
         ca_pem=source_info.ca_pem,
-        audience=args.audience or source_name,
+        audience=args.audiences[0] if args.audiences else source_name,
+        audiences=tuple(args.audiences or ()),
         user_prefix=args.user_prefix if args.user_prefix is not None else federation.default_user_prefix(target_name),
     )
     target_client = config.context_config_and_namespace(target_info.context, args.target_kubeconfig).api_client()

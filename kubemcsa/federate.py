@@ -5,7 +5,8 @@ A client cannot change an API server's flags, so federate does the rest and prin
 administrator adds: it reads the target's issuer and discovery document, lets anyone read that public document
 (unless told not to), records the federated source in the target's system namespace (a ConfigMap the controller
 and the webhook watch) and prints the AuthenticationConfiguration. `--check` asks the source whether it already
-trusts the target: a token of the target for the source's audience, sent to the source's SelfSubjectReview.
+trusts the target: a token of the target's trust-check service account (bound to nothing, so worth nothing in
+the target) for the source's audience, sent to the source's SelfSubjectReview.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from kubemcsa.bootstrap import Applier, Cluster, Result
 from kubemcsa.export import ExportError, issue_token
 from kubemcsa.federation import FederatedSource, FederationError
 
-# The service account whose token --check sends to the source: it exists in every cluster.
-CHECK_NAMESPACE = "default"
-CHECK_SERVICE_ACCOUNT = "default"
+# The service account whose token --check sends to the source: the controller's trust-check identity, which holds
+# no RBAC in the target (apply creates it, as the manifests do), never one that may hold some (such as default).
+CHECK_NAMESPACE = api.SYSTEM_NAMESPACE
+CHECK_SERVICE_ACCOUNT = api.TRUST_CHECK_SERVICE_ACCOUNT
 CHECK_TOKEN_SECONDS = 600
+# Audiences a token valid in the target itself carries (kube-apiserver's --api-audiences defaults to the issuer).
+TARGET_API_AUDIENCES = ("https://kubernetes.default.svc", "https://kubernetes.default.svc.cluster.local")
 
 
 class FederateError(Exception):
@@ -74,11 +78,19 @@ def apply(
     except FederationError as exc:
         raise FederateError(str(exc)) from None
     issuer = read_issuer(target)
+    own = {issuer.url.rstrip("/"), *TARGET_API_AUDIENCES}
+    for audience in source.allowed_audiences:
+        if audience.rstrip("/") in own:
+            raise FederateError(
+                f"audience {audience!r} is an API audience of target cluster {target.name!r}: a token for it would "
+                "be valid there too; choose another --audience (the default is the source cluster's name)."
+            )
     result = Result()
     applier = Applier(target, result, report)
     if discovery_binding:
         applier.ensure(federation.discovery_binding())
     applier.ensure({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": api.SYSTEM_NAMESPACE}})
+    applier.ensure(federation.trust_check_service_account())
     recorded = FederatedSource(**{**source.__dict__, "issuer": issuer.url})
     applier.ensure(federation.source_configmap(recorded, {"app.kubernetes.io/managed-by": "kubemcsa"}))
     return issuer, result
@@ -100,8 +112,8 @@ def recorded_source(target: Cluster, cluster_name: str) -> FederatedSource | Non
 
 
 def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
-    """Whether the source trusts the target now, with a short-lived token of the target's default service
-    account of namespace default (never printed)."""
+    """Whether the source trusts the target now, with a short-lived token of the target's trust-check service
+    account (never printed; it holds no RBAC in the target)."""
     try:
         issued = issue_token(
             target.client,
@@ -112,7 +124,10 @@ def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
             where=f"target cluster {target.name!r}",
         )
     except ExportError as exc:
-        raise FederateError(f"cannot get a token to check with: {exc}") from None
+        raise FederateError(
+            f"cannot get a token to check with: {exc} Run kubemcsa federate without --check first (it creates "
+            f"{CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT}, as manifests/ do)."
+        ) from None
     return federation.check_trust(source, issued.token)
 
 

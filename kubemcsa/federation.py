@@ -4,7 +4,9 @@ In the federated trust mode no token is copied anywhere: the source cluster's AP
 administrator, with `--authentication-config`) to authenticate JWTs issued by this cluster, and a pod calls it with
 its own projected, kubelet-rotated token. This module holds what every part agrees on, as pure functions:
 - the ConfigMap that records a federated source in the system namespace (`kubemcsa federate` writes it, the
-  controller and the webhook read it): server, CA, audience and user-name prefix, no secret;
+  controller and the webhook read it): server, CA, the audiences a token sent there may carry, and user-name
+  prefix, no secret. Only this record (an admin's) says which audiences those are, never an import: a token for
+  another audience could be worth something elsewhere (`audience_refusal`);
 - the AuthenticationConfiguration stanza and `--oidc-*` flags the source's administrator adds;
 - the user name the source cluster sees for a pod's service account;
 and, at the edge, `check_trust`: whether the source accepts a token of this cluster, and as whom (SelfSubjectReview).
@@ -13,6 +15,8 @@ and, at the edge, `check_trust`: whether the source accepts a token of this clus
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +34,11 @@ FEDERATED_SOURCE_LABEL_VALUE = "true"
 KEY_CLUSTER_NAME = "clusterName"
 KEY_SERVER = "server"
 KEY_CA_CRT = "ca.crt"
-KEY_AUDIENCE = "audience"
+KEY_AUDIENCE = "audience"  # the default audience (of imports without spec.audiences, and of the trust check)
+# Optional: every audience imports of the source may ask for, comma-separated (the default is always one of them).
+# Records without it (older ones) allow the default audience only.
+KEY_AUDIENCES = "audiences"
+MAX_AUDIENCES = 16
 KEY_USER_PREFIX = "userPrefix"
 KEY_ISSUER = "issuer"
 _CONFIGMAP_PREFIX = "federated-"
@@ -60,6 +68,12 @@ class FederatedSource:
     audience: str
     user_prefix: str
     issuer: str = ""
+    audiences: tuple[str, ...] = ()  # the other audiences the source accepts, besides `audience`
+
+    @property
+    def allowed_audiences(self) -> tuple[str, ...]:
+        """The audiences a token sent to this source may carry: the default first, then the others recorded."""
+        return tuple(dict.fromkeys((self.audience, *self.audiences)))
 
     def remote_user(self, namespace: str, service_account: str) -> str:
         """The user name the source's API server sees for a token of this cluster's `namespace/service_account`."""
@@ -68,6 +82,49 @@ class FederatedSource:
 
 def remote_user(prefix: str, namespace: str, service_account: str) -> str:
     return f"{prefix}{SERVICE_ACCOUNT_USERNAME_PREFIX}{namespace}:{service_account}"
+
+
+_AUDIENCE_SEPARATORS = re.compile(r"[,\s]+")
+
+
+def split_audiences(text: str) -> tuple[str, ...]:
+    """The audiences of a record's `audiences` value (comma- or blank-separated), in order, without repeats."""
+    return tuple(dict.fromkeys(a for a in _AUDIENCE_SEPARATORS.split(text) if a))
+
+
+def record_audiences(data: Mapping[str, object]) -> tuple[str, ...]:
+    """The audiences a record allows, the default first, read leniently (the webhook's view: the controller reads
+    the record strictly and reports a broken one); () without a usable default audience."""
+    default = data.get(KEY_AUDIENCE)
+    if not isinstance(default, str) or not default.strip():
+        return ()
+    others = data.get(KEY_AUDIENCES)
+    listed = split_audiences(others) if isinstance(others, str) else ()
+    return tuple(dict.fromkeys((default.strip(), *listed)))[:MAX_AUDIENCES]
+
+
+def _shown(audience: str) -> str:
+    """An audience as a message shows it: printable, and short (an import's spec chooses it)."""
+    text = "".join(c if c.isprintable() else "?" for c in audience[:64])
+    return text + ("..." if len(audience) > 64 else "")
+
+
+def audience_refusal(cluster_name: str, requested: Sequence[str], allowed: Sequence[str]) -> str | None:
+    """Why an import of federated source `cluster_name` may not ask for the audiences `requested` (its
+    spec.audiences), or None if the admin's record allows them all. The trust check and the pod's token carry
+    them to the source, so only the record may choose them: an import choosing this cluster's own API audience, or
+    another source's, would have a token sent there that is worth something elsewhere."""
+    refused = [a for a in requested if a not in allowed]
+    if not refused or not allowed:
+        return None
+    shown = ", ".join(_shown(a) for a in refused[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+    flags = " ".join(f"--audience {_shown(a)}" for a in (*allowed, *refused[:3]))
+    return (
+        f"The record of federated cluster {cluster_name} allows the audience{'s' if len(allowed) > 1 else ''} "
+        f"{', '.join(_shown(a) for a in allowed)} only, not {shown} of spec.audiences; remove spec.audiences to use "
+        f"{_shown(allowed[0])}, or ask a cluster admin to run kubemcsa federate --source-context <{cluster_name}> "
+        f"{flags} and add the printed configuration to that cluster."
+    )
 
 
 def configmap_name(cluster_name: str) -> str:
@@ -93,6 +150,13 @@ def check_source(source: FederatedSource) -> None:
         raise FederationError(f"federated source {source.cluster_name!r} has a CA that is not a PEM certificate.")
     if not source.audience or any(c.isspace() for c in source.audience):
         raise FederationError(f"federated source {source.cluster_name!r} needs an audience without spaces.")
+    for audience in source.audiences:
+        if not audience or any(c.isspace() or c == "," for c in audience):
+            raise FederationError(
+                f"federated source {source.cluster_name!r} has an audience that is empty or holds a space or comma."
+            )
+    if len(source.allowed_audiences) > MAX_AUDIENCES:
+        raise FederationError(f"federated source {source.cluster_name!r} allows more than {MAX_AUDIENCES} audiences.")
     if any(c.isspace() for c in source.user_prefix):
         raise FederationError(f"federated source {source.cluster_name!r} has a user-name prefix with spaces.")
     if source.user_prefix.startswith("system:") or source.user_prefix == "":
@@ -113,6 +177,8 @@ def source_configmap(source: FederatedSource, labels: dict[str, str] | None = No
         KEY_AUDIENCE: source.audience,
         KEY_USER_PREFIX: source.user_prefix,
     }
+    if len(source.allowed_audiences) > 1:
+        data[KEY_AUDIENCES] = ",".join(source.allowed_audiences)
     if source.issuer:
         data[KEY_ISSUER] = source.issuer
     return {
@@ -143,6 +209,7 @@ def source_from_configmap(obj: JSON) -> FederatedSource:
         audience=values.get(KEY_AUDIENCE, "").strip(),
         user_prefix=values.get(KEY_USER_PREFIX, ""),
         issuer=values.get(KEY_ISSUER, "").strip(),
+        audiences=split_audiences(values.get(KEY_AUDIENCES, "")),
     )
     try:
         check_source(source)
@@ -154,6 +221,21 @@ def source_from_configmap(obj: JSON) -> FederatedSource:
 def is_source_configmap(obj: JSON) -> bool:
     meta = obj.get("metadata") or {}
     return (meta.get("labels") or {}).get(FEDERATED_SOURCE_LABEL) == FEDERATED_SOURCE_LABEL_VALUE
+
+
+def trust_check_service_account(namespace: str = api.SYSTEM_NAMESPACE) -> JSON:
+    """The identity whose tokens check a source's trust (the controller's and `federate --check`'s): bound to
+    nothing, so a token of it is worth nothing in this cluster; no pod runs as it (as in manifests/controller)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {
+            "name": api.TRUST_CHECK_SERVICE_ACCOUNT,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/name": api.TRUST_CHECK_SERVICE_ACCOUNT},
+        },
+        "automountServiceAccountToken": False,
+    }
 
 
 def discovery_binding() -> JSON:
@@ -182,7 +264,9 @@ def authentication_configuration(
     found_at = discovery_url(issuer, target_server)
     if found_at:
         issuer_stanza["discoveryURL"] = found_at
-    issuer_stanza["audiences"] = [source.audience]
+    issuer_stanza["audiences"] = list(source.allowed_audiences)
+    if len(source.allowed_audiences) > 1:  # kube-apiserver requires it with more than one audience
+        issuer_stanza["audienceMatchPolicy"] = "MatchAny"
     issuer_stanza["certificateAuthority"] = target_ca_pem.decode()
     return {
         "apiVersion": AUTHENTICATION_CONFIGURATION_API_VERSION,
@@ -212,8 +296,8 @@ def render_authentication_configuration(config: JSON) -> str:
 
 def oidc_flags(issuer: str, target_server: str, source: FederatedSource, ca_file: str) -> list[str] | None:
     """The older `--oidc-*` flags with the same effect, or None where they do not suffice (they have no
-    discovery URL: the source must fetch the document at the issuer URL itself)."""
-    if discovery_url(issuer, target_server):
+    discovery URL: the source must fetch the document at the issuer URL itself; and one audience only)."""
+    if discovery_url(issuer, target_server) or len(source.allowed_audiences) > 1:
         return None
     return [
         f"--oidc-issuer-url={issuer}",
@@ -253,7 +337,8 @@ class TrustCheck:
 
 
 def check_trust(source: FederatedSource, token: str, timeout: float = 10) -> TrustCheck:
-    """Send `token` (this cluster's, for the source's audience) to the source's SelfSubjectReview."""
+    """Send `token` (this cluster's, for an audience the source's record allows, of an identity that holds no
+    RBAC here) to the source's SelfSubjectReview."""
     creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
     client = kube.client_for_credentials(creds)
     where = f"cluster {source.cluster_name}"

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import pytest
 
 from controller.assess import (
     Blocked,
@@ -13,9 +16,15 @@ from controller.assess import (
     assess,
     plan,
 )
-from controller.federation import service_account_of
+from controller.federation import parse_service_account
 from kubemcsa import api
-from kubemcsa.federation import FederatedSource, projected_volume
+from kubemcsa.federation import (
+    FederatedSource,
+    projected_volume,
+    record_audiences,
+    source_configmap,
+    source_from_configmap,
+)
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 SOURCE = FederatedSource("cluster2", "https://c2.example:6443", CA, "cluster2", "cluster1:")
@@ -54,9 +63,43 @@ def test_an_unknown_or_broken_source_blocks_with_the_fix() -> None:
 def test_trust_is_asked_when_unknown_stale_or_for_another_audience() -> None:
     assert isinstance(assess(observe()), NeedsTrustCheck)
     assert isinstance(assess(observe(trust=trust(valid_until=NOW))), NeedsTrustCheck)
-    need = assess(observe(imp(audiences=["other"]), trust=trust()))
+    recorded = dataclasses.replace(SOURCE, audiences=("cluster2", "other"))  # the record allows "other" too
+    need = assess(observe(imp(audiences=["other"]), trust=trust(), federated=recorded))
     assert isinstance(need, NeedsTrustCheck) and need.audience == "other"
     assert isinstance(assess(observe(trust=trust())), Federated)
+
+
+@pytest.mark.parametrize(
+    "audiences",
+    [["https://cluster1.example"], ["cluster3"], ["garbage"], ["cluster2", "garbage"], ["other", "x" * 300]],
+)
+def test_an_audience_the_record_does_not_allow_blocks_without_any_trust_check(audiences: list[str]) -> None:
+    """The trust check's token goes to the source: only the admin's record chooses its audience, never the import
+    (this cluster's own API audience, another source's, anything). No check is asked for; the fix is given."""
+    recorded = dataclasses.replace(SOURCE, audiences=("other",))
+    for cached in (None, trust(audience=audiences[0])):  # not even an answer in memory lets it through
+        obs = observe(imp(audiences=audiences), trust=cached, federated=recorded)
+        state = assess(obs)
+        assert isinstance(state, Blocked) and state.reason == api.REASON_AUDIENCE_NOT_ALLOWED == "AudienceNotAllowed"
+        assert "allows the audiences cluster2, other only" in state.message
+        assert "remove spec.audiences to use cluster2" in state.message
+        assert "kubemcsa federate --source-context <cluster2> --audience cluster2 --audience other" in state.message
+        assert len(state.message) < 600 and "x" * 65 not in state.message  # what the import chose, cut short
+        writes = plan(obs, state)
+        (ready,) = writes.status["conditions"]
+        assert (ready["status"], ready["reason"]) == ("False", api.REASON_AUDIENCE_NOT_ALLOWED)
+        assert [e[:2] for e in writes.events] == [("Warning", api.REASON_AUDIENCE_NOT_ALLOWED)]
+
+
+def test_an_old_record_allows_its_one_audience_and_a_new_one_several() -> None:
+    old = {"data": {"clusterName": "c2", "server": "https://c2", "ca.crt": CA.decode(), "audience": "c2",
+                    "userPrefix": "c1:"}}  # fmt: skip
+    assert source_from_configmap(old).allowed_audiences == ("c2",) == record_audiences(old["data"])
+    new = source_configmap(dataclasses.replace(SOURCE, audiences=("cluster2", "b", "c")))
+    assert new["data"]["audiences"] == "cluster2,b,c"
+    assert source_from_configmap(new).allowed_audiences == ("cluster2", "b", "c") == record_audiences(new["data"])
+    assert "audiences" not in source_configmap(SOURCE)["data"]  # one audience: written as before
+    assert record_audiences({"audience": " ", "audiences": "a"}) == ()
 
 
 def test_trusted_writes_four_keys_and_ready_with_the_remote_user_then_nothing() -> None:
@@ -102,10 +145,11 @@ def test_the_projected_volume_has_the_four_keys_and_the_token() -> None:
     assert token == {"serviceAccountToken": {"path": "token", "audience": "cluster2", "expirationSeconds": 3600}}
 
 
-def test_service_account_of_a_user_name() -> None:
-    assert service_account_of("system:serviceaccount:ns:sa") == ("ns", "sa")
-    assert service_account_of("admin") is None
-    assert service_account_of("system:serviceaccount:ns") is None
+def test_the_trust_check_identity_is_namespace_slash_name() -> None:
+    assert parse_service_account("multicluster-service-account/trust") == ("multicluster-service-account", "trust")
+    for bad in ("trust", "ns/", "/trust", "ns/a/b", "NS/x"):
+        with pytest.raises(ValueError, match="NAMESPACE/NAME"):
+            parse_service_account(bad)
 
 
 def test_switching_an_import_to_federated_drops_the_token_from_its_secret() -> None:

@@ -288,9 +288,14 @@ def test_colliding_volume_names_get_two_volumes() -> None:
 # --- federated imports: a projected volume at the same path -------------------------------------------------------
 
 
-def federated_lookup(audience: str | None = None, expiration: int = 3600, recorded: bool = True) -> StaticCache:
-    fed = {(NS, "fed"): FederatedImport("cluster2", audience, expiration)}
-    audiences = {"cluster2": "cluster2-aud"} if recorded else {}
+def federated_lookup(
+    audience: str | None = None,
+    expiration: int = 3600,
+    recorded: bool = True,
+    allowed: tuple[str, ...] = ("cluster2-aud",),
+) -> StaticCache:
+    fed = {(NS, "fed"): FederatedImport("cluster2", (audience,) if audience else (), expiration)}
+    audiences = {"cluster2": allowed} if recorded else {}
     return StaticCache({NS: ENABLED}, {(NS, "plain")}, federated=fed, audiences=audiences)
 
 
@@ -308,7 +313,8 @@ def test_a_federated_import_is_a_projected_volume_at_the_same_path_beside_secret
 
 
 def test_the_imports_own_audience_and_lifetime_win() -> None:
-    out = mutated(pod("fed"), mutation.decide(pod("fed"), NS, federated_lookup("mine", 7200, recorded=False)))
+    lookup = federated_lookup("mine", 7200, allowed=("cluster2-aud", "mine"))  # the record allows it
+    out = mutated(pod("fed"), mutation.decide(pod("fed"), NS, lookup))
     (volume,) = out["spec"]["volumes"]
     assert volume["projected"]["sources"][1]["serviceAccountToken"] == {
         "path": "token",
@@ -320,13 +326,29 @@ def test_the_imports_own_audience_and_lifetime_win() -> None:
 def test_a_federated_import_without_a_known_audience_is_refused_with_the_fix() -> None:
     decision = mutation.decide(pod("fed"), NS, federated_lookup(recorded=False))
     assert not decision.allowed and decision.reason == mutation.REASON_UNKNOWN_FEDERATED_SOURCE
-    assert "kubemcsa federate" in decision.message and "spec.audiences" in decision.message
+    assert "kubemcsa federate" in decision.message
+    # Its own spec.audiences does not make it known: only a record says where a pod's token may go.
+    decision = mutation.decide(pod("fed"), NS, federated_lookup("mine", recorded=False))
+    assert not decision.allowed and decision.reason == mutation.REASON_UNKNOWN_FEDERATED_SOURCE
+
+
+@pytest.mark.parametrize("audience", ["https://cluster1.example", "cluster3", "garbage"])
+def test_a_federated_import_asking_for_an_audience_its_record_does_not_allow_is_refused_with_the_fix(
+    audience: str,
+) -> None:
+    """As its import's AudienceNotAllowed condition: the pod is not given a token for an audience no admin chose
+    (this cluster's own, another source's, anything), nor silently another audience than its import asks for."""
+    decision = mutation.decide(pod("fed"), NS, federated_lookup(audience))
+    assert not decision.allowed and decision.reason == mutation.REASON_AUDIENCE_NOT_ALLOWED == "AudienceNotAllowed"
+    assert f"not {audience} of spec.audiences" in decision.message
+    assert "remove spec.audiences" in decision.message and "--audience cluster2-aud" in decision.message
+    assert "serviceAccountToken" not in decision.patch_json
 
 
 def test_the_webhook_reads_a_federated_spec_leniently() -> None:
     spec = {"clusterName": "c2", "namespace": "d", "tokenType": "Federated"}
-    assert federated_import({"spec": spec}) == FederatedImport("c2", None, 3600)
+    assert federated_import({"spec": spec}) == FederatedImport("c2", (), 3600)
     odd = {**spec, "audiences": ["a", "b"], "expirationSeconds": 5}
-    assert federated_import({"spec": odd}) == FederatedImport("c2", "a", 3600)
+    assert federated_import({"spec": odd}) == FederatedImport("c2", ("a", "b"), 3600)
     assert federated_import({"spec": {**spec, "tokenType": "TokenRequest"}}) is None
     assert federated_import({"spec": "garbage"}) is None

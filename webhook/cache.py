@@ -19,7 +19,15 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, federation, kube
 from kubemcsa.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, TOKEN_TYPE_FEDERATED
-from webhook.mutation import ImportLookup, LookupFailed, LookupWouldBlock, ProjectedToken
+from webhook.mutation import (
+    REASON_AUDIENCE_NOT_ALLOWED,
+    REASON_UNKNOWN_FEDERATED_SOURCE,
+    FederatedRefusal,
+    ImportLookup,
+    LookupFailed,
+    LookupWouldBlock,
+    ProjectedToken,
+)
 
 MISS_IMPORT = "import"
 MISS_NAMESPACE = "namespace"
@@ -32,10 +40,11 @@ RECENT_SECONDS = 2.0
 
 @dataclass(frozen=True)
 class FederatedImport:
-    """What the webhook keeps of a federated import: its source, its audience if set, the token's lifetime."""
+    """What the webhook keeps of a federated import: its source, its spec.audiences (the token carries the first),
+    the token's lifetime."""
 
     cluster_name: str
-    audience: str | None
+    audiences: tuple[str, ...]
     expiration_seconds: int
 
 
@@ -45,15 +54,18 @@ def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
     spec = obj.get("spec")
     if not isinstance(spec, Mapping) or spec.get("tokenType") != TOKEN_TYPE_FEDERATED:
         return None
-    audiences = spec.get("audiences")
-    first = audiences[0] if isinstance(audiences, list) and audiences else None
+    listed = spec.get("audiences")
+    # Distinct, and no more than a record may allow plus one: a longer list holds a refused one among those kept.
+    audiences = tuple(
+        dict.fromkeys(a.strip() for a in (listed if isinstance(listed, list) else ()) if isinstance(a, str) and a.strip())
+    )[: federation.MAX_AUDIENCES + 1]
     expiration = spec.get("expirationSeconds")
     valid = (
         isinstance(expiration, int) and not isinstance(expiration, bool) and expiration >= api.MIN_EXPIRATION_SECONDS
     )
     return FederatedImport(
         cluster_name=str(spec.get("clusterName") or ""),
-        audience=first if isinstance(first, str) and first else None,
+        audiences=audiences,
         expiration_seconds=expiration if valid else DEFAULT_FEDERATED_EXPIRATION_SECONDS,  # type: ignore[arg-type]
     )
 
@@ -62,22 +74,30 @@ def projected_tokens(
     namespace: str,
     names: Sequence[str],
     imports: Mapping[str, FederatedImport | None],
-    audiences: Mapping[str, str],
-) -> dict[str, ProjectedToken | str]:
-    """For the federated ones among `names`: their projected token, or why its audience is unknown."""
-    out: dict[str, ProjectedToken | str] = {}
+    audiences: Mapping[str, tuple[str, ...]],
+) -> dict[str, ProjectedToken | FederatedRefusal]:
+    """For the federated ones among `names`: their projected token, or why it cannot be mounted. Only an audience
+    the source's record allows is mounted, as the controller checks: a pod whose import asks for another is refused
+    with the same fix its import's AudienceNotAllowed condition gives."""
+    out: dict[str, ProjectedToken | FederatedRefusal] = {}
     for name in names:
         fed = imports.get(name)
         if fed is None:
             continue
-        audience = fed.audience or audiences.get(fed.cluster_name)
-        if audience is None:
-            out[name] = (
+        allowed = audiences.get(fed.cluster_name) or ()
+        refusal = federation.audience_refusal(fed.cluster_name[:80], fed.audiences, allowed)
+        if not allowed:
+            out[name] = FederatedRefusal(
+                REASON_UNKNOWN_FEDERATED_SOURCE,
                 f'ServiceAccountImport "{name}" in namespace "{namespace}" is federated with cluster '
-                f'"{fed.cluster_name[:80]}", which no federated source names; record it with kubemcsa federate '
-                "(or set the import's spec.audiences)."
+                f'"{fed.cluster_name[:80]}", which no federated source names; record it with kubemcsa federate.',
+            )
+        elif refusal is not None:
+            out[name] = FederatedRefusal(
+                REASON_AUDIENCE_NOT_ALLOWED, f'ServiceAccountImport "{name}" in namespace "{namespace}": {refusal}'
             )
         else:
+            audience = fed.audiences[0] if fed.audiences else allowed[0]
             out[name] = ProjectedToken(audience, fed.expiration_seconds)
     return out
 
@@ -136,7 +156,7 @@ class _CacheOnly:
             raise LookupWouldBlock(namespace)
         return [name for name in unknown if name not in recent]  # type: ignore[operator]
 
-    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         cache = self._cache
         recent = cache._recent_imports.get(namespace) or {}
         known = {name: cache._imports.get((namespace, name), recent.get(name)) for name in names}  # type: ignore[attr-defined]
@@ -169,8 +189,9 @@ class WatchCache:
         self._api_timeout = api_timeout
         # (namespace, name) of every import -> what mounting it needs beyond its Secret (None: a Secret volume).
         self._imports: dict[tuple[str, str], FederatedImport | None] = {}
-        # Federated source cluster -> the audience it expects, from the ConfigMaps `kubemcsa federate` records.
-        self._audiences: dict[str, str] = {}
+        # Federated source cluster -> the audiences its record allows (the default first), from the ConfigMaps
+        # `kubemcsa federate` records.
+        self._audiences: dict[str, tuple[str, ...]] = {}
         self._source_records: dict[str, str] = {}  # ConfigMap name -> the cluster it records
         self._namespaces: dict[str, Mapping[str, str]] = {}
         self._recent_imports = _Recent(recent_seconds)
@@ -204,10 +225,10 @@ class WatchCache:
         if previous is not None:
             self._audiences.pop(previous, None)
         data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
-        cluster, audience = data.get(federation.KEY_CLUSTER_NAME), data.get(federation.KEY_AUDIENCE)
-        if event_type != "DELETED" and isinstance(cluster, str) and isinstance(audience, str) and audience:
+        cluster, allowed = data.get(federation.KEY_CLUSTER_NAME), federation.record_audiences(data)
+        if event_type != "DELETED" and isinstance(cluster, str) and allowed:
             self._source_records[name] = cluster
-            self._audiences[cluster] = audience
+            self._audiences[cluster] = allowed
 
     def _on_namespace(self, event_type: str, obj: dict, old: dict | None) -> None:
         _, name = kube.object_key(obj)
@@ -258,7 +279,7 @@ class WatchCache:
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         return self.before(time.monotonic() + self._api_timeout).missing_imports(namespace, names)
 
-    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._view.federated_imports(namespace, names)
 
 
@@ -335,7 +356,7 @@ class _Blocking:
         present = self._ask_once(cache._recent_imports, namespace, MISS_IMPORT, what, list_names)
         return [name for name in names if (namespace, name) not in cache._imports and name not in present]  # type: ignore[operator]
 
-    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._cache._view.federated_imports(namespace, names)
 
 
@@ -356,7 +377,7 @@ class StaticCache:
         *,
         synced: bool = True,
         federated: Mapping[tuple[str, str], FederatedImport] | None = None,
-        audiences: Mapping[str, str] | None = None,
+        audiences: Mapping[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.namespaces = dict(namespaces or {})
         self.imports = set(imports or ()) | set(federated or ())
@@ -383,6 +404,6 @@ class StaticCache:
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
         return [name for name in names if (namespace, name) not in self.imports]
 
-    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | str]:
+    def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         known = {name: self.federated.get((namespace, name)) for name in names}
         return projected_tokens(namespace, names, known, self.audiences)

@@ -24,6 +24,8 @@ REASON_LOOKUP_FAILED = "LookupFailed"
 REASON_TOO_MANY_IMPORTS = "TooManyImports"
 REASON_TOO_MANY_CONTAINERS = "TooManyContainers"
 REASON_UNKNOWN_FEDERATED_SOURCE = "UnknownFederatedSource"
+# A federated import's spec.audiences holds one its source's record does not allow (as the import's condition says).
+REASON_AUDIENCE_NOT_ALLOWED = api.REASON_AUDIENCE_NOT_ALLOWED
 
 # The most containers (init, regular and ephemeral together) the webhook mounts imports into: with the import cap,
 # it bounds the patch (and the work) to MAX_CONTAINERS * MAX_IMPORTS_PER_POD mounts.
@@ -40,6 +42,14 @@ class ProjectedToken:
     expiration_seconds: int
 
 
+@dataclass(frozen=True)
+class FederatedRefusal:
+    """Why a federated import cannot be mounted: its source is not recorded, or its audience is not allowed."""
+
+    reason: str
+    message: str
+
+
 class ImportLookup(Protocol):
     """What the decision needs to know about the cluster (implemented by the webhook's cache)."""
 
@@ -51,9 +61,12 @@ class ImportLookup(Protocol):
         """Those of `names` (at most MAX_IMPORTS_PER_POD) that are not ServiceAccountImports in this namespace."""
         ...
 
-    def federated_imports(self, namespace: str, names: Sequence[str]) -> Mapping[str, ProjectedToken | str]:
-        """Those of `names` (all existing) that are federated: their projected token, or why it is unknown
-        (their source has no audience on record). Asked after missing_imports, from what it already knows."""
+    def federated_imports(
+        self, namespace: str, names: Sequence[str]
+    ) -> Mapping[str, ProjectedToken | FederatedRefusal]:
+        """Those of `names` (all existing) that are federated: their projected token, or why it cannot be mounted
+        (their source is not on record, or its record does not allow their audience). Asked after
+        missing_imports, from what it already knows."""
         ...
 
 
@@ -217,9 +230,9 @@ def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision
     federated = lookup.federated_imports(namespace, prepared.names)
     if not federated:
         return prepared.planned
-    unknown = {name: why for name, why in federated.items() if isinstance(why, str)}
-    if unknown:
-        return refuse(REASON_UNKNOWN_FEDERATED_SOURCE, " ".join(unknown.values()))
+    refusals = [why for why in federated.values() if isinstance(why, FederatedRefusal)]
+    if refusals:
+        return refuse(refusals[0].reason, " ".join(r.message for r in refusals))
     return with_projected_tokens(prepared.planned, prepared.names, federated)  # type: ignore[arg-type]
 
 

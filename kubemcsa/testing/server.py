@@ -56,6 +56,30 @@ _PUBLIC_PATHS = ("/healthz", "/livez", "/readyz", "/version")
 
 
 @dataclass(frozen=True)
+class BearerToken:
+    """What a request's bearer JWT claims to be, read without checking it, whether it authenticated or not: tests
+    look for tokens that should never reach this server (say, a consumer controller's own). Never the token."""
+
+    issuer: str
+    subject: str
+    audiences: tuple[str, ...]
+
+
+def bearer_token_of(authorization: str | None) -> BearerToken | None:
+    """The unverified claims of the JWT in an `Authorization: Bearer` header (None for anything else)."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or token.count(".") != 2:
+        return None
+    try:
+        claims = tokens.decode_unverified(token.strip())
+    except ValueError:
+        return None
+    aud = claims.get("aud")
+    audiences = (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
+    return BearerToken(str(claims.get("iss") or ""), str(claims.get("sub") or ""), audiences)
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """One API request, as tests count them."""
 
@@ -68,6 +92,7 @@ class RequestRecord:
     name: str
     code: int
     at: float = 0.0  # time.monotonic() when the request was served
+    token: BearerToken | None = None  # the bearer JWT it came with, as it claims to be (never the token itself)
 
 
 @dataclass
@@ -522,7 +547,15 @@ class ApiServer:
 
     # Requests -------------------------------------------------------------------------------------
 
-    def _record(self, user: UserInfo | None, route: Route | None, path: str, verb: str, code: int) -> None:
+    def _record(
+        self,
+        user: UserInfo | None,
+        route: Route | None,
+        path: str,
+        verb: str,
+        code: int,
+        token: BearerToken | None = None,
+    ) -> None:
         record = RequestRecord(
             user=user.username if user else "",
             verb=route.verb if route else verb,
@@ -533,6 +566,7 @@ class ApiServer:
             name=route.name if route else "",
             code=code,
             at=time.monotonic(),
+            token=token,
         )
         with self._requests_lock:
             self._requests.append(record)
@@ -545,6 +579,7 @@ class ApiServer:
         route: Route | None = None
         warnings: list[str] = []
         self._request_local.warnings = warnings
+        token = bearer_token_of(conn.headers.get("Authorization"))
         try:
             body = self._read_body(conn)
             assert self._auth is not None
@@ -558,7 +593,7 @@ class ApiServer:
             route = self._route(conn.command, path, query)
             self._auth.authorize(user, route.attributes(path))
             if route.verb == "watch":
-                self._serve_watch(conn, route, query, lambda: self._record(user, route, path, "watch", 200))
+                self._serve_watch(conn, route, query, lambda: self._record(user, route, path, "watch", 200, token))
                 return
             code, result = self._serve(conn, route, query, body, user)
             info = route.info
@@ -571,7 +606,7 @@ class ApiServer:
                 result = table.to_table(result, self._printer_columns(info), custom=info.custom)
         except _Plain as plain:
             # Recorded before answering, so that a client that got its answer finds its request recorded.
-            self._record(user, route, path, conn.command.lower(), 200)
+            self._record(user, route, path, conn.command.lower(), 200, token)
             conn.send_text(plain.text)
             return
         except StatusError as exc:
@@ -582,7 +617,7 @@ class ApiServer:
         except Exception as exc:  # a bug: answer 500 with a Status rather than drop the connection
             log.exception("in-memory API server failed on %s %s", conn.command, path)
             code, result = 500, errors.internal(type(exc).__name__).to_status()
-        self._record(user, route, path, conn.command.lower(), code)
+        self._record(user, route, path, conn.command.lower(), code, token)
         with contextlib.suppress(OSError, ssl.SSLError):
             conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings])
 
