@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, federation, kube
+from kubemcsa import api, federation, kube, tokens
 from kubemcsa.bootstrap import Applier, Cluster, Result
-from kubemcsa.export import ExportError, issue_token
 from kubemcsa.federation import FederatedSource, FederationError
 
 # The service account whose token --check sends to the source: the controller's trust-check identity, which holds
@@ -113,21 +112,28 @@ def recorded_source(target: Cluster, cluster_name: str) -> FederatedSource | Non
 
 def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
     """Whether the source trusts the target now, with a short-lived token of the target's trust-check service
-    account (never printed; it holds no RBAC in the target)."""
+    account (never printed; it holds no RBAC in the target). Not trusted yet if that account does not exist yet."""
+    where = f"target cluster {target.name!r}"
     try:
-        issued = issue_token(
+        issued = tokens.request_token(
             target.client,
-            CHECK_SERVICE_ACCOUNT,
             CHECK_NAMESPACE,
+            CHECK_SERVICE_ACCOUNT,
             audiences=[source.audience],
             expiration_seconds=CHECK_TOKEN_SECONDS,
-            where=f"target cluster {target.name!r}",
         )
-    except ExportError as exc:
+    except ApiException as exc:
+        if exc.status == 404:
+            return federation.TrustCheck(
+                None, f"{where} has no service account {CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT} to check with yet"
+            )
         raise FederateError(
-            f"cannot get a token to check with: {exc} Run kubemcsa federate without --check first (it creates "
-            f"{CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT}, as manifests/ do)."
+            f"cannot get a token of {CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT} from {where} to check with "
+            f"({exc.status}: {' '.join(kube.error_message(exc).split())[:200]}); use a context with cluster-admin "
+            "rights there."
         ) from None
+    except (urllib3.exceptions.HTTPError, OSError, tokens.TokenAnswerError):
+        raise FederateError(f"cannot get a token from {where} at {target.server} to check with.") from None
     return federation.check_trust(source, issued.token)
 
 

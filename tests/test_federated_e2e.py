@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = api.SYSTEM_NAMESPACE
 CONTROLLER_SA = "service-account-import-controller"
+TRUST_CHECK_SA = api.TRUST_CHECK_SERVICE_ACCOUNT  # whose tokens check a source's trust: bound to nothing
 POD_SA = "app"  # the pod's own service account in cluster1
 REMOTE_USER = f"cluster1:system:serviceaccount:default:{POD_SA}"
 KUBECTL = shutil.which("kubectl")
@@ -361,10 +362,17 @@ def test_no_one_with_namespace_rights_or_the_controllers_identity_can_record_a_f
 
 def test_a_federated_import_the_webhook_has_not_seen_yet_is_mounted_from_one_list(env: Env) -> None:
     """The cache-miss path: the pod comes with its import, before the watch has delivered it."""
+    assert env.federate("--audience", "cluster2", "--audience", "cluster2-aud")[0] == 0  # the record allows it
     env.create_import(audiences=["cluster2-aud"], expirationSeconds=1200)
-    cache = WatchCache(env.admin1)  # never started: every lookup misses
-    pod = annotated_pod()
-    decision = mutation.decide(pod, "default", cache.before(time.monotonic() + 5))
+    cache = WatchCache(env.admin1)
+    # Only the source records are watched (as they are long before a pod comes): imports and namespaces miss.
+    cache._source_informer.start()
+    try:
+        assert cache._source_informer.wait_for_sync(30)
+        pod = annotated_pod()
+        decision = mutation.decide(pod, "default", cache.before(time.monotonic() + 5))
+    finally:
+        cache.stop()
     assert decision.allowed and cache.misses() == {MISS_IMPORT: 1, MISS_NAMESPACE: 1}
     (volume,) = next(op["value"] for op in decision.patch if op["path"] == "/spec/volumes")
     assert volume == federation.projected_volume(volume["name"], "fed-token", "cluster2-aud", 1200)
@@ -383,8 +391,8 @@ def test_twenty_federated_imports_of_one_source_share_its_trust_check(env: Env, 
     for i in range(20):
         env.wait_ready("True", api.REASON_FEDERATED, name=f"fed-{i}")
     reviews = [r for r in env.c2.requests if r.resource == "selfsubjectreviews"]
-    own_tokens = [r for r in env.c1.requests if r.subresource == "token" and r.name == CONTROLLER_SA]
+    check_tokens = [r for r in env.c1.requests if r.subresource == "token" and r.name == TRUST_CHECK_SA]
     # At most one per worker racing for the first answer (the default is 4 workers), then none.
-    print(f"20 federated imports: {len(reviews)} SelfSubjectReview(s) at the source, {len(own_tokens)} token(s)")
+    print(f"20 federated imports: {len(reviews)} SelfSubjectReview(s) at the source, {len(check_tokens)} token(s)")
     assert 1 <= len(reviews) <= controller.options.workers
-    assert len(own_tokens) == len(reviews)
+    assert len(check_tokens) == len(reviews)
