@@ -148,8 +148,7 @@ class Controller:
         self.trust_checks = TrustChecks(
             local_api_client,
             check_identity=parse_service_account(
-                options.trust_check_service_account
-                or f"{options.system_namespace}/{api.TRUST_CHECK_SERVICE_ACCOUNT}"
+                options.trust_check_service_account or f"{options.system_namespace}/{api.TRUST_CHECK_SERVICE_ACCOUNT}"
             ),
             trusted_seconds=options.trusted_recheck_seconds,
             untrusted_seconds=options.untrusted_recheck_seconds,

@@ -209,3 +209,37 @@ def test_configmap_names_stay_valid_for_long_cluster_names() -> None:
     name = federation.configmap_name("a" * 253)
     assert len(name) <= 253 and api.is_dns_subdomain(name)
     assert re.fullmatch(r"federated-a+-[0-9a-f]{8}", name)
+
+
+def test_several_audiences_are_recorded_and_trusted_the_first_being_the_default(clusters, capsys) -> None:
+    """Only an admin chooses where a token may go: each --audience is one imports of the source may ask for."""
+    c1, c2 = clusters["cluster1"], clusters["cluster2"]
+    assert cli.main(federate_argv(clusters, "--audience", "c2.example", "--audience", "c2-ci")) == 0
+    out = capsys.readouterr().out
+    data = kube.Resource(c1.admin_client(), kube.CONFIG_MAPS).get("federated-cluster2", SYSTEM)["data"]
+    assert (data["audience"], data["audiences"]) == ("c2.example", "c2.example,c2-ci")
+    config = printed_configuration(out)
+    assert config["jwt"][0]["issuer"]["audiences"] == ["c2.example", "c2-ci"]
+    assert config["jwt"][0]["issuer"]["audienceMatchPolicy"] == "MatchAny"
+    assert "--oidc-issuer-url=" not in out  # the old flags take one audience only
+    c2.configure_authentication(config)  # kube-apiserver's rules: several audiences need MatchAny
+    assert cli.main(federate_argv(clusters, "--check")) == 0
+
+
+@pytest.mark.parametrize("audience", ["<issuer>", "https://kubernetes.default.svc"])
+def test_an_audience_of_the_target_itself_is_refused(clusters, capsys, audience: str) -> None:
+    """A token for it would be valid in the target too: recording it would let a source's admins replay it here."""
+    if audience == "<issuer>":
+        audience = clusters["cluster1"].authority.issuer
+    assert cli.main(federate_argv(clusters, "--audience", "cluster2", "--audience", audience)) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "API audience of target cluster 'cluster1'" in err and err.count("\n") == 1
+    with pytest.raises(ApiException):
+        kube.Resource(clusters["cluster1"].admin_client(), kube.CONFIG_MAPS).get("federated-cluster2", SYSTEM)
+
+
+def test_an_audience_list_with_blanks_or_commas_is_refused() -> None:
+    with pytest.raises(FederationError, match="space or comma"):
+        federation.check_source(source(audiences=("a,b",)))
+    with pytest.raises(FederationError, match="more than 16"):
+        federation.check_source(source(audiences=tuple(f"a{i}" for i in range(16))))

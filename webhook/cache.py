@@ -56,9 +56,8 @@ def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
         return None
     listed = spec.get("audiences")
     # Distinct, and no more than a record may allow plus one: a longer list holds a refused one among those kept.
-    audiences = tuple(
-        dict.fromkeys(a.strip() for a in (listed if isinstance(listed, list) else ()) if isinstance(a, str) and a.strip())
-    )[: federation.MAX_AUDIENCES + 1]
+    strings = (a.strip() for a in (listed if isinstance(listed, list) else ()) if isinstance(a, str))
+    audiences = tuple(dict.fromkeys(a for a in strings if a))[: federation.MAX_AUDIENCES + 1]
     expiration = spec.get("expirationSeconds")
     valid = (
         isinstance(expiration, int) and not isinstance(expiration, bool) and expiration >= api.MIN_EXPIRATION_SECONDS
