@@ -27,7 +27,6 @@ from kubemcsa import api, bootstrap, federate, federation, kube  # noqa: E402
 from kubemcsa.testing import ApiServer  # noqa: E402
 
 SYSTEM = api.SYSTEM_NAMESPACE
-CONTROLLER_SA = "service-account-import-controller"
 
 
 def ready_count(imports: kube.Resource) -> int:
@@ -58,7 +57,8 @@ def main() -> None:
         admin1 = c1.admin_client()
         kube.Resource(admin1, kube.CRDS).create(api.crd_manifest())
         kube.Resource(admin1, kube.NAMESPACES).create({"metadata": {"name": SYSTEM}})
-        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": CONTROLLER_SA}}, SYSTEM)
+        # The identity whose tokens check trust (federate.apply creates it too, as the manifests do).
+        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create(federation.trust_check_service_account(), SYSTEM)
         wanted = federation.FederatedSource("cluster2", c2.url, c2.ca_pem, "cluster2", "cluster1:")
         target = bootstrap.Cluster("target", "cluster1", admin1, c1.url, c1.ca_pem)
         issuer, _ = federate.apply(wanted, target, report=lambda _: None)
@@ -66,7 +66,7 @@ def main() -> None:
 
         controller = Controller(
             c1.admin_client(),
-            Options(leader_election=False, workers=args.workers, service_account=f"{SYSTEM}/{CONTROLLER_SA}"),
+            Options(leader_election=False, workers=args.workers),
         )
         controller.start()
         assert controller.wait_until_ready(30)

@@ -416,13 +416,13 @@ class Demo:
 
         self.step("Starting the service account import controller against cluster1")
         kube.Resource(admin1, kube.NAMESPACES).create({"metadata": {"name": system}})
-        controller_sa = "service-account-import-controller"
-        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": controller_sa}}, system)
-        # The demo's controller runs as the admin: it checks trust with a token of the account it would run as.
-        self._start_controller(
-            cluster1, service_account=f"{system}/{controller_sa}", untrusted_recheck_seconds=0.5, backoff_max=1.0
+        # As manifests/controller: the identity whose tokens check trust, bound to nothing (never the controller's).
+        kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create(federation.trust_check_service_account(), system)
+        self._start_controller(cluster1, untrusted_recheck_seconds=0.5, backoff_max=1.0)
+        self.say(
+            f"it checks trust with tokens of {system}/{api.TRUST_CHECK_SERVICE_ACCOUNT}, which holds no RBAC in "
+            "cluster1: a check token is worth nothing but at the source's authentication"
         )
-        self.say(f"it checks trust with tokens of its own service account {system}/{controller_sa}")
         self._start_webhook(cluster1, admin1)
 
         self.step("kubemcsa federate --target-context cluster1 --source-context cluster2")

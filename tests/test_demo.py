@@ -74,7 +74,7 @@ def test_the_federated_demo_plays_the_whole_flow_without_copying_a_token() -> No
         "ConfigMap multicluster-service-account/federated-cluster2 created",
         "kind: AuthenticationConfiguration",
         "import Ready=False reason=FederationNotTrusted",
-        "is user 'cluster1:system:serviceaccount:default:default'",
+        "is user 'cluster1:system:serviceaccount:multicluster-service-account:multicluster-service-account-trust-check",
         "import Ready=True reason=Federated",
         "status.remoteUser: cluster1:system:serviceaccount:default:<service-account>",
         "holds ca.crt, config, namespace, server: no token",

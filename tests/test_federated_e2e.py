@@ -285,6 +285,11 @@ def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_t
     assert JWT.fullmatch((files / "token").read_text())
     assert "does not trust this cluster's tokens yet" in caplog.text and "trusts this cluster's tokens" in caplog.text
     assert scan_for_tokens(env, caplog.text) == []
+    # The tokens cluster2 received: the trust checks' (an account bound to nothing) and the pod's own, never the
+    # controller's.
+    subjects = {r.token.subject for r in env.c2.requests if r.token and r.token.issuer == env.c1.authority.issuer}
+    prefix = "system:serviceaccount:"
+    assert subjects == {f"{prefix}{SYSTEM_NS}:{TRUST_CHECK_SA}", f"{prefix}default:{POD_SA}"}
 
 
 def test_a_client_built_once_keeps_working_across_the_kubelets_rotation(env: Env, capsys, tmp_path: Path) -> None:
@@ -396,3 +401,36 @@ def test_twenty_federated_imports_of_one_source_share_its_trust_check(env: Env, 
     print(f"20 federated imports: {len(reviews)} SelfSubjectReview(s) at the source, {len(check_tokens)} token(s)")
     assert 1 <= len(reviews) <= controller.options.workers
     assert len(check_tokens) == len(reviews)
+
+
+def test_the_webhook_mounts_only_an_audience_the_record_allows(env: Env, tmp_path: Path) -> None:
+    """The webhook agrees with the controller: a pod whose import asks for an audience no admin recorded (this
+    cluster's own API audience, say) is refused with the same fix; one an admin allowed is mounted as asked."""
+    env.webhook = start_webhook(env.c1, tmp_path)
+    assert env.federate("--audience", "cluster2", "--audience", "cluster2-ci")[0] == 0
+    env.create_import("fed", audiences=list(env.c1.authority.api_audiences))
+    env.create_import("ci", audiences=["cluster2-ci"])
+    pods = kube.Resource(env.admin1, kube.PODS)
+
+    def create(pod: dict[str, Any]) -> dict[str, Any]:
+        return wait_for(lambda: _created(pods, pod), f"pod {pod['metadata']['name']} admitted or refused", timeout=10)
+
+    refused = create(annotated_pod())
+    assert isinstance(refused, ApiException) and refused.status == 403
+    message = kube.error_message(refused)
+    assert "allows the audiences cluster2, cluster2-ci only" in message and "remove spec.audiences" in message
+    ci_pod = annotated_pod()
+    ci_pod["metadata"] = {"name": "ci", "namespace": "default", "annotations": {api.IMPORT_ANNOTATION: "ci"}}
+    admitted = create(ci_pod)
+    (volume,) = [v for v in admitted["spec"]["volumes"] if v["name"] == api.volume_name_for_import("ci")]
+    assert volume == federation.projected_volume(volume["name"], "ci-token", "cluster2-ci", 3600)
+
+
+def _created(pods: kube.Resource, pod: dict[str, Any]) -> dict[str, Any] | ApiException | None:
+    """The pod as created, or the refusal; None while the webhook's watch has not delivered the import or the
+    source's record yet (refused so)."""
+    try:
+        return pods.create(pod, "default")
+    except ApiException as exc:
+        not_yet = ("does not exist in namespace", "which no federated source names")
+        return None if any(words in kube.error_message(exc) for words in not_yet) else exc
