@@ -1,7 +1,8 @@
 """`python -m certs`: create or renew the webhook's certificates once (for a setup Job or an init container).
 
     python -m certs --namespace multicluster-service-account --secret webhook-tls --service webhook \\
-        --webhook-configuration multicluster-service-account [--kubeconfig F] [--write-dir DIR]
+        --webhook-configuration multicluster-service-account [--secret-namespace NS] [--kubeconfig F] \\
+        [--write-dir DIR]
 
 Prints what it did (never the key); exits 0 when the Secret and the caBundle are right, 1 with one sentence when
 not (a Job retries), 2 on bad arguments.
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from certs import manager
-from kubemcsa import kube, tls
+from kubemcsa import api, kube, tls
 
 EXIT_FAILED = 1
 
@@ -26,8 +27,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Create or renew the webhook's CA and serving certificate in a Secret, and inject the CA into "
         "the MutatingWebhookConfiguration's caBundle.",
     )
-    parser.add_argument("--namespace", required=True, help="namespace of the webhook's Service and Secret")
+    parser.add_argument("--namespace", required=True, help="namespace of the webhook's Service")
     parser.add_argument("--secret", required=True, help="name of the kubernetes.io/tls Secret to keep")
+    parser.add_argument(
+        "--secret-namespace",
+        help="namespace of that Secret (default: --namespace; the manifests use a namespace of its own, "
+        f"{api.CERT_NAMESPACE}, so that nothing but the controller writes Secrets where source credentials live)",
+    )
     parser.add_argument("--service", required=True, help="name of the webhook's Service (for the DNS names)")
     parser.add_argument("--webhook-configuration", required=True, help="MutatingWebhookConfiguration to inject into")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster, else KUBECONFIG or ~/.kube/config)")
@@ -53,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 secret_name=args.secret,
                 service_name=args.service,
                 webhook_configuration_name=args.webhook_configuration,
+                secret_namespace=args.secret_namespace,
                 renew_before=datetime.timedelta(days=args.renew_before_days),
             )
         if args.write_dir:

@@ -234,10 +234,13 @@ def ensure_webhook_certificates(
     webhook_configuration_name: str,
     now: datetime.datetime | None = None,
     dns_names: Sequence[str] | None = None,
+    secret_namespace: str | None = None,
     **plan_options: Any,
 ) -> CertificateBundle:
     """Make the Secret hold a valid CA and serving certificate for the Service, and the caBundle trust that CA.
 
+    The Secret lives in `secret_namespace` (default: the Service's `namespace`); the shipped manifests keep it in a
+    namespace of its own (kubemcsa.api.CERT_NAMESPACE), away from the source credentials of the system namespace.
     Creates what is missing, renews what expires soon (see certs.plan.plan for the rules and `plan_options`:
     ca_days, cert_days, renew_before, ca_renew_before), and adopts another replica's certificate if it wrote first.
     Raises CertificateError (WebhookConfigurationNotFound if the configuration does not exist; the Secret is then
@@ -245,7 +248,7 @@ def ensure_webhook_certificates(
     """
     names = list(dns_names) if dns_names else tls.service_dns_names(service_name, namespace)
     material, actions = _ensure_secret(
-        api_client, namespace, secret_name, webhook_configuration_name, names, now, plan_options
+        api_client, secret_namespace or namespace, secret_name, webhook_configuration_name, names, now, plan_options
     )
     actions += inject_ca_bundle(api_client, webhook_configuration_name, material.ca_bundle_pem)
     return CertificateBundle(

@@ -19,6 +19,7 @@ from kubemcsa import api
 from kubemcsa.export_policy import export_verdict
 from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource, audience_refusal
 from kubemcsa.imports import (
+    STATUS_PINS,
     ImportToken,
     as_dict,
     as_list,
@@ -87,6 +88,9 @@ class Observation:
     # The controller's own credential import (its own account in the source, in the system namespace): the
     # source's RBAC lets it rotate that token, and no owner exports it.
     export_exempt: bool = False
+    # An import of the system namespace whose Secret is a source credential: the Secret counts as current only if
+    # its writer pinned it in the import's status (kubemcsa.imports.is_pinned); else it is rewritten from memory.
+    credential_unpinned: bool = False
 
     @property
     def own_secret(self) -> dict[str, Any] | None:
@@ -257,7 +261,7 @@ def assess(obs: Observation) -> Assessment:
     remote_uid = None if obs.export_exempt or obs.export is None else obs.export.remote_uid
     wanted = inputs_hash(spec, obs.source.server, obs.source.ca_pem, remote_uid)
     ours = obs.own_secret
-    if ours is not None and secret_is_current(ours, wanted, obs.now):
+    if ours is not None and not obs.credential_unpinned and secret_is_current(ours, wanted, obs.now):
         recovered = token_from_secret(ours)
         if recovered is not None:
             return HasToken(spec, recovered, current=True)
@@ -492,9 +496,12 @@ def set_condition(conditions: Any, new: dict[str, Any], now: float) -> list[dict
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning status `old` into `new` (fields that disappear are set to null)."""
-    patch: dict[str, Any] = {key: None for key in (old or {}) if key not in new}
-    patch.update(new)
+    """A JSON merge patch turning status `old` into `new` (fields that disappear are set to null).
+
+    The credential pins are left alone: only the writer of a credential records them, with a patch of its own
+    guarded by the import's resourceVersion (kubemcsa.imports.pins_patch), so a stale status never undoes them."""
+    patch: dict[str, Any] = {key: None for key in (old or {}) if key not in new and key != STATUS_PINS}
+    patch.update({key: value for key, value in new.items() if key != STATUS_PINS})
     return {"status": patch}
 
 
@@ -518,6 +525,8 @@ def _status(
     """The new status, or None if it equals the current one (so the steady state writes nothing)."""
     old = as_dict(imp.get("status"))
     new: dict[str, Any] = {}
+    if STATUS_PINS in old:  # not this pass's to change (see status_patch)
+        new[STATUS_PINS] = old[STATUS_PINS]
     if secret_name:
         new["secrets"] = [{"name": secret_name}]
     new["conditions"] = set_condition(old.get("conditions"), ready, now)

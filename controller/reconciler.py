@@ -41,7 +41,7 @@ from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
 from controller.sources import SourceCluster, SourceRegistry, client_error_message
 from kubemcsa import api, kube
-from kubemcsa.imports import ImportToken
+from kubemcsa.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch
 from kubemcsa.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,13 @@ class Reconciler:
         exempt, export = self._export_of(imp, source)
         if export is WARMING:
             return WARMING
+        uid = str((imp.get("metadata") or {}).get("uid") or "")
+        unpinned = (
+            self.is_credential_import(namespace)
+            and secret is not None
+            and is_controlled_by(secret, uid)
+            and not is_pinned(secret, imp)
+        )
         return Observation(
             imp=imp,
             secret=secret,
@@ -196,7 +203,12 @@ class Reconciler:
             trust=trust,
             export=export,
             export_exempt=exempt,
+            credential_unpinned=unpinned,
         )
+
+    def is_credential_import(self, namespace: str | None) -> bool:
+        """True for an import of the system namespace: its Secret `<import>-token` is a source credential."""
+        return namespace == self.system_namespace
 
     def _export_of(self, imp: dict[str, Any], source: SourceCluster | None) -> tuple[bool, Any]:
         """(exempt, ExportView or None or WARMING) for the import: whether its source exports what it names to it.
@@ -272,6 +284,30 @@ class Reconciler:
         self.metrics.tokens_refreshed.inc()
         return HasToken(need.spec, token)
 
+    def _pin_credential(
+        self, namespace: str, name: str, observation: Observation, writes: Writes
+    ) -> dict[str, Any] | Result | None:
+        """Before a source credential is written, pin it in its import's status (kubemcsa.imports): the
+        controller uses no credential Secret that its writer did not pin. A Result if the pin could not be written
+        (the import changed meanwhile: look again)."""
+        if not self.is_credential_import(namespace):
+            return None
+        credential_name = api.secret_name_for_import(name)
+        bodies = [w.body for w in writes.secrets if kube.object_key(w.body)[1] == credential_name]
+        if not bodies:
+            return None
+        pins = pins_for_write(observation.imp, observation.secret, bodies[-1])
+        try:
+            written = self.caches.imports_api.patch_status(name, pins_patch(observation.imp, pins), namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return Result(outcome="skipped")  # the import is gone: so will its Secret be
+            if exc.status != 409:
+                raise
+            return Result(retry=True, outcome="conflict")  # its status changed (another writer): look again
+        self.import_writes.wrote((namespace, name), written)
+        return written
+
     def act(self, key: str, observation: Observation, writes: Writes) -> Result:
         if not self.may_write():  # lost the lease meanwhile: write nothing, not even an Event
             return Result(outcome="skipped")
@@ -282,6 +318,9 @@ class Reconciler:
         if writes.forget:
             with self._lock:
                 self._held.pop(key, None)
+        imp = self._pin_credential(namespace, name, observation, writes)
+        if isinstance(imp, Result):
+            return imp
         for write in writes.secrets:
             secret_key = kube.object_key(write.body)
             try:

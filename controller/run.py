@@ -27,6 +27,7 @@ from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
 from kubemcsa import api, argocd, federation, kube
+from kubemcsa.imports import STATUS_PINS, is_pinned
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,9 @@ class Options:
     trust_check_service_account: str | None = None
     trusted_recheck_seconds: float = 600.0
     untrusted_recheck_seconds: float = 15.0
+    # A credential Secret that matches no pin is never used; it is reported (Event, condition) once it still does
+    # after this long, since its import's new pin may come through the imports' watch a moment after the Secret.
+    credential_grace_seconds: float = 2.0
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -75,6 +79,10 @@ class Controller:
             imports_dir=options.imports_dir,
             cluster_name=options.cluster_name,
         )
+        # Credential Secrets of the system namespace that matched no pin: import name -> (when, that Secret), and
+        # the (uid, resourceVersion) last reported, so that each one is reported once.
+        self._unpinned: dict[str, tuple[float, dict[str, Any]]] = {}
+        self._reported: dict[str, tuple[str, str]] = {}
         self.exports = ExportWatches(
             on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
         )
@@ -289,17 +297,60 @@ class Controller:
                 self.trust_checks.forget(name)
         self._requeue_clusters(names)
 
+    def _system_import(self, name: str) -> dict[str, Any] | None:
+        """The import `name` of the system namespace, as last written by this controller or cached."""
+        key = (self.options.system_namespace, name)
+        return self.reconciler.import_writes.get(key, (self.system_imports or self.imports).get(name, key[0]))
+
     def _on_system_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        """A Secret of the system namespace is a source credential only if an import there controls it: a labelled
-        Secret anyone else made (say, with the webhook's right to create Secrets there) changes nothing."""
+        """A Secret of the system namespace is a source credential only if an import there controls it and its
+        writer (this controller, or kubemcsa bootstrap as an admin) pinned it in that import's status: a labelled
+        Secret anyone else made or changed adds, replaces and removes no cluster."""
         label = ((obj.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
-        system_imports = self.system_imports or self.imports
-        owner = system_imports.get(label, self.options.system_namespace) if isinstance(label, str) else None
+        owner = self._system_import(label) if isinstance(label, str) else None
         if event != "DELETED" and is_source_credential(obj, owner, self.options.system_namespace):
-            changed = self.sources.set_secret(obj)
+            if is_pinned(obj, owner):
+                changed = self.sources.set_secret(obj)
+            else:  # not used: the credential loaded before, if any, stays; said soon (see _report_unpinned)
+                self._unpinned.setdefault(str(label), (self.options.clock(), obj))
+                changed = set()
         else:
             changed = self.sources.remove_secret(obj)
         self._requeue_clusters(changed)
+
+    def _report_unpinned(self) -> None:
+        """Say, once per Secret version, which credential Secrets were not used because no trusted writer pinned
+        them: a Warning Event on the import (no secret in it) and, if the cluster has no credential at all, the
+        reason its imports give. Only after a grace period: the import's new pin comes through the imports' watch,
+        which may deliver it a moment after the Secrets' watch delivered the Secret it pins."""
+        system = self.options.system_namespace
+        for name, (since, refused) in list(self._unpinned.items()):
+            if self.options.clock() - since < self.options.credential_grace_seconds:
+                continue
+            self._unpinned.pop(name, None)
+            owner = self._system_import(name)
+            if owner is None or is_pinned(refused, owner):  # gone, or its pin came in meanwhile
+                continue
+            meta = refused.get("metadata") or {}
+            version = (str(meta.get("uid") or ""), str(meta.get("resourceVersion") or ""))
+            if self._reported.get(name) == version:
+                continue
+            self._reported[name] = version
+            where = f"Secret {system}/{meta.get('name')}"
+            why = (
+                f"{where} was written neither by the controller nor by kubemcsa bootstrap (it matches no pin in "
+                f"status.{STATUS_PINS} of import {system}/{name}); if an admin wrote it by hand, re-run kubemcsa "
+                f"bootstrap for cluster {name}, else delete it and find who made it in the audit log."
+            )
+            kept = " The controller keeps the credential it had." if self.sources.get(name) is not None else ""
+            log.warning("not using %s as the credential of cluster %s: it matches no pin", where, name)
+            if self.manager.is_leader:
+                self.reconciler.recorder.record(
+                    owner, "Warning", api.REASON_UNTRUSTED_CREDENTIAL, f"Not used as a credential: {why}{kept}"
+                )
+            current = (self.system_secrets or self.secrets).get(api.secret_name_for_import(name), system)
+            if is_source_credential(current or {}, owner, system) and not is_pinned(current, owner):
+                self._requeue_clusters(self.sources.refuse_secret(current or {}, why))
 
     def _wake(self, keys: Iterable[str]) -> None:
         for key in keys:
@@ -348,3 +399,4 @@ class Controller:
 
     def _poll_files(self) -> None:
         self._requeue_clusters(self.sources.refresh_files())
+        self._report_unpinned()

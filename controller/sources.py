@@ -4,9 +4,10 @@ Three origins, looked up in this order for a name:
 1. contexts of --source-kubeconfig (context name = cluster name);
 2. service-account imports mounted under --imports-dir/NAME/ (the original bootstrap model);
 3. import Secrets in the controller's own system namespace (the Secret of import NAME gives cluster NAME:
-   `kubemcsa bootstrap` adds a cluster this way without a restart). Only a Secret the controller made counts:
-   `<NAME>-token`, controlled by the import NAME of the system namespace (`is_source_credential`), so that whoever
-   may merely create Secrets there (the webhook's identity, say) cannot add or replace a cluster.
+   `kubemcsa bootstrap` adds a cluster this way without a restart). Only a Secret the controller or bootstrap made
+   counts: `<NAME>-token`, controlled by the import NAME of the system namespace (`is_source_credential`), and
+   pinned by its writer in that import's status (`kubemcsa.imports.is_pinned`), so that whoever may merely create
+   Secrets there cannot add or replace a cluster (no shipped component but the controller may).
 Each source knows the consumer's name there (`consumer`: the controller's own account in the source, read from a
 bootstrap credential's token, or --cluster-name for kubeconfig contexts), which is what owners export to.
 Files are re-read only when a cheap stat says they changed; an ApiClient is rebuilt only when its
@@ -194,6 +195,7 @@ class SourceRegistry:
         self.imports_dir = imports_dir
         self.cluster_name = cluster_name  # this cluster's name in sources whose credential does not say it
         self._secret_uids: dict[str, str] = {}  # cluster name -> UID of the system-namespace Secret it came from
+        self._refused_uids: dict[str, str] = {}  # cluster name -> UID of an unpinned Secret that says why it is not
         self._lock = threading.RLock()
         self._by_origin: dict[str, dict[str, SourceCluster]] = {origin: {} for origin in _ORDER}
         self._errors: dict[str, dict[str, str]] = {origin: {} for origin in _ORDER}
@@ -344,6 +346,18 @@ class SourceRegistry:
             )
         with self._lock:
             self._secret_uids[name] = str(metadata_of(secret).get("uid") or "")
+            self._refused_uids.pop(name, None)
+        return self._replace(ORIGIN_SECRET, sources, errors)
+
+    def refuse_secret(self, secret: dict[str, Any], why: str) -> set[str]:
+        """A credential Secret that no writer the controller trusts pinned: it is not used. The cluster keeps the
+        credential loaded before, if there is one (nothing is lost); else it is unusable, saying `why`."""
+        name, sources, errors = self._secret_origin(secret)
+        if not name or name in sources:
+            return set()
+        errors[name] = why
+        with self._lock:
+            self._refused_uids[name] = str(metadata_of(secret).get("uid") or "")
         return self._replace(ORIGIN_SECRET, sources, errors)
 
     def remove_secret(self, secret: dict[str, Any]) -> set[str]:
@@ -351,8 +365,13 @@ class SourceRegistry:
         name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()
+        uid = str(metadata_of(secret).get("uid") or "")
         with self._lock:
-            if self._secret_uids.get(name, "") != str(metadata_of(secret).get("uid") or ""):
+            if self._refused_uids.get(name) == uid and name not in sources:
+                self._refused_uids.pop(name, None)  # the refused Secret went away: so does the reason it gave
+                errors.pop(name, None)
+                return self._replace(ORIGIN_SECRET, sources, errors)
+            if self._secret_uids.get(name, "") != uid:
                 return set()  # another Secret (say, a rejected look-alike) going away changes nothing
             self._secret_uids.pop(name, None)
         sources.pop(name, None)

@@ -38,6 +38,10 @@ SYSTEM_NAMESPACE = "multicluster-service-account"
 # The identity whose tokens check a federated source's trust (manifests/controller/serviceaccount.yaml): it is
 # bound to nothing, so a check token is worth nothing in this cluster, only at the source's authentication.
 TRUST_CHECK_SERVICE_ACCOUNT = "multicluster-service-account-trust-check"
+# The webhook's serving certificate lives in a namespace of its own: whoever may write Secrets where source
+# credentials live (the system namespace) can point the controller at another server, so only the controller
+# and admins may; the webhook and the certificate job write their one Secret here instead.
+CERT_NAMESPACE = "multicluster-service-account-certs"
 # The most imports one pod may ask for: a pod has no use for more, and it bounds the webhook's work per request.
 MAX_IMPORTS_PER_POD = 32
 
@@ -81,6 +85,8 @@ REASON_NOT_EXPORTED = "NotExported"
 REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"
 # The source's certificate is not signed by the CA the controller holds for it.
 REASON_REMOTE_CERTIFICATE_UNTRUSTED = "RemoteCertificateUntrusted"
+# On a system-namespace import (Event): its Secret matches no pin its writer recorded, so it is no credential.
+REASON_UNTRUSTED_CREDENTIAL = "UntrustedCredential"
 
 DEFAULT_EXPIRATION_SECONDS = 86400
 MIN_EXPIRATION_SECONDS = 600

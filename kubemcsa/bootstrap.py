@@ -381,13 +381,17 @@ def wanted_inputs(import_obj: JSON, server: str, ca_pem: bytes) -> str:
 def secret_is_current(existing: JSON, import_obj: JSON, *, server: str, ca_pem: bytes, now: float) -> bool:
     """True if the import Secret is one the controller would keep as it is (then a re-run leaves it alone).
 
-    The same test as the controller's: owned by this import, unedited, issued for this spec, server and CA,
-    and not yet due for refresh. A Secret the controller refreshed since passes too.
+    The same test as the controller's: owned by this import, pinned in its status by the controller or an earlier
+    bootstrap (so written by one of them), unedited, issued for this spec, server and CA, and not yet due for
+    refresh. A Secret the controller refreshed since passes too. One that matches no pin (written before pins
+    existed, or by someone else) is replaced: bootstrap vouches only for what it writes.
     """
     meta = existing.get("metadata") or {}
     if (meta.get("labels") or {}).get(api.IMPORT_LABEL) != import_obj["metadata"]["name"]:
         return False
     if not imports.is_controlled_by(existing, import_obj["metadata"].get("uid", "")):
+        return False
+    if not imports.is_pinned(existing, import_obj):
         return False
     return imports.secret_is_current(existing, wanted_inputs(import_obj, server, ca_pem), now)
 
@@ -579,9 +583,39 @@ def _ensure_import_secret(
     token = imports.ImportToken(creds, issued, wanted_inputs(import_obj, source.server, source.ca_pem))
     # Built as the controller builds it, so the controller adopts it without a token request of its own.
     desired = imports.import_secret(import_obj, token, the_plan.source_name, existing)
+    _pin(dst, import_obj, existing, desired)
     if existing is None:
         dst.call(desired, lambda: secrets.create(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "created")
     else:
         dst.call(desired, lambda: secrets.replace(desired, namespace=api.SYSTEM_NAMESPACE))
         dst.step(desired, "updated")
+
+
+# How often bootstrap re-reads the import when the controller changed its status between bootstrap's read and its
+# pin (each retry means another writer got in between).
+_PIN_ATTEMPTS = 5
+
+
+def _pin(dst: Applier, import_obj: JSON, existing: JSON | None, desired: JSON) -> None:
+    """Pin the Secret about to be written in the import's status (kubemcsa.imports), as an admin may: the controller
+    takes as a credential only a Secret its writer pinned, so that whoever may merely create Secrets in the system
+    namespace cannot make one. The pin of the Secret it replaces stays until the write lands."""
+    resource = kube.Resource(dst.cluster.client, kube.SERVICE_ACCOUNT_IMPORTS)
+    meta = import_obj["metadata"]
+    current = import_obj
+    for _ in range(_PIN_ATTEMPTS):
+        body = imports.pins_patch(current, imports.pins_for_write(current, existing, desired))
+        try:
+            resource.patch_status(meta["name"], body, namespace=meta["namespace"])
+            return
+        except ApiException as exc:
+            if exc.status != 409:
+                raise BootstrapError(_advice(exc, dst.cluster, import_obj)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise BootstrapError(_advice(exc, dst.cluster, import_obj)) from None
+        current = dst.call(import_obj, lambda: resource.get(meta["name"], namespace=meta["namespace"]))
+    raise BootstrapError(
+        f"target cluster {dst.cluster.name!r}: the status of {api.KIND} {meta['namespace']}/{meta['name']} kept "
+        f"changing while bootstrap pinned its credential; run bootstrap again."
+    )

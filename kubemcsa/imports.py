@@ -75,12 +75,67 @@ def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | 
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def data_hash(data: dict[str, Any] | None) -> str:
-    """A hash of a Secret's data, recorded in an annotation so that an edit can be told from the cache alone."""
+def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
+    """A hash of a Secret's data, recorded in an annotation so that an edit can be told from the cache alone
+    (16 hex digits); the whole SHA-256 (`length=64`) pins a source credential."""
     digest = hashlib.sha256()
-    for key in sorted(data or {}):
-        digest.update(key.encode() + b"\0" + str((data or {})[key]).encode() + b"\0")
-    return digest.hexdigest()[:16]
+    for key in sorted(as_dict(data)):
+        digest.update(key.encode() + b"\0" + str(as_dict(data)[key]).encode() + b"\0")
+    return digest.hexdigest()[:length]
+
+
+# --- source credentials: pinned in the import's status by whoever wrote them -----------------------------------
+# A Secret of the system namespace is a source credential: whoever could write one under an import's name could
+# point the controller, and every import of that source, at a server of their choosing. So its writer (the
+# controller when it rotates it, `kubemcsa bootstrap` as an admin) first records the Secret's UID and the SHA-256 of
+# its data in the import's status, which only the controller and admins may write (the status subresource), and
+# the controller uses no credential that matches no pin. The pin of the Secret being replaced stays until the
+# write lands, so a crash between the two writes loses nothing.
+STATUS_PINS = "sourceCredentialPins"
+PIN_UID = "secretUID"
+PIN_DIGEST = "dataSHA256"
+
+
+def credential_pins(imp: dict[str, Any] | None) -> list[dict[str, str]]:
+    """The pins recorded in the import's status (well-formed entries only)."""
+    pins = as_list(as_dict(as_dict(imp).get("status")).get(STATUS_PINS))
+    return [
+        {PIN_UID: str(p.get(PIN_UID) or ""), PIN_DIGEST: p[PIN_DIGEST]}
+        for p in pins
+        if isinstance(p, dict) and isinstance(p.get(PIN_DIGEST), str) and p[PIN_DIGEST]
+    ]
+
+
+def credential_pin(secret: dict[str, Any], uid: str | None = None) -> dict[str, str]:
+    """The pin of a Secret: its UID (`uid` if given; empty for one not created yet) and the SHA-256 of its data."""
+    secret_uid = uid if uid is not None else str(metadata_of(secret).get("uid") or "")
+    return {PIN_UID: secret_uid, PIN_DIGEST: data_hash(as_dict(secret).get("data"), 64)}
+
+
+def is_pinned(secret: dict[str, Any] | None, imp: dict[str, Any] | None) -> bool:
+    """True if the import's status pins this very Secret with these very data (a pin without a UID was recorded
+    just before the Secret was created: its data alone must match)."""
+    if secret is None:
+        return False
+    mine = credential_pin(secret)
+    return any(
+        pin[PIN_DIGEST] == mine[PIN_DIGEST] and pin[PIN_UID] in ("", mine[PIN_UID]) for pin in credential_pins(imp)
+    )
+
+
+def pins_for_write(imp: dict[str, Any], existing: dict[str, Any] | None, body: dict[str, Any]) -> list[dict[str, str]]:
+    """The pins to record before writing `body` over `existing` (None: creating it): the existing Secret's, if it
+    is pinned, so that it stays good until the write lands, then that of `body` (the UID it will keep)."""
+    pins = [credential_pin(existing)] if existing is not None and is_pinned(existing, imp) else []
+    uid = str(metadata_of(existing).get("uid") or "") if existing is not None else ""
+    new = credential_pin(body, uid)
+    return [*pins, new] if new not in pins else pins
+
+
+def pins_patch(imp: dict[str, Any], pins: list[dict[str, str]]) -> dict[str, Any]:
+    """A merge patch of the import's status recording `pins`, refused (409) if the import changed since it was
+    read: two writers (the controller, bootstrap) never overwrite each other's pins unseen."""
+    return {"metadata": {"resourceVersion": metadata_of(imp).get("resourceVersion")}, "status": {STATUS_PINS: pins}}
 
 
 def owner_reference(imp: dict[str, Any]) -> dict[str, Any]:

@@ -200,8 +200,18 @@ def test_the_plan_asks_for_the_credential_duration() -> None:
     assert sai["spec"]["expirationSeconds"] == 3600
 
 
-def is_current(secret: dict, uid: str = "uid-1", server: str = "https://c2:6443", now: float = NOW_TS) -> bool:
-    return bootstrap.secret_is_current(secret, imported(uid), server=server, ca_pem=CA, now=now)
+def is_current(
+    secret: dict, uid: str = "uid-1", server: str = "https://c2:6443", now: float = NOW_TS, pinned: bool = True
+) -> bool:
+    imp = imported(uid)  # as bootstrap or the controller pinned the Secret it wrote
+    imp["status"] = {imports.STATUS_PINS: [imports.credential_pin(secret)] if pinned else []}
+    return bootstrap.secret_is_current(secret, imp, server=server, ca_pem=CA, now=now)
+
+
+def test_a_secret_nobody_pinned_is_replaced_even_if_it_looks_current() -> None:
+    good = secret_with()
+    assert is_current(good)
+    assert not is_current(good, pinned=False)  # written before pins, or by someone else: bootstrap re-issues it
 
 
 def test_secret_is_current_keeps_a_good_token_and_replaces_a_bad_one() -> None:

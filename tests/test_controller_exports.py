@@ -31,6 +31,7 @@ SYSTEM = api.SYSTEM_NAMESPACE
 RBAC = "rbac.authorization.k8s.io"
 CONTROLLER_SA = "service-account-import-controller"
 WEBHOOK_SA = "service-account-import-admission-controller"
+CERT_JOB_SA = "service-account-import-admission-controller-certs"
 CONSUMER_USER = api.consumer_username("cluster1")  # the controller's identity in cluster2
 
 
@@ -101,7 +102,8 @@ class Env:
             server.write_kubeconfig(self.kubeconfigs[server.name], context=server.name)
         argv = ["bootstrap", "--target-context", "cluster1", "--target-kubeconfig", self.kubeconfigs["cluster1"]]
         argv += ["--source-context", "cluster2", "--source-kubeconfig", self.kubeconfigs["cluster2"]]
-        assert cli.main([*argv, *bootstrap_flags]) == 0
+        self.bootstrap_argv = [*argv, *bootstrap_flags]
+        assert cli.main(self.bootstrap_argv) == 0
         self.controller: Controller | None = None
 
     def as_user1(self, ns: str, name: str) -> ApiClient:
@@ -186,6 +188,29 @@ def forbidden(call: Any) -> ApiException:
         call()
     assert info.value.status == 403
     return info.value
+
+
+# What manifests/webhook and manifests/certs granted in the system namespace before the certificate moved to a
+# namespace of its own: an upgrade that forgets to delete these Roles leaves the webhook (or the job) able to
+# create Secrets where source credentials live. The credential pins make that harmless too.
+LEFTOVER_CERT_RULES = [
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    {
+        "apiGroups": [""],
+        "resources": ["secrets"],
+        "resourceNames": ["service-account-import-admission-controller-cert"],
+        "verbs": ["get", "update"],
+    },
+]
+
+
+def labelled_secret(name: str, cluster: str, data: dict[str, str], owner_uid: str | None = None) -> dict[str, Any]:
+    """A Secret of the system namespace that looks like the credential of `cluster` (controlled by its import)."""
+    meta: dict[str, Any] = {"name": name, "namespace": SYSTEM, "labels": {api.IMPORT_LABEL: cluster}}
+    if owner_uid:
+        ref = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": cluster, "uid": owner_uid}
+        meta["ownerReferences"] = [{**ref, "controller": True}]
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": data}
 
 
 def jwt_claims(token: str) -> dict[str, Any]:
@@ -325,15 +350,16 @@ def test_a_rogue_credential_secret_made_with_the_webhooks_identity_changes_nothi
     bootstrap_secret = env.secret("cluster2", SYSTEM)
     bootstrap_import = kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)
 
+    # The shipped webhook may create no Secret here any more (its certificate lives in a namespace of its own);
+    # the Role an older version gave it, left behind by an upgrade, still may: play that.
+    shipped = kube.Resource(env.as_user1(SYSTEM, WEBHOOK_SA), kube.SECRETS)
+    forbidden(lambda: shipped.create(labelled_secret("evil-token", "evil", {}), SYSTEM))
+    apply(env.admin1, *grant(SYSTEM, "leftover-webhook-cert", LEFTOVER_CERT_RULES, (SYSTEM, WEBHOOK_SA)))
     as_webhook = kube.Resource(env.as_user1(SYSTEM, WEBHOOK_SA), kube.SECRETS)
     rogue = Credentials(server=foreign.url, ca_crt=foreign.ca_pem, token=foreign.admin_token, namespace="team-x")
 
     def labelled(name: str, cluster: str, owner_uid: str | None = None) -> dict[str, Any]:
-        meta: dict[str, Any] = {"name": name, "namespace": SYSTEM, "labels": {api.IMPORT_LABEL: cluster}}
-        if owner_uid:
-            ref = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": cluster, "uid": owner_uid}
-            meta["ownerReferences"] = [{**ref, "controller": True}]
-        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": to_secret_data(rogue, cluster)}
+        return labelled_secret(name, cluster, to_secret_data(rogue, cluster), owner_uid)
 
     # A new cluster, a look-alike of cluster2 (even claiming the bootstrap import as its controller), and the
     # bootstrap Secret's own name (taken: 409).
@@ -361,6 +387,103 @@ def test_a_rogue_credential_secret_made_with_the_webhooks_identity_changes_nothi
     env.create_import("bot3", client=env.alice)
     env.wait_ready("bot3")
     assert env.controller.sources.names() == ["cluster2"]
+
+
+def _without_its_credential(env: Env, foreign: Any) -> tuple[str, dict[str, Any], str]:
+    """cluster2's bootstrap credential deleted (by an admin, say) while team-a/bot holds a token of it; returns bot's
+    token, a forged credential of cluster2 controlled by its import and pointing at `foreign`, and cluster2's server."""
+    env.start()
+    env.allow("allow", "--to", "cluster1/team-a")
+    env.create_import("bot", client=env.alice)
+    env.wait_ready("bot")
+    server = from_secret_data(env.secret("bot")["data"]).server
+    uid = kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS).get("cluster2", SYSTEM)["metadata"]["uid"]
+    kube.Resource(env.admin1, kube.SECRETS).delete(api.secret_name_for_import("cluster2"), SYSTEM)
+    wait_for(lambda: env.controller.sources.get("cluster2") is None, what="cluster2 forgotten with its credential")
+    rogue = Credentials(server=foreign.url, ca_crt=foreign.ca_pem, token=foreign.admin_token, namespace=SYSTEM)
+    forged = labelled_secret(api.secret_name_for_import("cluster2"), "cluster2", to_secret_data(rogue, "cluster2"), uid)
+    return env.token_in("bot"), forged, server
+
+
+def _nothing_changed(env: Env, foreign: Any, bot_token: str, server: str) -> None:
+    """No import was pointed at another server, none lost its token, and the foreign server heard nothing."""
+    assert env.controller.sources.get("cluster2") is None
+    assert env.token_in("bot") == bot_token
+    assert from_secret_data(env.secret("bot")["data"]).server == server
+    assert not [r for r in foreign.requests if r.user != "admin"]
+
+
+def test_with_its_credential_deleted_neither_the_webhook_nor_the_cert_job_can_make_one(
+    env: Env, api_server_factory
+) -> None:
+    foreign = api_server_factory(name="foreign")
+    for path in ("serviceaccount.yaml", "rbac.yaml"):
+        apply(env.admin1, *yaml.safe_load_all((MANIFESTS / "certs" / path).read_text()))
+    bot_token, forged, server = _without_its_credential(env, foreign)
+    name = forged["metadata"]["name"]
+    look_alike = {**forged, "metadata": {**forged["metadata"], "name": "cluster2-token-2"}}
+    for identity in (WEBHOOK_SA, CERT_JOB_SA):
+        secrets = kube.Resource(env.as_user1(SYSTEM, identity), kube.SECRETS)
+        forbidden(lambda secrets=secrets: secrets.create(forged, SYSTEM))
+        forbidden(lambda secrets=secrets: secrets.replace(forged, SYSTEM))
+        forbidden(lambda secrets=secrets: secrets.patch(name, {"data": forged["data"]}, SYSTEM))
+        forbidden(lambda secrets=secrets: secrets.create(look_alike, SYSTEM))
+    env.create_import("bot2", client=env.alice)
+    env.wait_ready("bot2", "False", api.REASON_UNKNOWN_CLUSTER)
+    _nothing_changed(env, foreign, bot_token, server)
+
+
+def test_a_credential_that_its_writer_did_not_pin_is_not_used_and_bootstrap_makes_it_good_again(
+    env: Env, api_server_factory
+) -> None:
+    foreign = api_server_factory(name="foreign")
+    bot_token, forged, server = _without_its_credential(env, foreign)
+    # Whoever may still create Secrets in the system namespace (the Role an older version gave the webhook, left
+    # behind by an upgrade) makes the credential again, as the controller would have it, but pointing elsewhere.
+    apply(env.admin1, *grant(SYSTEM, "leftover-webhook-cert", LEFTOVER_CERT_RULES, (SYSTEM, WEBHOOK_SA)))
+    kube.Resource(env.as_user1(SYSTEM, WEBHOOK_SA), kube.SECRETS).create(forged, SYSTEM)
+    (event,) = wait_for(lambda: env.events(SYSTEM, api.REASON_UNTRUSTED_CREDENTIAL), what="the Warning on cluster2")
+    assert event["type"] == "Warning" and event["involvedObject"]["name"] == "cluster2"
+    assert "re-run kubemcsa bootstrap for cluster cluster2" in event["message"]
+    assert all(value not in event["message"] for value in forged["data"].values())
+    env.create_import("bot2", client=env.alice)
+    cond = env.wait_ready("bot2", "False", api.REASON_UNKNOWN_CLUSTER)
+    assert "written neither by the controller nor by kubemcsa bootstrap" in cond["message"]
+    _nothing_changed(env, foreign, bot_token, server)
+
+    # An admin's bootstrap replaces it with one it writes and pins: cluster2 is back, at its own address.
+    assert cli.main(env.bootstrap_argv) == 0
+    env.wait_ready("bot2")
+    assert from_secret_data(env.secret("bot2")["data"]).server == server
+    assert env.controller.sources.get("cluster2").server == server
+    assert not [r for r in foreign.requests if r.user != "admin"]
+
+
+def test_a_credential_changed_behind_the_controllers_back_is_not_used_and_the_last_good_one_stays(
+    env: Env, api_server_factory
+) -> None:
+    foreign = api_server_factory(name="foreign")
+    env.start()
+    env.allow("allow", "--to", "cluster1/team-a")
+    env.create_import("bot", client=env.alice)
+    env.wait_ready("bot")
+    server = env.controller.sources.get("cluster2").server
+    # Someone who may update it (here an admin, by hand: no pin) points the credential at another server.
+    secrets = kube.Resource(env.admin1, kube.SECRETS)
+    credential = secrets.get(api.secret_name_for_import("cluster2"), SYSTEM)
+    rogue = Credentials(server=foreign.url, ca_crt=foreign.ca_pem, token=foreign.admin_token, namespace=SYSTEM)
+    secrets.replace({**credential, "data": to_secret_data(rogue, "cluster2")}, SYSTEM)
+    wait_for(lambda: env.events(SYSTEM, api.REASON_UNTRUSTED_CREDENTIAL), what="the Warning on cluster2")
+    # The controller keeps the credential it had, serves new imports with it, and writes its own back.
+    assert env.controller.sources.get("cluster2").server == server
+    env.create_import("bot2", client=env.alice)
+    env.wait_ready("bot2")
+    wait_for(
+        lambda: from_secret_data(secrets.get(api.secret_name_for_import("cluster2"), SYSTEM)["data"]).server == server,
+        what="the controller's own credential written back",
+    )
+    assert env.wait_ready("cluster2", ns=SYSTEM)["reason"] == api.REASON_TOKEN_ISSUED
+    assert not [r for r in foreign.requests if r.user != "admin"]
 
 
 # --- narrower and wider grants ----------------------------------------------------------------------------------

@@ -215,7 +215,13 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument(
         "--namespace",
         default=None,
-        help=f"namespace of the Service and the Secret (default: the pod's own, else {api.SYSTEM_NAMESPACE})",
+        help=f"namespace of the Service (default: the pod's own, else {api.SYSTEM_NAMESPACE})",
+    )
+    certs.add_argument(
+        "--cert-namespace",
+        default=api.CERT_NAMESPACE,
+        help=f"namespace of the certificate Secret (default: {api.CERT_NAMESPACE}, a namespace of its own: the "
+        "webhook may write no Secret where the controller's source credentials live)",
     )
     certs.add_argument("--service", default=SERVICE_NAME, help="the webhook's Service (for the DNS names)")
     certs.add_argument("--cert-secret", default=CERT_SECRET_NAME, help="Secret holding the CA and certificate")
@@ -287,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             api_client,
             namespace=args.namespace or _own_namespace(),
             secret_name=args.cert_secret,
+            secret_namespace=args.cert_namespace,
             service_name=args.service,
             webhook_configuration_name=args.webhook_configuration,
             directory=args.cert_dir,
