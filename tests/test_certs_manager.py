@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from certs import manager
 from certs import plan as planning
 from certs.reloader import RenewalLoop
-from kubemcsa import kube, tls
+from kubemcsa import api, kube, tls
 
 NAMESPACE = "multicluster-service-account"
 SECRET = "service-account-import-admission-controller-cert"
@@ -52,9 +52,10 @@ def _webhook(name, service_namespace=NAMESPACE, selector_namespace="enabled"):
 @pytest.fixture
 def admin(cluster1):
     client = cluster1.admin_client()
-    kube.Resource(client, kube.NAMESPACES).create(
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
-    )
+    for name in (NAMESPACE, api.CERT_NAMESPACE):
+        kube.Resource(client, kube.NAMESPACES).create(
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+        )
     kube.Resource(client, kube.MUTATING_WEBHOOK_CONFIGURATIONS).create(
         {
             "apiVersion": "admissionregistration.k8s.io/v1",
@@ -273,10 +274,12 @@ def _apply_rbac(admin):
 def test_the_manifests_rbac_is_enough_and_no_more(cluster1, admin):
     _apply_rbac(admin)
     job = cluster1.client_for_token(cluster1.issue_token(NAMESPACE, JOB_SERVICE_ACCOUNT))
-    bundle = manager.ensure_webhook_certificates(job, **ARGS)
-    assert f"wrote Secret {NAMESPACE}/{SECRET}" in bundle.actions
+    # The Secret lives in a namespace of its own (as the Job's --secret-namespace says), not the system namespace.
+    args = {**ARGS, "secret_namespace": api.CERT_NAMESPACE}
+    bundle = manager.ensure_webhook_certificates(job, **args)
+    assert f"wrote Secret {api.CERT_NAMESPACE}/{SECRET}" in bundle.actions
     # Renewal (update) works too.
-    renewed = manager.ensure_webhook_certificates(job, **ARGS, renew_before=400 * DAY, cert_days=401)
+    renewed = manager.ensure_webhook_certificates(job, **args, renew_before=400 * DAY, cert_days=401)
     assert renewed.cert_pem != bundle.cert_pem
     # Other Secrets and other configurations are out of reach.
     secrets = kube.Resource(job, kube.SECRETS)

@@ -63,6 +63,9 @@ def test_objects_have_what_kubernetes_requires(objects):
         assert api.is_dns_subdomain(obj["metadata"]["name"].replace(":", "-")), where
         if obj["kind"] in CLUSTER_SCOPED:
             assert "namespace" not in obj["metadata"], where
+        elif obj["kind"] in ("Role", "RoleBinding") and obj["metadata"]["name"].endswith(("-cert", "-certificates")):
+            # The webhook certificate's Secret, and so the Role to write it, live in a namespace of their own.
+            assert obj["metadata"].get("namespace") == api.CERT_NAMESPACE, where
         else:
             assert obj["metadata"].get("namespace") == api.SYSTEM_NAMESPACE, where
 

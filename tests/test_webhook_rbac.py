@@ -33,7 +33,8 @@ def _granted() -> set[tuple[str, str, str]]:
 def test_the_webhook_is_granted_exactly_what_it_calls(cluster1, tmp_path):
     admin = cluster1.admin_client()
     kube.Resource(admin, kube.CRDS).create(api.crd_manifest())
-    kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": api.SYSTEM_NAMESPACE}})
+    for namespace in (api.SYSTEM_NAMESPACE, api.CERT_NAMESPACE):
+        kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": namespace}})
     for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
         for doc in _documents(name):
             kube.Resource(admin, kube.resource_type_of(doc)).create(doc)
@@ -42,6 +43,7 @@ def test_the_webhook_is_granted_exactly_what_it_calls(cluster1, tmp_path):
     options = {
         "namespace": api.SYSTEM_NAMESPACE,
         "secret_name": CERT_SECRET_NAME,
+        "secret_namespace": api.CERT_NAMESPACE,
         "service_name": SERVICE_NAME,
         "webhook_configuration_name": WEBHOOK_CONFIGURATION_NAME,
     }
