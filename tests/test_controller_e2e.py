@@ -33,7 +33,7 @@ from controller.run import Controller, Options
 from kubemcsa import api, federation, kube
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.credentials import Credentials, to_secret_data
-from kubemcsa.testing.objects import create_file, create_or_get
+from kubemcsa.testing.objects import create_file, create_or_get, create_pinned_credential
 from kubemcsa.testing.wait import wait_for
 from kubemcsa.timefmt import parse_time
 
@@ -240,7 +240,7 @@ def bootstrap_source(env: Env) -> None:
     creds = Credentials(server=env.c2.url, ca_crt=env.c2.ca_pem, token=env.remote_token, namespace="default")
     owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "cluster2", "uid": imp["metadata"]["uid"]}
     owner.update(controller=True, blockOwnerDeletion=True)
-    create_or_get(
+    create_pinned_credential(
         env.admin1,
         {
             "apiVersion": "v1",
@@ -524,7 +524,7 @@ def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
     # As bootstrap leaves it: the import boot2 of the system namespace, and its Secret, which it controls.
     boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
     owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
-    create_or_get(
+    create_pinned_credential(
         env.admin1,
         {
             "apiVersion": "v1",

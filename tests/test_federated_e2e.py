@@ -131,6 +131,7 @@ def start_webhook(c1: Any, tmp_path: Path) -> WebhookServer:
         client,
         namespace=SYSTEM_NS,
         secret_name=CERT_SECRET_NAME,
+        secret_namespace=api.CERT_NAMESPACE,
         service_name=SERVICE_NAME,
         webhook_configuration_name=WEBHOOK_CONFIGURATION_NAME,
     )

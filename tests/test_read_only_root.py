@@ -27,7 +27,7 @@ from controller.sources import SourceCluster, client_error_message
 from kubemcsa import api, kube
 from kubemcsa.credentials import Credentials, to_secret_data
 from kubemcsa.kubeconfig import ConfigError
-from kubemcsa.testing.objects import create_or_get
+from kubemcsa.testing.objects import create_or_get, create_pinned_credential
 from kubemcsa.testing.wait import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def test_controller_reaches_every_kind_of_source_without_a_writable_filesystem(
         },
         "data": to_secret_data(creds, "via-secret"),
     }
-    create_or_get(admin1, secret)
+    create_pinned_credential(admin1, secret)
     local = local_kubeconfig_with_ca_file(cluster1, tmp_path)
     port = free_port()
     args = ["--kubeconfig", local, "--source-kubeconfig", str(sources), "--imports-dir", str(tmp_path / "imports")]

@@ -97,7 +97,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     try:
         for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml"):
             create(admin, doc)
-        create(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
+        for namespace in (SYSTEM_NS, api.CERT_NAMESPACE):
+            create(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
             for doc in documents(MANIFESTS / "webhook" / name):
                 create(admin, doc)
@@ -107,6 +108,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             webhook_client,
             namespace=SYSTEM_NS,
             secret_name=CERT_SECRET_NAME,
+            secret_namespace=api.CERT_NAMESPACE,
             service_name=SERVICE_NAME,
             webhook_configuration_name=WEBHOOK_CONFIGURATION_NAME,
         )

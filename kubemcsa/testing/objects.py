@@ -9,7 +9,7 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
+from kubemcsa import api, imports, kube
 
 
 def create_or_get(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
@@ -29,3 +29,21 @@ def create_file(client: ApiClient, path: Path, skip_kinds: tuple[str, ...] = ())
     for doc in yaml.safe_load_all(path.read_text()):
         if doc and doc.get("kind") not in skip_kinds:
             create_or_get(client, doc)
+
+
+def create_pinned_credential(client: ApiClient, secret: dict[str, Any]) -> dict[str, Any]:
+    """Create a source credential Secret of the system namespace as `kubemcsa bootstrap` does, as an admin: pinned
+    first in its import's status (kubemcsa.imports), or the controller would not use it. Its import must exist."""
+    meta = secret["metadata"]
+    name = meta["labels"][api.IMPORT_LABEL]
+    resource = kube.Resource(client, kube.SERVICE_ACCOUNT_IMPORTS)
+    for _ in range(10):  # a running controller may write the import's status in between: read it again
+        owner = resource.get(name, meta["namespace"])
+        pins = imports.pins_patch(owner, imports.pins_for_write(owner, None, secret))
+        try:
+            resource.patch_status(name, pins, meta["namespace"])
+            break
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    return create_or_get(client, secret)
