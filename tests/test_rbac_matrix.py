@@ -30,9 +30,6 @@ LOCATIONS = (api.SYSTEM_NAMESPACE, api.CERT_NAMESPACE, USER_NAMESPACE)
 CERT_SECRET = "service-account-import-admission-controller-cert"
 # Namespace owners, as kube's aggregated roles make them (manifests/crd/user-roles.yaml adds imports to them).
 AGGREGATED = ("admin", "edit", "view")
-# Added by the federated trust-check work (issue 17) as a service account bound to nothing; the README names it
-# already. Until it ships, it is checked as what it will be: an account with no RBAC at all.
-TRUST_CHECK = "multicluster-service-account-trust-check"
 BY_NAME = "¹"  # in the README: this verb only on the certificate Secret, by name
 KINDS_APPLIED = {"Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 
@@ -110,9 +107,7 @@ def identities(matrix_server) -> dict[str, client.ApiClient]:
         kube.Resource(admin, kube.resource_type_of(doc)).create(doc, doc["metadata"].get("namespace"))
     kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": USER_NAMESPACE}})
     accounts = {(d["metadata"]["namespace"], d["metadata"]["name"]) for d in docs if d["kind"] == "ServiceAccount"}
-    if not any(name == TRUST_CHECK for _, name in accounts):
-        kube.Resource(admin, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": TRUST_CHECK}}, api.SYSTEM_NAMESPACE)
-        accounts.add((api.SYSTEM_NAMESPACE, TRUST_CHECK))
+    assert (api.SYSTEM_NAMESPACE, api.TRUST_CHECK_SERVICE_ACCOUNT) in accounts  # bound to nothing, and shipped
     for role in AGGREGATED:  # a namespace owner: kube's role bound in their own namespace
         kube.Resource(admin, kube.SERVICE_ACCOUNTS).create({"metadata": {"name": f"{role}-user"}}, USER_NAMESPACE)
         binding = {
