@@ -431,7 +431,7 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
         str(kubeconfig),
     ]
     argv += ["--manage-certificates", "--cert-dir", str(tmp_path / "tls"), "--namespace", SYSTEM_NS]
-    argv += ["--shutdown-delay", "0.2"]
+    argv += ["--shutdown-delay", "0.2", "--health-port", "0"]  # no health port: 8080 may be taken on this machine
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
 
