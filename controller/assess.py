@@ -216,13 +216,6 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
             spec=spec,
             source_failed=True,
         )
-    if view.consumer is None:
-        return Blocked(
-            api.REASON_NOT_EXPORTED,
-            f"The controller does not know its own name in cluster {spec.cluster_name}, which exports name; start it "
-            "with --cluster-name (the name bootstrap gave this cluster there).",
-            spec=spec,  # a configuration error, not a withdrawal: the Secret keeps what it holds until it expires
-        )
     verdict = export_verdict(
         view.service_account,
         exists=view.exists,
@@ -234,7 +227,9 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
     )
     if verdict.allowed:
         return None
-    return Blocked(verdict.reason, verdict.message, spec=spec, withdraw=True)
+    # Without its own name the controller cannot tell a withdrawal from its own misconfiguration: the Secret keeps
+    # what it holds until it expires (a `*` cluster pattern matched above whatever the name).
+    return Blocked(verdict.reason, verdict.message, spec=spec, withdraw=view.consumer is not None)
 
 
 # In order: the first that blocks wins.
