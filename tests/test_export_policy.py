@@ -210,3 +210,11 @@ def test_a_star_cluster_pattern_matches_whatever_this_cluster_is_called() -> Non
     elsewhere = verdict(sa(EXPORTED, "*/team-b"), consumer=None)
     assert not elsewhere.allowed and "not to <this cluster>/team-a" in elsewhere.message
     assert "--cluster-name" in elsewhere.message
+
+
+def test_the_timestamps_the_controller_reads_from_its_secrets_annotations_are_bounded_too() -> None:
+    from kubemcsa.timefmt import format_time, parse_time
+
+    assert parse_time(format_time(1_800_000_000)) == 1_800_000_000
+    assert parse_time("2027-01-15T08:00:00.123456+01:00") is not None
+    assert parse_time("2027-01-15T08:00:00Z" + " " * 1_000_000) is None
