@@ -81,6 +81,8 @@ REASON_NOT_EXPORTED = "NotExported"
 REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"
 # The source's certificate is not signed by the CA the controller holds for it.
 REASON_REMOTE_CERTIFICATE_UNTRUSTED = "RemoteCertificateUntrusted"
+# The source answered a token whose subject is not the service account asked for: it is not used.
+REASON_TOKEN_SUBJECT_MISMATCH = "TokenSubjectMismatch"
 
 DEFAULT_EXPIRATION_SECONDS = 86400
 MIN_EXPIRATION_SECONDS = 600
@@ -186,9 +188,14 @@ def consumer_service_account(consumer_cluster: str) -> str:
     return consumer_cluster
 
 
+def service_account_username(namespace: str, name: str) -> str:
+    """How Kubernetes names a service account as a user (and a token's `sub`): system:serviceaccount:NS:NAME."""
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
 def consumer_username(consumer_cluster: str) -> str:
     """The user a consumer cluster's controller is in a source cluster, as RBAC and 403 messages name it."""
-    return f"system:serviceaccount:{SYSTEM_NAMESPACE}:{consumer_service_account(consumer_cluster)}"
+    return service_account_username(SYSTEM_NAMESPACE, consumer_service_account(consumer_cluster))
 
 
 def parse_import_annotation(value: str | None, limit: int | None = None) -> list[str]:
