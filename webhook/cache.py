@@ -4,7 +4,10 @@ the namespaces' labels, and the audiences of the federated source clusters.
 Fed by three watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
 namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
 namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
-waits past the caller's deadline.
+waits past the caller's deadline. A namespace that does not exist is remembered longer (ABSENT_SECONDS: anyone
+who reaches the webhook can name one), every remembered answer is bounded in number (RECENT_ENTRIES), and once
+the namespace watch has synced, GETs of namespaces it does not know are rate limited (a client naming a new
+unknown namespace in each review costs the API server at most NAMESPACE_LOOKUPS_PER_SECOND GETs).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ API_TIMEOUT_SECONDS = 3.0
 # How long what a miss learnt from the API server answers again (found or not): long enough that a storm of pods
 # naming unknown imports costs one call per namespace per period, short enough that a fix is seen at once.
 RECENT_SECONDS = 2.0
+# A namespace found absent: the watch shows it the moment it is created, so the answer can stand far longer.
+ABSENT_SECONDS = 30.0
+# The most answers remembered per kind (the oldest are forgotten first).
+RECENT_ENTRIES = 4096
+# GETs of namespaces the synced watch does not know (created a moment ago, or named by someone probing).
+NAMESPACE_LOOKUPS_PER_SECOND = 5.0
+NAMESPACE_LOOKUP_BURST = 20
 
 
 @dataclass(frozen=True)
@@ -102,32 +112,61 @@ def projected_tokens(
 
 
 class _Recent:
-    """What the last API call about a key said, for RECENT_SECONDS; one call in flight per key (single flight)."""
+    """What the last API call about a key said, for `ttl` seconds (or the ttl given with it); at most `max_entries`
+    keys (the oldest forgotten first); one call in flight per key (single flight)."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, *, max_entries: int = RECENT_ENTRIES, clock: Callable[[], float] = time.monotonic):
         self._ttl = ttl
-        self._answers: dict[str, tuple[float, object]] = {}
+        self._max_entries = max_entries
+        self._clock = clock
+        self._answers: dict[str, tuple[float, object]] = {}  # key -> (until, answer), in insertion order
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def get(self, key: str) -> object | None:
         entry = self._answers.get(key)
-        if entry is None or time.monotonic() - entry[0] > self._ttl:
+        if entry is None or self._clock() > entry[0]:
             return None
         return entry[1]
 
-    def put(self, key: str, answer: object) -> None:
-        now = time.monotonic()
+    def put(self, key: str, answer: object, ttl: float | None = None) -> None:
+        now = self._clock()
         with self._guard:
-            if len(self._answers) > 1024:  # forget stale entries: the map stays as small as the recent traffic
-                self._answers = {k: v for k, v in self._answers.items() if now - v[0] <= self._ttl}
-            self._answers[key] = (now, answer)
+            self._answers.pop(key, None)
+            if len(self._answers) >= self._max_entries:
+                # Forget what is stale, then the oldest: the map stays bounded whatever the traffic.
+                self._answers = {k: v for k, v in self._answers.items() if now <= v[0]}
+                while len(self._answers) >= self._max_entries:
+                    del self._answers[next(iter(self._answers))]
+            self._answers[key] = (now + (self._ttl if ttl is None else ttl), answer)
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
     def lock(self, key: str) -> threading.Lock:
         with self._guard:
             if len(self._locks) > 1024:
                 self._locks = {k: v for k, v in self._locks.items() if v.locked()}
             return self._locks.setdefault(key, threading.Lock())
+
+
+class _Bucket:
+    """A token bucket: `take()` is True at most `rate` times a second on average, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
 
 class _CacheOnly:
@@ -181,7 +220,9 @@ class WatchCache:
         *,
         api_timeout: float = API_TIMEOUT_SECONDS,
         recent_seconds: float = RECENT_SECONDS,
+        absent_seconds: float = ABSENT_SECONDS,
         system_namespace: str = api.SYSTEM_NAMESPACE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._imports_api = kube.Resource(api_client, kube.SERVICE_ACCOUNT_IMPORTS, timeout=api_timeout)
         self._namespaces_api = kube.Resource(api_client, kube.NAMESPACES, timeout=api_timeout)
@@ -193,8 +234,10 @@ class WatchCache:
         self._audiences: dict[str, tuple[str, ...]] = {}
         self._source_records: dict[str, str] = {}  # ConfigMap name -> the cluster it records
         self._namespaces: dict[str, Mapping[str, str]] = {}
-        self._recent_imports = _Recent(recent_seconds)
-        self._recent_namespaces = _Recent(recent_seconds)
+        self._recent_imports = _Recent(recent_seconds, clock=clock)
+        self._recent_namespaces = _Recent(recent_seconds, clock=clock)
+        self._absent_seconds = absent_seconds
+        self._namespace_lookups = _Bucket(NAMESPACE_LOOKUPS_PER_SECOND, NAMESPACE_LOOKUP_BURST, clock)
         self._misses = {MISS_IMPORT: 0, MISS_NAMESPACE: 0}
         self._misses_lock = threading.Lock()
         self._import_informer = kube.Informer(self._imports_api, name="webhook-serviceaccountimports")
@@ -295,8 +338,19 @@ class _Blocking:
             raise LookupFailed(_failure(what, "no time left before the API server's timeout"))
         return left
 
-    def _ask_once(self, recent: _Recent, key: str, kind: str, what: str, call: Callable[[float], object]) -> object:
-        """`call(timeout)`'s answer, remembered under `key`; or the answer another thread got while this one waited."""
+    def _ask_once(
+        self,
+        recent: _Recent,
+        key: str,
+        kind: str,
+        what: str,
+        call: Callable[[float], object],
+        *,
+        ttl_of: Callable[[object], float | None] = lambda answer: None,
+        allowed: Callable[[], bool] = lambda: True,
+    ) -> object:
+        """`call(timeout)`'s answer, remembered under `key` (for `ttl_of(answer)` seconds, None: the default); or
+        the answer another thread got while this one waited. `allowed()` False: the call is not made."""
         lock = recent.lock(key)
         if not lock.acquire(timeout=self._remaining(what)):
             raise LookupFailed(_failure(what, "timed out waiting for another lookup"))
@@ -304,6 +358,11 @@ class _Blocking:
             answer = recent.get(key)
             if answer is not None:
                 return answer
+            if not allowed():
+                raise LookupFailed(
+                    f"The webhook looked up too many namespaces it does not know just now (among them {what}); "
+                    "retry in a moment."
+                )
             self._cache._count_miss(kind)
             try:
                 answer = call(self._remaining(what))
@@ -311,7 +370,7 @@ class _Blocking:
                 raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
             except kube.CONNECTION_ERRORS as exc:
                 raise LookupFailed(_failure(what, type(exc).__name__)) from None
-            recent.put(key, answer)
+            recent.put(key, answer, ttl_of(answer))
             return answer
         finally:
             lock.release()
@@ -332,7 +391,18 @@ class _Blocking:
                 raise
             return _NamespaceAnswer(dict((obj.get("metadata") or {}).get("labels") or {}))
 
-        answer = self._ask_once(cache._recent_namespaces, namespace, MISS_NAMESPACE, f'namespace "{namespace}"', get)
+        def ttl_of(answer: object) -> float | None:
+            return cache._absent_seconds if answer.labels is None else None  # type: ignore[attr-defined]
+
+        def allowed() -> bool:
+            # Before the watch has listed, every namespace is unknown and the GETs are needed; after, only the
+            # newest are, and the rest is someone naming namespaces that do not exist.
+            return not cache._namespace_informer.has_synced or cache._namespace_lookups.take()
+
+        what = f'namespace "{namespace[:80]}"'
+        answer = self._ask_once(
+            cache._recent_namespaces, namespace, MISS_NAMESPACE, what, get, ttl_of=ttl_of, allowed=allowed
+        )
         return answer.labels  # type: ignore[attr-defined]
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
