@@ -79,6 +79,42 @@ def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
     )
 
 
+def unowned_secret(obj: Mapping[str, object]) -> str | None:
+    """Why the import's `<name>-token` Secret must not be mounted, from its status (None: mount it).
+
+    The controller alone writes an import's status (users have no serviceaccountimports/status): Ready says
+    SecretNameConflict, and status.secrets does not list the Secret, exactly when a Secret of that name exists and
+    is not controlled by the import. An import the controller has not seen yet says nothing: its Secret is mounted
+    (the pod waits for it), the window in which a Secret planted beforehand could be mounted (README, security).
+    """
+    metadata, status = obj.get("metadata"), obj.get("status")
+    if not isinstance(metadata, Mapping) or not isinstance(status, Mapping):
+        return None
+    conditions = status.get("conditions")
+    ready = (
+        [c for c in conditions if isinstance(c, Mapping) and c.get("type") == api.CONDITION_READY]
+        if isinstance(conditions, list)
+        else []
+    )
+    if not ready or ready[0].get("reason") != api.REASON_SECRET_CONFLICT:
+        return None
+    name, namespace = str(metadata.get("name") or ""), str(metadata.get("namespace") or "")
+    secret = api.secret_name_for_import(name)
+    listed = status.get("secrets")
+    if isinstance(listed, list) and any(isinstance(s, Mapping) and s.get("name") == secret for s in listed):
+        return None
+    return (
+        f'Secret "{secret}" in namespace "{namespace}" is not controlled by ServiceAccountImport "{name}", so the '
+        "webhook does not mount it; delete or rename that Secret, or rename the import."
+    )
+
+
+class _Listed(dict[str, "FederatedImport | None"]):
+    """A namespace's imports as one LIST returned them (name -> federated part), and which Secrets are not theirs."""
+
+    unowned: dict[str, str]
+
+
 def projected_tokens(
     namespace: str,
     names: Sequence[str],
@@ -200,6 +236,18 @@ class _CacheOnly:
         known = {name: cache._imports.get((namespace, name), recent.get(name)) for name in names}  # type: ignore[attr-defined]
         return projected_tokens(namespace, names, known, cache._audiences)
 
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        cache = self._cache
+        recent = cache._recent_imports.get(namespace)
+        listed = recent.unowned if isinstance(recent, _Listed) else {}
+        out = {}
+        for name in names:
+            watched = (namespace, name) in cache._imports
+            why = cache._unowned.get((namespace, name)) if watched else listed.get(name)
+            if why is not None:
+                out[name] = why
+        return out
+
 
 @dataclass(frozen=True)
 class _NamespaceAnswer:
@@ -229,6 +277,8 @@ class WatchCache:
         self._api_timeout = api_timeout
         # (namespace, name) of every import -> what mounting it needs beyond its Secret (None: a Secret volume).
         self._imports: dict[tuple[str, str], FederatedImport | None] = {}
+        # (namespace, name) of the imports whose Secret name is taken by a Secret they do not control -> why.
+        self._unowned: dict[tuple[str, str], str] = {}
         # Federated source cluster -> the audiences its record allows (the default first), from the ConfigMaps
         # `kubemcsa federate` records.
         self._audiences: dict[str, tuple[str, ...]] = {}
@@ -258,8 +308,14 @@ class WatchCache:
         key = kube.object_key(obj)
         if event_type == "DELETED":
             self._imports.pop(key, None)
+            self._unowned.pop(key, None)
+            return
+        why = unowned_secret(obj)
+        if why is None:
+            self._unowned.pop(key, None)
         else:
-            self._imports[key] = federated_import(obj)
+            self._unowned[key] = why  # before the import is seen: never mountable in between
+        self._imports[key] = federated_import(obj)
 
     def _on_source(self, event_type: str, obj: dict, old: dict | None) -> None:
         _, name = kube.object_key(obj)
@@ -323,6 +379,9 @@ class WatchCache:
 
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._view.federated_imports(namespace, names)
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return self._view.unowned_secrets(namespace, names)
 
 
 class _Blocking:
@@ -412,14 +471,16 @@ class _Blocking:
         except LookupWouldBlock:
             pass
 
-        def list_names(timeout: float) -> dict[str, FederatedImport | None]:
+        def list_names(timeout: float) -> _Listed:
             listed = cache._imports_api.list(namespace, timeout=timeout)
-            items = listed.get("items") or ()
-            return {
-                (item.get("metadata") or {}).get("name"): federated_import(item)
+            items = [item for item in listed.get("items") or () if isinstance(item, dict)]
+            present = _Listed({(item.get("metadata") or {}).get("name"): federated_import(item) for item in items})
+            present.unowned = {
+                (item.get("metadata") or {}).get("name"): why
                 for item in items
-                if isinstance(item, dict)
+                if (why := unowned_secret(item)) is not None
             }
+            return present
 
         what = f'ServiceAccountImports in namespace "{namespace}"'
         present = self._ask_once(cache._recent_imports, namespace, MISS_IMPORT, what, list_names)
@@ -427,6 +488,9 @@ class _Blocking:
 
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._cache._view.federated_imports(namespace, names)
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return self._cache._view.unowned_secrets(namespace, names)
 
 
 def _failure(what: str, cause: str) -> str:
@@ -447,8 +511,10 @@ class StaticCache:
         synced: bool = True,
         federated: Mapping[tuple[str, str], FederatedImport] | None = None,
         audiences: Mapping[str, tuple[str, ...]] | None = None,
+        unowned: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self.namespaces = dict(namespaces or {})
+        self.unowned = dict(unowned or {})
         self.imports = set(imports or ()) | set(federated or ())
         self.synced = synced
         self.federated = dict(federated or {})
@@ -476,3 +542,6 @@ class StaticCache:
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         known = {name: self.federated.get((namespace, name)) for name in names}
         return projected_tokens(namespace, names, known, self.audiences)
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return {name: why for name in names if (why := self.unowned.get((namespace, name))) is not None}
