@@ -220,13 +220,6 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
             spec=spec,
             source_failed=True,
         )
-    if view.consumer is None:
-        return Blocked(
-            api.REASON_NOT_EXPORTED,
-            f"The controller does not know its own name in cluster {spec.cluster_name}, which exports name; start it "
-            "with --cluster-name (the name bootstrap gave this cluster there).",
-            spec=spec,  # a configuration error, not a withdrawal: the Secret keeps what it holds until it expires
-        )
     verdict = export_verdict(
         view.service_account,
         exists=view.exists,
@@ -238,7 +231,9 @@ def check_exported(obs: Observation, spec: ImportSpec) -> Blocked | None:
     )
     if verdict.allowed:
         return None
-    return Blocked(verdict.reason, verdict.message, spec=spec, withdraw=True)
+    # Without its own name the controller cannot tell a withdrawal from its own misconfiguration: the Secret keeps
+    # what it holds until it expires (a `*` cluster pattern matched above whatever the name).
+    return Blocked(verdict.reason, verdict.message, spec=spec, withdraw=view.consumer is not None)
 
 
 # In order: the first that blocks wins.
@@ -403,11 +398,10 @@ def _plan_token(obs: Observation, state: HasToken) -> Writes:
 def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     ours = obs.own_secret
     name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
-    keeps = (
-        ours is not None
-        and not state.withdraw
-        and state.reason not in (api.REASON_INVALID_SPEC, api.REASON_SECRET_CONFLICT)
-    )
+    # A local name conflict means there is no Secret of ours (ours is None); a conflict in the source (its legacy
+    # token Secret) keeps ours listed: the webhook mounts only what status.secrets lists once Ready says
+    # SecretNameConflict (webhook.cache.unowned_secret).
+    keeps = ours is not None and not state.withdraw and state.reason != api.REASON_INVALID_SPEC
     issued_at, expires_at = token_times(ours) if keeps else (None, None)
     reason, message = state.reason, state.message
     writes = Writes(retry=state.retry, failure_reason=reason if state.retry else None)

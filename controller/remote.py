@@ -221,6 +221,14 @@ def fetch_token(
             f"Waiting for the token controller of cluster {source.cluster_name} to fill Secret "
             f"{spec.namespace}/{exc}; if this lasts, check that cluster's controller manager.",
         ) from None
+    wrong = tokens.subject_mismatch(issued.token, spec.namespace, spec.name)
+    if wrong is not None:
+        raise RemoteFailure(
+            api.REASON_TOKEN_SUBJECT_MISMATCH,
+            f"Cluster {source.cluster_name} answered {wrong} when asked for one of service account "
+            f"{spec.namespace}/{spec.name}, so it is not used; check what answers at {source.server} (a proxy or "
+            "another server in front of that cluster's API server).",
+        )
     creds = Credentials(
         server=source.server, ca_crt=issued.ca_pem or source.ca_pem, token=issued.token, namespace=spec.namespace
     )

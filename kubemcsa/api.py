@@ -87,6 +87,8 @@ REASON_SOURCE_CREDENTIAL_EXPIRED = "SourceCredentialExpired"
 REASON_REMOTE_CERTIFICATE_UNTRUSTED = "RemoteCertificateUntrusted"
 # On a system-namespace import (Event): its Secret matches no pin its writer recorded, so it is no credential.
 REASON_UNTRUSTED_CREDENTIAL = "UntrustedCredential"
+# The source answered a token whose subject is not the service account asked for: it is not used.
+REASON_TOKEN_SUBJECT_MISMATCH = "TokenSubjectMismatch"
 
 DEFAULT_EXPIRATION_SECONDS = 86400
 MIN_EXPIRATION_SECONDS = 600
@@ -192,9 +194,14 @@ def consumer_service_account(consumer_cluster: str) -> str:
     return consumer_cluster
 
 
+def service_account_username(namespace: str, name: str) -> str:
+    """How Kubernetes names a service account as a user (and a token's `sub`): system:serviceaccount:NS:NAME."""
+    return f"system:serviceaccount:{namespace}:{name}"
+
+
 def consumer_username(consumer_cluster: str) -> str:
     """The user a consumer cluster's controller is in a source cluster, as RBAC and 403 messages name it."""
-    return f"system:serviceaccount:{SYSTEM_NAMESPACE}:{consumer_service_account(consumer_cluster)}"
+    return service_account_username(SYSTEM_NAMESPACE, consumer_service_account(consumer_cluster))
 
 
 def parse_import_annotation(value: str | None, limit: int | None = None) -> list[str]:

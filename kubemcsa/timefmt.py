@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 
+# 2026-11-22T21:59:03.123456789+01:00 is 35 characters.
+_MAX_TIMESTAMP_LENGTH = 64
+
 
 def format_time(epoch: float) -> str:
     """`2026-11-22T21:59:03Z` for an epoch time (truncated to the second, as metav1.Time)."""
@@ -11,8 +14,9 @@ def format_time(epoch: float) -> str:
 
 
 def parse_time(value: object) -> float | None:
-    """Epoch seconds for an RFC 3339 string, or None if absent or unreadable."""
-    if not isinstance(value, str) or not value:
+    """Epoch seconds for an RFC 3339 string, or None if absent or unreadable (or longer than any timestamp: these
+    come from annotations on Secrets that namespace users may edit, so the work stays bounded)."""
+    if not isinstance(value, str) or not value or len(value) > _MAX_TIMESTAMP_LENGTH:
         return None
     try:
         parsed = dt.datetime.fromisoformat(value.replace("z", "Z"))

@@ -99,6 +99,18 @@ def unverified_claims(token: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
+def subject_mismatch(token: str, namespace: str, name: str) -> str | None:
+    """None if `token` says it is service account namespace/name's (its JWT `sub`); else what it says instead, in
+    words for a message (never the token). Unverified: it catches a source answering another account's token (a
+    proxy, a misrouted request, an impostor), while the source's own API server verifies what it receives."""
+    subject = unverified_claims(token).get("sub")
+    if subject == api.service_account_username(namespace, name):
+        return None
+    if not isinstance(subject, str) or not subject:
+        return "a token that names no subject"
+    return f"a token of {subject[:120]!r}"
+
+
 def consumer_of_token(token: str) -> str | None:
     """The consumer cluster a source credential belongs to: NAME when the token is a JWT of
     `system:serviceaccount:multicluster-service-account:NAME` (what bootstrap issues), else None."""

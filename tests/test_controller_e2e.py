@@ -919,3 +919,27 @@ def test_restarts_and_kills_change_nothing(env: Env) -> None:
 def _reconciles(controller: Controller) -> list[Any]:
     metric = controller.metrics.reconciles
     return [metric.labels(result)._value for result in ("success", "error", "skipped", "conflict", "throttled")]
+
+
+def test_a_token_of_another_account_is_refused_and_the_last_good_secret_kept(env: Env) -> None:
+    # Once: whatever token the source answered was written, whoever's it was (a proxy, an impostor in front of it).
+    env.start_controller()
+    env.create_import("subject")
+    env.wait_ready("subject")
+    good = env.secret("subject")
+    assert good is not None
+    env.c2.token_request_answers_as = lambda namespace, name: ("default", REMOTE_SA)
+    try:
+        # A new spec needs a new token: the source answers one of the controller's own account there.
+        imports = kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+        imports.patch("subject", {"spec": {"expirationSeconds": 7200}}, "default")
+        cond = env.wait_ready("subject", "False", api.REASON_TOKEN_SUBJECT_MISMATCH)
+        assert f"system:serviceaccount:default:{REMOTE_SA}" in cond["message"]
+        assert "default/pod-lister" in cond["message"] and "not used" in cond["message"]
+        kept = env.secret("subject")
+        assert kept is not None and kept["data"][api.KEY_TOKEN] == good["data"][api.KEY_TOKEN]
+        assert good["data"][api.KEY_TOKEN] not in cond["message"]
+    finally:
+        env.c2.token_request_answers_as = None
+    env.wait_ready("subject")
+    assert env.secret("subject")["data"][api.KEY_TOKEN] != good["data"][api.KEY_TOKEN]

@@ -148,3 +148,29 @@ def test_a_credential_is_a_secret_its_system_import_controls() -> None:
     assert not is_source_credential(credential_secret("cluster2", "u1"), elsewhere, SYSTEM)
     going = {"metadata": {**imp["metadata"], "deletionTimestamp": "2026-01-01T00:00:00Z"}}
     assert not is_source_credential(credential_secret("cluster2", "u1"), going, SYSTEM)
+
+
+def test_without_its_own_name_the_controller_still_honours_a_star_cluster_export() -> None:
+    # Once: refused NotExported whenever --cluster-name was not given, although `*` matches any consumer name.
+    unnamed = ca.ExportView(None, synced=True, service_account=exported("*/team-a"))
+    state = ca.assess(ca.Observation(make_import(), None, NOW, source=REMOTE, export=unnamed))
+    assert isinstance(state, ca.NeedsToken) and state.remote_uid == "sa-1"
+    named = ca.ExportView(None, synced=True, service_account=exported("cluster1/team-a"))
+    refused = ca.assess(
+        ca.Observation(make_import(), a_secret(make_import(), "sa-1"), NOW, source=REMOTE, export=named)
+    )
+    assert isinstance(refused, ca.Blocked) and refused.reason == api.REASON_NOT_EXPORTED
+    assert "--cluster-name" in refused.message and not refused.withdraw  # a misconfiguration, not a withdrawal
+
+
+def test_an_oversized_export_to_is_refused_with_an_event_naming_the_cap() -> None:
+    from kubemcsa.export_policy import MAX_EXPORT_TO_LENGTH
+
+    huge = ", ".join(f"cluster1/ns-{i}" for i in range(100_000))
+    obs = observe(make_import(), service_account=exported(huge))
+    state = ca.assess(obs)
+    assert isinstance(state, ca.Blocked) and state.reason == api.REASON_NOT_EXPORTED
+    writes = ca.plan(obs, state)
+    (event,) = writes.events
+    assert event[0] == "Warning" and str(MAX_EXPORT_TO_LENGTH) in event[2]
+    assert writes.status["conditions"][0]["message"] == event[2]

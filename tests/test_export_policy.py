@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from kubemcsa import api
 from kubemcsa.export_policy import (
+    MAX_EXPORT_TO_ENTRIES,
+    MAX_EXPORT_TO_LENGTH,
     ExportPattern,
     export_verdict,
     format_export_to,
@@ -136,3 +138,83 @@ def test_a_malformed_service_account_is_refused_not_crashed(metadata: dict) -> N
 def test_a_long_annotation_is_quoted_short() -> None:
     refused = verdict(sa(EXPORTED, "x" * 10_000 + "/y"))
     assert len(refused.message) < 1000
+
+
+# --- bounded, linear parsing (issue 17) --------------------------------------------------------------------------
+
+
+def test_an_export_to_of_100k_entries_is_refused_naming_the_cap() -> None:
+    # Once: 10k entries took the controller 11.6 s, 20k 45.9 s (a list scanned for repeats at every item).
+    value = ", ".join(f"cluster1/ns-{i}" for i in range(100_000))
+    export_to = parse_export_to(value)
+    assert export_to.too_large and export_to.patterns == () and not export_to.allows("cluster1", "ns-1")
+    refused = verdict(sa(EXPORTED, value), ns="ns-1")
+    assert (refused.allowed, refused.reason) == (False, api.REASON_NOT_EXPORTED)
+    assert str(MAX_EXPORT_TO_LENGTH) in refused.message and len(refused.message) < 600
+
+
+def test_more_entries_than_the_cap_within_the_length_are_refused_too() -> None:
+    value = ",".join(f"c/n{i}" for i in range(MAX_EXPORT_TO_ENTRIES + 1))
+    assert len(value) <= MAX_EXPORT_TO_LENGTH
+    refused = verdict(sa(EXPORTED, value), consumer="c", ns="n1")
+    assert not refused.allowed and f"more than the {MAX_EXPORT_TO_ENTRIES} entries" in refused.message
+    at_cap = ",".join(f"c/n{i}" for i in range(MAX_EXPORT_TO_ENTRIES))
+    assert len(parse_export_to(at_cap).patterns) == MAX_EXPORT_TO_ENTRIES
+    assert verdict(sa(EXPORTED, at_cap), consumer="c", ns=f"n{MAX_EXPORT_TO_ENTRIES - 1}").allowed
+    # Separators and repeats do not count as entries of their own: only what is parsed is counted.
+    repeated = ",, ;".join(["c/n1"] * MAX_EXPORT_TO_ENTRIES)
+    assert parse_export_to(repeated).patterns == (ExportPattern("c", "n1"),)
+
+
+def test_repeats_are_dropped_without_a_quadratic_scan() -> None:
+    # Many distinct patterns at the cap, then each once more: the same patterns once, in their first order.
+    half = [f"cluster1/ns-{i}" for i in range(MAX_EXPORT_TO_ENTRIES // 2)]
+    export_to = parse_export_to(",".join(half + half))
+    assert [str(p) for p in export_to.patterns] == half
+
+
+@given(st.lists(st.sampled_from(["c/a", "c/*", "*/b", "x", "c/a/b", " ", ";", "C / A", "c/**"]), max_size=60))
+def test_the_parser_agrees_with_a_plain_reading(items: list[str]) -> None:
+    value = ",".join(items)
+    export_to = parse_export_to(value)
+    expected: list[str] = []
+    for item in value.replace(" / ", "/").replace(";", ",").replace(" ", ",").split(","):
+        try:
+            pattern = str(parse_pattern(item))
+        except ValueError:
+            continue
+        if pattern not in expected:
+            expected.append(pattern)
+    assert [str(p) for p in export_to.patterns] == expected
+    assert export_to.too_large == ""
+
+
+@given(st.text(alphabet=st.sampled_from("ab/*,; \n-."), min_size=1, max_size=40))
+def test_any_value_over_the_length_cap_exports_to_nobody(unit: str) -> None:
+    value = unit * (MAX_EXPORT_TO_LENGTH // len(unit) + 1)
+    export_to = parse_export_to(value)
+    assert export_to.too_large and export_to.patterns == ()
+
+
+# --- an unknown consumer name (issue 17) ---------------------------------------------------------------------------
+
+
+def test_a_star_cluster_pattern_matches_whatever_this_cluster_is_called() -> None:
+    assert verdict(sa(EXPORTED, "*/team-a"), consumer=None).allowed
+    assert verdict(sa(EXPORTED, "cluster9/x, */team-*"), consumer=None).allowed
+    # A named cluster pattern cannot be decided without the name: the message says to give it.
+    named = verdict(sa(EXPORTED, "cluster1/team-a"), consumer=None)
+    assert (named.allowed, named.reason) == (False, api.REASON_NOT_EXPORTED)
+    assert "--cluster-name" in named.message and "depends on its name" in named.message
+    # Not exported to this namespace at all: said as usual, and the missing name too.
+    elsewhere = verdict(sa(EXPORTED, "*/team-b"), consumer=None)
+    assert not elsewhere.allowed and "not to <this cluster>/team-a" in elsewhere.message
+    assert "--cluster-name" in elsewhere.message
+
+
+def test_the_timestamps_the_controller_reads_from_its_secrets_annotations_are_bounded_too() -> None:
+    from kubemcsa.timefmt import format_time, parse_time
+
+    assert parse_time(format_time(1_800_000_000)) == 1_800_000_000
+    assert parse_time("2027-01-15T08:00:00.123456+01:00") is not None
+    assert parse_time("2027-01-15T08:00:00Z" + " " * 1_000_000) is None

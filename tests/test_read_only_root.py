@@ -239,8 +239,9 @@ def test_webhook_manages_its_certificates_writing_only_its_declared_volume(clust
     local = cluster1.write_kubeconfig(str(tmp_path / "local.kubeconfig"))
     cert_dir = tmp_path / "webhook-tls"  # the Deployment's memory-backed emptyDir
     cert_dir.mkdir()
-    port = free_port()
+    port, health_port = free_port(), free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--kubeconfig", local, "--manage-certificates"]
+    args += ["--health-port", str(health_port)]  # a free one: the default (8080) may be taken on a shared machine
     args += ["--cert-dir", str(cert_dir), "--namespace", SYSTEM_NS, "--shutdown-delay", "0"]
     process = start(tmp_path, "webhook.__main__:main", *args, writable=(cert_dir,))
     try:
@@ -249,7 +250,8 @@ def test_webhook_manages_its_certificates_writing_only_its_declared_volume(clust
             assert process.poll() is None, "the webhook exited"
             try:
                 with httpx.Client(verify=False) as client:  # the certificate names the Service, not 127.0.0.1
-                    return client.get(f"https://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                    served = client.get(f"https://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                    return served and client.get(f"http://127.0.0.1:{health_port}/readyz").status_code == 200
             except httpx.HTTPError:
                 return False
 

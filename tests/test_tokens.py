@@ -57,3 +57,21 @@ def test_legacy_secret_and_its_token() -> None:
 def test_legacy_secret_name_stays_a_valid_length(name: str) -> None:
     assert len(tokens.legacy_secret_name(name)) <= 253
     assert tokens.legacy_secret_name(name).endswith("-kubemcsa-token")
+
+
+def test_a_tokens_subject_is_checked_against_the_account_asked_for() -> None:
+    import base64 as b64
+    import json as js
+
+    from kubemcsa.tokens import subject_mismatch
+
+    def jwt(claims: dict) -> str:
+        body = b64.urlsafe_b64encode(js.dumps(claims).encode()).decode().rstrip("=")
+        return f"eyJhbGciOiJub25lIn0.{body}.c2ln"
+
+    assert subject_mismatch(jwt({"sub": "system:serviceaccount:ns:bot"}), "ns", "bot") is None
+    other = subject_mismatch(jwt({"sub": "system:serviceaccount:kube-system:admin"}), "ns", "bot")
+    assert other == "a token of 'system:serviceaccount:kube-system:admin'"
+    assert subject_mismatch("opaque-token", "ns", "bot") == "a token that names no subject"
+    assert subject_mismatch(jwt({"sub": 7}), "ns", "bot") == "a token that names no subject"
+    assert "opaque" not in str(subject_mismatch("opaque-token", "ns", "bot"))

@@ -433,7 +433,7 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
         str(kubeconfig),
     ]
     argv += ["--manage-certificates", "--cert-dir", str(tmp_path / "tls"), "--namespace", SYSTEM_NS]
-    argv += ["--shutdown-delay", "0.2"]
+    argv += ["--shutdown-delay", "0.2", "--health-port", "0"]  # no health port: 8080 may be taken on this machine
     process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
 
@@ -484,3 +484,76 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
 
 def _mounted_through_the_service(env: Env, namespace: str) -> bool:
     return bool(import_volumes(env.create_pod(namespace, "during-outage")))
+
+
+def _exists_in_cache(env: Env, namespace: str, name: str) -> bool:
+    return (namespace, name) in env.webhook.cache._imports
+
+
+def test_a_secret_the_import_does_not_control_is_never_mounted(env: Env) -> None:
+    # Once: whoever created "<import>-token" first had it mounted into every pod asking for the import.
+    ns = env.namespace(ENABLED)
+    planted = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "victim-token", "namespace": ns},
+        "stringData": {"server": "https://attacker.example", "token": "planted"},
+    }
+    create(env.admin, planted)
+    env.add_import(ns, "victim")
+    imports = kube.Resource(env.admin, kube.SERVICE_ACCOUNT_IMPORTS)
+    # What the controller writes when it finds the name taken (controller/assess.py, check_secret_conflict).
+    conflict = {
+        "type": api.CONDITION_READY,
+        "status": "False",
+        "reason": api.REASON_SECRET_CONFLICT,
+        "message": f"A Secret named victim-token already exists in namespace {ns} and is not controlled by this import",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    imports.patch_status("victim", {"status": {"conditions": [conflict]}}, ns)
+    wait_for(lambda: env.webhook.cache._unowned.get((ns, "victim")), what="the conflict in the watch-fed cache")
+    with pytest.raises(ApiException) as refused:
+        env.create_pod(ns, "victim")
+    message = json.loads(refused.value.body)["message"]
+    assert refused.value.status == 403 and '"victim-token"' in message and "not controlled" in message
+    # Found through the API (a cache that has not watched yet): the same answer.
+    cold = WatchCache(env.webhook_client)
+    assert cold.missing_imports(ns, ["victim"]) == []
+    assert "not controlled" in cold.unowned_secrets(ns, ["victim"])["victim"]
+    # Once the controller controls a Secret of that name it lists it, and pods get it again.
+    status = {
+        "secrets": [{"name": "victim-token"}],
+        "conditions": [{**conflict, "status": "True", "reason": "TokenIssued"}],
+    }
+    imports.patch_status("victim", {"status": status}, ns)
+    wait_for(lambda: (ns, "victim") not in env.webhook.cache._unowned, what="the fix in the watch-fed cache")
+    assert import_volumes(env.create_pod(ns, "victim"))[0]["secret"]["secretName"] == "victim-token"
+
+
+def test_a_namespace_editor_cannot_write_an_imports_status(env: Env) -> None:
+    # The webhook trusts status.secrets and the Ready reason because only the controller can write them.
+    ns = env.namespace(ENABLED)
+    env.add_import(ns, "mine")
+    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "editor", "namespace": ns}}
+    create(env.admin, sa)
+    for doc in documents(MANIFESTS / "crd" / "user-roles.yaml"):
+        try:
+            create(env.admin, doc)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "editor", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"kind": "ServiceAccount", "name": "editor", "namespace": ns}],
+    }
+    create(env.admin, binding)
+    editor = kube.Resource(
+        env.server.client_for_token(env.server.issue_token(ns, "editor")), kube.SERVICE_ACCOUNT_IMPORTS
+    )
+    editor.patch("mine", {"metadata": {"labels": {"x": "y"}}}, ns)  # the import itself: theirs to edit
+    with pytest.raises(ApiException) as forbidden:
+        editor.patch_status("mine", {"status": {"secrets": [{"name": "mine-token"}]}}, ns)
+    assert forbidden.value.status == 403

@@ -229,3 +229,58 @@ def test_while_the_webhook_is_down_only_annotated_pods_wait_unless_match_conditi
         with pytest.raises(StatusError) as refused:
             create(configuration, pod_annotations)
         assert refused.value.code == 500 and "failed calling webhook" in refused.value.message
+
+
+def test_probes_and_metrics_use_the_health_port_outside_the_connection_caps() -> None:
+    (container,) = one("Deployment")["spec"]["template"]["spec"]["containers"]
+    args = _parser().parse_args(container["command"][1:])
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"https": args.port, "metrics": args.health_port} and args.health_port != args.port
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert get["port"] == "metrics" and get.get("scheme", "HTTP") == "HTTP", probe
+    # The API server's Service exposes the webhook port only.
+    assert [port["targetPort"] for port in one("Service")["spec"]["ports"]] == ["https"]
+
+
+@needs_kubectl
+def test_the_network_policy_component_admits_only_the_api_server_and_prometheus(tmp_path: Path) -> None:
+    assert KUBECTL is not None
+    overlay = tmp_path / "with-network-policy"
+    overlay.mkdir()
+    base = os.path.relpath(ROOT / "manifests", overlay)
+    # The overlay the component's comment shows: the API server's addresses in place of the placeholder.
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources:\n  - {base}\ncomponents:\n  - {base}/network-policy\n"
+        "patches:\n"
+        "  - target: {kind: NetworkPolicy, name: service-account-import-admission-controller}\n"
+        "    patch: |-\n"
+        "      - op: replace\n"
+        "        path: /spec/ingress/0/from\n"
+        "        value: [{ipBlock: {cidr: 10.0.0.10/32}}, {ipBlock: {cidr: 10.0.0.11/32}}]\n"
+    )
+    out = subprocess.run([KUBECTL, "kustomize", str(overlay)], capture_output=True, text=True, check=True)
+    rendered = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    (policy,) = [doc for doc in rendered if doc["kind"] == "NetworkPolicy"]
+    (deployment,) = [doc for doc in rendered if doc["kind"] == "Deployment" and doc["metadata"]["name"] == SERVICE_NAME]
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"] == api.SYSTEM_NAMESPACE
+    pod = deployment["spec"]["template"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (container,) = pod["spec"]["containers"]
+    container_ports = {port["name"] for port in container["ports"]}
+    api_server, prometheus = policy["spec"]["ingress"]
+    assert [p["port"] for p in api_server["ports"]] == ["https"]
+    assert api_server["from"] == [{"ipBlock": {"cidr": "10.0.0.10/32"}}, {"ipBlock": {"cidr": "10.0.0.11/32"}}]
+    assert [p["port"] for p in prometheus["ports"]] == ["metrics"]
+    assert {"https", "metrics"} <= container_ports
+    # Nothing else changes, and the README documents the component.
+    base_render = subprocess.run([KUBECTL, "kustomize", str(ROOT / "manifests")], capture_output=True, text=True)
+    assert [doc for doc in rendered if doc["kind"] != "NetworkPolicy"] == [
+        doc for doc in yaml.safe_load_all(base_render.stdout) if doc
+    ]
+    assert "manifests/network-policy" in (ROOT / "README.md").read_text()
+    # Without the patch the placeholder admits nobody: a documentation address (RFC 5737).
+    unpatched = yaml.safe_load((ROOT / "manifests" / "network-policy" / "networkpolicy.yaml").read_text())
+    assert unpatched["spec"]["ingress"][0]["from"] == [{"ipBlock": {"cidr": "192.0.2.1/32"}}]

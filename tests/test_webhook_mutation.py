@@ -352,3 +352,33 @@ def test_the_webhook_reads_a_federated_spec_leniently() -> None:
     assert federated_import({"spec": odd}) == FederatedImport("c2", ("a", "b"), 3600)
     assert federated_import({"spec": {**spec, "tokenType": "TokenRequest"}}) is None
     assert federated_import({"spec": "garbage"}) is None
+
+
+# --- only Secrets the import controls (issue 17) -------------------------------------------------------------------
+
+
+def _import_with(status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "imp", "namespace": NS}, "status": status}
+
+
+def test_a_secret_the_controller_says_is_someone_elses_is_not_mounted() -> None:
+    from webhook.cache import unowned_secret
+
+    conflict = {"type": "Ready", "status": "False", "reason": api.REASON_SECRET_CONFLICT, "message": "taken"}
+    why = unowned_secret(_import_with({"conditions": [conflict]}))
+    assert why is not None and '"imp-token"' in why and "not controlled" in why
+    # Not reconciled yet, Ready for another reason, a conflict in the source while its own Secret is listed,
+    # or a malformed status: mounted as before (the pod waits for its Secret).
+    for status in (
+        None,
+        {},
+        {"conditions": [{**conflict, "reason": api.REASON_NOT_EXPORTED}]},
+        {"conditions": [conflict], "secrets": [{"name": "imp-token"}]},
+        {"conditions": "garbage"},
+        "garbage",
+    ):
+        assert unowned_secret(_import_with(status)) is None, status
+    cache = StaticCache({NS: ENABLED}, {(NS, "imp"), (NS, "ok")}, unowned={(NS, "imp"): why})
+    decision = mutation.decide(pod("ok,imp"), NS, cache)
+    assert (decision.allowed, decision.reason) == (False, mutation.REASON_SECRET_NOT_CONTROLLED)
+    assert mutation.decide(pod("ok"), NS, cache).allowed

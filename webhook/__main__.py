@@ -3,6 +3,9 @@
     python -m webhook --port 9443 --tls-cert-file /certs/tls.crt --tls-key-file /certs/tls.key [--kubeconfig F]
     python -m webhook --port 9443 --manage-certificates --cert-dir /run/tls   # no cert-manager needed
 
+/healthz, /readyz and /metrics are also served in plain HTTP on --health-port (8080), which the webhook port's
+connection caps do not count: kubelet's probes and Prometheus get through while clients hold the webhook port.
+
 It reaches its cluster in-cluster, else through --kubeconfig or KUBECONFIG. The certificate files are watched
 and reloaded into the live TLS context when they change (a renewal drops no request). With
 --manage-certificates, the webhook itself keeps the CA, the serving certificate (in a Secret shared by all
@@ -35,7 +38,7 @@ from certs import manager
 from certs.reloader import CertificateReloader, RenewalLoop
 from kubemcsa import api, kube
 from webhook import connections
-from webhook.app import WebhookCache, create_app
+from webhook.app import WebhookCache, create_app, create_health_app
 from webhook.cache import WatchCache
 
 log = logging.getLogger("webhook")
@@ -44,6 +47,9 @@ SERVICE_NAME = "service-account-import-admission-controller"
 WEBHOOK_CONFIGURATION_NAME = "service-account-import-admission-controller"
 CERT_SECRET_NAME = "service-account-import-admission-controller-cert"
 DEFAULT_PORT = 9443
+DEFAULT_HEALTH_PORT = 8080
+HEALTH_MAX_CONNECTIONS = 256
+HEALTH_MAX_CONNECTIONS_PER_CLIENT = 16
 EXIT_FAILED = 1
 
 
@@ -84,6 +90,10 @@ class WebhookServer:
         graceful_timeout: float = 10.0,
         request_read_timeout: float = connections.DEFAULT_REQUEST_READ_TIMEOUT,
         max_connections: int = connections.DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_client: int = connections.DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        idle_timeout: float = connections.DEFAULT_IDLE_TIMEOUT,
+        health_port: int | None = None,
+        health_host: str | None = None,
     ) -> None:
         if cache is None and api_client is None:
             raise ValueError("WebhookServer needs an api_client or a cache")
@@ -97,6 +107,13 @@ class WebhookServer:
         self.graceful_timeout = graceful_timeout
         self.request_read_timeout = request_read_timeout
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        self.idle_timeout = idle_timeout
+        # /healthz, /readyz and /metrics on a port of their own, in plain HTTP, outside the webhook port's caps.
+        self.health_port = health_port
+        self.health_host = health_host if health_host is not None else host
+        self._health_server: uvicorn.Server | None = None
+        self._health_thread: threading.Thread | None = None
         self.reloader: CertificateReloader | None = None
         self._tls_loaded = False
         self.app = create_app(self.cache, tls_ready=lambda: self._tls_loaded)
@@ -108,8 +125,14 @@ class WebhookServer:
     @property
     def url(self) -> str:
         """The server's base URL, e.g. https://127.0.0.1:PORT (the webhook is at url + "/mutate-pods")."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}"
+        return f"https://{_host_in_url(self.host)}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        """The health port's base URL, e.g. http://127.0.0.1:PORT (/healthz, /readyz, /metrics), once started."""
+        if self.health_port is None:
+            raise RuntimeError("this WebhookServer serves no health port (health_port=None)")
+        return f"http://{_host_in_url(self.health_host)}:{self.health_port}"
 
     def start(self, timeout: float = 30.0) -> WebhookServer:
         if self._own_cache:
@@ -124,31 +147,26 @@ class WebhookServer:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=self.graceful_timeout,
-            # The API server keeps connections open between pod creations; don't make it re-handshake often.
-            timeout_keep_alive=65,
-            # Slow or idle clients are dropped after request_read_timeout, and at most max_connections are open.
-            http=connections.guarded_protocol(self.request_read_timeout, self.max_connections),
+            # The API server keeps connections open between pod creations; don't make it re-handshake often, but
+            # close idle ones after a bounded time.
+            timeout_keep_alive=self.idle_timeout,
+            # Slow or idle clients are dropped after request_read_timeout, at most max_connections are open, and
+            # at most max_connections_per_client from one address.
+            http=connections.guarded_protocol(
+                self.request_read_timeout, self.max_connections, self.max_connections_per_client
+            ),
         )
         uvicorn_config.load()  # Raises here, in the caller's thread, if the certificate files are unusable.
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (without it, Nagle and
-        # delayed ACKs add 40 ms to every answer sent in two writes).
-        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self.port))
-        sock.set_inheritable(True)
+        sock = _listen(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn_config)
         self._server.handshake_timeout = self.request_read_timeout
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="webhook-http")
-        self._thread.daemon = True
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the webhook server did not start on {self.url}; see the log above for why")
-            time.sleep(0.01)
+        self._thread = _serve_in_thread(self._server, sock, "webhook-http")
+        if not _wait_started(self._server, self._thread, timeout):
+            self.stop()
+            raise RuntimeError(f"the webhook server did not start on {self.url}; see the log above for why")
+        if self.health_port is not None:
+            self._start_health(timeout)
         self.reloader = CertificateReloader(uvicorn_config.ssl, self.cert_file, self.key_file, loop=self._server.loop)
         self.reloader.mark_loaded()
         self._tls_loaded = True
@@ -156,6 +174,32 @@ class WebhookServer:
         self._reload_thread.start()
         log.info("serving the webhook on %s", self.url)
         return self
+
+    def _start_health(self, timeout: float) -> None:
+        assert self.health_port is not None
+        health_config = uvicorn.Config(
+            create_health_app(self.app),
+            host=self.health_host,
+            port=self.health_port,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=1,
+            timeout_keep_alive=self.idle_timeout,
+            # Kubelet's probes come from the node, Prometheus from its pod: a few connections per address suffice,
+            # and one client holding many cannot fail another's probes.
+            http=connections.guarded_protocol(
+                self.request_read_timeout, HEALTH_MAX_CONNECTIONS, HEALTH_MAX_CONNECTIONS_PER_CLIENT
+            ),
+        )
+        health_config.load()
+        sock = _listen(self.health_host, self.health_port)
+        self.health_port = sock.getsockname()[1]
+        self._health_server = uvicorn.Server(health_config)
+        self._health_thread = _serve_in_thread(self._health_server, sock, "webhook-health")
+        if not _wait_started(self._health_server, self._health_thread, timeout):
+            self.stop()
+            raise RuntimeError(f"the health server did not start on {self.health_url}; see the log above for why")
 
     def _reload_loop(self) -> None:
         while not self._stopped.wait(self.reload_interval):
@@ -172,8 +216,12 @@ class WebhookServer:
         self.drain()
         if self._server is not None:
             self._server.should_exit = True
+        if self._health_server is not None:
+            self._health_server.should_exit = True
         if self._thread is not None:
             self._thread.join(self.graceful_timeout + 5)
+        if self._health_thread is not None:
+            self._health_thread.join(5)
         if self._reload_thread is not None:
             self._reload_thread.join(5)
         self.app.state.parser.close()
@@ -185,6 +233,37 @@ class WebhookServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _host_in_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound TCP socket for uvicorn to serve (bound here, so that port 0 is known before serving)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (without it, Nagle and
+    # delayed ACKs add 40 ms to every answer sent in two writes).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _serve_in_thread(server: uvicorn.Server, sock: socket.socket, name: str) -> threading.Thread:
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _wait_started(server: uvicorn.Server, thread: threading.Thread, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def settle_garbage_collector() -> None:
@@ -245,7 +324,29 @@ def _parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=connections.DEFAULT_MAX_CONNECTIONS,
-        help="open connections kept at most; newer ones are closed at once",
+        help="open connections kept at most; beyond, a new one closes an idle one of the client holding the most, "
+        "or is closed at once",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=connections.DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        help="open connections one client address may hold; newer ones are closed at once "
+        f"(default: {connections.DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=connections.DEFAULT_IDLE_TIMEOUT,
+        help="seconds a kept-alive connection may stay idle between requests before it is closed "
+        f"(default: {connections.DEFAULT_IDLE_TIMEOUT:.0f})",
+    )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        default=DEFAULT_HEALTH_PORT,
+        help="plain-HTTP port of /healthz, /readyz and /metrics, outside the webhook port's connection caps; "
+        f"0 for none (default: {DEFAULT_HEALTH_PORT})",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -319,12 +420,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=args.port,
         request_read_timeout=args.request_read_timeout,
         max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        idle_timeout=args.idle_timeout,
+        health_port=args.health_port or None,
     )
     try:
         server.start()
         settle_garbage_collector()
     except (OSError, RuntimeError, ValueError) as exc:
-        print(f"error: cannot serve on {args.host}:{args.port} with {cert_file} ({exc})", file=sys.stderr)
+        health = f" (health on port {args.health_port})" if args.health_port else ""
+        print(f"error: cannot serve on {args.host}:{args.port}{health} with {cert_file} ({exc})", file=sys.stderr)
         return EXIT_FAILED
     try:
         server.app.state.parser.warm()  # the worker process for large requests, ready before the first one

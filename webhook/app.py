@@ -1,4 +1,5 @@
-"""The webhook's HTTP application: POST /mutate-pods, /healthz, /readyz and /metrics.
+"""The webhook's HTTP application: POST /mutate-pods, /healthz, /readyz and /metrics (also on a port of their own,
+see create_health_app).
 
 The request path stays lean: a bare ASGI endpoint, body bytes in, `review.review` against the cache's dict-only
 view, bytes out (FastAPI's request and validation layers cost as much as the review itself).
@@ -354,25 +355,19 @@ class _WebhookApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
-def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = None) -> FastAPI:
-    """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded."""
-    app = _WebhookApp(title="multicluster-service-account webhook", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = _Metrics(cache)
-    app.state.metrics = metrics
-    app.state.draining = False
-    # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
-    app.mutate_pods = _MutatePods(cache, metrics)
-    app.state.parser = app.mutate_pods.parser
-    app.router.routes.append(Route(MUTATE_PATH, app.mutate_pods, methods=["POST"]))  # for the route listing
+def _add_health_routes(
+    target: FastAPI, webhook: FastAPI, cache: WebhookCache, tls_ready: Callable[[], bool] | None
+) -> None:
+    """/healthz, /readyz and /metrics of `webhook` (its state, its cache, its metrics), served by `target`."""
 
-    @app.get("/healthz")
+    @target.get("/healthz")
     async def healthz() -> Response:
         return Response(b"ok", media_type="text/plain")
 
-    @app.get("/readyz")
+    @target.get("/readyz")
     async def readyz() -> Response:
         problems = []
-        if app.state.draining:
+        if webhook.state.draining:
             problems.append("shutting down")
         if not cache.has_synced:
             problems.append("the cache of ServiceAccountImports and namespaces has not synced yet")
@@ -382,8 +377,33 @@ def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = No
             return Response(("not ready: " + "; ".join(problems)).encode(), status_code=503, media_type="text/plain")
         return Response(b"ok", media_type="text/plain")
 
-    @app.get("/metrics")
+    @target.get("/metrics")
     async def metrics_endpoint() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(webhook.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+def create_health_app(webhook: FastAPI) -> FastAPI:
+    """/healthz, /readyz and /metrics of `webhook` alone, for a port of their own (kubelet and Prometheus reach
+    it even while clients hold every connection of the webhook's port)."""
+    health = FastAPI(
+        title="multicluster-service-account webhook health", docs_url=None, redoc_url=None, openapi_url=None
+    )
+    _add_health_routes(health, webhook, webhook.state.cache, webhook.state.tls_ready)
+    return health
+
+
+def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = None) -> FastAPI:
+    """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded."""
+    app = _WebhookApp(title="multicluster-service-account webhook", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = _Metrics(cache)
+    app.state.metrics = metrics
+    app.state.draining = False
+    app.state.cache = cache
+    app.state.tls_ready = tls_ready
+    # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
+    app.mutate_pods = _MutatePods(cache, metrics)
+    app.state.parser = app.mutate_pods.parser
+    app.router.routes.append(Route(MUTATE_PATH, app.mutate_pods, methods=["POST"]))  # for the route listing
+
+    _add_health_routes(app, app, cache, tls_ready)
     return app

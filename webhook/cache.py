@@ -4,7 +4,10 @@ the namespaces' labels, and the audiences of the federated source clusters.
 Fed by three watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
 namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
 namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
-waits past the caller's deadline.
+waits past the caller's deadline. A namespace that does not exist is remembered longer (ABSENT_SECONDS: anyone
+who reaches the webhook can name one), every remembered answer is bounded in number (RECENT_ENTRIES), and once
+the namespace watch has synced, GETs of namespaces it does not know are rate limited (a client naming a new
+unknown namespace in each review costs the API server at most NAMESPACE_LOOKUPS_PER_SECOND GETs).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ API_TIMEOUT_SECONDS = 3.0
 # How long what a miss learnt from the API server answers again (found or not): long enough that a storm of pods
 # naming unknown imports costs one call per namespace per period, short enough that a fix is seen at once.
 RECENT_SECONDS = 2.0
+# A namespace found absent: the watch shows it the moment it is created, so the answer can stand far longer.
+ABSENT_SECONDS = 30.0
+# The most answers remembered per kind (the oldest are forgotten first).
+RECENT_ENTRIES = 4096
+# GETs of namespaces the synced watch does not know (created a moment ago, or named by someone probing).
+NAMESPACE_LOOKUPS_PER_SECOND = 5.0
+NAMESPACE_LOOKUP_BURST = 20
 
 
 @dataclass(frozen=True)
@@ -67,6 +77,42 @@ def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
         audiences=audiences,
         expiration_seconds=expiration if valid else DEFAULT_FEDERATED_EXPIRATION_SECONDS,  # type: ignore[arg-type]
     )
+
+
+def unowned_secret(obj: Mapping[str, object]) -> str | None:
+    """Why the import's `<name>-token` Secret must not be mounted, from its status (None: mount it).
+
+    The controller alone writes an import's status (users have no serviceaccountimports/status): Ready says
+    SecretNameConflict, and status.secrets does not list the Secret, exactly when a Secret of that name exists and
+    is not controlled by the import. An import the controller has not seen yet says nothing: its Secret is mounted
+    (the pod waits for it), the window in which a Secret planted beforehand could be mounted (README, security).
+    """
+    metadata, status = obj.get("metadata"), obj.get("status")
+    if not isinstance(metadata, Mapping) or not isinstance(status, Mapping):
+        return None
+    conditions = status.get("conditions")
+    ready = (
+        [c for c in conditions if isinstance(c, Mapping) and c.get("type") == api.CONDITION_READY]
+        if isinstance(conditions, list)
+        else []
+    )
+    if not ready or ready[0].get("reason") != api.REASON_SECRET_CONFLICT:
+        return None
+    name, namespace = str(metadata.get("name") or ""), str(metadata.get("namespace") or "")
+    secret = api.secret_name_for_import(name)
+    listed = status.get("secrets")
+    if isinstance(listed, list) and any(isinstance(s, Mapping) and s.get("name") == secret for s in listed):
+        return None
+    return (
+        f'Secret "{secret}" in namespace "{namespace}" is not controlled by ServiceAccountImport "{name}", so the '
+        "webhook does not mount it; delete or rename that Secret, or rename the import."
+    )
+
+
+class _Listed(dict[str, "FederatedImport | None"]):
+    """A namespace's imports as one LIST returned them (name -> federated part), and which Secrets are not theirs."""
+
+    unowned: dict[str, str]
 
 
 def projected_tokens(
@@ -102,32 +148,61 @@ def projected_tokens(
 
 
 class _Recent:
-    """What the last API call about a key said, for RECENT_SECONDS; one call in flight per key (single flight)."""
+    """What the last API call about a key said, for `ttl` seconds (or the ttl given with it); at most `max_entries`
+    keys (the oldest forgotten first); one call in flight per key (single flight)."""
 
-    def __init__(self, ttl: float) -> None:
+    def __init__(self, ttl: float, *, max_entries: int = RECENT_ENTRIES, clock: Callable[[], float] = time.monotonic):
         self._ttl = ttl
-        self._answers: dict[str, tuple[float, object]] = {}
+        self._max_entries = max_entries
+        self._clock = clock
+        self._answers: dict[str, tuple[float, object]] = {}  # key -> (until, answer), in insertion order
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
     def get(self, key: str) -> object | None:
         entry = self._answers.get(key)
-        if entry is None or time.monotonic() - entry[0] > self._ttl:
+        if entry is None or self._clock() > entry[0]:
             return None
         return entry[1]
 
-    def put(self, key: str, answer: object) -> None:
-        now = time.monotonic()
+    def put(self, key: str, answer: object, ttl: float | None = None) -> None:
+        now = self._clock()
         with self._guard:
-            if len(self._answers) > 1024:  # forget stale entries: the map stays as small as the recent traffic
-                self._answers = {k: v for k, v in self._answers.items() if now - v[0] <= self._ttl}
-            self._answers[key] = (now, answer)
+            self._answers.pop(key, None)
+            if len(self._answers) >= self._max_entries:
+                # Forget what is stale, then the oldest: the map stays bounded whatever the traffic.
+                self._answers = {k: v for k, v in self._answers.items() if now <= v[0]}
+                while len(self._answers) >= self._max_entries:
+                    del self._answers[next(iter(self._answers))]
+            self._answers[key] = (now + (self._ttl if ttl is None else ttl), answer)
+
+    def __len__(self) -> int:
+        return len(self._answers)
 
     def lock(self, key: str) -> threading.Lock:
         with self._guard:
             if len(self._locks) > 1024:
                 self._locks = {k: v for k, v in self._locks.items() if v.locked()}
             return self._locks.setdefault(key, threading.Lock())
+
+
+class _Bucket:
+    """A token bucket: `take()` is True at most `rate` times a second on average, `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self._rate, self._burst, self._clock = rate, float(burst), clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
 
 
 class _CacheOnly:
@@ -161,6 +236,18 @@ class _CacheOnly:
         known = {name: cache._imports.get((namespace, name), recent.get(name)) for name in names}  # type: ignore[attr-defined]
         return projected_tokens(namespace, names, known, cache._audiences)
 
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        cache = self._cache
+        recent = cache._recent_imports.get(namespace)
+        listed = recent.unowned if isinstance(recent, _Listed) else {}
+        out = {}
+        for name in names:
+            watched = (namespace, name) in cache._imports
+            why = cache._unowned.get((namespace, name)) if watched else listed.get(name)
+            if why is not None:
+                out[name] = why
+        return out
+
 
 @dataclass(frozen=True)
 class _NamespaceAnswer:
@@ -181,20 +268,26 @@ class WatchCache:
         *,
         api_timeout: float = API_TIMEOUT_SECONDS,
         recent_seconds: float = RECENT_SECONDS,
+        absent_seconds: float = ABSENT_SECONDS,
         system_namespace: str = api.SYSTEM_NAMESPACE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._imports_api = kube.Resource(api_client, kube.SERVICE_ACCOUNT_IMPORTS, timeout=api_timeout)
         self._namespaces_api = kube.Resource(api_client, kube.NAMESPACES, timeout=api_timeout)
         self._api_timeout = api_timeout
         # (namespace, name) of every import -> what mounting it needs beyond its Secret (None: a Secret volume).
         self._imports: dict[tuple[str, str], FederatedImport | None] = {}
+        # (namespace, name) of the imports whose Secret name is taken by a Secret they do not control -> why.
+        self._unowned: dict[tuple[str, str], str] = {}
         # Federated source cluster -> the audiences its record allows (the default first), from the ConfigMaps
         # `kubemcsa federate` records.
         self._audiences: dict[str, tuple[str, ...]] = {}
         self._source_records: dict[str, str] = {}  # ConfigMap name -> the cluster it records
         self._namespaces: dict[str, Mapping[str, str]] = {}
-        self._recent_imports = _Recent(recent_seconds)
-        self._recent_namespaces = _Recent(recent_seconds)
+        self._recent_imports = _Recent(recent_seconds, clock=clock)
+        self._recent_namespaces = _Recent(recent_seconds, clock=clock)
+        self._absent_seconds = absent_seconds
+        self._namespace_lookups = _Bucket(NAMESPACE_LOOKUPS_PER_SECOND, NAMESPACE_LOOKUP_BURST, clock)
         self._misses = {MISS_IMPORT: 0, MISS_NAMESPACE: 0}
         self._misses_lock = threading.Lock()
         self._import_informer = kube.Informer(self._imports_api, name="webhook-serviceaccountimports")
@@ -215,8 +308,14 @@ class WatchCache:
         key = kube.object_key(obj)
         if event_type == "DELETED":
             self._imports.pop(key, None)
+            self._unowned.pop(key, None)
+            return
+        why = unowned_secret(obj)
+        if why is None:
+            self._unowned.pop(key, None)
         else:
-            self._imports[key] = federated_import(obj)
+            self._unowned[key] = why  # before the import is seen: never mountable in between
+        self._imports[key] = federated_import(obj)
 
     def _on_source(self, event_type: str, obj: dict, old: dict | None) -> None:
         _, name = kube.object_key(obj)
@@ -281,6 +380,9 @@ class WatchCache:
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._view.federated_imports(namespace, names)
 
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return self._view.unowned_secrets(namespace, names)
+
 
 class _Blocking:
     """WatchCache's lookups that may ask the API server (once per request and kind), within a deadline."""
@@ -295,8 +397,19 @@ class _Blocking:
             raise LookupFailed(_failure(what, "no time left before the API server's timeout"))
         return left
 
-    def _ask_once(self, recent: _Recent, key: str, kind: str, what: str, call: Callable[[float], object]) -> object:
-        """`call(timeout)`'s answer, remembered under `key`; or the answer another thread got while this one waited."""
+    def _ask_once(
+        self,
+        recent: _Recent,
+        key: str,
+        kind: str,
+        what: str,
+        call: Callable[[float], object],
+        *,
+        ttl_of: Callable[[object], float | None] = lambda answer: None,
+        allowed: Callable[[], bool] = lambda: True,
+    ) -> object:
+        """`call(timeout)`'s answer, remembered under `key` (for `ttl_of(answer)` seconds, None: the default); or
+        the answer another thread got while this one waited. `allowed()` False: the call is not made."""
         lock = recent.lock(key)
         if not lock.acquire(timeout=self._remaining(what)):
             raise LookupFailed(_failure(what, "timed out waiting for another lookup"))
@@ -304,6 +417,11 @@ class _Blocking:
             answer = recent.get(key)
             if answer is not None:
                 return answer
+            if not allowed():
+                raise LookupFailed(
+                    f"The webhook looked up too many namespaces it does not know just now (among them {what}); "
+                    "retry in a moment."
+                )
             self._cache._count_miss(kind)
             try:
                 answer = call(self._remaining(what))
@@ -311,7 +429,7 @@ class _Blocking:
                 raise LookupFailed(_failure(what, f"HTTP {exc.status}")) from None
             except kube.CONNECTION_ERRORS as exc:
                 raise LookupFailed(_failure(what, type(exc).__name__)) from None
-            recent.put(key, answer)
+            recent.put(key, answer, ttl_of(answer))
             return answer
         finally:
             lock.release()
@@ -332,7 +450,18 @@ class _Blocking:
                 raise
             return _NamespaceAnswer(dict((obj.get("metadata") or {}).get("labels") or {}))
 
-        answer = self._ask_once(cache._recent_namespaces, namespace, MISS_NAMESPACE, f'namespace "{namespace}"', get)
+        def ttl_of(answer: object) -> float | None:
+            return cache._absent_seconds if answer.labels is None else None  # type: ignore[attr-defined]
+
+        def allowed() -> bool:
+            # Before the watch has listed, every namespace is unknown and the GETs are needed; after, only the
+            # newest are, and the rest is someone naming namespaces that do not exist.
+            return not cache._namespace_informer.has_synced or cache._namespace_lookups.take()
+
+        what = f'namespace "{namespace[:80]}"'
+        answer = self._ask_once(
+            cache._recent_namespaces, namespace, MISS_NAMESPACE, what, get, ttl_of=ttl_of, allowed=allowed
+        )
         return answer.labels  # type: ignore[attr-defined]
 
     def missing_imports(self, namespace: str, names: Sequence[str]) -> list[str]:
@@ -342,14 +471,16 @@ class _Blocking:
         except LookupWouldBlock:
             pass
 
-        def list_names(timeout: float) -> dict[str, FederatedImport | None]:
+        def list_names(timeout: float) -> _Listed:
             listed = cache._imports_api.list(namespace, timeout=timeout)
-            items = listed.get("items") or ()
-            return {
-                (item.get("metadata") or {}).get("name"): federated_import(item)
+            items = [item for item in listed.get("items") or () if isinstance(item, dict)]
+            present = _Listed({(item.get("metadata") or {}).get("name"): federated_import(item) for item in items})
+            present.unowned = {
+                (item.get("metadata") or {}).get("name"): why
                 for item in items
-                if isinstance(item, dict)
+                if (why := unowned_secret(item)) is not None
             }
+            return present
 
         what = f'ServiceAccountImports in namespace "{namespace}"'
         present = self._ask_once(cache._recent_imports, namespace, MISS_IMPORT, what, list_names)
@@ -357,6 +488,9 @@ class _Blocking:
 
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         return self._cache._view.federated_imports(namespace, names)
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return self._cache._view.unowned_secrets(namespace, names)
 
 
 def _failure(what: str, cause: str) -> str:
@@ -377,8 +511,10 @@ class StaticCache:
         synced: bool = True,
         federated: Mapping[tuple[str, str], FederatedImport] | None = None,
         audiences: Mapping[str, tuple[str, ...]] | None = None,
+        unowned: Mapping[tuple[str, str], str] | None = None,
     ) -> None:
         self.namespaces = dict(namespaces or {})
+        self.unowned = dict(unowned or {})
         self.imports = set(imports or ()) | set(federated or ())
         self.synced = synced
         self.federated = dict(federated or {})
@@ -406,3 +542,6 @@ class StaticCache:
     def federated_imports(self, namespace: str, names: Sequence[str]) -> dict[str, ProjectedToken | FederatedRefusal]:
         known = {name: self.federated.get((namespace, name)) for name in names}
         return projected_tokens(namespace, names, known, self.audiences)
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> dict[str, str]:
+        return {name: why for name in names if (why := self.unowned.get((namespace, name))) is not None}

@@ -1,4 +1,5 @@
-"""Slow clients can't hold the server: uvicorn's HTTP/1.1 protocol with a request read deadline and a connection cap.
+"""Slow clients can't hold the server, and one client can't take every connection: uvicorn's HTTP/1.1 protocol with
+a request read deadline, a connection cap in total and per client address, and fair eviction at the cap.
 
 uvicorn (h11) waits forever for the first request on a connection and for the rest of a request's headers or
 body once it started (its keep-alive timeout only runs between requests), and it has no connection cap, only
@@ -6,16 +7,24 @@ body once it started (its keep-alive timeout only runs between requests), and it
 
 - a request (headers and body) must arrive whole within `request_read_timeout` seconds of its first byte, and
   the first one within that time of the connection being made; otherwise the connection is closed;
-- beyond `max_connections` open connections, new ones are closed at once: the established connections (those
-  kube-apiserver keeps alive) go on being served;
+- one client address keeps at most `max_connections_per_client` open connections; newer ones are closed at once,
+  so one pod (whatever it sends) cannot take the slots kube-apiserver needs;
+- beyond `max_connections` open connections, a new one is served only if an idle connection of a client holding
+  more connections than the newcomer does can be closed for it (the biggest holder pays first); otherwise the
+  new one is closed: the established connections (those kube-apiserver keeps alive) go on being served;
+- idle keep-alive connections close after uvicorn's `timeout_keep_alive` (set by the server);
 - the TLS handshake must finish within `request_read_timeout` too (asyncio's default is 60 s).
+
+A connection is counted once its TLS handshake is done (that is when asyncio hands it to the protocol); a
+handshake that does not finish is dropped after the handshake timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from typing import Any, ClassVar
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,22 +33,72 @@ log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_READ_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 2048
+# kube-apiserver keeps a pool per webhook (Go keeps 25 idle connections per host, more under a burst): far below
+# this, while one pod is held to an eighth of the total.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
+# Between requests; below the 90 s after which Go's clients drop idle connections themselves, so the webhook,
+# not the client, decides when a kept-alive connection ends.
+DEFAULT_IDLE_TIMEOUT = 65.0
+# Refused connections are logged at most this often (a flood of them must not become a flood of log lines).
+_LOG_EVERY_SECONDS = 10.0
 
 
 class GuardedH11Protocol(H11Protocol):
-    """H11Protocol with a per-request read deadline and a cap on open connections (see the module's docstring)."""
+    """H11Protocol with a per-request read deadline and connection caps (see the module's docstring).
+
+    The class attributes are set per server by `guarded_protocol` (each server gets its own class, so its own
+    table of connections by client address); everything runs on the server's event loop, so nothing is locked.
+    """
 
     request_read_timeout: float = DEFAULT_REQUEST_READ_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    by_client: ClassVar[dict[str, set[GuardedH11Protocol]]] = {}
+    refused: ClassVar[list[float]] = [0, 0.0]  # [refused since the last log line, when that line was written]
     _read_timer: asyncio.TimerHandle | None = None
+    _address: str | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
-            log.warning("closing a new connection: %d are open, the most this webhook keeps", self.max_connections)
-            transport.abort()
+        address = self.client[0] if self.client else ""
+        peers = self.by_client.get(address, set())
+        if len(peers) >= self.max_connections_per_client:
+            self._refuse(transport, f"{address} already holds {len(peers)}, the most one client address may")
             return
+        if len(self.connections) > self.max_connections and not self._make_room(len(peers) + 1):
+            self._refuse(transport, f"{self.max_connections} are open, the most this server keeps")
+            return
+        self.by_client.setdefault(address, set()).add(self)
+        self._address = address
         self._arm()
+
+    def _make_room(self, newcomer_holds: int) -> bool:
+        """Close an idle connection of the client holding the most (more than the newcomer would): True if done."""
+        holders = sorted(self.by_client.values(), key=len, reverse=True)
+        for peers in holders:
+            if len(peers) <= newcomer_holds:
+                return False
+            for peer in peers:
+                if peer.is_idle():
+                    peer._forget()
+                    peer.transport.close()
+                    return True
+        return False
+
+    def is_idle(self) -> bool:
+        """Between requests (kept alive, or made and silent): closing it loses no request."""
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return False
+        return self.cycle is None or self.cycle.response_complete
+
+    def _refuse(self, transport: asyncio.Transport, why: str) -> None:
+        counts = type(self).refused
+        counts[0] += 1
+        now = time.monotonic()
+        if now - counts[1] >= _LOG_EVERY_SECONDS:
+            log.warning("closing new connections: %s (%d closed since the last message)", why, counts[0])
+            counts[0], counts[1] = 0, now
+        transport.abort()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -55,7 +114,18 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._forget()
         super().connection_lost(exc)
+
+    def _forget(self) -> None:
+        if self._address is None:
+            return
+        peers = self.by_client.get(self._address)
+        if peers is not None:
+            peers.discard(self)
+            if not peers:
+                del self.by_client[self._address]
+        self._address = None
 
     def _arm(self) -> None:
         if self._read_timer is None:
@@ -72,7 +142,17 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
 
-def guarded_protocol(request_read_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
-    """The protocol class to give uvicorn.Config(http=...), with these limits."""
-    settings: dict[str, Any] = {"request_read_timeout": request_read_timeout, "max_connections": max_connections}
+def guarded_protocol(
+    request_read_timeout: float,
+    max_connections: int,
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+) -> type[GuardedH11Protocol]:
+    """The protocol class to give uvicorn.Config(http=...), with these limits (and a table of its own)."""
+    settings: dict[str, Any] = {
+        "request_read_timeout": request_read_timeout,
+        "max_connections": max_connections,
+        "max_connections_per_client": max(1, min(max_connections_per_client, max_connections)),
+        "by_client": {},
+        "refused": [0, 0.0],
+    }
     return type("GuardedH11Protocol", (GuardedH11Protocol,), settings)

@@ -26,6 +26,7 @@ REASON_TOO_MANY_CONTAINERS = "TooManyContainers"
 REASON_UNKNOWN_FEDERATED_SOURCE = "UnknownFederatedSource"
 # A federated import's spec.audiences holds one its source's record does not allow (as the import's condition says).
 REASON_AUDIENCE_NOT_ALLOWED = api.REASON_AUDIENCE_NOT_ALLOWED
+REASON_SECRET_NOT_CONTROLLED = "SecretNotControlled"
 
 # The most containers (init, regular and ephemeral together) the webhook mounts imports into: with the import cap,
 # it bounds the patch (and the work) to MAX_CONTAINERS * MAX_IMPORTS_PER_POD mounts.
@@ -67,6 +68,11 @@ class ImportLookup(Protocol):
         """Those of `names` (all existing) that are federated: their projected token, or why it cannot be mounted
         (their source is not on record, or its record does not allow their audience). Asked after
         missing_imports, from what it already knows."""
+        ...
+
+    def unowned_secrets(self, namespace: str, names: Sequence[str]) -> Mapping[str, str]:
+        """Those of `names` (all existing) whose `<name>-token` Secret is someone else's, as the controller says
+        on the import: why it is not mounted. Asked after missing_imports, from what it already knows."""
         ...
 
 
@@ -227,6 +233,10 @@ def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision
             f"or fix the pod's {api.IMPORT_ANNOTATION} annotation.",
         )
     assert prepared.planned is not None
+    unowned = lookup.unowned_secrets(namespace, prepared.names)
+    if unowned:
+        # Someone else's Secret under the import's name: mounting it would hand the pod what they put there.
+        return refuse(REASON_SECRET_NOT_CONTROLLED, " ".join(unowned.values()))
     federated = lookup.federated_imports(namespace, prepared.names)
     if not federated:
         return prepared.planned

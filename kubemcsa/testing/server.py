@@ -285,6 +285,9 @@ class ApiServer:
         self._bootstrapped = False
         self._stopping = threading.Event()
         self._request_local = threading.local()  # per-request state: the admission warnings to send back
+        # A misbehaving source, for tests: maps the (namespace, name) a TokenRequest asks for to the account whose
+        # token is answered instead (a real kube-apiserver never does; a proxy or an impostor might).
+        self.token_request_answers_as: Callable[[str, str], tuple[str, str]] | None = None
         self._authentication_config = authentication_config
         self.unreachable = False
         self._connections = 0
@@ -881,6 +884,8 @@ class ApiServer:
         return options
 
     def _token_request(self, namespace: str, name: str, body: Any) -> dict[str, Any]:
+        if self.token_request_answers_as is not None:
+            namespace, name = self.token_request_answers_as(namespace, name)
         sa = self.cluster.store.get("/serviceaccounts", namespace, name)
         if sa is None:
             raise errors.not_found("serviceaccounts", name)
