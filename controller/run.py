@@ -21,12 +21,15 @@ from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks, parse_service_account
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
+from controller.outputs import OUTPUTS
+from controller.outputs.base import Output, as_section
+from controller.outputs.store import OutputCache
 from controller.reconciler import Caches, Reconciler, import_key
 from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
-from kubemcsa import api, argocd, federation, kube
+from kubemcsa import api, federation, kube
 from kubemcsa.imports import STATUS_PINS, is_pinned
 
 log = logging.getLogger(__name__)
@@ -120,14 +123,22 @@ class Controller:
         self.secrets = self.manager.add_informer(
             kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
         )
-        self.argocd_secrets = self.manager.add_informer(
-            kube.Informer(
-                secrets_api,
+        # Each output's watch (controller/outputs): an optional one (a CRD that may not be installed) does not
+        # hold the workers back, and lists again at most once a minute until its type is served.
+        self.output_caches: dict[str, OutputCache] = {}
+        for output in OUTPUTS:
+            owned = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind)
+            resource = kube.Resource(local_api_client, owned)
+            informer = kube.Informer(
+                resource,
                 namespace=options.namespace,
-                label_selector=f"{argocd.SECRET_TYPE_LABEL}={argocd.SECRET_TYPE_CLUSTER}",
-                name="argocd-cluster-secrets",
+                label_selector=output.watch.label_selector,
+                name=output.watch.name,
+                max_backoff=60.0 if output.watch.optional else 30.0,
             )
-        )
+            self.manager.add_informer(informer, required=not output.watch.optional)
+            self.output_caches[output.name] = OutputCache(informer, resource)
+        self._outputs_listed = {name: False for name in self.output_caches}
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
         self.system_secrets: kube.Informer | None = None
         # And the system namespace's imports, which say which of those Secrets are credentials they control.
@@ -172,7 +183,7 @@ class Controller:
             clock=options.clock,
         )
         self.reconciler = Reconciler(
-            Caches(self.imports, self.secrets, imports_api, secrets_api, argocd_secrets=self.argocd_secrets),
+            Caches(self.imports, self.secrets, imports_api, secrets_api, outputs=self.output_caches),
             self.sources,
             EventRecorder(local_api_client, COMPONENT, self.identity, clock=options.clock),
             self.metrics,
@@ -193,13 +204,15 @@ class Controller:
         self._watch_exports(set(self.sources.names()))
         self.imports.add_handler(self._on_import)
         self.secrets.add_handler(self._on_secret)
-        self.argocd_secrets.add_handler(self._on_argocd_secret)
+        for output in OUTPUTS:
+            self.output_caches[output.name].informer.add_handler(self._output_handler(output))
         self.federated_sources.add_handler(self._on_federated_source)
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
         if self.system_imports is not None:
             self.system_imports.add_handler(self._on_system_import)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
+        self.manager.run_every(self.options.file_poll_seconds, self._poll_outputs, "output-watch-poller")
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
@@ -279,13 +292,30 @@ class Controller:
         if import_name:
             self.manager.queue.add(import_key(namespace, import_name))
 
-    def _on_argocd_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        """An Argo CD cluster Secret changed: the import it is named after looks again (ours are seen as import
-        Secrets too; this also catches a foreign one appearing or going away)."""
-        namespace, name = kube.object_key(obj)
-        import_name = api.import_name_for_argocd_secret(name)
-        if import_name and self.imports.get(import_name, namespace) is not None:
-            self.manager.queue.add(import_key(namespace, import_name))
+    def _output_handler(self, output: Output) -> kube.EventHandler:
+        def on_event(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+            """An output's object changed (ours, or a foreign one of a name an import uses): that import looks
+            again."""
+            self.reconciler.output_seen(output.name, obj, deleted=event == "DELETED")
+            namespace, _ = kube.object_key(obj)
+            import_name = output.watch.import_for(obj)
+            if import_name and self.imports.get(import_name, namespace) is not None:
+                self.manager.queue.add(import_key(namespace, import_name))
+
+        return on_event
+
+    def _poll_outputs(self) -> None:
+        """An optional watch that lists for the first time (its CRD was installed): the imports asking for that
+        output look again (they said why it was off). An empty list has no events to say so."""
+        for output in OUTPUTS:
+            if not output.watch.optional:
+                continue
+            listed = self.output_caches[output.name].informer.has_synced
+            if listed and not self._outputs_listed[output.name]:
+                for imp in self.imports.list():
+                    if as_section(imp, output.spec_field) is not None:
+                        self.manager.queue.add(import_key(*kube.object_key(imp)))
+            self._outputs_listed[output.name] = listed
 
     def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         """A federated source was recorded, changed or removed: its imports look again, and ask it afresh."""
