@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks, parse_service_account
@@ -69,6 +70,9 @@ class Options:
     # A credential Secret that matches no pin is never used; it is reported (Event, condition) once it still does
     # after this long, since its import's new pin may come through the imports' watch a moment after the Secret.
     credential_grace_seconds: float = 2.0
+    # An optional output whose type is not served (its CRD not installed): how often discovery is asked again,
+    # only while an import asks for that output.
+    output_recheck_seconds: float = 60.0
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -123,8 +127,10 @@ class Controller:
         self.secrets = self.manager.add_informer(
             kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
         )
-        # Each output's watch (controller/outputs): an optional one (a CRD that may not be installed) does not
-        # hold the workers back, and lists again at most once a minute until its type is served.
+        # Each output's watch (controller/outputs). An optional one (a CRD that may not be installed) does not hold
+        # the workers back, and starts only once discovery says its type is served: asked at start, then at most
+        # once a minute (output_recheck_seconds) while an import asks for that output, so that a cluster without
+        # the CRD sees no other call for it.
         self.output_caches: dict[str, OutputCache] = {}
         for output in OUTPUTS:
             owned = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind)
@@ -134,11 +140,13 @@ class Controller:
                 namespace=options.namespace,
                 label_selector=output.watch.label_selector,
                 name=output.watch.name,
-                max_backoff=60.0 if output.watch.optional else 30.0,
             )
-            self.manager.add_informer(informer, required=not output.watch.optional)
+            if not output.watch.optional:
+                self.manager.add_informer(informer)
             self.output_caches[output.name] = OutputCache(informer, resource)
-        self._outputs_listed = {name: False for name in self.output_caches}
+        self._local_client = local_api_client
+        self._served_checked_at: dict[str, float] = {}
+        self._outputs_listed: set[str] = set()
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
         self.system_secrets: kube.Informer | None = None
         # And the system namespace's imports, which say which of those Secrets are credentials they control.
@@ -217,6 +225,9 @@ class Controller:
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
         self.manager.start()
+        for output in OUTPUTS:
+            if output.watch.optional:
+                self._start_if_served(output)
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
 
@@ -305,17 +316,40 @@ class Controller:
         return on_event
 
     def _poll_outputs(self) -> None:
-        """An optional watch that lists for the first time (its CRD was installed): the imports asking for that
-        output look again (they said why it was off). An empty list has no events to say so."""
+        """An optional watch whose type is not served yet: look again (at most once a minute) while an import asks
+        for that output; once it lists, those imports look again (they said why it was off, and an empty list has
+        no events to say it is on)."""
         for output in OUTPUTS:
-            if not output.watch.optional:
+            cache = self.output_caches[output.name]
+            if not output.watch.optional or output.name in self._outputs_listed:
                 continue
-            listed = self.output_caches[output.name].informer.has_synced
-            if listed and not self._outputs_listed[output.name]:
-                for imp in self.imports.list():
-                    if as_section(imp, output.spec_field) is not None:
-                        self.manager.queue.add(import_key(*kube.object_key(imp)))
-            self._outputs_listed[output.name] = listed
+            asking = [imp for imp in self.imports.list() if as_section(imp, output.spec_field) is not None]
+            checked = self._served_checked_at.get(output.name, 0.0)
+            if not cache.served and asking and self.options.clock() >= checked + self.options.output_recheck_seconds:
+                self._start_if_served(output)
+            if cache.informer.has_synced:
+                self._outputs_listed.add(output.name)
+                for imp in asking:
+                    self.manager.queue.add(import_key(*kube.object_key(imp)))
+
+    def _start_if_served(self, output: Output) -> None:
+        """Start an optional output's informer if discovery lists its type (a failed look counts as served: the
+        informer then says what is wrong)."""
+        cache = self.output_caches[output.name]
+        self._served_checked_at[output.name] = self.options.clock()
+        path = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind).path()
+        try:
+            listing = kube.get_path(self._local_client, path.rsplit("/", 1)[0], timeout=self.options.remote_timeout)
+            cache.served = any(r.get("name") == output.owns.plural for r in listing.get("resources") or [])
+        except ApiException as exc:
+            cache.served = exc.status != 404
+        except kube.CONNECTION_ERRORS:
+            cache.served = True
+        if cache.served:
+            self.manager.add_informer(cache.informer, required=False)
+            cache.informer.start()
+        else:
+            log.info("%s are not served here: the %s output is off until they are", output.owns.plural, output.name)
 
     def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         """A federated source was recorded, changed or removed: its imports look again, and ask it afresh."""

@@ -16,12 +16,13 @@ from controller.runtime.writes import RecentWrites
 from kubemcsa import kube
 
 
-@dataclass(frozen=True)
+@dataclass
 class OutputCache:
     """An output's informer (its Watch) and the resource it writes."""
 
     informer: kube.Informer
     resource: kube.Resource
+    served: bool = True  # False: discovery says the API server does not serve the type (the informer waits)
 
 
 class OutputStore:
@@ -43,7 +44,11 @@ class OutputStore:
             cache = self.caches.get(output.name)
             if cache is None:
                 continue
-            if not cache.informer.has_synced:  # an optional watch whose type is not served (yet)
+            if not cache.served:
+                problem = "the API server does not serve them"
+                observed[output.name] = Observed(available=False, problem=problem, not_served=True)
+                continue
+            if not cache.informer.has_synced:  # an optional watch that has not listed (yet)
                 observed[output.name] = Observed(available=False, **watch_problem(cache.informer))
                 continue
             obj_name = output.owns.name_for(name)
