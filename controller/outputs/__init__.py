@@ -7,7 +7,7 @@ registry and do not change.
 
 from __future__ import annotations
 
-from controller.outputs import argocd
+from controller.outputs import argocd, clusterprofile
 from controller.outputs.base import Output
 
-OUTPUTS: tuple[Output, ...] = (argocd.OUTPUT,)
+OUTPUTS: tuple[Output, ...] = (argocd.OUTPUT, clusterprofile.OUTPUT)
