@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.argocd_secret import CONDITION_ARGOCD, REASON_WAITING, assess_argocd_secret
+from controller.outputs import OUTPUTS
+from controller.outputs.base import REASON_CACHE_NOT_SYNCED, Observed, Output, SourceView, as_section, plan_output
 from kubemcsa import api
 from kubemcsa.export_policy import export_verdict
 from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource, audience_refusal
@@ -77,7 +78,10 @@ class Observation:
     known_clusters: tuple[str, ...] = ()
     cluster_error: str | None = None  # why the source's credentials are unusable, if they are
     held: ImportToken | None = None  # the token kept in memory for this import
-    argocd_secret: dict[str, Any] | None = None  # the Secret `<import>-argocd`, as cached (or as last written)
+    # Each output's object (controller/outputs), by output name, as cached (or as last written); and the
+    # controller's own view of the source, which outputs describe.
+    outputs: dict[str, Observed] = field(default_factory=dict)
+    source_view: SourceView | None = None
     # tokenType Federated: the source as `kubemcsa federate` recorded it (or why its record is unusable), and the
     # last trust check for the import's source and audience.
     federated: FederatedSource | None = None
@@ -244,6 +248,8 @@ def assess(obs: Observation) -> Assessment:
     """Whether the import's Secret is current, needs a token from the source, or is blocked (and why)."""
     try:
         spec = parse_spec(obs.imp)
+        for output in OUTPUTS:  # each output parses its own section: an invalid one is an invalid spec
+            output.parse(spec, as_section(obs.imp, output.spec_field))
     except SpecError as exc:
         return Blocked(api.REASON_INVALID_SPEC, str(exc))
     if spec.federated:
@@ -314,12 +320,22 @@ class SecretWrite:
     create: bool  # True: create it; False: replace the existing one
 
 
+@dataclass(frozen=True)
+class OutputWrite:
+    """A write of an output's object (controller/outputs): create, replace, or delete (with preconditions)."""
+
+    output: str  # the output's name
+    body: dict[str, Any]  # to write; for a delete, the object as observed (its uid and resourceVersion)
+    create: bool = False
+    delete: bool = False
+
+
 @dataclass
 class Writes:
     """What a reconcile pass writes and when it looks again. Empty: nothing (the steady state)."""
 
     secrets: list[SecretWrite] = field(default_factory=list)
-    deletions: list[dict[str, Any]] = field(default_factory=list)  # Secrets to delete, as observed (preconditions)
+    outputs: list[OutputWrite] = field(default_factory=list)  # outputs' objects, after the import's Secret
     status: dict[str, Any] | None = None  # the new status, only if it differs from the current one
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     requeue_at: float | None = None
@@ -338,7 +354,7 @@ def plan(obs: Observation, state: Blocked | HasToken | Federated) -> Writes:
         writes = _plan_federated(obs, state)
     else:
         writes = _plan_blocked(obs, state)
-    return _plan_argocd_secret(obs, state, writes)
+    return _plan_outputs(obs, state, writes)
 
 
 def _plan_federated(obs: Observation, state: Federated) -> Writes:
@@ -432,38 +448,55 @@ def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     return writes
 
 
-def _plan_argocd_secret(obs: Observation, state: Blocked | HasToken, writes: Writes) -> Writes:
-    """Add what the import's Argo CD cluster Secret needs, from the import Secret as it is after this pass."""
+def _plan_outputs(obs: Observation, state: Blocked | HasToken | Federated, writes: Writes) -> Writes:
+    """Add what each output's object needs, from the import Secret as it is after this pass, and its condition."""
     import_name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
     written = [w.body for w in writes.secrets if metadata_of(w.body).get("name") == import_name]
     import_secret_after = written[-1] if written else obs.own_secret
     withdrawn = isinstance(state, Blocked) and state.withdraw
-    action = assess_argocd_secret(obs.imp, state.spec, import_secret_after, obs.argocd_secret, withdrawn=withdrawn)
-    if action.write is not None:
-        writes.secrets.append(SecretWrite(action.write, create=action.create))
-    if action.delete is not None:
-        writes.deletions.append(action.delete)
-    if not action.report:
-        return writes
     old = as_dict(obs.imp.get("status"))
     base = writes.status if writes.status is not None else old
-    conditions = [c for c in as_list(base.get("conditions")) if isinstance(c, dict)]
-    said = [
-        (c.get("status"), c.get("reason"), c.get("message")) for c in conditions if c.get("type") == CONDITION_ARGOCD
-    ]
-    wanted = action.condition
-    if wanted is None:
-        if not said:
-            return writes
-        conditions = [c for c in conditions if c.get("type") != CONDITION_ARGOCD]
-    else:
-        conditions = set_condition(conditions, wanted, obs.now)
-        warn = wanted["status"] == "False" and wanted["reason"] != REASON_WAITING
-        if warn and said != [(wanted["status"], wanted["reason"], wanted["message"])]:
-            writes.events.append(("Warning", wanted["reason"], wanted["message"]))
+    conditions = before = [c for c in as_list(base.get("conditions")) if isinstance(c, dict)]
+    for output in OUTPUTS:
+        action = plan_output(
+            output,
+            obs.imp,
+            state.spec,
+            import_secret_after,
+            obs.outputs.get(output.name, Observed()),
+            withdrawn=withdrawn,
+            source=obs.source_view,
+            now=obs.now,
+        )
+        if action.write is not None:
+            writes.outputs.append(OutputWrite(output.name, action.write, create=action.create))
+        if action.delete is not None:
+            writes.outputs.append(OutputWrite(output.name, action.delete, delete=True))
+        if action.report:
+            conditions = _merge_output_condition(writes, conditions, output, action.condition, obs.now)
+    if conditions == before:
+        return writes
     new = {**base, "conditions": conditions}
     writes.status = None if new == old else new
     return writes
+
+
+def _merge_output_condition(
+    writes: Writes, conditions: list[dict[str, Any]], output: Output, wanted: dict[str, Any] | None, now: float
+) -> list[dict[str, Any]]:
+    """`conditions` with the output's condition set (or removed), and a Warning Event when it newly turns False."""
+    said = [
+        (c.get("status"), c.get("reason"), c.get("message"))
+        for c in conditions
+        if c.get("type") == output.condition_type
+    ]
+    if wanted is None:
+        return [c for c in conditions if c.get("type") != output.condition_type]
+    quiet = (*output.quiet_reasons, REASON_CACHE_NOT_SYNCED)
+    warn = wanted["status"] == "False" and wanted["reason"] not in quiet
+    if warn and said != [(wanted["status"], wanted["reason"], wanted["message"])]:
+        writes.events.append(("Warning", wanted["reason"], wanted["message"]))
+    return set_condition(conditions, wanted, now)
 
 
 # --- status ----------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -35,6 +35,10 @@ from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks
 from controller.gates import SourceGates, Wait
 from controller.metrics import Metrics
+from controller.outputs import OUTPUTS
+from controller.outputs.base import SourceView, as_section
+from controller.outputs.store import OutputCache, OutputStore
+from controller.outputs.versions import SourceVersions
 from controller.remote import RemoteFailure, fetch_token
 from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
@@ -62,14 +66,13 @@ def split_key(key: str) -> tuple[str, str]:
 
 @dataclass
 class Caches:
-    """What the reconciler reads and writes locally: the two informers and their resources."""
+    """What the reconciler reads and writes locally: the informers and their resources."""
 
     imports: kube.Informer
     secrets: kube.Informer
     imports_api: kube.Resource
     secrets_api: kube.Resource
-    # Argo CD cluster Secrets, ours or not: a hand-written one named like an import's is seen, and left alone.
-    argocd_secrets: kube.Informer | None = None
+    outputs: dict[str, OutputCache] = field(default_factory=dict)  # by output name (controller/outputs)
 
 
 class Reconciler:
@@ -105,6 +108,8 @@ class Reconciler:
         self.clock = clock
         self.import_writes = RecentWrites()
         self.secret_writes = RecentWrites()
+        self.outputs = OutputStore(caches.outputs)
+        self.versions = SourceVersions(timeout=remote_timeout, clock=clock)
         self._held: dict[str, ImportToken] = {}
         self._lock = threading.Lock()
 
@@ -124,6 +129,9 @@ class Reconciler:
             self.secret_writes.forget(kube.object_key(obj))
         else:
             self.secret_writes.seen(kube.object_key(obj), obj)
+
+    def output_seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> None:
+        self.outputs.seen(output, obj, deleted)
 
     # --- the pass ---
     def reconcile(self, key: str) -> Result:
@@ -155,15 +163,6 @@ class Reconciler:
             return None
         secret_key = (namespace, api.secret_name_for_import(name))
         secret = self.secret_writes.get(secret_key, self.caches.secrets.get(secret_key[1], namespace))
-        argocd_key = (namespace, api.argocd_secret_name_for_import(name))
-        argocd_cached = self.caches.secrets.get(argocd_key[1], namespace)
-        if argocd_cached is None and self.caches.argocd_secrets is not None:
-            # Argo CD's cache is only for foreign Secrets: one with our label is known from ours alone, which may
-            # already have seen it deleted while Argo CD's still holds it (a second delete, or a stale rewrite).
-            foreign = self.caches.argocd_secrets.get(argocd_key[1], namespace)
-            if not (((foreign or {}).get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL):
-                argocd_cached = foreign
-        argocd_secret = self.secret_writes.get(argocd_key, argocd_cached)
         spec = imp.get("spec") if isinstance(imp.get("spec"), dict) else {}
         cluster = spec.get("clusterName")
         source = self.sources.get(cluster) if isinstance(cluster, str) else None
@@ -188,6 +187,7 @@ class Reconciler:
             and is_controlled_by(secret, uid)
             and not is_pinned(secret, imp)
         )
+        view = self._source_view(imp, source, federated)
         return Observation(
             imp=imp,
             secret=secret,
@@ -196,7 +196,8 @@ class Reconciler:
             known_clusters=tuple(self.sources.names()),
             cluster_error=self.sources.error_for(cluster) if source is None and isinstance(cluster, str) else None,
             held=held,
-            argocd_secret=argocd_secret,
+            outputs=self.outputs.observe(namespace, name),
+            source_view=view,
             federated=federated,
             federated_error=federated_error,
             known_federated=self.federated.names() if self.federated is not None else (),
@@ -209,6 +210,32 @@ class Reconciler:
     def is_credential_import(self, namespace: str | None) -> bool:
         """True for an import of the system namespace: its Secret `<import>-token` is a source credential."""
         return namespace == self.system_namespace
+
+    def _source_view(self, imp: dict[str, Any], source: SourceCluster | None, federated: Any) -> SourceView | None:
+        """What the controller itself knows of the import's source, for its outputs; the source's version is
+        asked once per source (and remembered) only when an output of this import wants it."""
+        cluster = str((imp.get("spec") or {}).get("clusterName", ""))
+        if _is_federated(imp):
+            if federated is None:
+                return None
+            view = SourceView(cluster, federated.server, federated.ca_pem, federated=True)
+            fingerprint, client = "", None
+        elif source is not None:
+            open_circuit = self.gates.gate(source.name).is_open
+            view = SourceView(
+                cluster,
+                source.server,
+                source.ca_pem,
+                unreachable="the controller's calls to it fail and wait for a probe" if open_circuit else None,
+                credential_expires_at=source.credential_expires_at,
+            )
+            fingerprint, client = source.fingerprint, lambda: self.sources.client(source)
+        else:
+            return None
+        if not any(o.wants_source_version and as_section(imp, o.spec_field) is not None for o in OUTPUTS):
+            return view
+        version, problem = self.versions.get(cluster, view.server, view.ca_pem, fingerprint, client)
+        return replace(view, version=version, unreachable=view.unreachable or problem)
 
     def _export_of(self, imp: dict[str, Any], source: SourceCluster | None) -> tuple[bool, Any]:
         """(exempt, ExportView or None or WARMING) for the import: whether its source exports what it names to it.
@@ -335,19 +362,9 @@ class Reconciler:
                 self.secret_writes.forget(secret_key)
                 return Result(retry=True, outcome="conflict")
             self.secret_writes.wrote(secret_key, written)
-        for gone in writes.deletions:
-            secret_key = kube.object_key(gone)
-            meta = gone.get("metadata") or {}
-            preconditions = {"uid": meta.get("uid"), "resourceVersion": meta.get("resourceVersion")}
-            try:
-                self.caches.secrets_api.delete(secret_key[1], namespace, preconditions=preconditions)
-            except ApiException as exc:
-                if exc.status == 409:  # changed since it was cached: look again with what changed
-                    self.secret_writes.forget(secret_key)
-                    return Result(retry=True, outcome="conflict")
-                if exc.status != 404:
-                    raise
-            self.secret_writes.deleted(secret_key)
+        for output_write in writes.outputs:
+            if not self.outputs.write(output_write, namespace):
+                return Result(retry=True, outcome="conflict")
         if writes.status is not None:
             old = observation.imp.get("status")
             patch = status_patch(old if isinstance(old, dict) else None, writes.status)
@@ -370,3 +387,8 @@ class Reconciler:
             log.info("import %s: %s; retrying with backoff", key, writes.failure_reason)
             return Result(requeue_after=requeue_after, retry=True, outcome="error")
         return Result(requeue_after=requeue_after)
+
+
+def _is_federated(imp: dict[str, Any]) -> bool:
+    spec = imp.get("spec")
+    return isinstance(spec, dict) and spec.get("tokenType") == TOKEN_TYPE_FEDERATED

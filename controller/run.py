@@ -16,17 +16,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
 from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks, parse_service_account
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
+from controller.outputs import OUTPUTS
+from controller.outputs.base import Output, as_section
+from controller.outputs.store import OutputCache
 from controller.reconciler import Caches, Reconciler, import_key
 from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
-from kubemcsa import api, argocd, federation, kube
+from kubemcsa import api, federation, kube
 from kubemcsa.imports import STATUS_PINS, is_pinned
 
 log = logging.getLogger(__name__)
@@ -66,6 +70,9 @@ class Options:
     # A credential Secret that matches no pin is never used; it is reported (Event, condition) once it still does
     # after this long, since its import's new pin may come through the imports' watch a moment after the Secret.
     credential_grace_seconds: float = 2.0
+    # An optional output whose type is not served (its CRD not installed): how often discovery is asked again,
+    # only while an import asks for that output.
+    output_recheck_seconds: float = 60.0
     clock: Callable[[], float] = field(default=time.time, compare=False)
 
 
@@ -120,14 +127,26 @@ class Controller:
         self.secrets = self.manager.add_informer(
             kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
         )
-        self.argocd_secrets = self.manager.add_informer(
-            kube.Informer(
-                secrets_api,
+        # Each output's watch (controller/outputs). An optional one (a CRD that may not be installed) does not hold
+        # the workers back, and starts only once discovery says its type is served: asked at start, then at most
+        # once a minute (output_recheck_seconds) while an import asks for that output, so that a cluster without
+        # the CRD sees no other call for it.
+        self.output_caches: dict[str, OutputCache] = {}
+        for output in OUTPUTS:
+            owned = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind)
+            resource = kube.Resource(local_api_client, owned)
+            informer = kube.Informer(
+                resource,
                 namespace=options.namespace,
-                label_selector=f"{argocd.SECRET_TYPE_LABEL}={argocd.SECRET_TYPE_CLUSTER}",
-                name="argocd-cluster-secrets",
+                label_selector=output.watch.label_selector,
+                name=output.watch.name,
             )
-        )
+            if not output.watch.optional:
+                self.manager.add_informer(informer)
+            self.output_caches[output.name] = OutputCache(informer, resource)
+        self._local_client = local_api_client
+        self._served_checked_at: dict[str, float] = {}
+        self._outputs_listed: set[str] = set()
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
         self.system_secrets: kube.Informer | None = None
         # And the system namespace's imports, which say which of those Secrets are credentials they control.
@@ -172,7 +191,7 @@ class Controller:
             clock=options.clock,
         )
         self.reconciler = Reconciler(
-            Caches(self.imports, self.secrets, imports_api, secrets_api, argocd_secrets=self.argocd_secrets),
+            Caches(self.imports, self.secrets, imports_api, secrets_api, outputs=self.output_caches),
             self.sources,
             EventRecorder(local_api_client, COMPONENT, self.identity, clock=options.clock),
             self.metrics,
@@ -193,17 +212,22 @@ class Controller:
         self._watch_exports(set(self.sources.names()))
         self.imports.add_handler(self._on_import)
         self.secrets.add_handler(self._on_secret)
-        self.argocd_secrets.add_handler(self._on_argocd_secret)
+        for output in OUTPUTS:
+            self.output_caches[output.name].informer.add_handler(self._output_handler(output))
         self.federated_sources.add_handler(self._on_federated_source)
         if self.system_secrets is not None:
             self.system_secrets.add_handler(self._on_system_secret)
         if self.system_imports is not None:
             self.system_imports.add_handler(self._on_system_import)
         self.manager.run_every(self.options.file_poll_seconds, self._poll_files, "source-file-poller")
+        self.manager.run_every(self.options.file_poll_seconds, self._poll_outputs, "output-watch-poller")
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
         self.manager.start()
+        for output in OUTPUTS:
+            if output.watch.optional:
+                self._start_if_served(output)
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
 
@@ -279,13 +303,53 @@ class Controller:
         if import_name:
             self.manager.queue.add(import_key(namespace, import_name))
 
-    def _on_argocd_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        """An Argo CD cluster Secret changed: the import it is named after looks again (ours are seen as import
-        Secrets too; this also catches a foreign one appearing or going away)."""
-        namespace, name = kube.object_key(obj)
-        import_name = api.import_name_for_argocd_secret(name)
-        if import_name and self.imports.get(import_name, namespace) is not None:
-            self.manager.queue.add(import_key(namespace, import_name))
+    def _output_handler(self, output: Output) -> kube.EventHandler:
+        def on_event(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+            """An output's object changed (ours, or a foreign one of a name an import uses): that import looks
+            again."""
+            self.reconciler.output_seen(output.name, obj, deleted=event == "DELETED")
+            namespace, _ = kube.object_key(obj)
+            import_name = output.watch.import_for(obj)
+            if import_name and self.imports.get(import_name, namespace) is not None:
+                self.manager.queue.add(import_key(namespace, import_name))
+
+        return on_event
+
+    def _poll_outputs(self) -> None:
+        """An optional watch whose type is not served yet: look again (at most once a minute) while an import asks
+        for that output; once it lists, those imports look again (they said why it was off, and an empty list has
+        no events to say it is on)."""
+        for output in OUTPUTS:
+            cache = self.output_caches[output.name]
+            if not output.watch.optional or output.name in self._outputs_listed:
+                continue
+            asking = [imp for imp in self.imports.list() if as_section(imp, output.spec_field) is not None]
+            checked = self._served_checked_at.get(output.name, 0.0)
+            if not cache.served and asking and self.options.clock() >= checked + self.options.output_recheck_seconds:
+                self._start_if_served(output)
+            if cache.informer.has_synced:
+                self._outputs_listed.add(output.name)
+                for imp in asking:
+                    self.manager.queue.add(import_key(*kube.object_key(imp)))
+
+    def _start_if_served(self, output: Output) -> None:
+        """Start an optional output's informer if discovery lists its type (a failed look counts as served: the
+        informer then says what is wrong)."""
+        cache = self.output_caches[output.name]
+        self._served_checked_at[output.name] = self.options.clock()
+        path = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind).path()
+        try:
+            listing = kube.get_path(self._local_client, path.rsplit("/", 1)[0], timeout=self.options.remote_timeout)
+            cache.served = any(r.get("name") == output.owns.plural for r in listing.get("resources") or [])
+        except ApiException as exc:
+            cache.served = exc.status != 404
+        except kube.CONNECTION_ERRORS:
+            cache.served = True
+        if cache.served:
+            self.manager.add_informer(cache.informer, required=False)
+            cache.informer.start()
+        else:
+            log.info("%s are not served here: the %s output is off until they are", output.owns.plural, output.name)
 
     def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         """A federated source was recorded, changed or removed: its imports look again, and ask it afresh."""

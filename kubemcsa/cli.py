@@ -17,7 +17,7 @@ import urllib3
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, config, kube
+from kubemcsa import api, config, exec_plugin, kube
 from kubemcsa.credentials import CredentialsError
 
 EXIT_OK = 0
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    exec_plugin.add_parser(commands, prog)
 
     boot = commands.add_parser(
         "bootstrap",
@@ -560,6 +561,7 @@ COMMANDS = {
     "export": _run_export,
     "status": _run_status,
     "demo": _run_demo,
+    "credentials": exec_plugin.run,
 }
 
 

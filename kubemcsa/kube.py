@@ -508,7 +508,9 @@ class Informer:
                 if exc.status == 410:
                     version = None
                     continue
-                log.warning("informer %s: %s; retrying in %.1fs", self.name, error_message(exc), backoff)
+                # 404: the type is not served (an optional CRD not installed): expected, so not a warning.
+                level = logging.INFO if exc.status == 404 else logging.WARNING
+                log.log(level, "informer %s: %s; retrying in %.1fs", self.name, error_message(exc), backoff)
                 self.last_error, self.last_exception = exc.status or 0, exc
                 version = None
                 self._stopped.wait(backoff)

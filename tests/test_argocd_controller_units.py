@@ -1,10 +1,10 @@
-"""The controller's decision for an import's Argo CD cluster Secret (pure: controller.argocd_secret)."""
+"""The controller's decision for an import's Argo CD cluster Secret (pure: controller.outputs.argocd)."""
 
 from __future__ import annotations
 
 import copy
 
-from controller import argocd_secret as ac
+from controller.outputs import argocd as ac
 from kubemcsa import api, argocd
 from kubemcsa.credentials import Credentials, to_secret_data
 from kubemcsa.spec import parse_spec

@@ -63,6 +63,7 @@ class Manager:
         self.options = options
         self.queue = WorkQueue(base_delay=options.backoff_base, max_delay=options.backoff_max)
         self.informers: list[kube.Informer] = []
+        self._optional: set[int] = set()  # ids of informers the workers do not wait for
         self._reconcile = reconcile
         self._all_keys = all_keys
         self._exposition = exposition
@@ -91,8 +92,12 @@ class Manager:
             )
 
     # --- wiring ---
-    def add_informer(self, informer: kube.Informer) -> kube.Informer:
+    def add_informer(self, informer: kube.Informer, *, required: bool = True) -> kube.Informer:
+        """Start `informer` with the manager; the workers wait for it to sync unless it is not `required` (a type
+        that may not be served, like an optional CRD: whoever reads it checks has_synced)."""
         self.informers.append(informer)
+        if not required:
+            self._optional.add(id(informer))
         return informer
 
     def spawn(self, target: Callable[[], None], name: str) -> None:
@@ -132,6 +137,8 @@ class Manager:
 
     def _start_workers_when_synced(self) -> None:
         for informer in self.informers:
+            if id(informer) in self._optional:
+                continue
             while not informer.wait_for_sync(0.5):
                 if self._stopping.is_set():
                     return

@@ -293,7 +293,7 @@ class Cluster:
     def _invalid(self, info: ResourceInfo, name: str, causes: list[tuple[str, str]]) -> StatusError:
         return errors.invalid(info.kind, name, causes, info.group)
 
-    def _validate(self, info: ResourceInfo, obj: Obj) -> None:
+    def _validate(self, info: ResourceInfo, obj: Obj, old: Obj | None = None) -> None:
         causes = validation.object_causes(obj, info)
         if info.custom:
             crd = self.registry.crd_for(info)
@@ -302,7 +302,8 @@ class Cluster:
                 body = _without(obj, "metadata", "apiVersion", "kind")
                 causes += validation.schema_causes(body, schema)
                 if not causes:  # as kube: CEL rules run on objects that pass the structural schema
-                    causes += validation.rule_causes(body, schema)
+                    previous = _without(old, "metadata", "apiVersion", "kind") if old is not None else None
+                    causes += validation.rule_causes(body, schema, old=previous)
         if causes:
             raise self._invalid(info, str(_meta(obj).get("name") or ""), causes)
 
@@ -562,7 +563,7 @@ class Cluster:
             if admit and self.admit is not None and subresource == "":
                 new = self.admit(info, "UPDATE", new, old, namespace, user, dry_run, subresource)
                 new = self._check_type(info, new)
-            self._validate(info, new)
+            self._validate(info, new, old)
             self._finish_update(info, old, new)
             if dry_run:
                 return new

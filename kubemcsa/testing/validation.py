@@ -334,7 +334,7 @@ def _rule_compile_causes(schema: dict[str, Any], field: str) -> list[Cause]:
             causes.append((where, "Required value"))
             continue
         try:
-            cel.compile_expression(text, variables={"self"})
+            cel.compile_expression(text, variables={"self", "oldSelf"})
         except cel.CelError as exc:
             causes.append((where, f"Invalid value: {_q(text)}: compilation failed: {exc}"))
     for key, sub in _dict(schema.get("properties")).items():
@@ -684,12 +684,17 @@ def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Ca
     return causes
 
 
-def rule_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Cause]:
+_MISSING = object()
+
+
+def rule_causes(value: Any, schema: dict[str, Any], path: str = "", *, old: Any = _MISSING) -> list[Cause]:
     """Causes for the CRD validation rules (`x-kubernetes-validations`, CEL with `self`) that `value` breaks.
 
     As kube-apiserver: a rule is checked where its field is present, a failure is `Invalid value: "<type>":
     <message>` at that field (the rule itself when there is no message), and an evaluation error is an
-    invalid value too. A rule outside the evaluator's subset raises CelError: it must fail loudly, not pass.
+    invalid value too. A transition rule (one that reads `oldSelf`) is checked only on an update, where the
+    field had a value before (`old`, the previous object; absent on create). A rule outside the evaluator's
+    subset raises CelError: it must fail loudly, not pass.
     """
     from kubemcsa.testing import cel
 
@@ -700,9 +705,16 @@ def rule_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Caus
     for rule in schema.get("x-kubernetes-validations") or []:
         if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str):
             continue
-        program = cel.compile_expression(rule["rule"], variables={"self"})
         try:
-            passed = program.evaluate({"self": value}) is True
+            program = cel.compile_expression(rule["rule"], variables={"self"})
+            activation: dict[str, Any] = {"self": value}
+        except cel.CelError:
+            program = cel.compile_expression(rule["rule"], variables={"self", "oldSelf"})
+            if old is _MISSING or old is None:
+                continue  # a transition rule: nothing to compare with
+            activation = {"self": value, "oldSelf": old}
+        try:
+            passed = program.evaluate(activation) is True
         except cel.CelError:
             passed = False
         if not passed:
@@ -710,13 +722,15 @@ def rule_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Caus
             causes.append((str(rule.get("fieldPath") or field), f"Invalid value: {_q(_type_name(value))}: {message}"))
     if isinstance(value, dict):
         props = schema.get("properties") or {}
+        previous = old if isinstance(old, dict) else {}
         for key, item in value.items():
             if not path and key in ("apiVersion", "kind", "metadata"):
                 continue
             if key in props:
-                causes.extend(rule_causes(item, props[key], f"{path}.{key}" if path else key))
+                sub_old = previous.get(key, _MISSING) if old is not _MISSING else _MISSING
+                causes.extend(rule_causes(item, props[key], f"{path}.{key}" if path else key, old=sub_old))
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, item in enumerate(value):
+        for i, item in enumerate(value):  # list items have no old value here (kube pairs them only in map lists)
             causes.extend(rule_causes(item, schema["items"], f"{path}[{i}]"))
     return causes
 

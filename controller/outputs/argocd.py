@@ -1,4 +1,4 @@
-"""What to do with an import's Argo CD cluster Secret, decided from data alone (no API call, no clock).
+"""The Argo CD output: an import's Argo CD cluster Secret, decided from data alone (no API call, no clock).
 
 The Secret `<import>-argocd` sits next to the import's own Secret and carries the same credentials in Argo CD's
 format (kubemcsa.argocd). It follows the import's Secret: written once that Secret holds what Argo CD needs (a
@@ -9,32 +9,19 @@ changes nothing: the last good token stays."""
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
 from typing import Any
 
+from controller.outputs.base import Observed, Output, OutputAction, OutputInput, Owned, Want, Watch, plan_output
 from kubemcsa import api, argocd
 from kubemcsa.credentials import CredentialsError, from_secret_data
-from kubemcsa.imports import as_dict, controlled_secret, is_controlled_by, metadata_of, string_map
+from kubemcsa.imports import as_dict, controlled_secret, metadata_of, string_map
 from kubemcsa.spec import ImportSpec
 
 CONDITION_ARGOCD = "ArgoCDSecretReady"
 REASON_WRITTEN = "SecretWritten"
 REASON_WAITING = "WaitingForToken"
 
-
-@dataclass(frozen=True)
-class ArgoCDAction:
-    """The one write, if any, the Argo CD Secret needs, and the condition to report (None: no condition)."""
-
-    write: dict[str, Any] | None = None  # the Secret to create (create=True) or replace
-    create: bool = False
-    delete: dict[str, Any] | None = None  # the cached Secret to delete (its uid and resourceVersion as preconditions)
-    condition: dict[str, str] | None = None  # type, status, reason, message; None: no such condition
-    report: bool = True  # False: leave the condition as it is (the spec is invalid, so nothing is known)
-
-
-def _condition(status: str, reason: str, message: str) -> dict[str, str]:
-    return {"type": CONDITION_ARGOCD, "status": status, "reason": reason, "message": message}
+ArgoCDAction = OutputAction  # the name the Argo CD tests know
 
 
 def desired_argocd_data(
@@ -79,6 +66,44 @@ def _is_current(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     )
 
 
+def _desire(inp: OutputInput) -> Want:
+    name = api.argocd_secret_name_for_import(metadata_of(inp.imp).get("name", ""))
+    if inp.withdrawn:
+        message = f"Secret {name} is written once the service account is exported."
+        return Want(OUTPUT.condition("False", api.REASON_NOT_EXPORTED, message), delete=True)
+    data = desired_argocd_data(inp.imp, inp.spec, inp.import_secret)
+    if data is None:
+        if inp.existing is not None:  # the import's Secret lost its token (or never had one): Argo CD keeps the last
+            return Want(_written(name, inp.config))
+        message = f"Secret {name} is written once the import's own Secret is."
+        return Want(OUTPUT.condition("False", REASON_WAITING, message))
+    return Want(_written(name, inp.config), body=desired_argocd_secret(inp.imp, data, inp.existing))
+
+
+def _written(name: str, cluster: argocd.ArgoCDCluster) -> dict[str, str]:
+    message = f"Secret {name} registers this cluster in Argo CD as {cluster.name!r}."
+    return OUTPUT.condition("True", REASON_WRITTEN, message)
+
+
+OUTPUT = Output(
+    name="argocd",
+    spec_field="argoCD",
+    condition_type=CONDITION_ARGOCD,
+    owns=Owned("v1", "Secret", "secrets", name_for=api.argocd_secret_name_for_import),
+    # Every Argo CD cluster Secret, ours or not: a hand-written one named like an import's is seen, and left alone.
+    watch=Watch(
+        name="argocd-cluster-secrets",
+        label_selector=f"{argocd.SECRET_TYPE_LABEL}={argocd.SECRET_TYPE_CLUSTER}",
+        import_for=lambda obj: api.import_name_for_argocd_secret(metadata_of(obj).get("name", "")),
+    ),
+    parse=lambda spec, section: spec.argocd,  # spec.argoCD is part of the import's contract (kubemcsa.spec)
+    desire=_desire,
+    is_current=_is_current,
+    conflict_reason=api.REASON_SECRET_CONFLICT,
+    quiet_reasons=(REASON_WAITING,),
+)
+
+
 def assess_argocd_secret(
     imp: dict[str, Any],
     spec: ImportSpec | None,
@@ -86,46 +111,8 @@ def assess_argocd_secret(
     existing: dict[str, Any] | None,
     *,
     withdrawn: bool = False,
-) -> ArgoCDAction:
+) -> OutputAction:
     """Decide for the Argo CD Secret of `imp`, given its parsed spec (None if invalid), the import's Secret as it is
     (or is being written) and the Argo CD Secret as cached (or None). `withdrawn`: the source no longer exports the
     service account, so no Secret may keep its token."""
-    meta = metadata_of(imp)
-    name = api.argocd_secret_name_for_import(meta.get("name", ""))
-    if spec is None:  # an invalid spec: keep what exists, report nothing new
-        return ArgoCDAction(report=False)
-    ours = existing is not None and is_controlled_by(existing, meta.get("uid", ""))
-    if spec.argocd is None:
-        return ArgoCDAction(delete=existing if ours else None)
-    if existing is not None and not ours:
-        return ArgoCDAction(
-            condition=_condition(
-                "False",
-                api.REASON_SECRET_CONFLICT,
-                f"A Secret named {name} already exists in namespace {meta.get('namespace')} and is not controlled "
-                "by this import; delete or rename that Secret, or rename the import.",
-            )
-        )
-    if withdrawn:
-        return ArgoCDAction(
-            delete=existing if ours else None,
-            condition=_condition(
-                "False", api.REASON_NOT_EXPORTED, f"Secret {name} is written once the service account is exported."
-            ),
-        )
-    data = desired_argocd_data(imp, spec, import_secret)
-    if data is None:
-        if ours:  # the import's Secret lost its token (or never had one): Argo CD keeps the last good one
-            return ArgoCDAction(condition=_written(name, spec.argocd))
-        return ArgoCDAction(
-            condition=_condition("False", REASON_WAITING, f"Secret {name} is written once the import's own Secret is.")
-        )
-    wanted = desired_argocd_secret(imp, data, existing)
-    condition = _written(name, spec.argocd)
-    if ours and existing is not None and _is_current(existing, wanted):
-        return ArgoCDAction(condition=condition)
-    return ArgoCDAction(write=wanted, create=not ours, condition=condition)
-
-
-def _written(name: str, cluster: argocd.ArgoCDCluster) -> dict[str, str]:
-    return _condition("True", REASON_WRITTEN, f"Secret {name} registers this cluster in Argo CD as {cluster.name!r}.")
+    return plan_output(OUTPUT, imp, spec, import_secret, Observed(existing), withdrawn=withdrawn)
