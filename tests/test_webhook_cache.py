@@ -23,7 +23,8 @@ USER = f"system:serviceaccount:{api.SYSTEM_NAMESPACE}:{SERVICE_NAME}"
 def webhook_client(cluster: Any) -> Any:
     admin = cluster.admin_client()
     kube.Resource(admin, kube.CRDS).create(api.crd_manifest())
-    kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": api.SYSTEM_NAMESPACE}})
+    for namespace in (api.SYSTEM_NAMESPACE, api.CERT_NAMESPACE):  # the webhook's RBAC spans both
+        kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": namespace}})
     for name in ("serviceaccount.yaml", "rbac.yaml"):
         for doc in yaml.safe_load_all((MANIFESTS / name).read_text()):
             if doc:
