@@ -23,12 +23,16 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubernetes.client import ApiClient
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
-from certs import manager
-from kubemcsa import tls
+    from certs import manager
+
+# certs.manager (the Kubernetes client) and kubemcsa.tls (cryptography) are imported where they are used: every
+# serving worker of the webhook runs a CertificateReloader, and its memory stays that of a bare server until a
+# certificate is renewed.
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +152,8 @@ class CertificateReloader:
             return True
 
     def _load(self, cert_pem: bytes, key_pem: bytes) -> None:
+        from kubemcsa import tls
+
         if not tls.key_matches(cert_pem, key_pem):
             raise ValueError("the certificate and the key do not belong together")
         with _private_pair(cert_pem, key_pem) as (cert_path, key_path):
@@ -192,6 +198,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _expiry(cert_pem: bytes) -> str:
+    from kubemcsa import tls
+
     try:
         return tls.not_after(cert_pem).isoformat()
     except tls.CertificateFormatError:
@@ -239,6 +247,8 @@ class RenewalLoop:
 
     def run_once(self) -> manager.CertificateBundle:
         """One round: ensure, write the files, reload. Raises CertificateError or OSError."""
+        from certs import manager
+
         bundle = manager.ensure_webhook_certificates(self.api_client, **self.ensure_arguments)
         manager.write_files(bundle, self.directory)
         if self.reloader is not None:
@@ -250,6 +260,8 @@ class RenewalLoop:
         return bundle
 
     def _run(self) -> None:
+        from certs import manager
+
         delay = 0.0 if self.run_immediately else self.interval_seconds
         while not self._stopped.wait(delay):
             try:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, kube
+from kubemcsa import api
 from kubemcsa.credentials import Credentials
 
 JSON = dict[str, Any]
@@ -339,6 +338,11 @@ class TrustCheck:
 def check_trust(source: FederatedSource, token: str, timeout: float = 10) -> TrustCheck:
     """Send `token` (this cluster's, for an audience the source's record allows, of an identity that holds no
     RBAC here) to the source's SelfSubjectReview."""
+    # Imported here: the webhook's serving workers use this module's pure part and never load the client.
+    from kubernetes.client.exceptions import ApiException
+
+    from kubemcsa import kube
+
     creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
     client = kube.client_for_credentials(creds)
     where = f"cluster {source.cluster_name}"

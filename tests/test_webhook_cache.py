@@ -13,7 +13,8 @@ import yaml
 from kubemcsa import api, kube
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import SERVICE_NAME
-from webhook.cache import NAMESPACE_LOOKUP_BURST, WatchCache, _Recent
+from webhook.cache import NAMESPACE_LOOKUP_BURST, WatchCache
+from webhook.lookups import Recent
 from webhook.mutation import LookupFailed
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests" / "webhook"
@@ -81,7 +82,7 @@ def test_unknown_namespaces_cost_a_bounded_number_of_gets(cluster1: Any) -> None
 
 def test_remembered_answers_are_bounded_in_number() -> None:
     now = [0.0]
-    recent = _Recent(10.0, max_entries=3, clock=lambda: now[0])
+    recent = Recent(10.0, max_entries=3, clock=lambda: now[0])
     for i in range(10):
         recent.put(f"k{i}", i)
     assert len(recent) == 3 and [recent.get(f"k{i}") for i in (6, 7, 8, 9)] == [None, 7, 8, 9]
@@ -93,7 +94,7 @@ def test_remembered_answers_are_bounded_in_number() -> None:
 @pytest.mark.parametrize("ttl", [None, 0.5])
 def test_an_answer_stands_for_its_time_only(ttl: float | None) -> None:
     now = [0.0]
-    recent = _Recent(1.0, clock=lambda: now[0])
+    recent = Recent(1.0, clock=lambda: now[0])
     recent.put("k", "v", ttl)
     now[0] = 0.4
     assert recent.get("k") == "v"

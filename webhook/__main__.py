@@ -2,6 +2,7 @@
 
     python -m webhook --port 9443 --tls-cert-file /certs/tls.crt --tls-key-file /certs/tls.key [--kubeconfig F]
     python -m webhook --port 9443 --manage-certificates --cert-dir /run/tls   # no cert-manager needed
+    python -m webhook ... --workers 2   # (default: the cores the pod may use, at most 4; 0: all in this process)
 
 /healthz, /readyz and /metrics are also served in plain HTTP on --health-port (8080), which the webhook port's
 connection caps do not count: kubelet's probes and Prometheus get through while clients hold the webhook port.
@@ -11,6 +12,7 @@ and reloaded into the live TLS context when they change (a renewal drops no requ
 --manage-certificates, the webhook itself keeps the CA, the serving certificate (in a Secret shared by all
 replicas) and the MutatingWebhookConfiguration's caBundle up to date (certs.manager). SIGTERM: readiness turns
 off, and after --shutdown-delay seconds (for the endpoints to forget this pod) in-flight requests finish.
+With --workers N, this process watches the cluster and N serving processes share the port (webhook.workers).
 """
 
 from __future__ import annotations
@@ -29,17 +31,21 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from kubernetes import client
 
-from certs import manager
 from certs.reloader import CertificateReloader, RenewalLoop
-from kubemcsa import api, kube
-from webhook import connections
+from kubemcsa import api
+from webhook import connections, workers
 from webhook.app import WebhookCache, create_app, create_health_app
-from webhook.cache import WatchCache
+
+if TYPE_CHECKING:
+    from kubernetes import client
+    from prometheus_client import CollectorRegistry
+
+# The Kubernetes client (certs.manager, kubemcsa.kube, webhook.cache) is imported where it is used: the serving
+# workers (webhook.worker) import this module for WebhookServer, and never talk to the API server themselves.
 
 log = logging.getLogger("webhook")
 
@@ -94,6 +100,9 @@ class WebhookServer:
         idle_timeout: float = connections.DEFAULT_IDLE_TIMEOUT,
         health_port: int | None = None,
         health_host: str | None = None,
+        listen_socket: socket.socket | None = None,
+        exposition: CollectorRegistry | None = None,
+        health_socket: socket.socket | None = None,
     ) -> None:
         if cache is None and api_client is None:
             raise ValueError("WebhookServer needs an api_client or a cache")
@@ -102,7 +111,14 @@ class WebhookServer:
         self.host = host
         self.port = port
         self._own_cache = cache is None
-        self.cache: Any = cache if cache is not None else WatchCache(api_client)  # type: ignore[arg-type]
+        if cache is None:
+            from webhook.cache import WatchCache
+
+            cache = WatchCache(api_client)  # type: ignore[arg-type]
+        self.cache: Any = cache
+        # Sockets bound (and shared) by a parent process (webhook.workers): served instead of binding host:port.
+        self._listen_socket = listen_socket
+        self._health_socket = health_socket
         self.reload_interval = reload_interval
         self.graceful_timeout = graceful_timeout
         self.request_read_timeout = request_read_timeout
@@ -116,7 +132,7 @@ class WebhookServer:
         self._health_thread: threading.Thread | None = None
         self.reloader: CertificateReloader | None = None
         self._tls_loaded = False
-        self.app = create_app(self.cache, tls_ready=lambda: self._tls_loaded)
+        self.app = create_app(self.cache, tls_ready=lambda: self._tls_loaded, exposition=exposition)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._reload_thread: threading.Thread | None = None
@@ -157,7 +173,9 @@ class WebhookServer:
             ),
         )
         uvicorn_config.load()  # Raises here, in the caller's thread, if the certificate files are unusable.
-        sock = _listen(self.host, self.port)
+        sock = self._listen_socket
+        if sock is None:
+            sock = workers.listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn_config)
         self._server.handshake_timeout = self.request_read_timeout
@@ -193,7 +211,9 @@ class WebhookServer:
             ),
         )
         health_config.load()
-        sock = _listen(self.health_host, self.health_port)
+        sock = self._health_socket
+        if sock is None:
+            sock = workers.listening_socket(self.health_host, self.health_port)
         self.health_port = sock.getsockname()[1]
         self._health_server = uvicorn.Server(health_config)
         self._health_thread = _serve_in_thread(self._health_server, sock, "webhook-health")
@@ -237,18 +257,6 @@ class WebhookServer:
 
 def _host_in_url(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A bound TCP socket for uvicorn to serve (bound here, so that port 0 is known before serving)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then (without it, Nagle and
-    # delayed ACKs add 40 ms to every answer sent in two writes).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
 
 
 def _serve_in_thread(server: uvicorn.Server, sock: socket.socket, name: str) -> threading.Thread:
@@ -348,6 +356,19 @@ def _parser() -> argparse.ArgumentParser:
         help="plain-HTTP port of /healthz, /readyz and /metrics, outside the webhook port's connection caps; "
         f"0 for none (default: {DEFAULT_HEALTH_PORT})",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="serving processes sharing the port, fed by this process's one watch of the cluster (default: the "
+        f"cores the pod may use, at most {workers.DEFAULT_MAX_WORKERS}; 0: serve in this process)",
+    )
+    parser.add_argument(
+        "--metrics-dir",
+        default=None,
+        help="with --workers, where the workers keep their metrics for /metrics to add up (emptied at start; "
+        "default: a new directory in /dev/shm, memory that a read-only root filesystem leaves writable)",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -361,7 +382,13 @@ def _own_namespace() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from certs import manager
+    from kubemcsa import kube
+
     args = _parser().parse_args(argv)
+    if args.workers is not None and args.workers < 0:
+        print("error: --workers takes a number of processes, 0 or more (0: serve in this process)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.manage_certificates:
         if args.tls_cert_file or args.tls_key_file:
@@ -412,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return EXIT_FAILED
             delay = min(delay * 2, 30)
 
+    count = workers.default_workers() if args.workers is None else args.workers
+    if count > 0:
+        return _serve_with_workers(args, api_client, cert_file, key_file, count, renewal, stop)
     server = WebhookServer(
         api_client,
         cert_file,
@@ -450,6 +480,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         if renewal is not None:
             renewal.stop()
         server.stop()
+        with contextlib.suppress(Exception):
+            api_client.close()
+    return 0
+
+
+def _serve_with_workers(
+    args: argparse.Namespace,
+    api_client: client.ApiClient,
+    cert_file: str,
+    key_file: str,
+    count: int,
+    renewal: RenewalLoop | None,
+    stop: threading.Event,
+) -> int:
+    """Watch here, serve in `count` worker processes sharing the port, until `stop`; then drain and stop them."""
+    from webhook.cache import WatchCache
+
+    cache = WatchCache(api_client).start()
+    pool = workers.WorkerPool(
+        cache,
+        cert_file,
+        key_file,
+        host=args.host,
+        port=args.port,
+        workers=count,
+        request_read_timeout=args.request_read_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        idle_timeout=args.idle_timeout,
+        health_port=args.health_port or None,
+        metrics_dir=args.metrics_dir,
+        log_level=args.log_level,
+    )
+    try:
+        pool.start()
+        settle_garbage_collector()
+    except (OSError, RuntimeError, ValueError) as exc:
+        health = f" (health on port {args.health_port})" if args.health_port else ""
+        print(f"error: cannot serve on {args.host}:{args.port}{health} with {cert_file} ({exc})", file=sys.stderr)
+        pool.stop()
+        cache.stop()
+        return EXIT_FAILED
+    if renewal is not None:
+        renewal.start()  # it writes the files; every worker reloads them by itself
+    try:
+        while not stop.wait(1.0):  # (a timeout, so that the signal handler runs promptly)
+            pass
+        log.info("stopping: not ready any more, closing in %.0fs", args.shutdown_delay)
+        pool.drain()
+        time.sleep(args.shutdown_delay)
+    finally:
+        if renewal is not None:
+            renewal.stop()
+        pool.stop()
+        cache.stop()
         with contextlib.suppress(Exception):
             api_client.close()
     return 0

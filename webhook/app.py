@@ -2,7 +2,8 @@
 see create_health_app).
 
 The request path stays lean: a bare ASGI endpoint, body bytes in, `review.review` against the cache's dict-only
-view, bytes out (FastAPI's request and validation layers cost as much as the review itself).
+view, bytes out (FastAPI's request and validation layers cost as much as the review itself; the app is a plain
+Starlette one: FastAPI's import alone is 15 MiB, a third of a serving worker's memory).
 Only when the cache misses does the review complete in the thread pool, where it may ask the API server; bodies
 too large to parse within a millisecond are parsed in a worker process.
 """
@@ -22,12 +23,13 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
-from fastapi import FastAPI
-from fastapi.responses import Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
@@ -343,8 +345,8 @@ def _loop_time(monotonic_deadline: float) -> float:
     return loop.time() + (monotonic_deadline - time.monotonic())
 
 
-class _WebhookApp(FastAPI):
-    """FastAPI, except that POST /mutate-pods goes straight to its endpoint, without the middleware stack."""
+class _WebhookApp(Starlette):
+    """Starlette, except that POST /mutate-pods goes straight to its endpoint, without the middleware stack."""
 
     mutate_pods: _MutatePods
 
@@ -355,17 +357,13 @@ class _WebhookApp(FastAPI):
             await super().__call__(scope, receive, send)
 
 
-def _add_health_routes(
-    target: FastAPI, webhook: FastAPI, cache: WebhookCache, tls_ready: Callable[[], bool] | None
-) -> None:
-    """/healthz, /readyz and /metrics of `webhook` (its state, its cache, its metrics), served by `target`."""
+def _health_routes(webhook: Starlette, cache: WebhookCache, tls_ready: Callable[[], bool] | None) -> list[Route]:
+    """/healthz, /readyz and /metrics of `webhook` (its state, its cache, its metrics), for any app to serve."""
 
-    @target.get("/healthz")
-    async def healthz() -> Response:
+    async def healthz(request: Request) -> Response:
         return Response(b"ok", media_type="text/plain")
 
-    @target.get("/readyz")
-    async def readyz() -> Response:
+    async def readyz(request: Request) -> Response:
         problems = []
         if webhook.state.draining:
             problems.append("shutting down")
@@ -377,33 +375,43 @@ def _add_health_routes(
             return Response(("not ready: " + "; ".join(problems)).encode(), status_code=503, media_type="text/plain")
         return Response(b"ok", media_type="text/plain")
 
-    @target.get("/metrics")
-    async def metrics_endpoint() -> Response:
+    async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(webhook.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    return [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
 
-def create_health_app(webhook: FastAPI) -> FastAPI:
+
+def create_health_app(webhook: Starlette) -> Starlette:
     """/healthz, /readyz and /metrics of `webhook` alone, for a port of their own (kubelet and Prometheus reach
     it even while clients hold every connection of the webhook's port)."""
-    health = FastAPI(
-        title="multicluster-service-account webhook health", docs_url=None, redoc_url=None, openapi_url=None
-    )
-    _add_health_routes(health, webhook, webhook.state.cache, webhook.state.tls_ready)
-    return health
+    return Starlette(routes=_health_routes(webhook, webhook.state.cache, webhook.state.tls_ready))
 
 
-def create_app(cache: WebhookCache, *, tls_ready: Callable[[], bool] | None = None) -> FastAPI:
-    """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded."""
-    app = _WebhookApp(title="multicluster-service-account webhook", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(
+    cache: WebhookCache,
+    *,
+    tls_ready: Callable[[], bool] | None = None,
+    exposition: CollectorRegistry | None = None,
+) -> Starlette:
+    """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded;
+    `exposition` is what /metrics serves instead of this app's own registry (a serving worker of several gives
+    every worker's metrics, prometheus_client's multiprocess mode)."""
     metrics = _Metrics(cache)
+    mutate_pods = _MutatePods(cache, metrics)
+    app = _WebhookApp()
+    # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
+    app.router.routes.append(Route(MUTATE_PATH, mutate_pods, methods=["POST"]))  # for the route listing
+    app.router.routes.extend(_health_routes(app, cache, tls_ready))
+    app.mutate_pods = mutate_pods
+    if exposition is not None:
+        metrics.registry = exposition
     app.state.metrics = metrics
     app.state.draining = False
     app.state.cache = cache
     app.state.tls_ready = tls_ready
-    # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).
-    app.mutate_pods = _MutatePods(cache, metrics)
-    app.state.parser = app.mutate_pods.parser
-    app.router.routes.append(Route(MUTATE_PATH, app.mutate_pods, methods=["POST"]))  # for the route listing
-
-    _add_health_routes(app, app, cache, tls_ready)
+    app.state.parser = mutate_pods.parser
     return app
