@@ -1,19 +1,29 @@
 """Benchmark the admission webhook over TLS against a bare uvicorn app, in the same run, then under attack.
 
-    python bench/bench_webhook.py [--seconds 4] [--rounds 4] [--connections 1 8] [--attack-seconds 4]
+    python bench/bench_webhook.py            # the whole benchmark, one command (about 2 minutes)
+    python bench/bench_webhook.py [--seconds 8] [--rounds 4] [--connections 1 8] [--workers 1 2] [--no-attack]
 
-Both servers run at once, each in its own process: the webhook as deployed (WebhookServer, its cache holding
-the imports), and a bare app (a plain ASGI callable that parses the JSON and answers allowed: true). The load
-generator is a third process with one keep-alive HTTPS connection per thread, posting a realistic AdmissionReview
-(the kubectl fixture, annotated with three imports); the servers are measured in alternating short rounds, so
-that changes in the machine's load hit both alike. Prints requests per second and p50/p99 latency as a table.
-Target (issue 4): at 8 connections, >= 70 % of the bare app's requests per second and p99 < 5 ms on 2 cores.
+Throughput (issue 19): the bare app (a plain ASGI callable that parses the JSON and answers allowed: true) and
+the webhook as `kubemcsa-webhook --workers N` serves it (webhook.workers: a parent process, N serving workers
+sharing the socket, its cache holding the imports), each in its own process tree, with no instrumentation in
+either. The bare app runs with as many processes as the webhook has workers (sharing one socket the same way),
+so that "vs bare" compares like with like. The load generator is `wrk` where installed (a native one: the
+Python one below costs more CPU than the servers it measures, on the same cores), posting a realistic
+AdmissionReview (the kubectl fixture, annotated with three imports) on keep-alive HTTPS connections; the
+servers are measured in alternating short rounds, so that changes in the machine's load hit all alike. Prints
+requests per second, p50/p99 latency, the ratio to bare, requests per CPU-second of the server's whole process
+tree (and its ratio to bare's), and the memory (RSS, and PSS: shared pages split) of every process.
+Target (issue 19): at 8 connections with 1 worker, >= 90 % of the bare app's requests per second.
 
-Then the worst requests the webhook accepts (issue 10): the costliest body it parses on its event loop (16 KiB of
-nested lists, timed in this process: that is the longest the loop is busy with one request), the 80,000-name
-annotation, a 4 MiB body of tiny objects with 32 imports and 250 containers, and a body over the cap; each one's
-latency, then the ordinary request's req/s and p99 at 8 connections while an attacker process posts the worst
-large body without pause on 2 connections (the figures to compare with the quiet ones above).
+Memory as deployed: `python -m webhook` against an in-memory API server, with --workers 0 (one process, the
+behaviour before issue 19) and --workers 2: RSS of the parent, each worker and each large-request parser.
+Target (issue 19): <= 50 MiB per serving worker.
+
+Then, in a phase of its own, the worst requests the webhook accepts (issue 10), on an instrumented in-process
+webhook (an event-loop timer and a 1 ms sleep probe): the costliest body it parses on its event loop (16 KiB of
+nested lists, timed in this process), the 80,000-name annotation, a 4 MiB body of tiny objects with 32 imports and
+250 containers, and a body over the cap; each one's latency, then the ordinary request's req/s and p99 at 8
+connections while an attacker process posts the worst large body without pause on 2 connections.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ import asyncio
 import http.client
 import json
 import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -131,6 +143,68 @@ def serve(kind: str, port: int, cert_file: str, key_file: str) -> None:
     sys.stdin.read()
     server.should_exit = True
     thread.join(10)
+
+
+def serve_processes(kind: str, port: int, workers: int, cert_file: str, key_file: str) -> None:
+    """Serve without instrumentation until stdin closes: the webhook as `--workers N` serves it, or the bare app in
+    N processes sharing one socket the same way."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if kind == "pool":
+        from kubemcsa import api
+        from webhook.lookups import StaticCache
+        from webhook.workers import WorkerPool
+
+        cache = StaticCache(
+            {NAMESPACE: {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}, {(NAMESPACE, name) for name in IMPORTS}
+        )
+        pool = WorkerPool(cache, cert_file, key_file, port=port, workers=workers, log_level="warning").start()
+        print("ready", flush=True)
+        sys.stdin.read()
+        pool.stop()
+        return
+    from webhook.workers import listening_socket
+
+    sock = listening_socket("127.0.0.1", port)
+    sock.listen(2048)
+    argv = [sys.executable, __file__, "--serve", "bare-fd", "--port", str(sock.fileno())]
+    argv += ["--cert", cert_file, "--key", key_file]
+    children = [
+        subprocess.Popen(argv, pass_fds=(sock.fileno(),), stdout=subprocess.PIPE, text=True) for _ in range(workers)
+    ]
+    for child in children:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    print("ready", flush=True)
+    sys.stdin.read()
+    for child in children:
+        child.send_signal(signal.SIGTERM)
+    for child in children:
+        child.wait(20)
+
+
+def serve_bare_on(fd: int, cert_file: str, key_file: str) -> None:
+    """One process of the bare app, on an inherited listening socket."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        bare_app,
+        ssl_certfile=cert_file,
+        ssl_keyfile=key_file,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        timeout_keep_alive=65,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [socket.socket(fileno=fd)]}, daemon=True)
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    print("ready", flush=True)
+    while thread.is_alive():
+        thread.join(0.5)
 
 
 async def _watch_loop(lags: list[float]) -> None:
@@ -332,43 +406,307 @@ def event_loop_lag(server: subprocess.Popen[str]) -> dict[str, float]:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux): what a server spends, whatever else loads the machine."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except FileNotFoundError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_case(port: int, ca_file: str, connections: int, seconds: float, pid: int | None = None) -> dict[str, Any]:
-    argv = [sys.executable, __file__, "--load", str(port), "--ca", ca_file]
-    argv += ["--connections", str(connections), "--seconds", str(seconds)]
-    before = cpu_seconds(pid) if pid else 0.0
-    result = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
-    result["cpu"] = cpu_seconds(pid) - before if pid else 0.0
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (workers, their large-request parsers)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return sum(cpu_seconds(member) for member in process_tree(pid))
+
+
+def memory(pid: int) -> tuple[str, float, float]:
+    """(role, RSS MiB, PSS MiB) of a process: PSS splits the pages it shares with others among them."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    figures = {"Rss": 0.0, "Pss": 0.0}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in figures:
+            figures[name] = int(value.split()[0]) / 1024
+    if "webhook.worker" in cmdline:
+        role = "worker"
+    elif "multiprocessing" in cmdline:
+        role = "parser"
+    elif "bare-fd" in cmdline:
+        role = "bare"
+    else:
+        role = "parent"
+    return role, figures["Rss"], figures["Pss"]
+
+
+def tree_memory(pid: int) -> list[tuple[str, float, float]]:
+    out = []
+    for member in process_tree(pid):
+        try:
+            out.append(memory(member))
+        except OSError:
+            continue
+    return sorted(out)
+
+
+WRK_SCRIPT = """
+local file = io.open(os.getenv("BENCH_BODY"), "rb")
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "application/json"
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('{"requests": %d, "elapsed": %f, "errors": %d, "p50": %f, "p99": %f}\\n',
+    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.status + e.timeout,
+    latency:percentile(50) / 1e6, latency:percentile(99) / 1e6))
+end
+"""
+
+
+def run_wrk(port: int, connections: int, seconds: float, script: str, body_file: str) -> dict[str, Any]:
+    argv = ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", script]
+    argv.append(f"https://127.0.0.1:{port}{PATH}")
+    out = subprocess.run(argv, check=True, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": body_file})
+    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
+
+
+def run_case(
+    port: int,
+    ca_file: str,
+    connections: int,
+    seconds: float,
+    pid: int | None = None,
+    wrk: tuple[str, str] | None = None,
+) -> dict[str, Any]:
+    before = tree_cpu_seconds(pid) if pid else 0.0
+    if wrk is not None:
+        result = run_wrk(port, connections, seconds, *wrk)
+    else:
+        argv = [sys.executable, __file__, "--load", str(port), "--ca", ca_file]
+        argv += ["--connections", str(connections), "--seconds", str(seconds)]
+        result = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)
+        result["p50"] = percentile(result["latencies"], 0.50)
+        result["p99"] = percentile(result["latencies"], 0.99)
+    result["cpu"] = tree_cpu_seconds(pid) - before if pid else 0.0
     return result
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    latencies = sorted(x for r in rounds for x in r["latencies"])
+    requests = sum(r["requests"] for r in rounds)
+    cpu = sum(r.get("cpu", 0.0) for r in rounds)
     return {
-        "rps": sum(r["requests"] for r in rounds) / sum(r["elapsed"] for r in rounds),
-        "p50": percentile(latencies, 0.50) * 1000,
-        "p99": percentile(latencies, 0.99) * 1000,
+        "rps": requests / sum(r["elapsed"] for r in rounds),
+        # Per round from the load generator: the median round's p50, the worst round's p99.
+        "p50": sorted(r["p50"] for r in rounds)[len(rounds) // 2] * 1000,
+        "p99": max(r["p99"] for r in rounds) * 1000,
         "errors": sum(r["errors"] for r in rounds),
-        # Server CPU per request, in microseconds (includes the warm-up requests of each round: a few per 1000).
-        "cpu_us": sum(r.get("cpu", 0.0) for r in rounds) / max(1, sum(r["requests"] for r in rounds)) * 1e6,
+        # Requests per CPU-second of the server's whole process tree (its warm-up requests are a few per 1000).
+        "per_cpu_s": requests / cpu if cpu > 0 else float("nan"),
     }
 
 
-class _Done(Exception):
-    """The quiet figures are all that was asked for."""
+def start_server(argv: list[str]) -> subprocess.Popen[str]:
+    server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+    return server
+
+
+def stop_server(server: subprocess.Popen[str]) -> None:
+    assert server.stdin is not None
+    server.stdin.close()
+    server.wait(30)
+
+
+def throughput(args: argparse.Namespace, files: dict[str, str]) -> None:
+    """The webhook with 1 and 2 workers against the bare app with as many processes; nothing instrumented."""
+    wrk: tuple[str, str] | None = None
+    if shutil.which("wrk") and not args.python_load:
+        Path(files["wrk.lua"]).write_text(WRK_SCRIPT)
+        Path(files["body.json"]).write_bytes(review_body())
+        wrk = (files["wrk.lua"], files["body.json"])
+    servers: dict[tuple[str, int], tuple[subprocess.Popen[str], int]] = {}
+    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    memories: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
+    try:
+        for workers in args.workers:
+            for kind in ("bare", "webhook"):
+                port = free_port()
+                argv = [sys.executable, __file__, "--serve", "bare-n" if kind == "bare" else "pool"]
+                argv += ["--port", str(port), "--workers", str(workers), "--cert", files["tls.crt"]]
+                argv += ["--key", files["tls.key"]]
+                servers[kind, workers] = (start_server(argv), port)
+                run_case(port, files["ca.crt"], 2, 1.0, wrk=wrk)  # warm-up
+        # Short alternating rounds, so that a change in the machine's load hits every server alike.
+        for connections in args.connections:
+            rounds: dict[tuple[str, int], list[dict[str, Any]]] = {key: [] for key in servers}
+            for _ in range(args.rounds):
+                for key, (process, port) in servers.items():
+                    share = args.seconds / args.rounds
+                    rounds[key].append(run_case(port, files["ca.crt"], connections, share, process.pid, wrk))
+            for key in servers:
+                results[(*key, connections)] = summarize(rounds[key])
+        for key, (process, _) in servers.items():
+            memories[key] = tree_memory(process.pid)
+    finally:
+        for process, _ in servers.values():
+            stop_server(process)
+
+    generator = "wrk" if wrk is not None else "the Python load generator (install wrk for a lighter one)"
+    print(f"\nAdmission webhook over TLS, pod with {len(IMPORTS)} imports, {args.seconds:.0f} s per server and case")
+    print(f"load generator: {generator}; on {os.cpu_count()} cores shared with whatever else runs")
+    header = f"{'server':<12}{'procs':>6}{'conns':>6}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'errors':>7}"
+    print(header + f"{'vs bare':>9}{'vs bare x1':>11}{'req/CPU-s':>10}{'vs bare':>9}")
+    for (kind, workers, connections), result in sorted(results.items(), key=lambda item: (item[0][2], item[0][1])):
+        bare, bare_one = results["bare", workers, connections], results.get(("bare", min(args.workers), connections))
+        print(
+            f"{kind:<12}{workers:>6}{connections:>6}{result['rps']:>9.0f}{result['p50']:>8.2f}{result['p99']:>8.2f}"
+            f"{result['errors']:>7}{result['rps'] / bare['rps']:>9.0%}"
+            f"{result['rps'] / bare_one['rps'] if bare_one else float('nan'):>11.0%}"
+            f"{result['per_cpu_s']:>10.0f}{result['per_cpu_s'] / bare['per_cpu_s']:>9.0%}"
+        )
+    print("  (vs bare: the bare app with as many processes; vs bare x1: with one; req/CPU-s: per CPU-second of the")
+    print("   server's whole process tree, parent included; its vs bare: the same ratio for the bare app)")
+    if ("webhook", 1, 8) in results:
+        ratio = results["webhook", 1, 8]["rps"] / results["bare", 1, 8]["rps"]
+        verdict = "met" if ratio >= 0.9 else "NOT met"
+        print(f"\ntarget at 8 connections with 1 worker (>= 90 % of bare): {ratio:.0%}, {verdict}")
+    print(f"\n{'server':<12}{'procs':>6}  memory after the load: role RSS/PSS MiB")
+    for (kind, workers), figures in sorted(memories.items()):
+        listed = ", ".join(f"{role} {rss:.0f}/{pss:.0f}" for role, rss, pss in figures)
+        print(f"{kind:<12}{workers:>6}  {listed}")
+
+
+def deployed_memory(files: dict[str, str], worker_counts: list[int]) -> None:
+    """RSS of `python -m webhook` as deployed (its watch on an in-memory API server), per process."""
+    import httpx
+
+    from kubemcsa import api
+    from kubemcsa.testing import ApiServer
+    from kubemcsa.testing.objects import create_file, create_or_get
+
+    rows = []
+    with ApiServer(name="bench-webhook") as cluster:
+        admin = cluster.admin_client()
+        create_file(admin, ROOT / "manifests" / "crd" / "serviceaccountimports.yaml")
+        create_or_get(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": api.SYSTEM_NAMESPACE}})
+        kubeconfig = os.path.join(os.path.dirname(files["tls.crt"]), "kubeconfig")
+        cluster.write_kubeconfig(kubeconfig)
+        body = review_body()
+        for workers in worker_counts:
+            port = free_port()
+            argv = [sys.executable, "-m", "webhook", "--host", "127.0.0.1", "--port", str(port), "--kubeconfig"]
+            argv += [kubeconfig, "--tls-cert-file", files["tls.crt"], "--tls-key-file", files["tls.key"]]
+            argv += ["--workers", str(workers), "--shutdown-delay", "0", "--log-level", "warning"]
+            process = subprocess.Popen(argv, cwd=ROOT)
+            try:
+                with httpx.Client(verify=files["ca.crt"], timeout=5) as client:
+                    deadline = time.monotonic() + 60
+                    while True:
+                        try:
+                            if client.get(f"https://127.0.0.1:{port}/readyz").status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        if time.monotonic() > deadline or process.poll() is not None:
+                            raise RuntimeError(f"python -m webhook --workers {workers} did not get ready")
+                        time.sleep(0.2)
+                    for _ in range(500):  # over new connections too, so that every worker serves some
+                        client.post(f"https://127.0.0.1:{port}{PATH}", content=body)
+                    for _ in range(50):
+                        with httpx.Client(verify=files["ca.crt"], timeout=5) as fresh:
+                            fresh.post(f"https://127.0.0.1:{port}{PATH}", content=body)
+                rows.append((workers, tree_memory(process.pid)))
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(30)
+    print("\nMemory as deployed (python -m webhook, watching an in-memory API server), role RSS/PSS MiB:")
+    for workers, figures in rows:
+        listed = ", ".join(f"{role} {rss:.0f}/{pss:.0f}" for role, rss, pss in figures)
+        print(f"  --workers {workers}: {listed}")
+    worker_rss = [rss for _, figures in rows for role, rss, _ in figures if role == "worker"]
+    if worker_rss:
+        ok = max(worker_rss) <= 50
+        print(f"target (<= 50 MiB RSS per serving worker): max {max(worker_rss):.0f} MiB, {'met' if ok else 'NOT met'}")
+
+
+def worst_and_attack(args: argparse.Namespace, files: dict[str, str]) -> None:
+    """The instrumented phase: one in-process webhook with an event-loop timer and a sleep probe."""
+    port = free_port()
+    argv = [sys.executable, __file__, "--serve", "webhook", "--port", str(port)]
+    argv += ["--cert", files["tls.crt"], "--key", files["tls.key"]]
+    webhook_process = start_server(argv)
+    try:
+        run_case(port, files["ca.crt"], 2, 1.0)  # warm-up
+        worst: dict[str, tuple[float, float, int]] = {}
+        for name, body in worst_bodies().items():
+            tries = [post_once(port, files["ca.crt"], body) for _ in range(5)]
+            worst[name] = (sorted(t for t, _ in tries)[2] * 1000, max(t for t, _ in tries) * 1000, tries[0][1])
+        quiet = summarize([run_case(port, files["ca.crt"], 8, args.attack_seconds)])
+        argv = [sys.executable, __file__, "--attack", str(port), "--ca", files["ca.crt"]]
+        argv += ["--seconds", str(args.attack_seconds + 2)]
+        quiet_lag = event_loop_lag(webhook_process)
+        attacker = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        time.sleep(1)  # let the attack get going
+        event_loop_lag(webhook_process)
+        under_attack = summarize([run_case(port, files["ca.crt"], 8, args.attack_seconds)])
+        attack_lag = event_loop_lag(webhook_process)
+        attacked = json.loads(attacker.communicate(timeout=120)[0])["latencies"]
+    finally:
+        stop_server(webhook_process)
+
+    median, p99 = inline_parse_ms()
+    print("\nThe worst allowed requests, on an instrumented in-process webhook (Python load generator):")
+    print(
+        f"Longest work on the event loop for one request (worst 16 KiB body): median {median:.3f} ms, p99 {p99:.3f} ms"
+    )
+    print(f"\n{'worst allowed request':<40}{'median ms':>10}{'max ms':>9}{'HTTP':>6}")
+    for name, (typical, slowest, status) in worst.items():
+        print(f"{name:<40}{typical:>10.1f}{slowest:>9.1f}{status:>6}")
+    print(
+        f"\nordinary requests at 8 connections while the 4 MiB body is posted without pause on 2 connections:\n"
+        f"  {under_attack['rps']:.0f} req/s, p50 {under_attack['p50']:.2f} ms, p99 {under_attack['p99']:.2f} ms, "
+        f"errors {under_attack['errors']} ({under_attack['rps'] / quiet['rps']:.0%} of the same server's "
+        f"{quiet['rps']:.0f} req/s just before, unattacked)"
+    )
+    for name, lag in (("meanwhile", attack_lag), ("before (quiet rounds, worst requests)", quiet_lag)):
+        print(
+            f"  event loop {name}: {lag['callbacks']} callbacks, CPU per callback p99.99 "
+            f"{lag['busy_p9999'] * 1000:.2f} ms, max {lag['busy_max'] * 1000:.2f} ms; a 1 ms sleep woke up late by "
+            f"p99 {lag['p99'] * 1000:.2f} ms, max {lag['max'] * 1000:.2f} ms (waiting for a core included)\n"
+            f"    longest callback: {lag['longest']}"
+        )
+    print(
+        f"  the attacker's 4 MiB requests: {len(attacked)} answered, median "
+        f"{percentile(attacked, 0.5) * 1000:.0f} ms, max {max(attacked, default=0) * 1000:.0f} ms"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per server and case")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per server and case")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="serving processes to compare")
+    parser.add_argument("--python-load", action="store_true", help="use the Python load generator even with wrk")
     parser.add_argument("--attack-seconds", type=float, default=4.0, help="seconds of ordinary load under attack")
-    parser.add_argument("--no-attack", action="store_true", help="measure the quiet figures only")
-    parser.add_argument("--serve", choices=["webhook", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-attack", action="store_true", help="skip the worst requests and the attack")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory of python -m webhook as deployed")
+    parser.add_argument("--serve", choices=["webhook", "pool", "bare-n", "bare-fd"], help=argparse.SUPPRESS)
     parser.add_argument("--attack", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--load", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -376,8 +714,14 @@ def main() -> None:
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--ca", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
+    if args.serve == "webhook":
         serve(args.serve, args.port, args.cert, args.key)
+        return
+    if args.serve in ("pool", "bare-n"):
+        serve_processes(args.serve, args.port, args.workers[0], args.cert, args.key)
+        return
+    if args.serve == "bare-fd":
+        serve_bare_on(args.port, args.cert, args.key)
         return
     if args.load:
         load(args.load, args.ca, args.connections[0], args.seconds)
@@ -391,95 +735,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as directory:
         ca_cert, ca_key = tls.make_ca("bench-ca")
         cert, key = tls.make_serving_cert(ca_cert, ca_key, ["localhost"], ["127.0.0.1"])
-        files = {name: os.path.join(directory, name) for name in ("ca.crt", "tls.crt", "tls.key")}
-        for name, content in zip(files, (ca_cert, cert, key), strict=True):
+        files = {
+            name: os.path.join(directory, name) for name in ("ca.crt", "tls.crt", "tls.key", "wrk.lua", "body.json")
+        }
+        for name, content in zip(("ca.crt", "tls.crt", "tls.key"), (ca_cert, cert, key), strict=True):
             Path(files[name]).write_bytes(content)
-        servers: dict[str, tuple[subprocess.Popen[str], int]] = {}
-        results: dict[tuple[str, int], dict[str, float]] = {}
-        try:
-            for kind in ("bare", "webhook"):
-                port = free_port()
-                argv = [sys.executable, __file__, "--serve", kind, "--port", str(port)]
-                argv += ["--cert", files["tls.crt"], "--key", files["tls.key"]]
-                server = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                servers[kind] = (server, port)
-                assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-                run_case(port, files["ca.crt"], 2, 1.0)  # warm-up
-            # Short alternating rounds, so that a change in the machine's load hits both servers alike.
-            for connections in args.connections:
-                rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
-                for _ in range(args.rounds):
-                    for kind, (process, port) in servers.items():
-                        share = args.seconds / args.rounds
-                        rounds[kind].append(run_case(port, files["ca.crt"], connections, share, process.pid))
-                for kind in servers:
-                    results[kind, connections] = summarize(rounds[kind])
-            webhook_process, webhook_port = servers["webhook"]
-            worst: dict[str, tuple[float, float, int]] = {}
-            if args.no_attack:
-                raise _Done
-            for name, body in worst_bodies().items():
-                tries = [post_once(webhook_port, files["ca.crt"], body) for _ in range(5)]
-                worst[name] = (sorted(t for t, _ in tries)[2] * 1000, max(t for t, _ in tries) * 1000, tries[0][1])
-            argv = [sys.executable, __file__, "--attack", str(webhook_port), "--ca", files["ca.crt"]]
-            argv += ["--seconds", str(args.attack_seconds + 2)]
-            quiet_lag = event_loop_lag(webhook_process)
-            attacker = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-            time.sleep(1)  # let the attack get going
-            event_loop_lag(webhook_process)
-            under_attack = summarize([run_case(webhook_port, files["ca.crt"], 8, args.attack_seconds)])
-            attack_lag = event_loop_lag(webhook_process)
-            attacked = json.loads(attacker.communicate(timeout=120)[0])["latencies"]
-        except _Done:
-            pass
-        finally:
-            for server, _ in servers.values():
-                assert server.stdin is not None
-                server.stdin.close()
-                server.wait(20)
-
-    print(f"\nAdmission webhook over TLS, pod with {len(IMPORTS)} imports, {args.seconds:.0f} s per server and case")
-    header = f"{'server':<10}{'conns':>6}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs bare':>9}"
-    print(header + f"{'CPU us/req':>12}")
-    for (kind, connections), result in sorted(results.items(), key=lambda item: (item[0][1], item[0][0])):
-        ratio = result["rps"] / results["bare", connections]["rps"]
-        print(
-            f"{kind:<10}{connections:>6}{result['rps']:>10.0f}{result['p50']:>9.2f}{result['p99']:>9.2f}"
-            f"{result['errors']:>8}{ratio:>8.0%}{result['cpu_us']:>12.0f}"
-        )
-    if ("webhook", 8) in results:
-        webhook, bare = results["webhook", 8], results["bare", 8]
-        ok = webhook["rps"] >= 0.7 * bare["rps"] and webhook["p99"] < 5
-        print(f"\ntarget at 8 connections (>= 70 % of bare rps, p99 < 5 ms): {'met' if ok else 'NOT met'}")
-
-    if args.no_attack:
-        return
-    median, p99 = inline_parse_ms()
-    print(
-        f"\nLongest work on the event loop for one request (worst 16 KiB body): "
-        f"median {median:.3f} ms, p99 {p99:.3f} ms"
-    )
-    print(f"\n{'worst allowed request':<40}{'median ms':>10}{'max ms':>9}{'HTTP':>6}")
-    for name, (typical, slowest, status) in worst.items():
-        print(f"{name:<40}{typical:>10.1f}{slowest:>9.1f}{status:>6}")
-    print(
-        f"\nordinary requests at 8 connections while the 4 MiB body is posted without pause on 2 connections:\n"
-        f"  {under_attack['rps']:.0f} req/s, p50 {under_attack['p50']:.2f} ms, p99 {under_attack['p99']:.2f} ms, "
-        f"errors {under_attack['errors']}"
-    )
-    if ("webhook", 8) in results:
-        print(f"  ({under_attack['rps'] / results['webhook', 8]['rps']:.0%} of the quiet figure's req/s)")
-    for name, lag in (("meanwhile", attack_lag), ("before (quiet rounds, worst requests)", quiet_lag)):
-        print(
-            f"  event loop {name}: {lag['callbacks']} callbacks, CPU per callback p99.99 "
-            f"{lag['busy_p9999'] * 1000:.2f} ms, max {lag['busy_max'] * 1000:.2f} ms; a 1 ms sleep woke up late by "
-            f"p99 {lag['p99'] * 1000:.2f} ms, max {lag['max'] * 1000:.2f} ms (waiting for a core included)\n"
-            f"    longest callback: {lag['longest']}"
-        )
-    print(
-        f"  the attacker's 4 MiB requests: {len(attacked)} answered, median "
-        f"{percentile(attacked, 0.5) * 1000:.0f} ms, max {max(attacked, default=0) * 1000:.0f} ms"
-    )
+        throughput(args, files)
+        if not args.no_memory:
+            deployed_memory(files, [0, *[n for n in args.workers if n > 1][:1]])
+        if not args.no_attack:
+            worst_and_attack(args, files)
 
 
 if __name__ == "__main__":
