@@ -37,7 +37,7 @@ import uvicorn
 
 from certs.reloader import CertificateReloader, RenewalLoop
 from kubemcsa import api
-from webhook import connections, workers
+from webhook import coalesce, connections, workers
 from webhook.app import WebhookCache, create_app, create_health_app
 
 if TYPE_CHECKING:
@@ -167,9 +167,12 @@ class WebhookServer:
             # close idle ones after a bounded time.
             timeout_keep_alive=self.idle_timeout,
             # Slow or idle clients are dropped after request_read_timeout, at most max_connections are open, and
-            # at most max_connections_per_client from one address.
-            http=connections.guarded_protocol(
-                self.request_read_timeout, self.max_connections, self.max_connections_per_client
+            # at most max_connections_per_client from one address. Each answer in one TLS record and one send
+            # (webhook.coalesce).
+            http=coalesce.coalescing(
+                connections.guarded_protocol(
+                    self.request_read_timeout, self.max_connections, self.max_connections_per_client
+                )
             ),
         )
         uvicorn_config.load()  # Raises here, in the caller's thread, if the certificate files are unusable.
