@@ -612,6 +612,7 @@ def deployed_memory(files: dict[str, str], worker_counts: list[int]) -> None:
             argv = [sys.executable, "-m", "webhook", "--host", "127.0.0.1", "--port", str(port), "--kubeconfig"]
             argv += [kubeconfig, "--tls-cert-file", files["tls.crt"], "--tls-key-file", files["tls.key"]]
             argv += ["--workers", str(workers), "--shutdown-delay", "0", "--log-level", "warning"]
+            argv += ["--health-port", str(free_port())]
             process = subprocess.Popen(argv, cwd=ROOT)
             try:
                 with httpx.Client(verify=files["ca.crt"], timeout=5) as client:

@@ -65,7 +65,9 @@ def ca() -> tuple[bytes, bytes]:
 def pool(tmp_path: Path, ca: tuple[bytes, bytes]) -> Iterator[WorkerPool]:
     cert_file, key_file = write_pair(tmp_path, ca)
     cache = StaticCache({NS: ENABLED}, IMPORTS)
-    with WorkerPool(cache, cert_file, key_file, workers=2, reload_interval=0.05, log_level="warning") as started:
+    with WorkerPool(
+        cache, cert_file, key_file, workers=2, reload_interval=0.05, health_port=0, log_level="warning"
+    ) as started:
         yield started
 
 
@@ -167,11 +169,15 @@ def test_both_workers_answer(pool: WorkerPool, ca: tuple[bytes, bytes], tmp_path
         return all(answered_by(pool, pid, tmp_path) > 0 for pid in (first, second))
 
     wait_for(both_answered, timeout=60, what="each worker to answer some of the connections")
-    # /metrics, whichever worker serves it, counts every worker's requests.
+    # /metrics, whichever worker serves it (on the webhook port or the shared health port), counts every worker's.
     counts = [answered_by(pool, pid, tmp_path) for pid in (first, second)]
     assert total_answered(pool, ca) == sum(counts)
-    with client_for(ca) as c:
-        assert c.get(pool.url + "/readyz").status_code == 200
+    for pid in (first, second):
+        with only(pool, pid), httpx.Client(timeout=10) as plain:
+            assert plain.get(pool.health_url + "/readyz").status_code == 200
+            text = plain.get(pool.health_url + "/metrics").text
+        lines = [line for line in text.splitlines() if line.startswith("kubemcsa_webhook_requests_total")]
+        assert sum(float(line.split()[-1]) for line in lines) == sum(counts)
 
 
 def test_each_worker_answers_on_its_own(pool: WorkerPool, ca: tuple[bytes, bytes], tmp_path: Path) -> None:
@@ -280,7 +286,8 @@ def test_a_worker_never_loads_the_kubernetes_client_fastapi_or_cryptography() ->
 def _webhook_cluster(server: ApiServer) -> Any:
     admin = server.admin_client()
     create_file(admin, MANIFESTS / "crd" / "serviceaccountimports.yaml")
-    create_or_get(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": SYSTEM_NS}})
+    for namespace in (SYSTEM_NS, api.CERT_NAMESPACE):
+        create_or_get(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
         create_file(admin, MANIFESTS / "webhook" / name)
     return admin
@@ -293,6 +300,7 @@ def test_workers_share_one_watch_and_the_api_calls_do_not_multiply(cluster1: Api
         webhook_client,
         namespace=SYSTEM_NS,
         secret_name=CERT_SECRET_NAME,
+        secret_namespace=api.CERT_NAMESPACE,
         service_name=SERVICE_NAME,
         webhook_configuration_name=WEBHOOK_CONFIGURATION_NAME,
     )
