@@ -185,7 +185,7 @@ class WorkerPool:
         self._socket: socket.socket | None = None
         self._health_socket: socket.socket | None = None
         self._workers: dict[int, _Worker] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._lookups = concurrent.futures.ThreadPoolExecutor(LOOKUP_THREADS, thread_name_prefix="webhook-lookup")
         self._threads: list[threading.Thread] = []
@@ -327,11 +327,11 @@ class WorkerPool:
         delay = 0.0 if lived > YOUNG_SECONDS else min(MAX_RESTART_DELAY_SECONDS, 2.0 ** min(self.restarts, 5))
         if self._stopping.wait(delay):
             return
-        with self._lock:
+        with self._lock:  # (held while spawning: stop() then sees the new worker, or this sees stop)
             if self._stopping.is_set():
                 return
             self.restarts += 1
-        self._spawn(worker.slot)
+            self._spawn(worker.slot)
 
     def _answer(
         self, worker: _Worker, request_id: int, kind: str, namespace: str, names: list[str], deadline: float
