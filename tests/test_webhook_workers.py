@@ -144,6 +144,30 @@ def _stopped(pid: int) -> bool:
     return all(state in ("T", "t") for state in states)
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
 def served_certificate(url: str) -> bytes:
     host, port = url.removeprefix("https://").rsplit(":", 1)
     return ssl.get_server_certificate((host, int(port)), timeout=5).encode()
@@ -194,6 +218,8 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
     assert set(post_on_new_connections(pool, ca, 6)) == {200}
     counted = total_answered(pool, ca)
     victim, survivor = pool.pids()
+    left_behind = _descendants(victim)  # its large-request parser (and multiprocessing's resource tracker)
+    assert left_behind
     os.kill(victim, signal.SIGKILL)
     # Meanwhile the other one answers every request.
     assert set(post_on_new_connections(pool, ca, 6)) == {200}
@@ -205,6 +231,8 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_serving(
     assert answered_by(pool, replacement, tmp_path) >= 2
     # The killed worker's counts stay in the sums: the counters never go down.
     assert total_answered(pool, ca) >= counted + 6 + 2
+    # Nothing of the killed worker is left running.
+    wait_for(lambda: not any(map(_alive, left_behind)), timeout=30, what="the killed worker's children to end")
 
 
 def test_a_renewed_certificate_reaches_every_worker(pool: WorkerPool, ca: tuple[bytes, bytes], tmp_path: Path) -> None:

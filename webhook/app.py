@@ -142,6 +142,22 @@ def _lower_priority() -> None:
 
 
 _WORKER_NICENESS = 10
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def _start_parsing_process() -> None:
+    """In the parsing process: a lower priority, and an end once its parent is gone. A parent killed outright (a
+    serving worker's OOM kill, SIGKILL) would otherwise leave it behind for good: it holds both ends of its own
+    call queue's pipe (multiprocessing passes both), so it never reads an end of file."""
+    _lower_priority()
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class _Parser:
@@ -160,7 +176,7 @@ class _Parser:
                 self._pool = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_lower_priority,
+                    initializer=_start_parsing_process,
                 )
             return self._pool
 
