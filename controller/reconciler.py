@@ -39,7 +39,7 @@ from controller.outputs import OUTPUTS
 from controller.outputs.base import SourceView, as_section
 from controller.outputs.store import OutputCache, OutputStore
 from controller.outputs.versions import SourceVersions
-from controller.remote import RemoteFailure, fetch_token
+from controller.remote import RemoteFailure, TokenSource, fetch_token
 from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
@@ -92,6 +92,7 @@ class Reconciler:
         clock: Callable[[], float] = time.time,
         federated: FederatedSources | None = None,
         trust_checks: TrustChecks | None = None,
+        token_source: TokenSource = fetch_token,
     ) -> None:
         self.caches = caches
         self.exports = exports
@@ -99,6 +100,7 @@ class Reconciler:
         self.sources = sources
         self.federated = federated
         self.trust_checks = trust_checks
+        self.token_source = token_source  # the one call that asks a source for a token
         self.recorder = recorder
         self.metrics = metrics
         self.gates = gates
@@ -293,7 +295,7 @@ class Reconciler:
             message = client_error_message(source, exc)
             return Blocked(api.REASON_REMOTE_ERROR, message, retry=True, spec=need.spec)
         try:
-            token = fetch_token(
+            token = self.token_source(
                 client,
                 need.source,
                 need.spec,

@@ -10,6 +10,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import urllib3
 from kubernetes.client import ApiClient
@@ -173,6 +174,22 @@ def classify_remote_error(
         api.REASON_REMOTE_ERROR,
         f"Cluster {cluster} answered {code} to the token request for {target} ({detail}); check that cluster.",
     )
+
+
+class TokenSource(Protocol):
+    """How the reconciler gets one token for one import: `fetch_token` in production, a fake in its table tests
+    (tests/test_reconciler_table.py). Returns the token, or raises RemoteFailure saying why not."""
+
+    def __call__(
+        self,
+        client: ApiClient,
+        source: Remote,
+        spec: ImportSpec,
+        *,
+        timeout: float,
+        clock: Callable[[], float],
+        remote_uid: str | None = None,
+    ) -> ImportToken: ...
 
 
 def fetch_token(
