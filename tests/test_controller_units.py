@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller import assess as ca
-from controller.remote import RemoteFailure, classify_remote_error
+from controller.remote import classify_remote_error
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
@@ -110,24 +110,19 @@ def decide(
     now: float,
     *,
     new: ImportToken | None = None,
-    failure: RemoteFailure | None = None,
     source: ca.Remote | None = REMOTE,
     **observed,
 ) -> tuple[ca.Assessment, ca.Writes | None]:
-    """One pass as the reconciler makes it: assess; if a token is needed, `new` or `failure` is the answer."""
+    """The pure decision: assess, then plan with `new` if a token is needed (None: stop at NeedsToken). What the
+    reconciler does around it (the token request and its failures, the writes) is tested on the real Reconciler
+    in tests/test_reconciler_table.py."""
     observed.setdefault("export_exempt", True)  # exports have their own tests (tests/test_controller_exports.py)
     observation = ca.Observation(imp, secret, now, source=source, **observed)
     state = ca.assess(observation)
     if isinstance(state, ca.NeedsToken):
-        if new is not None:
-            state = ca.HasToken(state.spec, new)
-        elif failure is not None:
-            # As the reconciler: a source that is down makes its circuit wait, other failures back off per import.
-            state = ca.Blocked(
-                failure.reason, failure.message, retry=not failure.source_down, spec=state.spec, source_failed=True
-            )
-        else:
+        if new is None:
             return state, None
+        state = ca.HasToken(state.spec, new)
     return state, ca.plan(observation, state)
 
 
@@ -278,34 +273,11 @@ def test_a_new_blocking_check_is_one_function() -> None:
     ],
 )
 def test_remote_errors_map_to_reasons(code, reason) -> None:
+    # What the reconciler writes for each (and whether it backs off or waits for the circuit) is a row of
+    # tests/test_reconciler_table.py (test_a_source_answer_sets_its_reason).
     failure = classify_remote_error(code, "boom", "cluster2", parse_spec(make_import()))
     assert failure.reason == reason
-    _, writes = decide(make_import(), None, NOW, failure=failure)
-    assert writes.retry != failure.source_down and writes.status["conditions"][0]["reason"] == reason
-    assert writes.status["conditions"][0]["status"] == "False"
-
-
-def test_failed_refresh_keeps_secret_then_expires() -> None:
-    imp = make_import()
-    imp2, secret = converge(imp, held_token(imp))
-    failure = classify_remote_error(None, "connection refused", "cluster2", parse_spec(imp))
-    _, writes = decide(imp2, secret, NOW + 900, failure=failure)
-    assert not writes.secrets  # the last good Secret stays untouched
-    assert writes.status["conditions"][0]["reason"] == api.REASON_REMOTE_UNREACHABLE
-    assert "until it expires" in writes.status["conditions"][0]["message"]
-    assert writes.requeue_at == pytest.approx(NOW + 1000)
-    _, writes = decide({**imp2, "status": writes.status}, secret, NOW + 1001, failure=failure)
-    assert writes.status["conditions"][0]["reason"] == api.REASON_TOKEN_EXPIRED
-
-
-def test_recovery_after_failure_writes_ready_again() -> None:
-    imp = make_import()
-    failure = classify_remote_error(404, "nope", "cluster2", parse_spec(imp))
-    _, failed = decide(imp, None, NOW, failure=failure)
-    imp_failed = {**imp, "status": failed.status}
-    _, writes = decide(imp_failed, None, NOW + 5, new=held_token(imp, at=NOW + 5))
-    assert writes.status["conditions"][0]["status"] == "True"
-    assert writes.status["conditions"][0]["lastTransitionTime"] == format_time(NOW + 5)
+    assert failure.source_down == (code is None or code == 401 or code >= 500)
 
 
 def test_status_patch_nulls_removed_fields() -> None:

@@ -50,7 +50,8 @@ NAMESPACE, NAME, KEY = "ns1", "imp", "ns1/imp"
 SECRET = api.secret_name_for_import(NAME)
 SETTLED = 1_800_000_000.0  # when the settled world's tok-1 was issued
 LIFETIME = 3600.0  # of every token the fake source issues (as spec.expirationSeconds asks)
-REFRESH = SETTLED + 0.8 * LIFETIME  # refresh at 80 % of the lifetime
+REFRESH_AFTER = 0.8 * LIFETIME  # a token is refreshed at 80 % of its lifetime
+REFRESH = SETTLED + REFRESH_AFTER
 EXPIRY = SETTLED + LIFETIME
 TRUST_SECONDS = 600.0  # how long the fake trust check's answer stands
 TOKEN_KEYS = frozenset(api.SECRET_KEYS)
@@ -356,6 +357,7 @@ class World:
     settled: bool = False  # the import and its Secret as a first pass at SETTLED left them (tok-1)
     held: bool = True  # the controller still holds that token in memory (False: it restarted since)
     edit: dict[str, Any] = field(default_factory=dict)  # spec fields changed after it settled (a new generation)
+    failed_at: float | None = None  # an earlier pass got the same answer then (the failure goes on)
     now: float = SETTLED
     answer: str | RemoteFailure | None = None  # the token source's answer; None: no request expected
     source: bool = True  # the controller knows the import's source cluster
@@ -383,6 +385,7 @@ class Expect:
     condition: tuple[str, str] | None = None  # (type, reason) of an output's condition in the status patch
     circuit_open: bool = False  # the source's circuit is open after the pass
     export_probes: int = 0  # list calls that tell a withdrawn export from a deleted account
+    says: str = ""  # words the Ready message holds
 
 
 @dataclass(frozen=True)
@@ -408,25 +411,23 @@ SUBJECT_MISMATCH = RemoteFailure(
 
 ARGOCD = argocd.OUTPUT.name
 CLUSTERPROFILE = clusterprofile.OUTPUT.name
-TO_REFRESH = REFRESH - SETTLED  # what a pass that leaves tok-1 in place waits, from SETTLED
-FRESH = TO_REFRESH  # a new token waits as long, from its own issue
 
 CASES = [
     # --- tokens ---
     Case(
         "first token: one request, the Secret created with its five keys, Ready TokenIssued, no Event",
         World(answer="tok-1"),
-        Expect(1, (("create", TOKEN_KEYS),), "tok-1", api.REASON_TOKEN_ISSUED, requeue_after=FRESH),
+        Expect(1, (("create", TOKEN_KEYS),), "tok-1", api.REASON_TOKEN_ISSUED, requeue_after=REFRESH_AFTER),
     ),
     Case(
         "steady state: no call at all, back at 80 %",
         World(settled=True, now=SETTLED + 10),
-        Expect(secret_token="tok-1", requeue_after=TO_REFRESH - 10),
+        Expect(secret_token="tok-1", requeue_after=REFRESH_AFTER - 10),
     ),
     Case(
         "after a restart the Secret alone is enough: no call",
         World(settled=True, held=False, now=SETTLED + 10),
-        Expect(secret_token="tok-1", requeue_after=TO_REFRESH - 10),
+        Expect(secret_token="tok-1", requeue_after=REFRESH_AFTER - 10),
     ),
     Case(
         "refresh not due yet at 79.9 %: no call",
@@ -442,7 +443,7 @@ CASES = [
             "tok-2",
             api.REASON_TOKEN_ISSUED,
             ("TokenRefreshed",),
-            requeue_after=FRESH,
+            requeue_after=REFRESH_AFTER,
         ),
     ),
     Case(
@@ -454,7 +455,7 @@ CASES = [
             "tok-2",
             api.REASON_TOKEN_ISSUED,
             ("TokenRefreshed",),
-            requeue_after=FRESH,
+            requeue_after=REFRESH_AFTER,
         ),
     ),
     Case(
@@ -468,6 +469,7 @@ CASES = [
             (api.REASON_REMOTE_UNREACHABLE,),
             requeue_after=EXPIRY - REFRESH - 20,
             circuit_open=True,
+            says="The last token stays in Secret imp-token until it expires",
         ),
     ),
     Case(
@@ -485,9 +487,33 @@ CASES = [
         ),
     ),
     Case(
-        "expired after failures: the Secret left alone, TokenExpired",
-        World(settled=True, now=EXPIRY + 1, answer=source_down()),
-        Expect(1, (), "tok-1", api.REASON_TOKEN_EXPIRED, (api.REASON_TOKEN_EXPIRED,), circuit_open=True),
+        "refresh refused again: asked again with backoff, the reason kept, nothing written, no second Event",
+        World(settled=True, failed_at=REFRESH + 20, now=REFRESH + 40, answer=answered(403)),
+        Expect(1, (), "tok-1", requeue_after=EXPIRY - REFRESH - 40, retry=True, outcome="error"),
+    ),
+    Case(
+        "source still down at the next look: no request while its circuit is open, nothing new written",
+        World(settled=True, failed_at=REFRESH + 20, now=REFRESH + 40, answer=source_down()),
+        Expect(0, (), "tok-1", requeue_after=EXPIRY - REFRESH - 40, circuit_open=True),
+    ),
+    Case(
+        "expired after failures (its circuit still open): no request, the Secret left alone, TokenExpired",
+        World(settled=True, failed_at=REFRESH + 20, now=EXPIRY + 1, answer=source_down()),
+        Expect(0, (), "tok-1", api.REASON_TOKEN_EXPIRED, (api.REASON_TOKEN_EXPIRED,), circuit_open=True),
+    ),
+    Case(
+        "expired, the source refusing (403) all along: asked again, TokenExpired saying why",
+        World(settled=True, failed_at=REFRESH + 20, now=EXPIRY + 1, answer=answered(403)),
+        Expect(
+            1,
+            (),
+            "tok-1",
+            api.REASON_TOKEN_EXPIRED,
+            (api.REASON_TOKEN_EXPIRED,),
+            retry=True,
+            outcome="error",
+            says="could not be refreshed: Cluster cluster2 refused",
+        ),
     ),
     # --- what the source answers to a first request ---
     Case(
@@ -663,7 +689,7 @@ CASES = [
             (("create", TOKEN_KEYS),),
             "tok-1",
             api.REASON_TOKEN_ISSUED,
-            requeue_after=FRESH,
+            requeue_after=REFRESH_AFTER,
             outputs=((ARGOCD, "create"),),
             condition=(argocd.CONDITION_ARGOCD, argocd.REASON_WRITTEN),
         ),
@@ -676,7 +702,7 @@ CASES = [
             (("create", TOKEN_KEYS),),
             "tok-1",
             api.REASON_TOKEN_ISSUED,
-            requeue_after=FRESH,
+            requeue_after=REFRESH_AFTER,
             outputs=((CLUSTERPROFILE, "create"), (CLUSTERPROFILE, "replace_status")),
             condition=(clusterprofile.CONDITION_CLUSTER_PROFILE, clusterprofile.REASON_WRITTEN),
         ),
@@ -809,6 +835,11 @@ def prepare(world: World) -> Harness:
         h.imports.put(imp)
     elif world.import_state == GONE:
         h.imports.remove(NAME, NAMESPACE)
+    if world.failed_at is not None:
+        h.clock.now = world.failed_at
+        assert h.reconcile().outcome != "skipped" and h.tokens.requests, "the earlier failure could not be built"
+        h.forget_calls()
+        h.clock.now = world.now
     h.leader = world.leader
     return h
 
@@ -817,6 +848,11 @@ def secret_token(store: FakeStore) -> str | None:
     secret = store.server.get((NAMESPACE, SECRET))
     value = (secret or {}).get("data", {}).get(api.KEY_TOKEN)
     return base64.b64decode(value).decode() if value else None
+
+
+def ready_of(patch: dict[str, Any]) -> dict[str, Any]:
+    (ready,) = [c for c in patch["status"]["conditions"] if c["type"] == api.CONDITION_READY]
+    return ready
 
 
 def conditions(patch: dict[str, Any]) -> dict[str, str]:
@@ -849,6 +885,7 @@ def test_reconcile(case: Case) -> None:
     else:
         (patch,) = patches
         assert conditions(patch.body)[api.CONDITION_READY] == expect.ready
+        assert expect.says in ready_of(patch.body)["message"]
         if expect.condition is not None:
             kind, reason = expect.condition
             assert conditions(patch.body)[kind] == reason
@@ -898,7 +935,48 @@ def test_a_failed_refresh_then_recovery_turns_ready_again() -> None:
     h.tokens.answer = "tok-2"
     result = h.reconcile()
     (patch,) = [c.body for c in h.imports.calls]
-    (ready,) = [c for c in patch["status"]["conditions"] if c["type"] == api.CONDITION_READY]
+    ready = ready_of(patch)
     assert (ready["status"], ready["reason"]) == ("True", api.REASON_TOKEN_ISSUED)
     assert ready["lastTransitionTime"] == format_time(REFRESH + 60)
-    assert secret_token(h.secrets) == "tok-2" and result.requeue_after == pytest.approx(FRESH)
+    assert secret_token(h.secrets) == "tok-2" and result.requeue_after == pytest.approx(REFRESH_AFTER)
+
+
+def test_after_a_refused_first_token_the_next_one_turns_ready() -> None:
+    """404 first (Ready False), then the account exists: Ready True, its lastTransitionTime now."""
+    h = prepare(World(answer=answered(404)))
+    h.reconcile()
+    h.forget_calls()
+    h.clock.now = SETTLED + 5
+    h.tokens.answer = "tok-1"
+    h.reconcile()
+    (patch,) = [c.body for c in h.imports.calls]
+    ready = ready_of(patch)
+    assert (ready["status"], ready["reason"]) == ("True", api.REASON_TOKEN_ISSUED)
+    assert ready["lastTransitionTime"] == format_time(SETTLED + 5)
+    assert [c.verb for c in h.secrets.calls] == ["create"] and secret_token(h.secrets) == "tok-1"
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (None, api.REASON_REMOTE_UNREACHABLE),
+        (401, api.REASON_UNAUTHORIZED),
+        (403, api.REASON_FORBIDDEN),
+        (404, api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND),
+        (422, api.REASON_INVALID_SPEC),
+        (500, api.REASON_REMOTE_UNREACHABLE),
+        (503, api.REASON_REMOTE_UNREACHABLE),
+        (418, api.REASON_REMOTE_ERROR),
+    ],
+)
+def test_a_source_answer_sets_its_reason(code: int | None, reason: str) -> None:
+    """Each answer of the source (classified by controller/remote.py) as the reconciler acts on it: Ready False
+    with its reason and no Secret; the source's own failures open its circuit, the import's back off alone."""
+    failure = classify_remote_error(code, "boom", CLUSTER, SPEC)
+    h = prepare(World(answer=failure))
+    result = h.reconcile()
+    (patch,) = [c.body for c in h.imports.calls]
+    assert (ready_of(patch)["status"], ready_of(patch)["reason"]) == ("False", reason)
+    assert h.secrets.calls == [] and [r for _, r, _ in h.recorder.events] == [reason]
+    assert h.gates.gate(CLUSTER).is_open == failure.source_down
+    assert result.retry != failure.source_down
