@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller import assess as ca
-from controller.remote import classify_remote_error
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
@@ -257,27 +256,6 @@ def test_a_new_blocking_check_is_one_function() -> None:
     finally:
         ca.CHECKS.remove(not_exported)
     assert isinstance(state, ca.Blocked) and writes.status["conditions"][0]["reason"] == "NotExported"
-
-
-@pytest.mark.parametrize(
-    ("code", "reason"),
-    [
-        (None, api.REASON_REMOTE_UNREACHABLE),
-        (401, api.REASON_UNAUTHORIZED),
-        (403, api.REASON_FORBIDDEN),
-        (404, api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND),
-        (422, api.REASON_INVALID_SPEC),
-        (500, api.REASON_REMOTE_UNREACHABLE),
-        (503, api.REASON_REMOTE_UNREACHABLE),
-        (418, api.REASON_REMOTE_ERROR),
-    ],
-)
-def test_remote_errors_map_to_reasons(code, reason) -> None:
-    # What the reconciler writes for each (and whether it backs off or waits for the circuit) is a row of
-    # tests/test_reconciler_table.py (test_a_source_answer_sets_its_reason).
-    failure = classify_remote_error(code, "boom", "cluster2", parse_spec(make_import()))
-    assert failure.reason == reason
-    assert failure.source_down == (code is None or code == 401 or code >= 500)
 
 
 def test_status_patch_nulls_removed_fields() -> None:

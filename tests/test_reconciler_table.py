@@ -973,6 +973,8 @@ def test_a_source_answer_sets_its_reason(code: int | None, reason: str) -> None:
     """Each answer of the source (classified by controller/remote.py) as the reconciler acts on it: Ready False
     with its reason and no Secret; the source's own failures open its circuit, the import's back off alone."""
     failure = classify_remote_error(code, "boom", CLUSTER, SPEC)
+    assert failure.reason == reason
+    assert failure.source_down == (code is None or code == 401 or code >= 500)
     h = prepare(World(answer=failure))
     result = h.reconcile()
     (patch,) = [c.body for c in h.imports.calls]
