@@ -106,6 +106,97 @@ def unreachable(source: Remote, exc: BaseException) -> RemoteFailure:
     return RemoteFailure(reason, message, source_down=True)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One remote answer as the classifiers see it."""
+
+    code: int | None
+    detail: str  # the remote message, one line, cut short
+    cluster: str
+    spec: ImportSpec
+    source: Remote
+    now: float
+
+    @property
+    def target(self) -> str:
+        return f"service account {self.spec.namespace}/{self.spec.name} in cluster {self.cluster}"
+
+
+def _unreachable(a: _Answer) -> RemoteFailure:
+    return RemoteFailure(
+        api.REASON_REMOTE_UNREACHABLE,
+        f"Cannot reach the API server of cluster {a.cluster} ({a.detail}); check that it is up and reachable, "
+        "the controller retries by itself.",
+        source_down=True,
+    )
+
+
+def _unauthorized(a: _Answer) -> RemoteFailure:
+    expired_at = a.source.credential_expires_at
+    if expired_at is not None and expired_at <= a.now:
+        return RemoteFailure(
+            api.REASON_SOURCE_CREDENTIAL_EXPIRED,
+            f"The controller's own credential for cluster {a.cluster} expired at {format_time(expired_at)}, so "
+            f"cluster {a.cluster} rejects it; {renew_hint(a.source)}.",
+            source_down=True,
+        )
+    return RemoteFailure(
+        api.REASON_UNAUTHORIZED,
+        f"Cluster {a.cluster} rejected the controller's own credential (401 Unauthorized); {renew_hint(a.source)}.",
+        source_down=True,
+    )
+
+
+def _forbidden(a: _Answer) -> RemoteFailure:
+    spec, cluster = a.spec, a.cluster
+    if spec.legacy:
+        fix = (
+            f"legacy tokens need the open grant: kubemcsa bootstrap --legacy-tokens --allow-all-service-accounts "
+            f"for cluster {cluster}"
+        )
+    else:
+        fix = (
+            f"its owner must export it to this cluster with RBAC: kubemcsa allow {spec.name} -n {spec.namespace} "
+            f"--context {cluster} --to <this cluster>/<namespace>"
+        )
+    return RemoteFailure(
+        api.REASON_FORBIDDEN,
+        f"Cluster {cluster} refused the controller a token for {a.target} (403: {a.detail}); {fix}.",
+    )
+
+
+def _not_found(a: _Answer) -> RemoteFailure:
+    return RemoteFailure(
+        api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND,
+        f"The {a.target} does not exist; create it there or fix spec.namespace and spec.name.",
+    )
+
+
+def _invalid(a: _Answer) -> RemoteFailure:
+    return RemoteFailure(
+        api.REASON_INVALID_SPEC,
+        f"Cluster {a.cluster} refused the token request for {a.target} ({a.code}: {a.detail}); fix the import's spec.",
+    )
+
+
+def _failing(a: _Answer) -> RemoteFailure:
+    return RemoteFailure(
+        api.REASON_REMOTE_UNREACHABLE,
+        f"The API server of cluster {a.cluster} failed ({a.code}: {a.detail}); the controller retries by itself.",
+        source_down=True,
+    )
+
+
+def _other(a: _Answer) -> RemoteFailure:
+    return RemoteFailure(
+        api.REASON_REMOTE_ERROR,
+        f"Cluster {a.cluster} answered {a.code} to the token request for {a.target} ({a.detail}); check that cluster.",
+    )
+
+
+_BY_CODE = {401: _unauthorized, 403: _forbidden, 404: _not_found, 400: _invalid, 422: _invalid, 429: _failing}
+
+
 def classify_remote_error(
     code: int | None,
     remote_message: str,
@@ -116,64 +207,11 @@ def classify_remote_error(
 ) -> RemoteFailure:
     """Map a remote answer (HTTP code, None for no answer) to a reason and a message saying what to fix."""
     detail = " ".join(str(remote_message).split())[:_MAX_REMOTE_MESSAGE]
-    target = f"service account {spec.namespace}/{spec.name} in cluster {cluster}"
-    source = source or Remote(cluster_name=cluster, server="", ca_pem=b"")
+    answer = _Answer(code, detail, cluster, spec, source or Remote(cluster_name=cluster, server="", ca_pem=b""), now)
     if code is None:
-        return RemoteFailure(
-            api.REASON_REMOTE_UNREACHABLE,
-            f"Cannot reach the API server of cluster {cluster} ({detail}); check that it is up and reachable, "
-            "the controller retries by itself.",
-            source_down=True,
-        )
-    if code == 401:
-        expired_at = source.credential_expires_at
-        if expired_at is not None and expired_at <= now:
-            return RemoteFailure(
-                api.REASON_SOURCE_CREDENTIAL_EXPIRED,
-                f"The controller's own credential for cluster {cluster} expired at {format_time(expired_at)}, so "
-                f"cluster {cluster} rejects it; {renew_hint(source)}.",
-                source_down=True,
-            )
-        return RemoteFailure(
-            api.REASON_UNAUTHORIZED,
-            f"Cluster {cluster} rejected the controller's own credential (401 Unauthorized); {renew_hint(source)}.",
-            source_down=True,
-        )
-    if code == 403:
-        if spec.legacy:
-            fix = (
-                f"legacy tokens need the open grant: kubemcsa bootstrap --legacy-tokens --allow-all-service-accounts "
-                f"for cluster {cluster}"
-            )
-        else:
-            fix = (
-                f"its owner must export it to this cluster with RBAC: kubemcsa allow {spec.name} -n {spec.namespace} "
-                f"--context {cluster} --to <this cluster>/<namespace>"
-            )
-        return RemoteFailure(
-            api.REASON_FORBIDDEN,
-            f"Cluster {cluster} refused the controller a token for {target} (403: {detail}); {fix}.",
-        )
-    if code == 404:
-        return RemoteFailure(
-            api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND,
-            f"The {target} does not exist; create it there or fix spec.namespace and spec.name.",
-        )
-    if code in (400, 422):
-        return RemoteFailure(
-            api.REASON_INVALID_SPEC,
-            f"Cluster {cluster} refused the token request for {target} ({code}: {detail}); fix the import's spec.",
-        )
-    if code == 429 or code >= 500:
-        return RemoteFailure(
-            api.REASON_REMOTE_UNREACHABLE,
-            f"The API server of cluster {cluster} failed ({code}: {detail}); the controller retries by itself.",
-            source_down=True,
-        )
-    return RemoteFailure(
-        api.REASON_REMOTE_ERROR,
-        f"Cluster {cluster} answered {code} to the token request for {target} ({detail}); check that cluster.",
-    )
+        return _unreachable(answer)
+    classify = _BY_CODE.get(code) or (_failing if code >= 500 else _other)
+    return classify(answer)
 
 
 class TokenSource(Protocol):
