@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from kubemcsa import api, kube
 
@@ -51,42 +52,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags, in one sentence, or None."""
     if args.workers < 1:
-        print("kubemcsa-controller: --workers must be at least 1.", file=sys.stderr)
-        return 2
+        return "--workers must be at least 1."
     if args.source_qps <= 0 or args.source_burst < 1:
-        print("kubemcsa-controller: --source-qps must be above 0 and --source-burst at least 1.", file=sys.stderr)
-        return 2
+        return "--source-qps must be above 0 and --source-burst at least 1."
     if args.cluster_name is not None and not api.is_dns_subdomain(args.cluster_name):
-        print(f"kubemcsa-controller: --cluster-name {args.cluster_name!r} is not a cluster name.", file=sys.stderr)
-        return 2
+        return f"--cluster-name {args.cluster_name!r} is not a cluster name."
     if args.trust_check_service_account is not None:
         from controller.federation import parse_service_account
 
         try:
             parse_service_account(args.trust_check_service_account)
         except ValueError as exc:
-            print(f"kubemcsa-controller: --trust-check-service-account {exc}.", file=sys.stderr)
-            return 2
-    logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    from controller.run import Controller, Options  # imported late so --help is fast
+            return f"--trust-check-service-account {exc}."
+    return None
 
-    try:
-        client = kube.local_api_client(args.kubeconfig)
-    except kube.LOCAL_CLIENT_ERRORS as exc:
-        print(f"kubemcsa-controller: {kube.local_client_problem(exc)}.", file=sys.stderr)
-        return 2
-    source_kubeconfig = args.source_kubeconfig
-    if source_kubeconfig and not os.path.exists(source_kubeconfig):
-        logging.getLogger(__name__).warning(
-            "--source-kubeconfig %s does not exist yet; watching for it", source_kubeconfig
-        )
-    options = Options(
-        source_kubeconfig=source_kubeconfig,
+
+def options_from(args: argparse.Namespace) -> Any:
+    from controller.run import Options  # imported late so --help is fast
+
+    return Options(
+        source_kubeconfig=args.source_kubeconfig,
         imports_dir=args.imports_dir,
         cluster_name=args.cluster_name,
         namespace=args.namespace,
@@ -99,7 +87,29 @@ def main(argv: list[str] | None = None) -> int:
         source_burst=args.source_burst,
         trust_check_service_account=args.trust_check_service_account,
     )
-    controller = Controller(client, options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = usage_problem(args)
+    if problem:
+        print(f"kubemcsa-controller: {problem}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from controller.run import Controller
+
+    try:
+        client = kube.local_api_client(args.kubeconfig)
+    except kube.LOCAL_CLIENT_ERRORS as exc:
+        print(f"kubemcsa-controller: {kube.local_client_problem(exc)}.", file=sys.stderr)
+        return 2
+    if args.source_kubeconfig and not os.path.exists(args.source_kubeconfig):
+        logging.getLogger(__name__).warning(
+            "--source-kubeconfig %s does not exist yet; watching for it", args.source_kubeconfig
+        )
+    controller = Controller(client, options_from(args))
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
