@@ -1,11 +1,11 @@
 """Conformance: the same assertions against the in-memory API server or a real cluster.
 
-By default each test runs against a fresh in-memory server (kubemcsa.testing). With KUBEMCSA_TEST_KUBECONFIG
-naming a kubeconfig (cluster-admin), they run against that cluster instead; each test works in its own
-namespace and removes what it created. The assertions come from the Kubernetes API documentation and from
+Each test runs against a fresh in-memory server (kubemcsa.testing) and, with KUBEBUILDER_ASSETS naming an envtest
+asset folder, against the session's real control plane too (the `tier` parameter; kubemcsa.testing.pytest_plugin),
+reset to its first state before each test. The assertions come from the Kubernetes API documentation and from
 what a real kube-apiserver was seen to do (shared/reference/kube-apiserver-facts.md), not from the
-in-memory implementation. Mutating admission is not here: a remote API server cannot reach a webhook on
-this machine's loopback (tests/test_testing_api.py covers it in memory).
+in-memory implementation: where the tiers disagreed, the in-memory server was changed and the behaviour is pinned
+down here. Mutating admission through the manifests' webhook is in tests/test_webhook_e2e.py (both tiers).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
+from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
 from kubemcsa.testing.wait import wait_for as shared_wait_for
 
-pytestmark = pytest.mark.realcluster
-
-REAL_KUBECONFIG = os.environ.get("KUBEMCSA_TEST_KUBECONFIG")
+pytestmark = pytest.mark.real_tier
 
 
 class Kube:
@@ -38,6 +37,7 @@ class Kube:
         self.api = api
         self.in_memory = in_memory
         self.kubeconfig = ""
+        self.last_content_type = ""
         self.core = client.CoreV1Api(api)
         self.apps = client.AppsV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
@@ -47,10 +47,11 @@ class Kube:
 
     def raw(
         self, method: str, path: str, body: bytes | None = None, content_type: str = "application/json",
-        token: str | None = None,
+        token: str | None = None, accept: str = "application/json",
     ) -> tuple[int, Any]:  # fmt: skip
-        """(status, decoded JSON or text) for any request, through the client's own TLS and credentials."""
-        headers = {"Accept": "application/json"}
+        """(status, decoded JSON or text) for any request, through the client's own TLS and credentials; the
+        answer's Content-Type is kept in `last_content_type`."""
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         _, url, headers, _, _ = self.api.param_serialize(
@@ -61,6 +62,7 @@ class Kube:
             headers.pop("Authorization", None)
         response = self.api.rest_client.pool_manager.request(method, url, body=body, headers=headers, retries=False)
         data = response.data
+        self.last_content_type = response.headers.get("Content-Type", "")
         try:
             return response.status, json.loads(data)
         except ValueError:
@@ -79,12 +81,13 @@ class Kube:
 
 
 @pytest.fixture
-def kube(api_server_factory: Callable[..., Any], tmp_path: Any) -> Kube:
-    if REAL_KUBECONFIG:
-        kube = Kube(config.new_client_from_config(REAL_KUBECONFIG))
-        kube.kubeconfig = REAL_KUBECONFIG
+def kube(tier: str, request: pytest.FixtureRequest, tmp_path: Any) -> Kube:
+    if tier == REAL:
+        real = fresh_real_clusters(request)[0]
+        kube = Kube(real.admin_client())
+        kube.kubeconfig = str(real.write_kubeconfig(tmp_path / "kubeconfig"))
         return kube
-    server = api_server_factory(name="conformance", history_size=50)
+    server = request.getfixturevalue("api_server_factory")(name="conformance", history_size=50)
     kube = Kube(server.admin_client(), server)
     kube.kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
     return kube
@@ -540,7 +543,7 @@ def test_watch_from_a_too_old_resource_version_is_410_gone(kube: Kube, ns: str) 
         kube.core.create_namespaced_config_map(ns, {"metadata": {"name": f"fill-{i}"}})
     code, text = kube.raw("GET", f"/api/v1/namespaces/{ns}/configmaps?watch=true&resourceVersion=1&timeoutSeconds=5")
     first = json.loads(text.splitlines()[0]) if isinstance(text, str) else text
-    if REAL_KUBECONFIG and first["type"] != "ERROR":
+    if kube.in_memory is None and first["type"] != "ERROR":
         pytest.skip("this cluster has not compacted etcd since it started (kube does every 5 minutes); run again later")
     assert code == 200 and first["type"] == "ERROR"
     assert first["object"]["code"] == 410 and first["object"]["reason"] == "Expired"
@@ -623,8 +626,18 @@ def test_oidc_discovery(kube: Kube) -> None:
     code, doc = kube.raw("GET", "/.well-known/openid-configuration")
     assert code == 200 and doc["issuer"] and doc["jwks_uri"]
     assert "RS256" in doc["id_token_signing_alg_values_supported"]
-    code, jwks = kube.raw("GET", "/openid/v1/jwks")
+    assert kube.last_content_type == "application/json"
+    code, jwks = kube.raw("GET", "/openid/v1/jwks", accept="application/json, */*")
     assert code == 200 and jwks["keys"] and jwks["keys"][0]["kty"] == "RSA"
+    assert kube.last_content_type == "application/jwk-set+json"
+    # The keys come only as a JWK set: a client asking for application/json alone is refused, and the
+    # discovery document only as JSON.
+    code, status = kube.raw("GET", "/openid/v1/jwks")
+    assert code == 406 and status["reason"] == "NotAcceptable" and "application/jwk-set+json" in status["message"]
+    code, _ = kube.raw("GET", "/openid/v1/jwks", accept="application/jwk-set+json")
+    assert code == 200
+    code, status = kube.raw("GET", "/.well-known/openid-configuration", accept="application/jwk-set+json")
+    assert code == 406 and status["reason"] == "NotAcceptable"
 
 
 # 6. Authentication and RBAC ----------------------------------------------------------------------
@@ -728,9 +741,8 @@ def _allowed(call: Callable[[], Any]) -> bool:
 # Several clusters --------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(bool(REAL_KUBECONFIG), reason="needs two in-memory servers")
-def test_two_in_memory_clusters_are_independent(api_server_factory) -> None:
-    one, two = api_server_factory(name="one"), api_server_factory(name="two")
+def test_two_clusters_are_independent(cluster1, cluster2) -> None:
+    one, two = cluster1, cluster2
     a, b = client.CoreV1Api(one.admin_client()), client.CoreV1Api(two.admin_client())
     a.create_namespace({"metadata": {"name": "only-one"}})
     token = one.issue_token("default", "default")

@@ -166,7 +166,9 @@ class JWTAuthenticator:
 
     def _get_json(self, url: str) -> Any:
         # Anonymous, as kube fetches; only https URLs get here (checked in the configuration and the document).
-        request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
+        # Both types: kube-apiserver serves its keys as application/jwk-set+json and answers 406 to application/json.
+        accept = "application/json, application/jwk-set+json"
+        request = urllib.request.Request(url, headers={"Accept": accept})  # noqa: S310
         with urllib.request.urlopen(request, timeout=_FETCH_TIMEOUT_SECONDS, context=self._context()) as response:  # noqa: S310
             return json.loads(response.read(_MAX_DOCUMENT_BYTES))
 

@@ -1,16 +1,64 @@
-"""pytest fixtures that start in-memory clusters: `api_server_factory`, `cluster1`, `cluster2`.
+"""pytest fixtures for clusters: `api_server_factory`, `cluster1`, `cluster2`, `tier`, `real_control_planes`.
 
 Load with `pytest_plugins = ["kubemcsa.testing.pytest_plugin"]` in a conftest.py.
+
+Two tiers. The in-memory one (kubemcsa.testing.ApiServer) always runs: fresh servers for each test. The real one
+runs when KUBEBUILDER_ASSETS names an envtest asset folder (kube-apiserver, etcd, optionally
+kube-controller-manager): two real control planes, started once per session (cluster2 trusting cluster1's
+service-account tokens for audience `cluster2`, user names prefixed `cluster1:`, as `kubemcsa federate` sets it up),
+reset to their first state before each test that uses them. A test marked `@pytest.mark.real_tier` is run on both
+tiers through its `tier` parameter (`cluster1`/`cluster2` follow it); without the asset folder its real variant is
+not generated, and the session ends with one line saying how to run it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kubemcsa.testing.controlplane import ControlPlane, assets_folder, missing_assets_reason
 from kubemcsa.testing.server import ApiServer
+
+MEMORY = "memory"
+REAL = "real"
+MARKER = "real_tier"
+_state: dict[str, Any] = {"marked": 0}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}: runs on the in-memory API server and, with KUBEBUILDER_ASSETS, on real control planes"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker(MARKER) is None or "tier" not in metafunc.fixturenames:
+        return
+    tiers = [MEMORY, REAL] if assets_folder() is not None else [MEMORY]
+    # Module scope: a module-scoped environment is built once per tier, and a module's tests are grouped by tier.
+    metafunc.parametrize("tier", tiers, scope="module")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # After -k/-m deselection: the cases this run really has.
+    _state["marked"] = sum(1 for item in session.items if item.get_closest_marker(MARKER) is not None)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if assets_folder() is None and _state["marked"]:
+        terminalreporter.write_line(f"{missing_assets_reason()} ({_state['marked']} cases ran in memory only)")
+
+
+@pytest.fixture(scope="session")
+def tier() -> str:
+    """The tier of a test that is not marked real_tier: in memory."""
+    return MEMORY
 
 
 @pytest.fixture
@@ -28,11 +76,95 @@ def api_server_factory() -> Iterator[Callable[..., ApiServer]]:
         server.stop()
 
 
-@pytest.fixture
-def cluster1(api_server_factory: Callable[..., ApiServer]) -> ApiServer:
-    return api_server_factory(name="cluster1")
+def start_real_control_planes(assets: Path, workdir: Path) -> tuple[ControlPlane, ControlPlane]:
+    """cluster1 and cluster2 started side by side; cluster2 trusts cluster1's tokens (see the module docstring)."""
+    from kubernetes import client
+
+    from kubemcsa import federation
+
+    c1 = ControlPlane("cluster1", assets, workdir / "cluster1")
+    c2 = ControlPlane("cluster2", assets, workdir / "cluster2")
+    source = federation.FederatedSource(
+        "cluster2", c2.url, c2.ca_pem, "cluster2", federation.default_user_prefix("cluster1")
+    )
+    c2._authentication_config = federation.authentication_configuration(c1.issuer, c1.url, c1.ca_pem, source)
+    planes = (c1, c2)
+    try:
+        for plane in planes:
+            plane.start()
+
+        def discovery_open() -> None:  # cluster2's API server reads cluster1's keys anonymously
+            from kubemcsa.testing.objects import create_or_get
+
+            create_or_get(c1.admin_client(), federation.discovery_binding())
+
+        # In this thread, not a pool's: a child started from a thread is killed when that thread ends (PDEATHSIG).
+        c1.wait_ready(after_ready=discovery_open)
+        c2.wait_ready()
+        # cluster2 fetches cluster1's JWKS in the background: wait until a cluster1 token authenticates there.
+        from kubemcsa.testing.wait import wait_for
+
+        token = c1.issue_token("default", "default", audiences=["cluster2"], expiration_seconds=600)
+        reviews = client.AuthenticationV1Api(c2.client_for_token(token))
+
+        def trusted() -> bool:
+            with contextlib.suppress(client.ApiException):
+                return bool(reviews.create_self_subject_review({"apiVersion": "authentication.k8s.io/v1",
+                                                                "kind": "SelfSubjectReview"}))  # fmt: skip
+            return False
+
+        wait_for(trusted, "cluster2 to trust cluster1's service-account tokens", timeout=60)
+        for plane in planes:
+            plane.snapshot_baseline()
+    except BaseException:
+        for plane in reversed(planes):
+            plane.stop()
+        raise
+    return c1, c2
+
+
+@pytest.fixture(scope="session")
+def real_control_planes() -> Iterator[tuple[ControlPlane, ControlPlane]]:
+    """The session's two real control planes (started on first use; skipped without KUBEBUILDER_ASSETS)."""
+    assets = assets_folder()
+    if assets is None:
+        pytest.skip(missing_assets_reason())
+    with tempfile.TemporaryDirectory(prefix="kubemcsa-real-") as workdir:
+        planes = start_real_control_planes(assets, Path(workdir))
+        try:
+            yield planes
+        finally:
+            for plane in reversed(planes):
+                plane.stop()
+
+
+def fresh_real_clusters(request: pytest.FixtureRequest) -> tuple[ControlPlane, ControlPlane]:
+    """The session's real control planes, reset to their first state (both at once)."""
+    planes: tuple[ControlPlane, ControlPlane] = request.getfixturevalue("real_control_planes")
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(plane.reset) for plane in planes]:
+            future.result()
+    return planes
 
 
 @pytest.fixture
-def cluster2(api_server_factory: Callable[..., ApiServer]) -> ApiServer:
-    return api_server_factory(name="cluster2")
+def clusters(tier: str, request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """(cluster1, cluster2) of the test's tier: fresh in-memory servers, or the real ones reset."""
+    if tier == REAL:
+        return fresh_real_clusters(request)
+    factory = request.getfixturevalue("api_server_factory")
+    return factory(name="cluster1"), factory(name="cluster2")
+
+
+@pytest.fixture
+def cluster1(tier: str, request: pytest.FixtureRequest) -> Any:
+    if tier == REAL:
+        return request.getfixturevalue("clusters")[0]
+    return request.getfixturevalue("api_server_factory")(name="cluster1")
+
+
+@pytest.fixture
+def cluster2(tier: str, request: pytest.FixtureRequest) -> Any:
+    if tier == REAL:
+        return request.getfixturevalue("clusters")[1]
+    return request.getfixturevalue("api_server_factory")(name="cluster2")

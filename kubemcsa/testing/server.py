@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit for a request body
 DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # larger bodies are refused by closing the connection
 DEFAULT_WATCH_SECONDS = 1800
+JSON_TYPE = "application/json"
+JWKS_TYPE = "application/jwk-set+json"
 BOOKMARK_SECONDS = 1.0
 KUBE_VERSION = {
     "major": "1",
@@ -169,11 +171,13 @@ class _Connection(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
-    def send_json(self, code: int, body: Any, headers: list[tuple[str, str]] | None = None) -> None:
+    def send_json(
+        self, code: int, body: Any, headers: list[tuple[str, str]] | None = None, content_type: str = JSON_TYPE
+    ) -> None:
         payload = json.dumps(body, separators=(",", ":")).encode()
         head = [
             f"HTTP/1.1 {code} {self.responses.get(code, ('',))[0]}",
-            "Content-Type: application/json",
+            f"Content-Type: {content_type}",
             f"Content-Length: {len(payload)}",
             "Cache-Control: no-cache, private",
             f"Audit-Id: {secrets.token_hex(8)}",
@@ -583,6 +587,7 @@ class ApiServer:
         warnings: list[str] = []
         self._request_local.warnings = warnings
         token = bearer_token_of(conn.headers.get("Authorization"))
+        self._request_local.content_type = JSON_TYPE
         try:
             body = self._read_body(conn)
             assert self._auth is not None
@@ -622,7 +627,8 @@ class ApiServer:
             code, result = 500, errors.internal(type(exc).__name__).to_status()
         self._record(user, route, path, conn.command.lower(), code, token)
         with contextlib.suppress(OSError, ssl.SSLError):
-            conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings])
+            content_type = self._request_local.content_type if code < 400 else JSON_TYPE
+            conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings], content_type)
 
     def _printer_columns(self, info: ResourceInfo) -> list[dict[str, Any]] | None:
         """A custom resource's additionalPrinterColumns, from its CRD (None for built-in resources)."""
@@ -774,14 +780,17 @@ class ApiServer:
         except (ValueError, yaml.YAMLError) as exc:
             raise errors.bad_request(f"the request body is not valid JSON: {exc}") from None
 
-    def _serve_nonresource(self, path: str) -> tuple[int, Any]:
+    def _serve_nonresource(self, path: str, accept: str | None = None) -> tuple[int, Any]:
         if path in ("/healthz", "/livez", "/readyz") or path.startswith(("/healthz/", "/livez/", "/readyz/")):
             raise _Plain("ok")
         if path == "/version":
             return 200, KUBE_VERSION
         if path == "/.well-known/openid-configuration":
+            _negotiate(accept, JSON_TYPE)
             return 200, self.authority.openid_configuration(f"{self.url}/openid/v1/jwks")
         if path == "/openid/v1/jwks":
+            # kube-apiserver serves the keys as application/jwk-set+json only: `Accept: application/json` is 406.
+            self._request_local.content_type = _negotiate(accept, JWKS_TYPE)
             return 200, self.authority.jwks()
         if path == "/openapi/v3":
             return 200, openapi.root_document(self.cluster.registry)
@@ -804,7 +813,7 @@ class ApiServer:
         if route.info is None:
             if conn.command not in ("GET", "HEAD"):
                 raise errors.method_not_allowed()
-            return self._serve_nonresource(urlsplit(conn.path).path)
+            return self._serve_nonresource(urlsplit(conn.path).path, conn.headers.get("Accept"))
         info, ns, name, sub = route.info, route.namespace, route.name, route.subresource
         cluster = self.cluster
         dry_run = "All" in (query.get("dryRun") or [])
@@ -1046,6 +1055,15 @@ class ApiServer:
             meta["annotations"] = {"k8s.io/initial-events-end": "true"}
         line = {"type": "BOOKMARK", "object": {"kind": info.kind, "apiVersion": info.api_version, "metadata": meta}}
         conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+
+
+def _negotiate(accept: str | None, offered: str) -> str:
+    """`offered` if the Accept header admits it (absent, */*, type/* or the type itself), else 406 as kube says it."""
+    ranges = [part.split(";")[0].strip().lower() for part in (accept or "").split(",") if part.strip()]
+    kind = offered.split("/")[0]
+    if not ranges or any(r in ("*/*", f"{kind}/*", offered) for r in ranges):
+        return offered
+    raise StatusError(406, "NotAcceptable", f"406: Not Acceptable\n\nAvailable representations: {offered}", {})
 
 
 class _Plain(Exception):
