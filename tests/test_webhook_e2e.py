@@ -1,9 +1,10 @@
-"""The webhook end to end: the in-memory API server calls it over verified TLS through the real manifests.
+"""The webhook end to end: the API server calls it over verified TLS through the real manifests.
 
 The webhook runs with a token of its own ServiceAccount, bound to manifests/webhook/rbac.yaml (so that RBAC is
 proven enough), its certificate is set up by certs.manager as at startup, and the MutatingWebhookConfiguration is
-the one of the manifests, its Service registered with the API server. Pods are created with the official client,
-and the stored pods are checked.
+the one of the manifests (matchConditions included), its Service registered with the API server. Pods are created
+with the official client, and the stored pods are checked. Tests marked real_tier also run against a real
+kube-apiserver (KUBEBUILDER_ASSETS), which reaches the webhook through the manifests' Service.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from certs import manager
 from kubemcsa import api, kube, tls
 from kubemcsa.testing import ApiServer
+from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.app import MUTATE_PATH
@@ -57,7 +59,7 @@ def create(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Env:
-    server: ApiServer
+    server: Any  # an in-memory ApiServer or a real ControlPlane
     admin: ApiClient
     webhook: WebhookServer
     webhook_client: ApiClient
@@ -91,17 +93,25 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    server = ApiServer(name="webhook-e2e").start()
+def env(tier: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if tier == REAL:
+        server: Any = fresh_real_clusters(request)[0]
+        stop = lambda: None  # noqa: E731 - the session's control plane outlives the module
+    else:
+        server = ApiServer(name="webhook-e2e").start()
+        stop = server.stop
     admin = server.admin_client()
     try:
         for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml"):
             create(admin, doc)
         for namespace in (SYSTEM_NS, api.CERT_NAMESPACE):
             create(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-        for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
+        # The Service too: a real API server resolves it to its cluster IP before dialing.
+        for name in ("serviceaccount.yaml", "rbac.yaml", "service.yaml", "mutatingwebhookconfiguration.yaml"):
             for doc in documents(MANIFESTS / "webhook" / name):
                 create(admin, doc)
+        if tier == REAL:  # the CRD is served once established
+            wait_for(lambda: _imports_served(admin), what="the ServiceAccountImport CRD to be served")
         webhook_client = server.client_for_token(server.issue_token(SYSTEM_NS, WEBHOOK_SA, expiration_seconds=3600))
         # What `kubemcsa-webhook --manage-certificates` does before serving.
         bundle = manager.ensure_webhook_certificates(
@@ -117,11 +127,19 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         server.register_service(SYSTEM_NS, SERVICE_NAME, 443, webhook.url)
         assert webhook.cache.wait_for_sync(WAIT)
     except BaseException:
-        server.stop()
+        stop()
         raise
     yield Env(server, admin, webhook, webhook_client, bundle.ca_pem)
     webhook.stop()
-    server.stop()
+    stop()
+
+
+def _imports_served(admin: ApiClient) -> bool:
+    try:
+        kube.Resource(admin, kube.SERVICE_ACCOUNT_IMPORTS).list("default")
+    except ApiException:
+        return False
+    return True
 
 
 def mounts_of(container: dict[str, Any]) -> list[dict[str, Any]]:
@@ -136,6 +154,7 @@ def import_volumes(pod: dict[str, Any]) -> list[dict[str, Any]]:
     return [v for v in pod["spec"].get("volumes") or [] if "secret" in v]
 
 
+@pytest.mark.real_tier
 def test_annotated_pod_in_enabled_namespace_gets_volumes_and_mounts(env: Env) -> None:
     ns = env.namespace(ENABLED)
     env.add_import(ns, "cluster2-default-pod-lister")
@@ -162,6 +181,7 @@ def _defaults(volume: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in volume["secret"].items() if k != "secretName"}
 
 
+@pytest.mark.real_tier
 def test_same_pod_without_the_label_or_without_the_annotation_is_untouched(env: Env) -> None:
     plain = env.namespace({})
     env.add_import(plain, "cluster2-default-pod-lister")
@@ -173,6 +193,7 @@ def test_same_pod_without_the_label_or_without_the_annotation_is_untouched(env: 
     assert import_volumes(pod) == [] and mounts_of(pod["spec"]["containers"][0]) == []
 
 
+@pytest.mark.real_tier
 def test_namespace_not_enabled_is_untouched_even_with_a_misconfigured_selector(env: Env) -> None:
     plain = env.namespace({})
     env.add_import(plain, "imp")
@@ -197,6 +218,7 @@ def allowed_count(env: Env) -> float:
     return float(line.split()[-1])
 
 
+@pytest.mark.real_tier
 def test_several_imports_with_sloppy_separators(env: Env) -> None:
     ns = env.namespace(ENABLED)
     names = ["cluster2-default-pod-lister", "cluster3-default-pod-lister", "cluster4-default-pod-lister"]
@@ -207,6 +229,7 @@ def test_several_imports_with_sloppy_separators(env: Env) -> None:
     assert mounts_of(pod["spec"]["containers"][0]) == [expected_mount(n) for n in names]
 
 
+@pytest.mark.real_tier
 def test_unknown_import_is_refused_with_a_message_naming_it(env: Env) -> None:
     ns = env.namespace(ENABLED)
     env.add_import(ns, "known")
@@ -221,6 +244,7 @@ def test_unknown_import_is_refused_with_a_message_naming_it(env: Env) -> None:
     assert kube.Resource(env.admin, kube.PODS).list(ns)["items"] == []
 
 
+@pytest.mark.real_tier
 def test_pod_created_before_its_secret_exists_is_admitted(env: Env) -> None:
     ns = env.namespace(ENABLED)
     env.add_import(ns, "fresh")
@@ -230,6 +254,7 @@ def test_pod_created_before_its_secret_exists_is_admitted(env: Env) -> None:
     assert import_volumes(pod)[0]["secret"]["secretName"] == "fresh-token"
 
 
+@pytest.mark.real_tier
 def test_import_created_a_moment_ago_is_found_through_the_api(env: Env) -> None:
     # A cache that has not watched anything yet: every lookup misses and must ask the API server.
     cache = WatchCache(env.webhook_client)
@@ -398,6 +423,7 @@ def sidecar_injector(env: Env, tmp_path: Path) -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("sidecar_injector")
+@pytest.mark.real_tier
 def test_reinvocation_mounts_into_a_container_added_later_and_adds_nothing_twice(env: Env) -> None:
     ns = env.namespace(ENABLED)
     env.add_import(ns, "cluster2-default-pod-lister")
@@ -408,6 +434,7 @@ def test_reinvocation_mounts_into_a_container_added_later_and_adds_nothing_twice
         assert mounts_of(container) == [expected_mount("cluster2-default-pod-lister")], container["name"]
 
 
+@pytest.mark.real_tier
 def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path: Path) -> None:
     """The console script as deployed: --manage-certificates, its own token, then SIGTERM: exit 0.
 
@@ -475,10 +502,15 @@ def test_kubemcsa_webhook_command_serves_and_stops_on_sigterm(env: Env, tmp_path
     assert refused.value.status == 500
     message = json.loads(refused.value.body)["message"]
     url = f"https://{SERVICE_NAME}.{SYSTEM_NS}.svc:443{MUTATE_PATH}?timeout=5s"
-    assert message == (
+    prefix = (
         f'Internal error occurred: failed calling webhook "{SERVICE_NAME}.multicluster.admiralty.io": failed to '
-        f'call webhook: Post "{url}": dial tcp 127.0.0.1:{port}: connect: connection refused'
+        f'call webhook: Post "{url}": '
     )
+    assert message.startswith(prefix), message
+    if isinstance(env.server, ApiServer):
+        assert message == f"{prefix}dial tcp 127.0.0.1:{port}: connect: connection refused"
+    else:  # the real one dials the Service's cluster IP, here through the test's egress proxy, which says 502
+        assert "dialing 10.96." in message and "502" in message, message
     assert import_volumes(env.create_pod(ns, "during-outage"))  # and back once it answers again
 
 

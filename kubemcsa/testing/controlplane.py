@@ -38,8 +38,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +141,8 @@ class _ConnectProxy:
     def __init__(self, path: Path) -> None:
         # A Unix socket: kube-apiserver's HTTPConnect over TCP insists on mutual TLS, over a socket it needs none.
         self.routes: dict[str, tuple[str, int]] = {}
+        self._tunnels: dict[str, set[socket.socket]] = {}
+        self._lock = threading.Lock()
         self.path = path
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
@@ -174,7 +174,9 @@ class _ConnectProxy:
                 conn.sendall(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n")
                 return
             host, _, port = line[1].rpartition(":")
-            target = self.routes.get(line[1], (host, int(port)))
+            with self._lock:
+                target = self.routes.get(line[1], (host, int(port)))
+                self._tunnels.setdefault(line[1], set()).add(conn)
             try:
                 upstream = socket.create_connection(target, timeout=10)
             except OSError:
@@ -187,9 +189,22 @@ class _ConnectProxy:
         except OSError:
             pass
         finally:
+            with self._lock:
+                for tunnels in self._tunnels.values():
+                    tunnels.discard(conn)
             conn.close()
             if upstream is not None:
                 upstream.close()
+
+    def route(self, address: str, target: tuple[str, int]) -> None:
+        """Send new connections for `address` to `target`, and cut the open ones: as when a Service's only
+        endpoint is replaced, the API server's kept-alive connections to the old one end."""
+        with self._lock:
+            self.routes[address] = target
+            tunnels = self._tunnels.pop(address, set())
+        for tunnel in tunnels:
+            with contextlib.suppress(OSError):
+                tunnel.shutdown(socket.SHUT_RDWR)
 
     def _relay(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
@@ -332,7 +347,7 @@ class ControlPlane:
 
         service = client.CoreV1Api(self.admin_client()).read_namespaced_service(name, namespace)
         host, _, target_port = url.removeprefix("https://").rstrip("/").rpartition(":")
-        self._proxy.routes[f"{service.spec.cluster_ip}:{int(port or 443)}"] = (host, int(target_port))
+        self._proxy.route(f"{service.spec.cluster_ip}:{int(port or 443)}", (host, int(target_port)))
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """The in-memory server's controllers can be waited for; a real cluster's cannot (tests wait on state)."""
@@ -484,7 +499,7 @@ class ControlPlane:
             try:
                 self._get_text(path, timeout=5)
                 return
-            except (OSError, urllib.error.URLError, ValueError):
+            except (OSError, http.client.HTTPException, ValueError):
                 pass
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {p.name}\n{p.tail()}" for p in self._processes)
@@ -496,19 +511,25 @@ class ControlPlane:
         return ssl.create_default_context(cadata=self.ca_pem.decode())
 
     def _get_text(self, path: str, timeout: float = 10) -> str:
-        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {self.admin_token}"})
-        with urllib.request.urlopen(request, context=self._ssl(), timeout=timeout) as response:  # noqa: S310
-            return response.read().decode(errors="replace")
+        """The body of a GET that answered 200 (OSError otherwise, as when nothing listens yet)."""
+        http_ = _Http(self, timeout)
+        try:
+            status, body = http_.call("GET", path, accept="*/*")
+        finally:
+            http_.close()
+        if status != 200:
+            raise OSError(f"GET {path}: {status}")
+        return body if isinstance(body, str) else json.dumps(body)
 
     def _request(self, method: str, path: str, body: Any) -> dict[str, Any]:
-        request = urllib.request.Request(
-            self.url + path,
-            data=json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": f"Bearer {self.admin_token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, context=self._ssl(), timeout=30) as response:  # noqa: S310
-            return json.loads(response.read())
+        http_ = _Http(self)
+        try:
+            status, answer = http_.call(method, path, body)
+        finally:
+            http_.close()
+        if status >= 300:
+            raise ControlPlaneError(f"{method} {path} answered {status}: {answer}")
+        return answer
 
     # Sharing one cluster between tests ------------------------------------------------------------
 
@@ -630,9 +651,9 @@ class _Kind:
 class _Http:
     """One kept-alive HTTPS connection with the admin token, for the many small calls of a reset."""
 
-    def __init__(self, plane: ControlPlane) -> None:
+    def __init__(self, plane: ControlPlane, timeout: float = 30) -> None:
         self._plane = plane
-        self._conn = http.client.HTTPSConnection("127.0.0.1", plane.port, context=plane._ssl(), timeout=30)
+        self._conn = http.client.HTTPSConnection("127.0.0.1", plane.port, context=plane._ssl(), timeout=timeout)
 
     def call(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {self._plane.admin_token}", "Accept": accept}
