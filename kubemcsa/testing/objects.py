@@ -10,18 +10,36 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, imports, kube
+from kubemcsa.testing.wait import wait_for
 
 
 def create_or_get(client: ApiClient, obj: dict[str, Any]) -> dict[str, Any]:
-    """Create `obj`; if it already exists (409), return the existing one unchanged."""
+    """Create `obj`; if it already exists (409), return the existing one unchanged. A CustomResourceDefinition is
+    waited for until Established (`kubectl wait --for condition=established`): a real API server serves its
+    resources a moment after the create returns."""
     resource = kube.Resource(client, kube.resource_type_of(obj))
     namespace = (obj.get("metadata") or {}).get("namespace")
     try:
-        return resource.create(obj, namespace)
+        created = resource.create(obj, namespace)
     except ApiException as exc:
         if exc.status != 409:
             raise
-        return resource.get(obj["metadata"]["name"], namespace)
+        created = resource.get(obj["metadata"]["name"], namespace)
+    if obj.get("kind") == "CustomResourceDefinition":
+        wait_established(client, obj["metadata"]["name"])
+    return created
+
+
+def wait_established(client: ApiClient, name: str, timeout: float = 30.0) -> None:
+    """Until the CustomResourceDefinition `name` says Established=True."""
+    crds = kube.Resource(client, kube.resource_type_of({"apiVersion": "apiextensions.k8s.io/v1",
+                                                        "kind": "CustomResourceDefinition"}))  # fmt: skip
+
+    def established() -> bool:
+        conditions = (crds.get(name).get("status") or {}).get("conditions") or []
+        return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+    wait_for(established, f"CustomResourceDefinition {name} to be established", timeout=timeout)
 
 
 def create_file(client: ApiClient, path: Path, skip_kinds: tuple[str, ...] = ()) -> None:
