@@ -572,6 +572,36 @@ def test_token_request(kube: Kube, ns: str) -> None:
     assert header["alg"] == "RS256"
 
 
+def test_token_request_bound_to_a_pod(kube: Kube, ns: str) -> None:
+    """As the kubelet asks for a projected token: bound to the pod, which the token names; every token has a jti."""
+    kube.core.create_namespaced_service_account(ns, {"metadata": {"name": "demo"}})
+    pod = kube.core.create_namespaced_pod(ns, {"metadata": {"name": "p"}, "spec": {
+        "serviceAccountName": "demo", "containers": [{"name": "c", "image": "busybox"}]}})  # fmt: skip
+    uid = pod.metadata.uid
+
+    def request(ref: dict[str, Any]) -> tuple[int, Any]:
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {"audiences": ["foo"], "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", **ref}},
+        }
+        return kube.raw("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/demo/token", json.dumps(body).encode())
+
+    code, answer = request({"name": "p", "uid": uid})
+    assert code == 201
+    assert answer["spec"]["boundObjectRef"] == {"kind": "Pod", "apiVersion": "v1", "name": "p", "uid": uid}
+    claims = jwt_claims(answer["status"]["token"])
+    assert claims["kubernetes.io"]["pod"] == {"name": "p", "uid": uid} and claims["jti"]
+    code, answer = request({"name": "p"})  # without a uid: echoed without, but the token names the pod's
+    assert code == 201 and answer["spec"]["boundObjectRef"] == {"kind": "Pod", "apiVersion": "v1", "name": "p"}
+    assert jwt_claims(answer["status"]["token"])["kubernetes.io"]["pod"] == {"name": "p", "uid": uid}
+    code, status = request({"name": "nope"})
+    assert code == 404 and status["reason"] == "NotFound" and status["message"] == 'pods "nope" not found'
+    code, status = request({"name": "p", "uid": "wrong"})
+    assert code == 409 and status["reason"] == "Conflict"
+    assert "the UID in the bound object reference (wrong) does not match the UID in record" in status["message"]
+
+
 def test_token_request_defaults_and_errors(kube: Kube, ns: str) -> None:
     answer = kube.core.create_namespaced_service_account_token("default", ns, {"spec": {}})
     assert answer.spec.expiration_seconds == 3600 and answer.spec.audiences

@@ -1,4 +1,5 @@
-"""Federated imports end to end, against two in-memory clusters, the second trusting the first.
+"""Federated imports end to end, against two clusters (in memory; real ones too with KUBEBUILDER_ASSETS for the
+tests marked real_tier), the second trusting the first.
 
 cluster1 runs the controller and the webhook (each with a token of its ServiceAccount, bound to the manifests'
 RBAC); the kubelet stand-in writes the pod's projected volume. cluster2 is
@@ -124,7 +125,8 @@ class Env:
 def start_webhook(c1: Any, tmp_path: Path) -> WebhookServer:
     """The webhook as deployed: its ServiceAccount's token and RBAC, its certificate, the manifests' registration."""
     admin = c1.admin_client()
-    for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):
+    # The Service too: a real API server resolves it to its cluster IP before dialing.
+    for name in ("serviceaccount.yaml", "rbac.yaml", "service.yaml", "mutatingwebhookconfiguration.yaml"):
         create_file(admin, MANIFESTS / "webhook" / name)
     client = c1.client_for_token(c1.issue_token(SYSTEM_NS, SERVICE_NAME, expiration_seconds=3600))
     bundle = manager.ensure_webhook_certificates(
@@ -143,9 +145,8 @@ def start_webhook(c1: Any, tmp_path: Path) -> WebhookServer:
 
 
 @pytest.fixture
-def env(api_server_factory, tmp_path: Path) -> Iterator[Env]:
-    c1 = api_server_factory(name="cluster1")
-    c2 = api_server_factory(name="cluster2")
+def env(clusters, tmp_path: Path) -> Iterator[Env]:
+    c1, c2 = clusters  # in memory, or the real control planes (cluster2 trusting nobody until told)
     admin1, admin2 = c1.admin_client(), c2.admin_client()
     for part in ("crd/serviceaccountimports.yaml", "namespace.yaml", "controller/serviceaccount.yaml"):
         create_file(admin1, MANIFESTS / part)
@@ -213,6 +214,7 @@ def scan_for_tokens(env: Env, logs: str) -> list[str]:
     return found
 
 
+@pytest.mark.real_tier
 def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_token(
     env: Env, capsys, caplog, tmp_path: Path
 ) -> None:
@@ -244,7 +246,9 @@ def test_a_federated_import_is_ready_once_trusted_and_pods_call_with_their_own_t
     # the kubelet writes its five files.
     pod = kube.Resource(env.admin1, kube.PODS).create(annotated_pod(), "default")
     volume = next(v for v in pod["spec"]["volumes"] if v["name"] == api.volume_name_for_import("fed"))
-    assert volume == federation.projected_volume(volume["name"], "fed-token", "cluster2", 3600)
+    # As the webhook writes it, plus the defaultMode the API server fills in.
+    expected = federation.projected_volume(volume["name"], "fed-token", "cluster2", 3600)
+    assert volume == {**expected, "projected": {**expected["projected"], "defaultMode": 420}}
     (mount,) = [m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
     assert mount == {"name": volume["name"], "mountPath": api.mount_path_for_import("fed"), "readOnly": True}
     kubelet = Kubelet(env.c1, tmp_path / "kubelet")
@@ -324,6 +328,7 @@ def test_a_client_built_once_keeps_working_across_the_kubelets_rotation(env: Env
         assert [p["metadata"]["name"] for p in pods.list("default")["items"]] == ["web"]  # ...the client is not
 
 
+@pytest.mark.real_tier
 def test_deleting_the_federated_source_makes_the_import_unknown_and_the_error_says_how_to_fix(env: Env) -> None:
     env.start_controller()
     env.create_import()
@@ -336,6 +341,7 @@ def test_deleting_the_federated_source_makes_the_import_unknown_and_the_error_sa
     env.wait_ready("False", api.REASON_UNKNOWN_CLUSTER)
 
 
+@pytest.mark.real_tier
 def test_no_one_with_namespace_rights_or_the_controllers_identity_can_record_a_federated_source(env: Env) -> None:
     """A federated source decides where pods send their tokens: only cluster admins may record one."""
     source = federation.FederatedSource("evil", "https://evil.example", env.c2.ca_pem, "cluster2", "x:")
@@ -366,6 +372,7 @@ def test_no_one_with_namespace_rights_or_the_controllers_identity_can_record_a_f
     assert info.value.status == 403
 
 
+@pytest.mark.real_tier
 def test_a_federated_import_the_webhook_has_not_seen_yet_is_mounted_from_one_list(env: Env) -> None:
     """The cache-miss path: the pod comes with its import, before the watch has delivered it."""
     assert env.federate("--audience", "cluster2", "--audience", "cluster2-aud")[0] == 0  # the record allows it

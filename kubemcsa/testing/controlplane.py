@@ -358,7 +358,7 @@ class ControlPlane:
         `apiserver_authentication_config_controller_last_config_info` names the file's hash)."""
         if self._authentication_config is None and config is None:
             return
-        text = config if isinstance(config, str) else yaml.safe_dump(config or _no_jwt(), sort_keys=False)
+        text = config if isinstance(config, str) else yaml.safe_dump(config or no_jwt_issuers(), sort_keys=False)
         if self._authentication_file.exists() and self._authentication_file.read_text() == text:
             return
         self._authentication_file.write_text(text)
@@ -721,5 +721,6 @@ def _delete_all(http_: _Http, kind: _Kind, namespace: str, doomed: Callable[[str
         http_.call("DELETE", path, {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
 
 
-def _no_jwt() -> dict[str, Any]:
+def no_jwt_issuers() -> dict[str, Any]:
+    """An AuthenticationConfiguration that trusts no JWT issuer (yet)."""
     return {"apiVersion": "apiserver.config.k8s.io/v1beta1", "kind": "AuthenticationConfiguration", "jwt": []}

@@ -1,14 +1,17 @@
 """A stand-in for the kubelet's volume work: a pod's Secret and projected volumes written as files, and rotated.
 
-The in-memory server runs no pods. Tests that need what a container would see call `Kubelet.mount(namespace, pod)`:
+Neither tier runs pods (the in-memory server has no kubelet, the real control planes no node). Tests that need
+what a container would see call `Kubelet.mount(namespace, pod)`, on either tier: it reads the pod, Secrets and
+ConfigMaps through the API with the admin token, as the kubelet reads them with its own.
 each `secret` or `projected` volume of the stored pod is written as the kubelet writes it (a timestamped directory
 behind a `..data` symlink, one symlink per file, swapped atomically on update), and each container's volumeMounts
 become symlinks under `container_root(...)`, so that a container path such as
 `/var/run/secrets/admiralty.io/serviceaccountimports/x/token` is `container_root(...) / that path`.
 
-A projected `serviceAccountToken` source is a TokenRequest for the pod's own service account with the source's
-`audience` (default: the API server's own) and `expirationSeconds` (default 3600, at least 600), as the kubelet
-requests it; `rotate()` requests new tokens and rewrites the files, as the kubelet does at 80 % of their lifetime.
+A projected `serviceAccountToken` source is a TokenRequest for the pod's own service account, bound to the pod,
+with the source's `audience` (default: the API server's own) and `expirationSeconds` (default 3600, at least 600),
+as the kubelet requests it; `rotate()` requests new tokens and rewrites the files, as the kubelet does at 80 % of
+their lifetime.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa import kube
 
 if TYPE_CHECKING:
     from kubemcsa.testing.server import ApiServer
@@ -45,16 +52,26 @@ class _Volume:
 class Kubelet:
     """Writes the Secret and projected volumes of pods stored in one ApiServer under `root`."""
 
-    def __init__(self, server: ApiServer, root: str | os.PathLike[str]) -> None:
+    def __init__(self, server: ApiServer | Any, root: str | os.PathLike[str]) -> None:
+        """`server`: an in-memory ApiServer or a real ControlPlane (anything with admin_client())."""
         self.server = server
         self.root = Path(root)
+        self._client = server.admin_client()
         self._volumes: dict[tuple[str, str, str], _Volume] = {}
 
     def __repr__(self) -> str:
         return f"Kubelet(server={self.server.name!r}, root={str(self.root)!r})"
 
+    def _get(self, rtype: kube.ResourceType, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return kube.Resource(self._client, rtype).get(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def _pod(self, namespace: str, name: str) -> dict[str, Any]:
-        pod = self.server.cluster.store.get("/pods", namespace, name)
+        pod = self._get(kube.PODS, namespace, name)
         if pod is None:
             raise VolumeError(f'pod "{namespace}/{name}" does not exist')
         return pod
@@ -134,7 +151,7 @@ class Kubelet:
         return files, refresh_at
 
     def _secret_files(self, namespace: str, name: Any, source: dict[str, Any]) -> dict[str, bytes]:
-        secret = self.server.cluster.store.get("/secrets", namespace, str(name))
+        secret = self._get(kube.SECRETS, namespace, str(name))
         optional = bool(source.get("optional"))
         if secret is None:
             if optional:
@@ -154,7 +171,7 @@ class Kubelet:
         return files
 
     def _config_map_files(self, namespace: str, source: dict[str, Any]) -> dict[str, bytes]:
-        config_map = self.server.cluster.store.get("/configmaps", namespace, str(source.get("name")))
+        config_map = self._get(kube.CONFIG_MAPS, namespace, str(source.get("name")))
         if config_map is None:
             if source.get("optional"):
                 return {}
@@ -166,23 +183,27 @@ class Kubelet:
         return {item.get("path") or item["key"]: data[item["key"]] for item in items if item["key"] in data}
 
     def _token(self, entry: _Volume, source: dict[str, Any]) -> tuple[str, int]:
-        """A TokenRequest for the pod's service account, as the kubelet makes it for a projected token."""
+        """A TokenRequest for the pod's service account, bound to the pod, as the kubelet makes it."""
         spec = entry.pod.get("spec") or {}
         service_account = spec.get("serviceAccountName") or "default"
-        sa = self.server.cluster.store.get("/serviceaccounts", entry.namespace, service_account)
-        if sa is None:
-            raise VolumeError(f'serviceaccount "{service_account}" not found in namespace {entry.namespace}')
+        meta = entry.pod.get("metadata") or {}
         token_spec: dict[str, Any] = {
-            "expirationSeconds": int(source.get("expirationSeconds") or DEFAULT_TOKEN_EXPIRATION_SECONDS)
+            "expirationSeconds": int(source.get("expirationSeconds") or DEFAULT_TOKEN_EXPIRATION_SECONDS),
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": meta.get("name"), "uid": meta.get("uid")},
         }
         if source.get("audience"):
             token_spec["audiences"] = [source["audience"]]
-        answer = self.server.authority.token_request(
-            {"spec": token_spec},
-            namespace=entry.namespace,
-            service_account=sa,
-            max_expiration_seconds=self.server.max_token_expiration_seconds,
-        )
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": token_spec}
+        try:
+            answer = kube.Resource(self._client, kube.SERVICE_ACCOUNTS).create_subresource(
+                service_account, "token", body, entry.namespace
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise VolumeError(
+                    f'serviceaccount "{service_account}" not found in namespace {entry.namespace}'
+                ) from None
+            raise
         return answer["status"]["token"], int(answer["spec"]["expirationSeconds"])
 
     # --- the atomic writer --------------------------------------------------------------------------------

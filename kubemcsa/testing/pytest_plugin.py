@@ -4,8 +4,8 @@ Load with `pytest_plugins = ["kubemcsa.testing.pytest_plugin"]` in a conftest.py
 
 Two tiers. The in-memory one (kubemcsa.testing.ApiServer) always runs: fresh servers for each test. The real one
 runs when KUBEBUILDER_ASSETS names an envtest asset folder (kube-apiserver, etcd, optionally
-kube-controller-manager): two real control planes, started once per session (cluster2 trusting cluster1's
-service-account tokens for audience `cluster2`, user names prefixed `cluster1:`, as `kubemcsa federate` sets it up),
+kube-controller-manager): two real control planes, started once per session (cluster2 with `--authentication-config`,
+ready to trust cluster1's service-account tokens as `kubemcsa federate` sets it up),
 reset to their first state before each test that uses them. A test marked `@pytest.mark.real_tier` is run on both
 tiers through its `tier` parameter (`cluster1`/`cluster2` follow it); without the asset folder its real variant is
 not generated, and the session ends with one line saying how to run it.
@@ -13,7 +13,6 @@ not generated, and the session ends with one line saying how to run it.
 
 from __future__ import annotations
 
-import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from kubemcsa.testing.controlplane import ControlPlane, assets_folder, missing_assets_reason
+from kubemcsa.testing.controlplane import ControlPlane, assets_folder, missing_assets_reason, no_jwt_issuers
 from kubemcsa.testing.server import ApiServer
 
 MEMORY = "memory"
@@ -77,43 +76,18 @@ def api_server_factory() -> Iterator[Callable[..., ApiServer]]:
 
 
 def start_real_control_planes(assets: Path, workdir: Path) -> tuple[ControlPlane, ControlPlane]:
-    """cluster1 and cluster2 started side by side; cluster2 trusts cluster1's tokens (see the module docstring)."""
-    from kubernetes import client
-
-    from kubemcsa import federation
-
+    """cluster1 and cluster2 started side by side. cluster2 runs with `--authentication-config`, trusting no
+    issuer yet: a test makes it trust cluster1 as an administrator does, with what `kubemcsa federate` prints
+    (`configure_authentication` rewrites the file and waits until kube-apiserver has reloaded it)."""
     c1 = ControlPlane("cluster1", assets, workdir / "cluster1")
-    c2 = ControlPlane("cluster2", assets, workdir / "cluster2")
-    source = federation.FederatedSource(
-        "cluster2", c2.url, c2.ca_pem, "cluster2", federation.default_user_prefix("cluster1")
-    )
-    c2._authentication_config = federation.authentication_configuration(c1.issuer, c1.url, c1.ca_pem, source)
+    c2 = ControlPlane("cluster2", assets, workdir / "cluster2", authentication_config=no_jwt_issuers())
     planes = (c1, c2)
     try:
         for plane in planes:
             plane.start()
-
-        def discovery_open() -> None:  # cluster2's API server reads cluster1's keys anonymously
-            from kubemcsa.testing.objects import create_or_get
-
-            create_or_get(c1.admin_client(), federation.discovery_binding())
-
         # In this thread, not a pool's: a child started from a thread is killed when that thread ends (PDEATHSIG).
-        c1.wait_ready(after_ready=discovery_open)
-        c2.wait_ready()
-        # cluster2 fetches cluster1's JWKS in the background: wait until a cluster1 token authenticates there.
-        from kubemcsa.testing.wait import wait_for
-
-        token = c1.issue_token("default", "default", audiences=["cluster2"], expiration_seconds=600)
-        reviews = client.AuthenticationV1Api(c2.client_for_token(token))
-
-        def trusted() -> bool:
-            with contextlib.suppress(client.ApiException):
-                return bool(reviews.create_self_subject_review({"apiVersion": "authentication.k8s.io/v1",
-                                                                "kind": "SelfSubjectReview"}))  # fmt: skip
-            return False
-
-        wait_for(trusted, "cluster2 to trust cluster1's service-account tokens", timeout=60)
+        for plane in planes:
+            plane.wait_ready()
         for plane in planes:
             plane.snapshot_baseline()
     except BaseException:

@@ -898,9 +898,38 @@ class ApiServer:
         sa = self.cluster.store.get("/serviceaccounts", namespace, name)
         if sa is None:
             raise errors.not_found("serviceaccounts", name)
+        bound_pod, bound_uid = self._bound_pod(namespace, body)
         return self.authority.token_request(
-            body, namespace=namespace, service_account=sa, max_expiration_seconds=self.max_token_expiration_seconds
+            body,
+            namespace=namespace,
+            service_account=sa,
+            max_expiration_seconds=self.max_token_expiration_seconds,
+            bound_pod=bound_pod,
+            bound_uid=bound_uid,
         )
+
+    def _bound_pod(self, namespace: str, body: Any) -> tuple[dict[str, Any] | None, str | None]:
+        """The Pod a TokenRequest's spec.boundObjectRef names (as the kubelet asks) and the uid it gave: 404 if
+        the pod does not exist, 409 if its uid is another one's, as kube-apiserver answers."""
+        spec = body.get("spec") if isinstance(body, dict) else None
+        ref = spec.get("boundObjectRef") if isinstance(spec, dict) else None
+        if not isinstance(ref, dict) or ref.get("kind") != "Pod":
+            return None, None
+        name = str(ref.get("name") or "")
+        pod = self.cluster.store.get("/pods", namespace, name)
+        if pod is None:
+            raise errors.not_found("pods", name)
+        uid = pod["metadata"].get("uid")
+        if ref.get("uid") and ref["uid"] != uid:
+            raise StatusError(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on Pod "{name}": the UID in the bound object reference '
+                f"({ref['uid']}) does not match the UID in record. The object might have been deleted and then "
+                "recreated",
+                {"name": name, "kind": "Pod"},
+            )
+        return pod, (str(ref["uid"]) if ref.get("uid") else None)
 
     def _token_review(self, body: Any) -> dict[str, Any]:
         store = self.cluster.store

@@ -13,6 +13,7 @@ import binascii
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -157,8 +158,13 @@ class TokenAuthority:
         service_account: dict[str, Any],
         max_expiration_seconds: int | None = None,
         now: float | None = None,
+        bound_pod: dict[str, Any] | None = None,
+        bound_uid: str | None = None,
     ) -> dict[str, Any]:
-        """Answer POST .../serviceaccounts/NAME/token as kube-apiserver does; StatusError on a bad request."""
+        """Answer POST .../serviceaccounts/NAME/token as kube-apiserver does; StatusError on a bad request.
+
+        `bound_pod`: the Pod of spec.boundObjectRef (looked up by the caller): echoed with its uid, and named in
+        the token's `kubernetes.io.pod` claim; `bound_uid` the uid the request gave (echoed only if given)."""
         if body is None:
             body = {}
         if not isinstance(body, dict):
@@ -229,12 +235,22 @@ class TokenAuthority:
 
         issued = int(time.time() if now is None else now)
         expires = issued + expiration
+        private: dict[str, Any] = {"namespace": namespace}
+        bound_ref = None
+        if bound_pod is not None:
+            pod_meta = bound_pod.get("metadata") or {}
+            private["pod"] = {"name": pod_meta.get("name"), "uid": pod_meta.get("uid")}
+            bound_ref = {"kind": "Pod", "apiVersion": "v1", "name": pod_meta.get("name")}
+            if bound_uid:  # echoed as asked: kube-apiserver does not fill the uid in (the token has it)
+                bound_ref["uid"] = bound_uid
+        private["serviceaccount"] = {"name": sa_name, "uid": sa_uid}
         claims = {
             "aud": list(audiences),
             "exp": expires,
             "iat": issued,
             "iss": self.issuer,
-            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": sa_name, "uid": sa_uid}},
+            "jti": str(uuid.uuid4()),  # kube-apiserver 1.29+ gives every token a unique ID
+            "kubernetes.io": private,
             "nbf": issued,
             "sub": service_account_username(namespace, sa_name),
         }
@@ -242,7 +258,7 @@ class TokenAuthority:
             "kind": "TokenRequest",
             "apiVersion": AUTHENTICATION_API_VERSION,
             "metadata": {"name": sa_name, "namespace": namespace, "creationTimestamp": rfc3339(issued)},
-            "spec": {"audiences": list(audiences), "expirationSeconds": expiration, "boundObjectRef": None},
+            "spec": {"audiences": list(audiences), "expirationSeconds": expiration, "boundObjectRef": bound_ref},
             "status": {"token": self._sign(claims), "expirationTimestamp": rfc3339(expires)},
         }
 
