@@ -33,6 +33,7 @@ from kubernetes.client.exceptions import ApiException
 from certs import manager
 from kubemcsa import api, kube, tls
 from kubemcsa.testing import ApiServer
+from kubemcsa.testing.objects import create_or_get
 from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
@@ -103,15 +104,13 @@ def env(tier: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     admin = server.admin_client()
     try:
         for doc in documents(MANIFESTS / "crd" / "serviceaccountimports.yaml"):
-            create(admin, doc)
+            create_or_get(admin, doc)  # a real cluster has it installed already
         for namespace in (SYSTEM_NS, api.CERT_NAMESPACE):
             create(admin, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         # The Service too: a real API server resolves it to its cluster IP before dialing.
         for name in ("serviceaccount.yaml", "rbac.yaml", "service.yaml", "mutatingwebhookconfiguration.yaml"):
             for doc in documents(MANIFESTS / "webhook" / name):
                 create(admin, doc)
-        if tier == REAL:  # the CRD is served once established
-            wait_for(lambda: _imports_served(admin), what="the ServiceAccountImport CRD to be served")
         webhook_client = server.client_for_token(server.issue_token(SYSTEM_NS, WEBHOOK_SA, expiration_seconds=3600))
         # What `kubemcsa-webhook --manage-certificates` does before serving.
         bundle = manager.ensure_webhook_certificates(
@@ -132,14 +131,6 @@ def env(tier: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
     yield Env(server, admin, webhook, webhook_client, bundle.ca_pem)
     webhook.stop()
     stop()
-
-
-def _imports_served(admin: ApiClient) -> bool:
-    try:
-        kube.Resource(admin, kube.SERVICE_ACCOUNT_IMPORTS).list("default")
-    except ApiException:
-        return False
-    return True
 
 
 def mounts_of(container: dict[str, Any]) -> list[dict[str, Any]]:
