@@ -156,7 +156,7 @@ def test_the_api_server_accepts_every_object(cluster1, objects):
     order = {"Namespace": 0, "CustomResourceDefinition": 1}
     for obj in sorted(objects, key=lambda o: order.get(o["kind"], 2)):
         try:
-            resource_type = kube.resource_type_of(obj)
+            kube.resource_type_of(obj)
         except ValueError:
             pytest.fail(f"{obj['kind']} is not known to kubemcsa.kube; add it there")
         create_or_get(client, obj)  # on a real cluster the CRD is installed already
