@@ -547,7 +547,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:  # kubemcsa.testing or a dependency of it: the image and plain installs leave them out
         raise CommandError(
             f"the demo needs the in-memory API server and its dependencies ({exc.name or exc} is missing), which "
-            "this installation leaves out; install the test extras: pip install -e '.[test]' in a source checkout."
+            "this installation leaves out; install the demo extra: pip install 'multicluster-service-account[demo]' "
+            "(pip install '.[demo]' in a source checkout)."
         ) from None
 
     return demo.main(keep_running=args.keep_running, federated=args.federated)

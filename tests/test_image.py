@@ -157,7 +157,56 @@ def test_every_production_module_imports_without_the_test_only_packages(installe
         [sys.executable, "-c", script], cwd=installed, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert "the demo needs the in-memory API server" in done.stdout and "install the test extras" in done.stdout
+    assert "the demo needs the in-memory API server" in done.stdout and "install the demo extra" in done.stdout
+
+
+def test_the_demo_needs_only_the_declared_dependencies_and_its_extra() -> None:
+    """`pip install '.[demo]'` then `kubemcsa demo`: everything the demo imports (the in-memory API server, the
+    controller, the webhook) comes from the package's dependencies or the `demo` extra, none from `test`. Checked
+    in a fresh interpreter from the distribution metadata, without a new virtual environment (by hand:
+    python3 -m venv v && v/bin/pip install '.[demo]' && v/bin/kubemcsa demo)."""
+    script = textwrap.dedent(
+        """
+        import importlib, pkgutil, re, sys
+        from importlib import metadata
+
+        import kubemcsa.demo, kubemcsa.testing, controller.run, webhook.__main__, kubemcsa.federate
+        for info in pkgutil.walk_packages(kubemcsa.testing.__path__, "kubemcsa.testing."):
+            if info.name != "kubemcsa.testing.pytest_plugin":  # for test suites, not the demo
+                importlib.import_module(info.name)
+
+        def requirements(dist, extra=None):
+            for spec in metadata.requires(dist) or []:
+                name, _, marker = spec.partition(";")
+                wanted = f'extra == "{extra}"' in marker if extra else "extra ==" not in marker
+                if wanted:
+                    yield re.split(r"[<>=!~ \\[(]", name.strip())[0].lower().replace("_", "-")
+
+        allowed, todo = set(), [*requirements("multicluster-service-account"),
+                                *requirements("multicluster-service-account", "demo")]
+        while todo:
+            name = todo.pop()
+            if name not in allowed:
+                allowed.add(name)
+                try:
+                    todo.extend(requirements(name))
+                except metadata.PackageNotFoundError:
+                    pass
+        owners = metadata.packages_distributions()
+        ours = {"kubemcsa", "controller", "webhook", "certs"}
+        used = set()
+        for module in list(sys.modules):
+            top = module.split(".")[0]
+            if top in sys.stdlib_module_names or top in ours or top.startswith("_"):
+                continue
+            for dist in owners.get(top, []):  # none: a module no distribution installs (cython_runtime)
+                used.add(dist.lower().replace("_", "-"))
+        print(sorted(used - allowed))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"imported, yet declared by no dependency nor the demo extra: {done.stdout}"
 
 
 # --- one image name of the project's own -----------------------------------------------------------------------------
