@@ -37,9 +37,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if metafunc.definition.get_closest_marker(MARKER) is None or "tier" not in metafunc.fixturenames:
+    if "tier" not in metafunc.fixturenames:
         return
-    tiers = [MEMORY, REAL] if assets_folder() is not None else [MEMORY]
+    marked = metafunc.definition.get_closest_marker(MARKER) is not None
+    # Unmarked tests get the memory tier as an explicit parameter too: a module-scoped environment is then keyed by
+    # tier, so an unmarked test never reuses the real tier's environment built for its marked neighbours.
+    tiers = [MEMORY, REAL] if marked and assets_folder() is not None else [MEMORY]
     # Module scope: a module-scoped environment is built once per tier, and a module's tests are grouped by tier.
     metafunc.parametrize("tier", tiers, scope="module")
 
