@@ -1,18 +1,20 @@
 """Decide how to mutate a pod being created: which import Secrets to mount, or why to refuse it.
 
 Pure logic: the pod, its namespace and a lookup in, a `Decision` out. The lookup is the only thing that may
-reach the outside world (the webhook's watch-fed cache), and only once the pod has asked for imports.
+reach the outside world (the webhook's watch-fed cache), and only once the pod has asked for imports. What an
+import adds to a pod (its volume, its mounts, as JSON fragments) is built by webhook.mounts; what collides with the
+pod's own volumes and mounts is refused here.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubemcsa import api, federation
+from kubemcsa import api
+from webhook import mounts
 
 # Refusal reasons: the label of the refusals metric, and a stable word for tests and logs.
 REASON_IMPORT_NOT_FOUND = "ImportNotFound"
@@ -31,8 +33,6 @@ REASON_SECRET_NOT_CONTROLLED = "SecretNotControlled"
 # The most containers (init, regular and ephemeral together) the webhook mounts imports into: with the import cap,
 # it bounds the patch (and the work) to MAX_CONTAINERS * MAX_IMPORTS_PER_POD mounts.
 MAX_CONTAINERS = 256
-
-_CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 
 
 @dataclass(frozen=True)
@@ -188,15 +188,9 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
     if invalid:
         # Only the start of a name is ever shown: the rest is not kept (nor sent back from a worker process).
         return Prepared(None, _shown(names), _shown(invalid))
-    if max_mounts is not None and len(names) * _containers_count(pod.get("spec")) > max_mounts:
+    if max_mounts is not None and len(names) * mounts.containers_count(pod.get("spec")) > max_mounts:
         raise TooMuchWork
     return Prepared(None, tuple(names), planned=plan_patch(pod, names))
-
-
-def _containers_count(spec: Any) -> int:
-    if not isinstance(spec, Mapping):
-        return 0
-    return sum(len(c) for f in _CONTAINER_FIELDS if isinstance(c := spec.get(f), list))
 
 
 def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision:
@@ -252,14 +246,13 @@ def with_projected_tokens(planned: Decision, names: Sequence[str], federated: Ma
     if not planned.allowed:
         return planned
     patch_json = planned.patch_json
-    for item in _mounts_for(names):
+    for item in mounts.mounts_for(names):
         token = federated.get(item.name)
         if token is None:
             continue
-        volume = federation.projected_volume(
-            item.volume_name, item.secret_name, token.audience, token.expiration_seconds
+        patch_json = patch_json.replace(
+            item.volume_json, item.projected_volume_json(token.audience, token.expiration_seconds)
         )
-        patch_json = patch_json.replace(item.volume_json, _compact(volume))
     return Decision(allowed=True, patch_json=patch_json)
 
 
@@ -276,137 +269,81 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
     return finish(prepare(pod), namespace, lookup)
 
 
-@dataclass(frozen=True)
-class _Mounted:
-    """One import as the pod gets it: its volume, Secret and mount path, and their JSON fragments."""
-
-    name: str
-    volume_name: str
-    secret_name: str
-    mount_path: str
-    volume_json: str
-    mount_json: str
-
-
-@functools.lru_cache(maxsize=4096)
-def _mounted(name: str, volume_name: str) -> _Mounted:
-    # Pure, and the same few imports come back all day: names derived and JSON serialized once, not per request.
-    secret_name, mount_path = api.secret_name_for_import(name), api.mount_path_for_import(name)
-    volume = {"name": volume_name, "secret": {"secretName": secret_name}}
-    mount = {"name": volume_name, "mountPath": mount_path, "readOnly": True}
-    return _Mounted(name, volume_name, secret_name, mount_path, _compact(volume), _compact(mount))
-
-
-_volume_name = functools.lru_cache(maxsize=4096)(api.volume_name_for_import)
-
-
-def _mounts_for(names: Sequence[str]) -> list[_Mounted]:
-    volume_names = [_volume_name(name) for name in names]
-    if len(set(volume_names)) != len(volume_names):  # two hashed names collided: let api disambiguate
-        volume_names = api.volume_names_for_imports(names)
-    return [_mounted(name, volume_name) for name, volume_name in zip(names, volume_names, strict=True)]
-
-
-_compact = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _is_import_volume(volume: Mapping[str, Any], secret_name: str) -> bool:
-    """True if a volume of the pod already is the import's (reinvocation): its Secret volume, or the projected
-    volume of a federated import, whose first source is that Secret."""
-    secret = volume.get("secret")
-    if isinstance(secret, Mapping):
-        return secret.get("secretName") == secret_name
-    projected = volume.get("projected")
-    sources = projected.get("sources") if isinstance(projected, Mapping) else None
-    first = sources[0] if isinstance(sources, list) and sources and isinstance(sources[0], Mapping) else {}
-    return isinstance(first.get("secret"), Mapping) and first["secret"].get("name") == secret_name
-
-
-def _add(path: str, value_json: str) -> str:
-    # Paths are built here from field names and indexes: nothing to escape.
-    return f'{{"op":"add","path":"{path}","value":{value_json}}}'
-
-
-def _normalized_path(path: str) -> str:
-    return path.rstrip("/") or "/"
-
-
 def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
     """The RFC 6902 operations that mount these imports into the pod, or a refusal if they collide."""
     spec = pod.get("spec")
     if not isinstance(spec, Mapping):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
-    containers_count = _containers_count(spec)
+    containers_count = mounts.containers_count(spec)
     if containers_count > MAX_CONTAINERS:
         return refuse(
             REASON_TOO_MANY_CONTAINERS,
             f"The pod has {containers_count} containers; the webhook mounts imports into pods of at most "
             f"{MAX_CONTAINERS} containers (init and ephemeral ones included).",
         )
-    mounted = _mounts_for(names)
-    operations: list[str] = []  # each one compact JSON
-
-    volumes = spec.get("volumes")
-    if volumes is not None and not isinstance(volumes, list):
-        return refuse(REASON_INVALID_POD, "The pod's spec.volumes is malformed; it must be a list.")
-    # Only string names can collide with ours; anything else is the API server's validation to reject.
-    existing_volumes = {
-        v["name"]: v for v in volumes or () if isinstance(v, Mapping) and isinstance(v.get("name"), str)
-    }
-    new_volumes = []
-    for item in mounted:
-        existing = existing_volumes.get(item.volume_name)
-        if existing is None:
-            new_volumes.append(item.volume_json)
-            continue
-        if not _is_import_volume(existing, item.secret_name):
-            return refuse(
-                REASON_VOLUME_CONFLICT,
-                f'The pod already has a volume named "{item.volume_name}" that is not the Secret of '
-                f'ServiceAccountImport "{item.name}"; rename that volume, the name is reserved for the import.',
-            )
-    if new_volumes:
-        if volumes is None:
-            operations.append(_add("/spec/volumes", f"[{','.join(new_volumes)}]"))
-        else:
-            operations.extend(_add("/spec/volumes/-", v) for v in new_volumes)
-
-    for field_name in _CONTAINER_FIELDS:
+    mounted = mounts.mounts_for(names)
+    operations = _volume_operations(spec, mounted)  # each one compact JSON
+    if isinstance(operations, Decision):
+        return operations
+    for field_name in mounts.CONTAINER_FIELDS:
         containers = spec.get(field_name)
         if containers is None:
             continue
         if not isinstance(containers, list):
             return refuse(REASON_INVALID_POD, f"The pod's spec.{field_name} is malformed; it must be a list.")
         for index, container in enumerate(containers):
-            if not isinstance(container, Mapping):
-                return refuse(REASON_INVALID_POD, f"The pod's spec.{field_name}[{index}] is malformed.")
-            mounts = container.get("volumeMounts")
-            if mounts is not None and not isinstance(mounts, list):
-                return refuse(
-                    REASON_INVALID_POD,
-                    f"The pod's spec.{field_name}[{index}].volumeMounts is malformed; it must be a list.",
-                )
-            by_path = {
-                _normalized_path(m["mountPath"]): m.get("name")
-                for m in mounts or ()
-                if isinstance(m, Mapping) and isinstance(m.get("mountPath"), str)
-            }
-            new_mounts = []
-            for item in mounted:
-                if item.mount_path not in by_path:
-                    new_mounts.append(item.mount_json)
-                elif (present := by_path[item.mount_path]) != item.volume_name:
-                    return refuse(
-                        REASON_MOUNT_CONFLICT,
-                        f'Container "{str(container.get("name"))[:_SHOWN_NAME_LENGTH]}" already mounts volume '
-                        f'"{str(present)[:_SHOWN_NAME_LENGTH]}" at {item.mount_path}; remove that mount, the path '
-                        "is reserved for the import's credentials.",
-                    )
-            if not new_mounts:
-                continue
-            base = f"/spec/{field_name}/{index}/volumeMounts"
-            if mounts is None:
-                operations.append(_add(base, f"[{','.join(new_mounts)}]"))
-            else:
-                operations.extend(_add(f"{base}/-", m) for m in new_mounts)
+            added = _mount_operations(field_name, index, container, mounted)
+            if isinstance(added, Decision):
+                return added
+            operations.extend(added)
     return Decision(allowed=True, patch_json=f"[{','.join(operations)}]")
+
+
+def _volume_operations(spec: Mapping[str, Any], mounted: Sequence[mounts.Mounted]) -> list[str] | Decision:
+    """The operations adding the imports' volumes the pod lacks, or a refusal if one of its own has that name."""
+    volumes = spec.get("volumes")
+    if volumes is not None and not isinstance(volumes, list):
+        return refuse(REASON_INVALID_POD, "The pod's spec.volumes is malformed; it must be a list.")
+    existing_volumes = mounts.volumes_by_name(volumes or ())
+    new_volumes = []
+    for item in mounted:
+        existing = existing_volumes.get(item.volume_name)
+        if existing is None:
+            new_volumes.append(item.volume_json)
+        elif not mounts.is_import_volume(existing, item.secret_name):
+            return refuse(
+                REASON_VOLUME_CONFLICT,
+                f'The pod already has a volume named "{item.volume_name}" that is not the Secret of '
+                f'ServiceAccountImport "{item.name}"; rename that volume, the name is reserved for the import.',
+            )
+    if not new_volumes:
+        return []
+    return mounts.add_operations("/spec/volumes", volumes is not None, new_volumes)
+
+
+def _mount_operations(
+    field_name: str, index: int, container: Any, mounted: Sequence[mounts.Mounted]
+) -> list[str] | Decision:
+    """The operations adding the imports' mounts that container `index` of spec.`field_name` lacks, or a refusal
+    if it mounts something else at one of their paths."""
+    where = f"spec.{field_name}[{index}]"
+    if not isinstance(container, Mapping):
+        return refuse(REASON_INVALID_POD, f"The pod's {where} is malformed.")
+    present = container.get("volumeMounts")
+    if present is not None and not isinstance(present, list):
+        return refuse(REASON_INVALID_POD, f"The pod's {where}.volumeMounts is malformed; it must be a list.")
+    by_path = mounts.mounts_by_path(present or ())
+    new_mounts = []
+    for item in mounted:
+        if item.mount_path not in by_path:
+            new_mounts.append(item.mount_json)
+        elif (there := by_path[item.mount_path]) != item.volume_name:
+            return refuse(
+                REASON_MOUNT_CONFLICT,
+                f'Container "{str(container.get("name"))[:_SHOWN_NAME_LENGTH]}" already mounts volume '
+                f'"{str(there)[:_SHOWN_NAME_LENGTH]}" at {item.mount_path}; remove that mount, the path '
+                "is reserved for the import's credentials.",
+            )
+    if not new_mounts:
+        return []
+    return mounts.add_operations(f"/spec/{field_name}/{index}/volumeMounts", present is not None, new_mounts)
