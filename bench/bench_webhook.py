@@ -91,7 +91,7 @@ def serve(kind: str, port: int, cert_file: str, key_file: str) -> None:
     if kind == "webhook":
         from kubemcsa import api
         from webhook.__main__ import WebhookServer
-        from webhook.cache import StaticCache
+        from webhook.lookups import StaticCache
 
         cache = StaticCache(
             {NAMESPACE: {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}, {(NAMESPACE, name) for name in IMPORTS}
@@ -327,7 +327,7 @@ def inline_parse_ms(repeats: int = 1000) -> tuple[float, float]:
     from kubemcsa import api
     from webhook import __main__ as webhook_main
     from webhook import app, review
-    from webhook.cache import StaticCache
+    from webhook.lookups import StaticCache
 
     if hasattr(webhook_main, "settle_garbage_collector"):  # as the server does: no 35 ms full collections
         webhook_main.settle_garbage_collector()

@@ -1,7 +1,15 @@
-"""Parse and validate a ServiceAccountImport's spec (pure: a dict in, an ImportSpec or a SpecError out)."""
+"""Read a ServiceAccountImport's spec, the one home of its field rules (pure: a dict in, data or a SpecError out).
+
+Two readings of the same fields: `parse_spec`, strict, for the controller and the CLI (an invalid spec is an
+error the import's condition reports); `federated_import`, lenient, for the admission webhook, which mounts what a
+federated import's spec says or the defaults and never refuses a pod over a spec the controller will report.
+Imports nothing but the contract's own modules: the webhook's serving workers read specs without the Kubernetes
+client.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,25 +90,9 @@ def parse_spec(obj: Any) -> ImportSpec:
     if not federated and not api.is_dns_subdomain(name):
         raise SpecError(f"spec.name {name!r} is not a valid service account name (a lowercase RFC 1123 subdomain).")
 
-    audiences_raw = spec.get("audiences")
-    if audiences_raw is None:
-        audiences: tuple[str, ...] = ()
-    elif isinstance(audiences_raw, list) and all(isinstance(a, str) and a.strip() for a in audiences_raw):
-        audiences = tuple(dict.fromkeys(a.strip() for a in audiences_raw))
-    else:
-        raise SpecError("spec.audiences must be a list of non-empty strings; fix or remove it.")
-
+    audiences = _audiences(spec, lenient=False)
     default_expiration = DEFAULT_FEDERATED_EXPIRATION_SECONDS if federated else api.DEFAULT_EXPIRATION_SECONDS
-    expiration = spec.get("expirationSeconds")
-    if expiration is None:
-        expiration = default_expiration
-    if isinstance(expiration, bool) or not isinstance(expiration, int):
-        raise SpecError("spec.expirationSeconds must be an integer number of seconds; fix or remove it.")
-    if expiration < api.MIN_EXPIRATION_SECONDS or expiration > MAX_EXPIRATION_SECONDS:
-        raise SpecError(
-            f"spec.expirationSeconds {expiration} is out of range; use at least {api.MIN_EXPIRATION_SECONDS} "
-            f"(10 minutes) and at most {MAX_EXPIRATION_SECONDS}."
-        )
+    expiration = _expiration(spec, default_expiration, lenient=False)
 
     if token_type == TOKEN_TYPE_LEGACY and audiences:
         raise SpecError("spec.audiences cannot be used with tokenType Legacy (legacy tokens have fixed audiences).")
@@ -112,6 +104,65 @@ def parse_spec(obj: Any) -> ImportSpec:
         audiences=audiences,
         expiration_seconds=expiration,
         token_type=token_type,
+    )
+
+
+def _audiences(spec: Mapping[str, Any], *, lenient: bool) -> tuple[str, ...]:
+    """spec.audiences, stripped and distinct. Strict: a list of non-empty strings or nothing. Lenient: what is a
+    non-empty string in a list, the rest ignored."""
+    value = spec.get("audiences")
+    if lenient:
+        listed = value if isinstance(value, list) else ()
+        strings = (a.strip() for a in listed if isinstance(a, str))
+        return tuple(dict.fromkeys(a for a in strings if a))
+    if value is None:
+        return ()
+    if isinstance(value, list) and all(isinstance(a, str) and a.strip() for a in value):
+        return tuple(dict.fromkeys(a.strip() for a in value))
+    raise SpecError("spec.audiences must be a list of non-empty strings; fix or remove it.")
+
+
+def _expiration(spec: Mapping[str, Any], default: int, *, lenient: bool) -> int:
+    """spec.expirationSeconds, `default` when absent. Strict: an integer in range. Lenient: an integer of at least
+    the minimum, else the default."""
+    value = spec.get("expirationSeconds")
+    is_integer = isinstance(value, int) and not isinstance(value, bool)
+    if lenient:
+        return value if is_integer and value >= api.MIN_EXPIRATION_SECONDS else default
+    if value is None:
+        return default
+    if not is_integer:
+        raise SpecError("spec.expirationSeconds must be an integer number of seconds; fix or remove it.")
+    if value < api.MIN_EXPIRATION_SECONDS or value > MAX_EXPIRATION_SECONDS:
+        raise SpecError(
+            f"spec.expirationSeconds {value} is out of range; use at least {api.MIN_EXPIRATION_SECONDS} "
+            f"(10 minutes) and at most {MAX_EXPIRATION_SECONDS}."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class FederatedImport:
+    """What mounting a federated import takes beyond its Secret: its source, its spec.audiences (the pod's token
+    carries the first), the token's lifetime."""
+
+    cluster_name: str
+    audiences: tuple[str, ...]
+    expiration_seconds: int
+
+
+def federated_import(obj: Any, *, max_audiences: int | None = None) -> FederatedImport | None:
+    """The mount-relevant part of a federated import's spec (None for other imports), read leniently: the
+    controller reports a bad spec; the webhook mounts what the spec says, or the defaults. At most
+    `max_audiences` audiences are kept (the first ones)."""
+    spec = obj.get("spec") if isinstance(obj, Mapping) else None
+    if not isinstance(spec, Mapping) or spec.get("tokenType") != TOKEN_TYPE_FEDERATED:
+        return None
+    return FederatedImport(
+        # Not stripped: compared as it is with the cluster names of the federated sources' records.
+        cluster_name=str(spec.get("clusterName") or ""),
+        audiences=_audiences(spec, lenient=True)[:max_audiences],
+        expiration_seconds=_expiration(spec, DEFAULT_FEDERATED_EXPIRATION_SECONDS, lenient=True),
     )
 
 

@@ -37,7 +37,8 @@ from kubemcsa.testing.tokens import decode_unverified
 from kubemcsa.testing.wait import wait_for
 from webhook import mutation
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
-from webhook.cache import MISS_IMPORT, MISS_NAMESPACE, WatchCache
+from webhook.cache import WatchCache
+from webhook.lookups import MISS_IMPORT, MISS_NAMESPACE
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kubemcsa import api
 from webhook import review
 from webhook.app import MUTATE_PATH, create_app
-from webhook.cache import StaticCache
+from webhook.lookups import StaticCache
 from webhook.mutation import LookupWouldBlock
 
 FIXTURES = Path(__file__).parent / "fixtures"

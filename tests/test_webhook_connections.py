@@ -21,8 +21,8 @@ from kubemcsa import api, tls
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import WebhookServer, _parser
 from webhook.app import MUTATE_PATH
-from webhook.cache import StaticCache
 from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+from webhook.lookups import StaticCache
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"

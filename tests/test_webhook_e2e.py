@@ -38,7 +38,8 @@ from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.app import MUTATE_PATH
-from webhook.cache import MISS_IMPORT, WatchCache
+from webhook.cache import WatchCache
+from webhook.lookups import MISS_IMPORT
 from webhook.mutation import LookupFailed
 
 ROOT = Path(__file__).resolve().parent.parent

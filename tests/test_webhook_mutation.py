@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from kubemcsa import api
 from kubemcsa.federation import projected_volume
+from kubemcsa.spec import FederatedImport, federated_import
 from webhook import mutation
-from webhook.cache import FederatedImport, StaticCache, federated_import
+from webhook.lookups import StaticCache
 
 NS = "apps"
 ENABLED = {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}
@@ -362,7 +363,7 @@ def _import_with(status: Any) -> dict[str, Any]:
 
 
 def test_a_secret_the_controller_says_is_someone_elses_is_not_mounted() -> None:
-    from webhook.cache import unowned_secret
+    from webhook.lookups import unowned_secret
 
     conflict = {"type": "Ready", "status": "False", "reason": api.REASON_SECRET_CONFLICT, "message": "taken"}
     why = unowned_secret(_import_with({"conditions": [conflict]}))

@@ -14,7 +14,7 @@ import pytest
 
 from kubemcsa import api
 from webhook import mutation, review
-from webhook.cache import StaticCache
+from webhook.lookups import StaticCache
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"

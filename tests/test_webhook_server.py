@@ -14,8 +14,8 @@ from kubemcsa import api, tls
 from kubemcsa.testing.wait import wait_for
 from webhook.__main__ import WebhookServer, main
 from webhook.app import MUTATE_PATH
-from webhook.cache import StaticCache
 from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT
+from webhook.lookups import StaticCache
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"

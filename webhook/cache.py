@@ -20,41 +20,22 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import api, federation, kube
+from kubemcsa.spec import FederatedImport
 from webhook.lookups import (
     MISS_IMPORT,
     MISS_NAMESPACE,
-    RECENT_ENTRIES,
     RECENT_SECONDS,
     CacheView,
     Change,
-    FederatedImport,
     Listed,
     LookupReply,
     NamespaceAnswer,
     Recent,
     Snapshot,
-    StaticCache,
-    federated_import,
-    projected_tokens,
+    mount_spec,
     unowned_secret,
 )
 from webhook.mutation import FederatedRefusal, ImportLookup, LookupFailed, LookupWouldBlock, ProjectedToken
-
-# The pure part lives in webhook.lookups (the serving workers import it without the Kubernetes client); these names
-# are still found here.
-__all__ = [
-    "ABSENT_SECONDS",
-    "MISS_IMPORT",
-    "MISS_NAMESPACE",
-    "RECENT_ENTRIES",
-    "RECENT_SECONDS",
-    "FederatedImport",
-    "StaticCache",
-    "WatchCache",
-    "federated_import",
-    "projected_tokens",
-    "unowned_secret",
-]
 
 # A namespace found absent: the watch shows it the moment it is created, so the answer can stand far longer.
 ABSENT_SECONDS = 30.0
@@ -151,7 +132,7 @@ class WatchCache:
                 self._unowned.pop(key, None)
             else:
                 self._unowned[key] = why  # before the import is seen: never mountable in between
-            value = self._imports[key] = federated_import(obj)
+            value = self._imports[key] = mount_spec(obj)
             self._tell(("import", key, value, why))
 
     def _on_source(self, event_type: str, obj: dict, old: dict | None) -> None:
@@ -351,7 +332,7 @@ class _Blocking:
         def list_names(timeout: float) -> Listed:
             listed = cache._imports_api.list(namespace, timeout=timeout)
             items = [item for item in listed.get("items") or () if isinstance(item, dict)]
-            present = Listed({(item.get("metadata") or {}).get("name"): federated_import(item) for item in items})
+            present = Listed({(item.get("metadata") or {}).get("name"): mount_spec(item) for item in items})
             present.unowned = {
                 (item.get("metadata") or {}).get("name"): why
                 for item in items

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kubemcsa import api, federation
-from kubemcsa.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, TOKEN_TYPE_FEDERATED
+from kubemcsa.spec import FederatedImport, federated_import
 from webhook.mutation import (
     REASON_AUDIENCE_NOT_ALLOWED,
     REASON_UNKNOWN_FEDERATED_SOURCE,
@@ -34,37 +34,15 @@ MISS_NAMESPACE = "namespace"
 RECENT_SECONDS = 2.0
 # The most answers remembered per kind (the oldest are forgotten first).
 RECENT_ENTRIES = 4096
+# The most audiences kept of a federated import: no more than a record may allow plus one (a longer list holds a
+# refused one among those kept).
+KEPT_AUDIENCES = federation.MAX_AUDIENCES + 1
 
 
-@dataclass(frozen=True)
-class FederatedImport:
-    """What the webhook keeps of a federated import: its source, its spec.audiences (the token carries the first),
-    the token's lifetime."""
-
-    cluster_name: str
-    audiences: tuple[str, ...]
-    expiration_seconds: int
-
-
-def federated_import(obj: Mapping[str, object]) -> FederatedImport | None:
-    """The mount-relevant part of a federated import's spec (None for other imports), read leniently: the
-    controller reports a bad spec; the webhook mounts what the spec says, or the defaults."""
-    spec = obj.get("spec")
-    if not isinstance(spec, Mapping) or spec.get("tokenType") != TOKEN_TYPE_FEDERATED:
-        return None
-    listed = spec.get("audiences")
-    # Distinct, and no more than a record may allow plus one: a longer list holds a refused one among those kept.
-    strings = (a.strip() for a in (listed if isinstance(listed, list) else ()) if isinstance(a, str))
-    audiences = tuple(dict.fromkeys(a for a in strings if a))[: federation.MAX_AUDIENCES + 1]
-    expiration = spec.get("expirationSeconds")
-    valid = (
-        isinstance(expiration, int) and not isinstance(expiration, bool) and expiration >= api.MIN_EXPIRATION_SECONDS
-    )
-    return FederatedImport(
-        cluster_name=str(spec.get("clusterName") or ""),
-        audiences=audiences,
-        expiration_seconds=expiration if valid else DEFAULT_FEDERATED_EXPIRATION_SECONDS,  # type: ignore[arg-type]
-    )
+def mount_spec(obj: Mapping[str, object]) -> FederatedImport | None:
+    """What the webhook keeps of an import's spec: for a federated one, how it is mounted (kubemcsa.spec's lenient
+    reading); None for the others (a Secret volume)."""
+    return federated_import(obj, max_audiences=KEPT_AUDIENCES)
 
 
 def unowned_secret(obj: Mapping[str, object]) -> str | None:

@@ -20,12 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kubemcsa.spec import FederatedImport
 from webhook.lookups import (
     MISS_IMPORT,
     MISS_NAMESPACE,
     RECENT_SECONDS,
     CacheView,
-    FederatedImport,
     LookupReply,
     Recent,
     Snapshot,
