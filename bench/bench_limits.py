@@ -53,8 +53,8 @@ def export_to_cpu_ms(entries: int, cluster: str) -> tuple[float, bool, str]:
 
 
 def lockout(connections: int) -> float:
-    from webhook.__main__ import WebhookServer
     from webhook.lookups import StaticCache
+    from webhook.server import WebhookServer
 
     ca_cert, ca_key = tls.make_ca("bench-limits")
     cert, key = tls.make_serving_cert(ca_cert, ca_key, ["localhost"], ["127.0.0.1"])

@@ -90,8 +90,8 @@ def serve(kind: str, port: int, cert_file: str, key_file: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     if kind == "webhook":
         from kubemcsa import api
-        from webhook.__main__ import WebhookServer
         from webhook.lookups import StaticCache
+        from webhook.server import WebhookServer
 
         cache = StaticCache(
             {NAMESPACE: {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}, {(NAMESPACE, name) for name in IMPORTS}
@@ -102,10 +102,10 @@ def serve(kind: str, port: int, cert_file: str, key_file: str) -> None:
         server.start()
         if hasattr(server.app.state, "parser"):  # (so that this script also measures older versions)
             server.app.state.parser.warm()
-        from webhook import __main__ as webhook_main
+        from webhook import server as webhook_server
 
-        if hasattr(webhook_main, "settle_garbage_collector"):  # as main() does
-            webhook_main.settle_garbage_collector()
+        if hasattr(webhook_server, "settle_garbage_collector"):  # as main() does
+            webhook_server.settle_garbage_collector()
         lags: list[float] = []
         loop = server._server.loop if server._server is not None else None
         if loop is not None:
@@ -325,12 +325,12 @@ def worst_bodies() -> dict[str, bytes]:
 def inline_parse_ms(repeats: int = 1000) -> tuple[float, float]:
     """(median, p99) CPU ms of the event loop's work for the worst body it parses itself (parse + complete)."""
     from kubemcsa import api
-    from webhook import __main__ as webhook_main
     from webhook import app, review
+    from webhook import server as webhook_server
     from webhook.lookups import StaticCache
 
-    if hasattr(webhook_main, "settle_garbage_collector"):  # as the server does: no 35 ms full collections
-        webhook_main.settle_garbage_collector()
+    if hasattr(webhook_server, "settle_garbage_collector"):  # as the server does: no 35 ms full collections
+        webhook_server.settle_garbage_collector()
     body = worst_bodies()["worst inline (16 KiB)"]
     names = json.loads(body)["request"]["object"]["metadata"]["annotations"][api.IMPORT_ANNOTATION].split(",")
     cache = StaticCache({NAMESPACE: {api.NAMESPACE_LABEL: api.NAMESPACE_LABEL_VALUE}}, {(NAMESPACE, n) for n in names})

@@ -36,9 +36,10 @@ from kubemcsa.testing.objects import create_file, create_or_get
 from kubemcsa.testing.tokens import decode_unverified
 from kubemcsa.testing.wait import wait_for
 from webhook import mutation
-from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.cache import WatchCache
+from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.lookups import MISS_IMPORT, MISS_NAMESPACE
+from webhook.server import WebhookServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

@@ -12,8 +12,8 @@ import yaml
 
 from kubemcsa import api, kube
 from kubemcsa.testing.wait import wait_for
-from webhook.__main__ import SERVICE_NAME
 from webhook.cache import NAMESPACE_LOOKUP_BURST, WatchCache
+from webhook.cli import SERVICE_NAME
 from webhook.lookups import Recent
 from webhook.mutation import LookupFailed
 

@@ -19,10 +19,11 @@ import pytest
 
 from kubemcsa import api, tls
 from kubemcsa.testing.wait import wait_for
-from webhook.__main__ import WebhookServer, _parser
 from webhook.app import MUTATE_PATH
+from webhook.cli import build_parser
 from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
 from webhook.lookups import StaticCache
+from webhook.server import WebhookServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"
@@ -182,7 +183,9 @@ def test_an_idle_kept_alive_connection_is_closed_by_the_server(
 
 
 def test_the_flags_reach_the_server() -> None:
-    args = _parser().parse_args(["--max-connections-per-client", "7", "--idle-timeout", "30", "--health-port", "0"])
+    args = build_parser().parse_args(
+        ["--max-connections-per-client", "7", "--idle-timeout", "30", "--health-port", "0"]
+    )
     assert (args.max_connections_per_client, args.idle_timeout, args.health_port) == (7, 30.0, 0)
-    defaults = _parser().parse_args([])
+    defaults = build_parser().parse_args([])
     assert defaults.health_port == 8080 and defaults.max_connections_per_client == DEFAULT_MAX_CONNECTIONS_PER_CLIENT

@@ -36,11 +36,12 @@ from kubemcsa.testing import ApiServer
 from kubemcsa.testing.objects import create_or_get
 from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
 from kubemcsa.testing.wait import wait_for
-from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
 from webhook.app import MUTATE_PATH
 from webhook.cache import WatchCache
+from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.lookups import MISS_IMPORT
 from webhook.mutation import LookupFailed
+from webhook.server import WebhookServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

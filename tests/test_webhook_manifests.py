@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kubemcsa import api
-from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, _parser
 from webhook.app import MUTATE_PATH
+from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests" / "webhook"
@@ -160,7 +160,7 @@ def test_deployment_is_highly_available_and_hardened() -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     # Every flag is one the CLI knows, and the certificate files land on a writable volume.
-    args = _parser().parse_args(container["command"][1:])
+    args = build_parser().parse_args(container["command"][1:])
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert args.cert_dir in mounts and args.port == 9443
     assert args.cert_secret == CERT_SECRET_NAME
@@ -233,7 +233,7 @@ def test_while_the_webhook_is_down_only_annotated_pods_wait_unless_match_conditi
 
 def test_probes_and_metrics_use_the_health_port_outside_the_connection_caps() -> None:
     (container,) = one("Deployment")["spec"]["template"]["spec"]["containers"]
-    args = _parser().parse_args(container["command"][1:])
+    args = build_parser().parse_args(container["command"][1:])
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == {"https": args.port, "metrics": args.health_port} and args.health_port != args.port
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):

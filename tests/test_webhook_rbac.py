@@ -10,7 +10,8 @@ import yaml
 
 from certs import manager
 from kubemcsa import api, kube
-from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, WebhookServer
+from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
+from webhook.server import WebhookServer
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests" / "webhook"
 

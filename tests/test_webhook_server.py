@@ -12,10 +12,11 @@ import pytest
 
 from kubemcsa import api, tls
 from kubemcsa.testing.wait import wait_for
-from webhook.__main__ import WebhookServer, main
+from webhook.__main__ import main
 from webhook.app import MUTATE_PATH
 from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT
 from webhook.lookups import StaticCache
+from webhook.server import WebhookServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"

@@ -30,9 +30,9 @@ from kubemcsa import api, kube, tls
 from kubemcsa.testing import ApiServer
 from kubemcsa.testing.objects import create_file, create_or_get
 from kubemcsa.testing.wait import wait_for
-from webhook.__main__ import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.app import MUTATE_PATH
 from webhook.cache import WatchCache
+from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.lookups import LookupReply, StaticCache
 from webhook.workers import WorkerPool, cpu_quota
 
@@ -301,7 +301,7 @@ def test_cpu_quota_reads_cgroup_v2_cpu_max() -> None:
 def test_a_worker_never_loads_the_kubernetes_client_fastapi_or_cryptography() -> None:
     # What a worker imports to serve (webhook.worker, then WebhookServer and the multiprocess metrics).
     code = (
-        "import sys, webhook.worker, webhook.__main__, prometheus_client.multiprocess; "
+        "import sys, webhook.worker, webhook.server, prometheus_client.multiprocess; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'kubernetes', 'fastapi', 'cryptography', 'pydantic'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout

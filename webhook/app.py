@@ -5,26 +5,21 @@ The request path stays lean: a bare ASGI endpoint, body bytes in, `review.review
 view, bytes out (FastAPI's request and validation layers cost as much as the review itself; the app is a plain
 Starlette one: FastAPI's import alone is 15 MiB, a third of a serving worker's memory).
 Only when the cache misses does the review complete in the thread pool, where it may ask the API server; bodies
-too large to parse within a millisecond are parsed in a worker process.
+too large to parse within a millisecond are parsed in a process of their own (webhook.parsing). The metrics are
+webhook.metrics; the server that runs this app, webhook.server.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import multiprocessing
-import os
 import re
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping
 from concurrent.futures.process import BrokenProcessPool
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -34,13 +29,14 @@ from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
 from webhook import review
+from webhook.metrics import Metrics
 from webhook.mutation import ImportLookup, LookupWouldBlock, TooMuchWork
+from webhook.parsing import ParsingProcess
 
 log = logging.getLogger(__name__)
 
 JSON_TYPE = "application/json"
 MUTATE_PATH = "/mutate-pods"
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class WebhookCache(ImportLookup, Protocol):
@@ -56,72 +52,16 @@ class WebhookCache(ImportLookup, Protocol):
     def misses(self) -> Mapping[str, int]: ...
 
 
-class _MissCollector:
-    """Exposes the cache's miss counters, which the cache keeps itself (it exists before any app)."""
-
-    def __init__(self, cache: WebhookCache) -> None:
-        self._cache = cache
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "kubemcsa_webhook_cache_misses",
-            "Lookups that missed the watch-fed cache and asked the API server, by kind.",
-            labels=["kind"],
-        )
-        for kind, count in sorted(self._cache.misses().items()):
-            family.add_metric([kind], count)
-        yield family
-
-
-class _Metrics:
-    def __init__(self, cache: WebhookCache) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "kubemcsa_webhook_requests",
-            "Admission requests answered, by result (allowed, patched, refused, bad_request, error).",
-            ["result"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "kubemcsa_webhook_request_duration_seconds",
-            "Time to answer an admission request, from body received to answer ready.",
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.refusals = Counter(
-            "kubemcsa_webhook_refusals", "Pods refused, by reason.", ["reason"], registry=self.registry
-        )
-        self.registry.register(_MissCollector(cache))
-        # Children resolved once: label lookups are not free on the hot path.
-        self._results = {
-            result: self.requests.labels(result)
-            for result in (
-                review.RESULT_ALLOWED,
-                review.RESULT_PATCHED,
-                review.RESULT_REFUSED,
-                review.RESULT_BAD_REQUEST,
-                review.RESULT_ERROR,
-            )
-        }
-
-    def record(self, answer: review.Answer, seconds: float) -> None:
-        self._results[answer.result].inc()
-        self.latency.observe(seconds)
-        if answer.result in (review.RESULT_REFUSED, review.RESULT_ERROR):
-            self.refusals.labels(answer.reason).inc()
-
-
 class _Disconnected(Exception):
     """The client went away before sending the whole body: there is no one to answer."""
 
 
 # Bodies up to this size are parsed on the event loop: the costliest JSON of this size (many tiny objects) parses
-# in well under a millisecond. Larger ones are parsed in a worker process (see _Parser), which the GIL cannot tie
-# to the event loop. Pods that need more mounts than INLINE_MAX_MOUNTS (imports x containers) go there too.
+# in well under a millisecond. Larger ones are parsed in a process of their own (webhook.parsing), which the GIL
+# cannot tie to the event loop. Pods that need more mounts than INLINE_MAX_MOUNTS (imports x containers) go there
+# too.
 INLINE_BODY_BYTES = 16 * 1024
 INLINE_MAX_MOUNTS = 256
-# At most this many large bodies are held (read, or being parsed) at once; others wait, within their deadline.
-LARGE_BODIES_AT_ONCE = 4
 # kube-apiserver sends ?timeout=<timeoutSeconds>s; answer (or give up) a little before it does.
 DEFAULT_TIMEOUT_SECONDS = 10.0
 MAX_TIMEOUT_SECONDS = 30.0
@@ -134,72 +74,6 @@ def request_timeout(query_string: bytes) -> float:
     match = _TIMEOUT_QUERY.search(query_string)
     seconds = float(match.group(1)) if match else DEFAULT_TIMEOUT_SECONDS
     return min(max(seconds, 1.0), MAX_TIMEOUT_SECONDS)
-
-
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        os.nice(_WORKER_NICENESS)
-
-
-_WORKER_NICENESS = 10
-_PARENT_CHECK_SECONDS = 1.0
-
-
-def _start_parsing_process() -> None:
-    """In the parsing process: a lower priority, and an end once its parent is gone. A parent killed outright (a
-    serving worker's OOM kill, SIGKILL) would otherwise leave it behind for good: it holds both ends of its own
-    call queue's pipe (multiprocessing passes both), so it never reads an end of file."""
-    _lower_priority()
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(_PARENT_CHECK_SECONDS)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-class _Parser:
-    """review.parse for large bodies, in one worker process (started on first use; restarted if it dies)."""
-
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-        self.slots = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
-
-    def _executor(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                # spawn: the server has threads, which fork would copy in whatever state they are. The worker runs
-                # at a lower priority: on a busy node, ordinary requests on the event loop go first.
-                self._pool = ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_parsing_process,
-                )
-            return self._pool
-
-    def warm(self) -> None:
-        """Start the worker process now rather than on the first large body."""
-        self._executor().submit(int).result(timeout=60)
-
-    async def parse(self, body: bytes) -> review.Answer | review.Pending:
-        pool = self._executor()
-        try:
-            return await asyncio.wrap_future(pool.submit(review.parse, body))
-        except BrokenProcessPool:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _read_body(
@@ -257,11 +131,11 @@ class _MutatePods:
     body's size (large ones in a worker process); lookups by one API call per kind, ending by the deadline.
     """
 
-    def __init__(self, cache: WebhookCache, metrics: _Metrics) -> None:
+    def __init__(self, cache: WebhookCache, metrics: Metrics) -> None:
         self.cache = cache
         self.cached = cache.cached()
         self.metrics = metrics
-        self.parser = _Parser()
+        self.parser = ParsingProcess()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         deadline = time.monotonic() + request_timeout(scope.get("query_string", b"")) - _TIMEOUT_MARGIN_SECONDS
@@ -416,7 +290,7 @@ def create_app(
     """The webhook application over this cache; `tls_ready` tells /readyz whether a certificate is loaded;
     `exposition` is what /metrics serves instead of this app's own registry (a serving worker of several gives
     every worker's metrics, prometheus_client's multiprocess mode)."""
-    metrics = _Metrics(cache)
+    metrics = Metrics(cache)
     mutate_pods = _MutatePods(cache, metrics)
     app = _WebhookApp()
     # The hot path: a bare ASGI endpoint, reached before any middleware or routing (see _WebhookApp).

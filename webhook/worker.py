@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kubemcsa.spec import FederatedImport
 from webhook.lookups import (
@@ -31,6 +31,11 @@ from webhook.lookups import (
     Snapshot,
 )
 from webhook.mutation import FederatedRefusal, ImportLookup, LookupFailed, LookupWouldBlock, ProjectedToken
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from webhook.server import WebhookServer
 
 # Never wait longer than this for the parent's answer (the caller's own deadline is usually shorter).
 MAX_LOOKUP_SECONDS = 30.0
@@ -221,36 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import logging
     import os
     import signal
-    import socket
     import sys
 
     config = json.loads((argv if argv is not None else sys.argv[1:])[0])
-    slot = config["slot"]
     logging.basicConfig(
         level=str(config.get("log_level", "info")).upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[worker {slot}]: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s[worker {config['slot']}]: %(message)s",
     )
     log = logging.getLogger("webhook.worker")
     # Imported only now, in the worker itself (not in the parser process that re-imports this module).
-    from prometheus_client import CollectorRegistry, Counter, multiprocess
+    from webhook.server import settle_garbage_collector
 
-    from webhook.__main__ import WebhookServer, settle_garbage_collector
-
-    exposition: CollectorRegistry | None = None
-    count_miss: Callable[[str], None] | None = None
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        exposition = CollectorRegistry()
-        multiprocess.MultiProcessCollector(exposition)
-        # Counted by the worker whose request missed (the parent makes the call); added up across workers.
-        misses = Counter(
-            "kubemcsa_webhook_cache_misses",
-            "Lookups that missed the watch-fed cache and asked the API server, by kind.",
-            ["kind"],
-            registry=None,
-        )
-        count_miss = lambda kind: misses.labels(kind).inc()  # noqa: E731
-    channel = Connection(config["channel_fd"])
-    cache = FeedCache(channel, count_miss=count_miss)
+    exposition, count_miss = _shared_metrics()
+    cache = FeedCache(Connection(config["channel_fd"]), count_miss=count_miss)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
@@ -259,26 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EOFError, OSError, RuntimeError) as exc:
         log.error("no snapshot from the webhook's parent process (%s); exiting", exc)
         return 1
-    listen = socket.socket(fileno=config["listen_fd"])
-    server = WebhookServer(
-        None,
-        config["cert_file"],
-        config["key_file"],
-        host=config["host"],
-        port=config["port"],
-        cache=cache,
-        reload_interval=config["reload_interval"],
-        graceful_timeout=config["graceful_timeout"],
-        request_read_timeout=config["request_read_timeout"],
-        max_connections=config["max_connections"],
-        max_connections_per_client=config["max_connections_per_client"],
-        idle_timeout=config["idle_timeout"],
-        health_port=config["health_port"],
-        health_host=config["health_host"],
-        health_socket=socket.socket(fileno=config["health_fd"]) if config["health_fd"] is not None else None,
-        listen_socket=listen,
-        exposition=exposition,
-    )
+    server = _server(config, cache, exposition)
     cache.on_drain = server.drain
     cache.on_closed = stop.set
     try:
@@ -300,6 +269,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             break
     server.stop()
     return code
+
+
+def _shared_metrics() -> tuple[CollectorRegistry | None, Callable[[str], None] | None]:
+    """With PROMETHEUS_MULTIPROC_DIR (set by webhook.workers): what /metrics serves (every worker's metrics added
+    up) and how this worker counts a miss; else (None, None), this worker's own registry."""
+    import os
+
+    from prometheus_client import CollectorRegistry, Counter, multiprocess
+
+    from webhook.metrics import CACHE_MISSES, CACHE_MISSES_HELP
+
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None, None
+    exposition = CollectorRegistry()
+    multiprocess.MultiProcessCollector(exposition)
+    # Counted by the worker whose request missed (the parent makes the call); added up across workers.
+    misses = Counter(CACHE_MISSES, CACHE_MISSES_HELP, ["kind"], registry=None)
+    return exposition, lambda kind: misses.labels(kind).inc()
+
+
+def _server(config: Mapping[str, Any], cache: FeedCache, exposition: CollectorRegistry | None) -> WebhookServer:
+    """The webhook server on the sockets inherited from the parent, as its `config` says."""
+    import socket
+
+    from webhook.server import WebhookServer
+
+    health_fd = config["health_fd"]
+    return WebhookServer(
+        None,
+        config["cert_file"],
+        config["key_file"],
+        host=config["host"],
+        port=config["port"],
+        cache=cache,
+        reload_interval=config["reload_interval"],
+        graceful_timeout=config["graceful_timeout"],
+        request_read_timeout=config["request_read_timeout"],
+        max_connections=config["max_connections"],
+        max_connections_per_client=config["max_connections_per_client"],
+        idle_timeout=config["idle_timeout"],
+        health_port=config["health_port"],
+        health_host=config["health_host"],
+        health_socket=socket.socket(fileno=health_fd) if health_fd is not None else None,
+        listen_socket=socket.socket(fileno=config["listen_fd"]),
+        exposition=exposition,
+    )
 
 
 if __name__ == "__main__":
