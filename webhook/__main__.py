@@ -13,6 +13,7 @@ and reloaded into the live TLS context when they change (a renewal drops no requ
 replicas) and the MutatingWebhookConfiguration's caBundle up to date (certs.manager). SIGTERM: readiness turns
 off, and after --shutdown-delay seconds (for the endpoints to forget this pod) in-flight requests finish.
 With --workers N, this process watches the cluster and N serving processes share the port (webhook.workers).
+The flags are webhook.cli's; the server, webhook.server's: this module only runs them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m webhook.worker CONFIG_JSON   # with the listening socket and its channel as inherited descriptors
 
-It serves the webhook (webhook.__main__.WebhookServer: TLS with certificate reload, the request read deadline
+It serves the webhook (webhook.server.WebhookServer: TLS with certificate reload, the request read deadline
 and connection cap) on the socket its parent listens on, from a copy of the parent's cache that the parent keeps
 up to date over the channel (FeedCache); what the copy misses it asks the parent. It never imports the
 Kubernetes client. It exits on SIGTERM (after its requests in flight), or when its parent is gone.
