@@ -416,7 +416,7 @@ def _plan_blocked(obs: Observation, state: Blocked) -> Writes:
     name = api.secret_name_for_import(metadata_of(obs.imp).get("name", ""))
     # A local name conflict means there is no Secret of ours (ours is None); a conflict in the source (its legacy
     # token Secret) keeps ours listed: the webhook mounts only what status.secrets lists once Ready says
-    # SecretNameConflict (webhook.cache.unowned_secret).
+    # SecretNameConflict (webhook.lookups.unowned_secret).
     keeps = ours is not None and not state.withdraw and state.reason != api.REASON_INVALID_SPEC
     issued_at, expires_at = token_times(ours) if keeps else (None, None)
     reason, message = state.reason, state.message

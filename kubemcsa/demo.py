@@ -263,7 +263,7 @@ class Demo:
     def _start_webhook(self, cluster1: Any, admin1: ApiClient) -> None:
         self.step("Starting the admission webhook and registering it in cluster1")
         from kubemcsa.tls import make_ca, make_serving_cert
-        from webhook.__main__ import WebhookServer
+        from webhook.server import WebhookServer
 
         ca_cert, ca_key = make_ca("kubemcsa-demo-ca")
         cert, key = make_serving_cert(ca_cert, ca_key, ["localhost"], ip_addresses=["127.0.0.1"])
