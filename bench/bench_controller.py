@@ -227,6 +227,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's own CPU time (user + system), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reconciled(port: int) -> float:
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -279,6 +286,7 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
+    parser.add_argument("--py-spy", metavar="FILE", help="profile the controller (GIL holder) during the cold start")
     args = parser.parse_args()
     per_source = args.imports // args.sources
     total = per_source * args.sources
@@ -320,14 +328,26 @@ def main() -> int:
 
             # 1. Cold start: every import created at once, as fast as the API takes them.
             names = [(f"imp-{s}-{i}", sources[s].name) for i in range(per_source) for s in range(args.sources)]
+            profiler = None
+            if args.py_spy:
+                profiler = subprocess.Popen(
+                    ["py-spy", "record", "--gil", "--nonblocking", "-r", "200", "--format", "raw"]
+                    + ["-o", args.py_spy, "-p", str(controller.pid)],
+                    stdout=subprocess.DEVNULL,
+                )
+            cpu_before = cpu_seconds(controller.pid)
             start = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda item: imports.create(import_body(*item, args.argocd), "default"), names))
             created = time.perf_counter() - start
             wait_until(lambda: len(ready_at) >= total, timeout=3600, poll=0.5)
             all_ready = max(ready_at.values()) - start
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
             wait_until(lambda: reconciled(port) >= 3 * total, timeout=120)  # the status writes' own echoes
             time.sleep(2)
+            cpu_per_import = (cpu_seconds(controller.pid) - cpu_before) / total
             local_calls, remote_calls, _ = count_calls(c1, sources)
             per_import = (sum(local_calls.values()) + sum(remote_calls.values())) / total
             print(f"created {total} imports in {created:.1f} s; all Ready {all_ready:.1f} s after the first creation")
@@ -336,6 +356,7 @@ def main() -> int:
                 f"  (the rate limit alone needs {bound:.0f} s: {per_source} imports per source / "
                 f"{args.source_qps:g} QPS)"
             )
+            print(f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own)")
             print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
             print(f"API calls per new import: {per_import:.2f}  local {dict(local_calls)}  remote {dict(remote_calls)}")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -42,8 +44,30 @@ def build_kubeconfig(creds: Credentials, cluster_name: str, user_name: str | Non
     Elsewhere the file is absent and clients use the inline token (the Python client always does; use
     `kubemcsa.config` for a Python client that follows rotation).
     """
+    if _is_plain_token(creds.token):
+        # Every import of a source and namespace has the same kubeconfig but for the token: dump it once with a
+        # stand-in and put the token in its place (a token the emitter writes as is, so the bytes are the same).
+        template = _token_template(creds.server, creds.ca_crt, creds.namespace, cluster_name, user_name)
+        if template.count(_TOKEN_STAND_IN) == 1:
+            return template.replace(_TOKEN_STAND_IN, creds.token)
     user = {"token": creds.token, "tokenFile": api.KEY_TOKEN}
     return _kubeconfig(creds.server, creds.ca_crt, creds.namespace, cluster_name, user_name, user)
+
+
+_TOKEN_STAND_IN = "kubemcsaTokenStandIn0"
+# Tokens as API servers issue them (JWTs, legacy tokens): the emitter writes these as plain scalars, unchanged,
+# unless they read as another type (a number, a boolean), which _is_plain_token asks the emitter about.
+_PLAIN_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
+def _is_plain_token(token: str) -> bool:
+    return bool(_PLAIN_TOKEN.fullmatch(token)) and dump_kubeconfig({"token": token}) == f"token: {token}\n"
+
+
+@functools.lru_cache(maxsize=1024)
+def _token_template(server: str, ca_crt: bytes, namespace: str, cluster_name: str, user_name: str | None) -> str:
+    user = {"token": _TOKEN_STAND_IN, "tokenFile": api.KEY_TOKEN}
+    return _kubeconfig(server, ca_crt, namespace, cluster_name, user_name, user)
 
 
 def build_token_file_kubeconfig(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import random
@@ -19,11 +20,11 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import ApiClient, Configuration, rest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -206,6 +207,72 @@ def error_message(exc: ApiException) -> str:
     return str(error_status(exc).get("message") or exc.reason or f"HTTP {exc.status}")
 
 
+def _timeout(value: float | tuple[float, float] | None) -> urllib3.Timeout | None:
+    if not value:
+        return None
+    if isinstance(value, tuple):
+        return urllib3.Timeout(connect=value[0], read=value[1])
+    return urllib3.Timeout(total=value)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_host(host: str) -> tuple[str, str | None, str | None, int | None]:
+    """(path prefix, scheme, host name, port) of a configuration's host URL, as the PoolManager would parse it."""
+    parsed = urllib3.util.parse_url(host)
+    return (parsed.path or "").rstrip("/"), parsed.scheme, parsed.host, parsed.port
+
+
+def lean_request(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    query: list[tuple[str, Any]] | None = None,
+    body: Any = None,
+    content_type: str = "application/json",
+    timeout: float | tuple[float, float] | None = None,
+) -> rest.RESTResponse:
+    """`method path` with a JSON body over `api_client`'s pool, with its auth and default headers (see Resource)."""
+    configuration = api_client.configuration
+    headers = {**api_client.default_headers, "Accept": "application/json", "Content-Type": content_type}
+    if api_client.cookie:
+        headers["Cookie"] = api_client.cookie
+    bearer = configuration.auth_settings().get("BearerToken")  # runs the refresh hook: a rotated token is read
+    if bearer and bearer.get("value"):
+        headers[bearer["key"]] = bearer["value"]
+    url = configuration.host + path
+    pairs = [(k, v) for k, v in (query or []) if v is not None]
+    if pairs:
+        url += "?" + urlencode(pairs, quote_via=quote)
+    if content_type == PATCH_CONTENT_TYPES["json"] and not isinstance(body, list):
+        headers["Content-Type"] = PATCH_CONTENT_TYPES["strategic"]  # as the REST client does for such a body
+    payload = None if body is None or method in ("GET", "HEAD") else json.dumps(body, separators=(",", ":"))
+    pool_manager = api_client.rest_client.pool_manager
+    try:
+        if type(pool_manager) is urllib3.PoolManager:
+            # Straight to the host's connection pool: the PoolManager's own layer parses the URL again and
+            # handles redirects, which the API server does not send. A proxy's manager goes the full way.
+            prefix, scheme, host, port = _parsed_host(configuration.host)
+            pool = pool_manager.connection_from_host(host, port=port, scheme=scheme)
+            response = pool.urlopen(
+                method,
+                prefix + url[len(configuration.host) :],
+                body=payload,
+                headers=headers,
+                timeout=_timeout(timeout),
+                preload_content=False,
+                redirect=False,
+                assert_same_host=False,
+            )
+        else:
+            response = pool_manager.request(
+                method, url, body=payload, headers=headers, timeout=_timeout(timeout), preload_content=False
+            )
+    except urllib3.exceptions.SSLError as exc:  # as the REST client reports it: an ApiException without a status
+        raise ApiException(status=0, reason="\n".join([type(exc).__name__, str(exc)])) from exc
+    return rest.RESTResponse(response)
+
+
 class Resource:
     """One resource type of one cluster, e.g. `Resource(client, SECRETS).get("x", "default")`."""
 
@@ -224,6 +291,31 @@ class Resource:
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
     ) -> Any:
+        """One call: plain JSON over the client's own urllib3 pool, as its REST client sends it.
+
+        The configuration's auth (bearer token, a token file's refresh hook, client certificates in the pool), TLS,
+        proxy and default headers are the client's; what is skipped is the generated layer's walk of every body
+        (`sanitize_for_serialization`) and its per-request header and query processing, which cost more than the
+        controller's own work per import. Errors are the client's: ApiException (status 0 for a TLS failure) and
+        urllib3's connection errors.
+        """
+        client = self.api_client
+        if getattr(client.configuration, "client_go_retries", False):
+            return self._request_through_client(method, path, query, body, content_type, timeout)
+        return lean_request(
+            client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
+        )
+
+    def _request_through_client(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, Any]] | None,
+        body: Any,
+        content_type: str,
+        timeout: float | tuple[float, float] | None,
+    ) -> Any:
+        """The generated client's own path, for configurations that ask it for client-go's read retries."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         request = self.api_client.param_serialize(
             method=method,

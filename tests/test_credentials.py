@@ -147,6 +147,20 @@ def test_kubeconfig_is_the_pure_emitters_byte_for_byte_in_printable_ascii(server
     )
 
 
+# Tokens as API servers issue them (the emitter's shortcut: a template with the token put in its place).
+_tokens = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+/=-]{0,1200}", fullmatch=True) | st.sampled_from(
+    ["true", "null", "e1", "E5", "yes", "Off", "inf", "nan", "0x1f", "e1.5"]
+)
+
+
+@settings(max_examples=500)
+@given(_ascii, st.binary(max_size=2000), _tokens, _ascii, _ascii, st.none() | _ascii)
+def test_kubeconfig_is_the_pure_emitters_byte_for_byte_for_issued_tokens(server, ca, token, namespace, cluster, user):
+    assert _kubeconfig_text(server, ca, token, namespace, cluster, user) == _pure(
+        server, ca, token, namespace, cluster, user
+    )
+
+
 @settings(max_examples=300)
 @given(_any_text, st.binary(max_size=100), _any_text, _any_text, _any_text, st.none() | _any_text)
 def test_kubeconfig_is_the_pure_emitters_byte_for_byte_for_any_text(server, ca, token, namespace, cluster, user):
