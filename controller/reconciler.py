@@ -8,6 +8,7 @@ It returns a Result saying when to look again, as controller-runtime's Reconcile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -113,7 +114,21 @@ class Reconciler:
         self.outputs = OutputStore(caches.outputs)
         self.versions = SourceVersions(timeout=remote_timeout, clock=clock)
         self._held: dict[str, ImportToken] = {}
+        self._cas: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
+
+    def _sharing_ca(self, token: ImportToken) -> ImportToken:
+        """`token` holding the one copy of its CA that every token of its source holds (caller holds the lock):
+        each token read back from a Secret otherwise holds its own copy of the same bytes."""
+        ca = token.credentials.ca_crt
+        shared = self._cas.get(ca)
+        if shared is None:
+            if len(self._cas) >= 256:  # CAs of sources: a handful; a bound all the same
+                self._cas.clear()
+            shared = self._cas[ca] = ca
+        if shared is ca:
+            return token
+        return dataclasses.replace(token, credentials=dataclasses.replace(token.credentials, ca_crt=shared))
 
     # --- what the informers say ---
     def import_seen(self, obj: dict[str, Any]) -> None:
@@ -343,7 +358,7 @@ class Reconciler:
         namespace, name = split_key(key)
         if writes.remember is not None:
             with self._lock:
-                self._held[key] = writes.remember
+                self._held[key] = self._sharing_ca(writes.remember)
         if writes.forget:
             with self._lock:
                 self._held.pop(key, None)

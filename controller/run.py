@@ -94,6 +94,8 @@ class Controller:
             on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
         )
         imports_api = kube.Resource(local_api_client, kube.SERVICE_ACCOUNT_IMPORTS)
+        # One per controller: the imports' and their Secrets' caches share their text (see kube.Compactor).
+        compact = kube.Compactor()
         secrets_api = kube.Resource(local_api_client, kube.SECRETS)
         self.manager = Manager(
             local_api_client,
@@ -122,10 +124,17 @@ class Controller:
                 namespace=options.namespace,
                 resync_seconds=options.resync_seconds,
                 name="serviceaccountimports",
+                transform=compact,
             )
         )
         self.secrets = self.manager.add_informer(
-            kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
+            kube.Informer(
+                secrets_api,
+                namespace=options.namespace,
+                label_selector=api.IMPORT_LABEL,
+                name="secrets",
+                transform=compact,
+            )
         )
         # Each output's watch (controller/outputs). An optional one (a CRD that may not be installed) does not hold
         # the workers back, and starts only once discovery says its type is served: asked at start, then at most

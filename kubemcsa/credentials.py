@@ -55,13 +55,14 @@ def build_kubeconfig(creds: Credentials, cluster_name: str, user_name: str | Non
 
 
 _TOKEN_STAND_IN = "kubemcsaTokenStandIn0"
-# Tokens as API servers issue them (JWTs, legacy tokens): the emitter writes these as plain scalars, unchanged,
-# unless they read as another type (a number, a boolean), which _is_plain_token asks the emitter about.
-_PLAIN_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+# Tokens as API servers issue them (JWTs, legacy tokens): a letter, then letters, digits, dots, dashes and
+# underscores. The emitter writes those as plain scalars, unchanged, unless they read as another type: starting
+# with a letter, only the booleans and nulls (yes, Off, null, ...; five letters at most) do.
+_PLAIN_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9._-]{5,}")
 
 
 def _is_plain_token(token: str) -> bool:
-    return bool(_PLAIN_TOKEN.fullmatch(token)) and dump_kubeconfig({"token": token}) == f"token: {token}\n"
+    return _PLAIN_TOKEN.fullmatch(token) is not None
 
 
 @functools.lru_cache(maxsize=1024)

@@ -16,6 +16,7 @@ import logging
 import random
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -207,6 +208,7 @@ def error_message(exc: ApiException) -> str:
     return str(error_status(exc).get("message") or exc.reason or f"HTTP {exc.status}")
 
 
+@functools.lru_cache(maxsize=64)  # a Timeout is cloned by urllib3 for each request: one per value will do
 def _timeout(value: float | tuple[float, float] | None) -> urllib3.Timeout | None:
     if not value:
         return None
@@ -448,6 +450,49 @@ def object_key(obj: JSON) -> tuple[str, str]:
 
 EventHandler = Callable[[str, JSON, "JSON | None"], None]
 
+_SHORT_TEXT = 200  # keys and values up to this long are interned (names, labels, reasons, messages, timestamps)
+
+
+class Compactor:
+    """Makes cached objects small: one copy of each key and short string, and of long strings that repeat
+    (a source's CA in each of its imports' Secrets), and no managedFields (which nobody here reads).
+
+    As client-go's informer transforms do; thousands of cached objects otherwise hold thousands of copies of the
+    same text. Long strings are remembered in a bounded table (oldest first out), so unique ones (tokens) cost
+    only a slot for a while.
+    """
+
+    def __init__(self, max_long: int = 1024) -> None:
+        self._long: dict[str, str] = {}
+        self._max_long = max_long
+        self._lock = threading.Lock()
+
+    def __call__(self, obj: JSON) -> JSON:
+        compacted = self._value(obj)
+        metadata = compacted.get("metadata")
+        if isinstance(metadata, dict):
+            metadata.pop("managedFields", None)
+        return compacted
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return sys.intern(value) if len(value) <= _SHORT_TEXT else self._shared(value)
+        if isinstance(value, dict):
+            return {sys.intern(k) if isinstance(k, str) else k: self._value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._value(item) for item in value]
+        return value
+
+    def _shared(self, text: str) -> str:
+        with self._lock:
+            known = self._long.get(text)
+            if known is not None:
+                return known
+            if len(self._long) >= self._max_long:
+                del self._long[next(iter(self._long))]
+            self._long[text] = text
+            return text
+
 
 class Informer:
     """A list-watch cache of one resource type: list once, then follow a watch, re-listing on 410 Gone.
@@ -466,8 +511,11 @@ class Informer:
         watch_timeout_seconds: int = 300,
         name: str | None = None,
         max_backoff: float = 30.0,
+        transform: Callable[[JSON], JSON] | None = None,
     ) -> None:
         self.resource = resource
+        # Applied to each object before it is cached (and handed to handlers), e.g. a Compactor.
+        self.transform = transform
         self.namespace = namespace
         self.label_selector = label_selector
         self.resync_seconds = resync_seconds
@@ -531,7 +579,10 @@ class Informer:
 
     def _relist(self) -> str:
         listing = self.resource.list(self.namespace, label_selector=self.label_selector)
-        fresh = {object_key(item): item for item in listing.get("items") or []}
+        items = listing.get("items") or []
+        if self.transform is not None:
+            items = [self.transform(item) for item in items if isinstance(item, dict)]
+        fresh = {object_key(item): item for item in items}
         self.last_error, self.last_exception = None, None
         with self._lock:
             previous = self._cache
@@ -558,6 +609,8 @@ class Informer:
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind == "BOOKMARK":
             return version
+        if self.transform is not None and isinstance(obj, dict):
+            obj = self.transform(obj)
         key = object_key(obj)
         with self._lock:
             old = self._cache.get(key)

@@ -149,7 +149,7 @@ def test_kubeconfig_is_the_pure_emitters_byte_for_byte_in_printable_ascii(server
 
 # Tokens as API servers issue them (the emitter's shortcut: a template with the token put in its place).
 _tokens = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+/=-]{0,1200}", fullmatch=True) | st.sampled_from(
-    ["true", "null", "e1", "E5", "yes", "Off", "inf", "nan", "0x1f", "e1.5"]
+    ["true", "null", "e1", "E5", "yes", "Off", "FALSE", "inf", "nan", "0x1f", "e1.5", "NULL", "on"]
 )
 
 
