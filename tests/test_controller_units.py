@@ -406,6 +406,39 @@ def test_kubeconfig_sources(tmp_path) -> None:
     assert registry.get("c2") is not None
 
 
+def test_a_kubeconfig_read_short_keeps_its_clusters_until_a_second_read_agrees(tmp_path) -> None:
+    """A file rewritten in place reads empty or short for a moment: its clusters stay until two reads agree."""
+    cluster = {"server": "https://1.2.3.4", "certificate-authority-data": base64.b64encode(CA).decode()}
+    config = {
+        "clusters": [{"name": "x", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": "secret-token"}}],
+        "contexts": [{"name": "c2", "context": {"cluster": "x", "user": "u"}}],
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump(config))
+    registry = SourceRegistry(source_kubeconfig=str(path))
+    assert registry.refresh_files() == {"c2"} and not registry.files_loaded()  # read, not yet seen unchanged
+    assert registry.refresh_files() == set() and registry.files_loaded()
+    path.write_text("")  # truncated: a write in progress
+    assert registry.refresh_files() == set() and registry.get("c2") is not None
+    path.write_text(yaml.safe_dump({**config, "contexts": []}))  # half written, or the context really removed
+    assert registry.refresh_files() == set() and registry.get("c2") is not None
+    assert registry.refresh_files() == {"c2"} and registry.get("c2") is None  # a second read agrees: gone
+
+
+def test_keep_missing_once_is_a_pure_decision() -> None:
+    from controller.sources import SourceCluster, keep_missing_once
+
+    def source(name: str) -> SourceCluster:
+        return SourceCluster(name, ORIGIN_KUBECONFIG, "https://s", CA, name, build=lambda: None)
+
+    before = {"a": source("a"), "b": source("b")}
+    kept, errors, lost = keep_missing_once(before, {"a": source("a")}, {"b": "unusable"}, set())
+    assert set(kept) == {"a", "b"} and errors == {} and lost == {"b"}
+    kept, errors, lost = keep_missing_once(kept, {"a": source("a")}, {"b": "unusable"}, lost)
+    assert set(kept) == {"a"} and errors == {"b": "unusable"} and lost == set()
+
+
 def test_kubeconfig_token_file_rotation_is_a_credential_change(tmp_path) -> None:
     config = {
         "clusters": [{"name": "x", "cluster": {"server": "https://1.2.3.4", "certificate-authority": "ca.crt"}}],
