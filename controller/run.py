@@ -272,12 +272,25 @@ class Controller:
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
+        self.manager.spawn(self._dispatch_tokens, "source-dispatcher")
         self.manager.start()
         for output in OUTPUTS:
             if output.watch.optional:
                 self._start_if_served(output)
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
+
+    def _dispatch_tokens(self) -> None:
+        """Each source's rate-limit tokens, as they come, to the imports next in line (gates.FairQueue)."""
+        while not self.manager.stopping:
+            try:
+                keys, next_at = self.gates.dispatch()
+                self._wake(keys)
+            except Exception:  # a bug must not stop every token request: log it, try again
+                log.exception("source-dispatcher failed")
+                next_at = None
+            wait = 0.5 if next_at is None else min(0.5, max(0.0, next_at - self.options.clock()))
+            self.gates.wait_for_work(wait)
 
     def stop(self) -> None:
         self.manager.stop()
