@@ -346,8 +346,12 @@ class Resource:
         field_selector: str | None = None,
         *,
         timeout: float | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
     ) -> JSON:
+        """One list call; with `limit`, one page of it (its metadata.continue asks for the next)."""
         query = [("labelSelector", label_selector), ("fieldSelector", field_selector)]
+        query += [("limit", limit), ("continue", continue_token)]
         return self._json("GET", self.type.path(namespace), query=query, timeout=timeout)
 
     def create(self, body: JSON, namespace: str | None = None) -> JSON:
@@ -449,6 +453,7 @@ def object_key(obj: JSON) -> tuple[str, str]:
 
 
 EventHandler = Callable[[str, JSON, "JSON | None"], None]
+LIST_PAGE_SIZE = 500  # client-go's reflector pages its lists by 500 too
 
 _SHORT_TEXT = 200  # keys and values up to this long are interned (names, labels, reasons, messages, timestamps)
 
@@ -578,11 +583,21 @@ class Informer:
                 log.exception("informer %s: an event handler failed", self.name)
 
     def _relist(self) -> str:
-        listing = self.resource.list(self.namespace, label_selector=self.label_selector)
-        items = listing.get("items") or []
-        if self.transform is not None:
-            items = [self.transform(item) for item in items if isinstance(item, dict)]
-        fresh = {object_key(item): item for item in items}
+        # In pages, as client-go's reflector lists: one answer of 10,000 Secrets is tens of megabytes of JSON,
+        # held whole (and decoded whole) before the transform makes it small.
+        fresh: dict[tuple[str, str], JSON] = {}
+        continue_token: str | None = None
+        while True:
+            listing = self.resource.list(
+                self.namespace, label_selector=self.label_selector, limit=LIST_PAGE_SIZE, continue_token=continue_token
+            )
+            for item in listing.get("items") or []:
+                if isinstance(item, dict):
+                    item = self.transform(item) if self.transform is not None else item
+                    fresh[object_key(item)] = item
+            continue_token = (listing.get("metadata") or {}).get("continue") or None
+            if continue_token is None:
+                break
         self.last_error, self.last_exception = None, None
         with self._lock:
             previous = self._cache
