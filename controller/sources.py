@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -190,6 +191,17 @@ def keep_missing_once(
     return kept, kept_errors, first_time
 
 
+# A file changed less than this long ago may be in the middle of a write (a writer paused between two writes).
+SETTLE_SECONDS = 1.0
+
+
+def _just_written(path: str) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < SETTLE_SECONDS
+    except OSError:
+        return False
+
+
 def _stat_signature(paths: list[str]) -> tuple[Any, ...]:
     signature = []
     for path in paths:
@@ -305,8 +317,10 @@ class SourceRegistry:
     def _refresh_kubeconfig(self, path: str) -> set[str]:
         signature = _stat_signature([path, *self._kubeconfig_files])
         if self._signatures.get("kubeconfig") == signature:
-            # Unchanged since a read: what was read was the whole file, not a write in progress.
-            self._kubeconfig_settled = self._kubeconfig_read
+            # Unchanged since a read, and not just written: what was read was the whole file, not a write in progress.
+            self._kubeconfig_settled = self._kubeconfig_read and not _just_written(path)
+            if not self._kubeconfig_settled:
+                self._signatures.pop("kubeconfig", None)  # look again on the next poll
             return set()
         self._signatures["kubeconfig"] = signature
         self._kubeconfig_settled = False
@@ -330,7 +344,9 @@ class SourceRegistry:
         sources, errors = sources_from_kubeconfig(config, base_dir, self.cluster_name)
         with self._lock:
             before = self._by_origin[ORIGIN_KUBECONFIG]
-        sources, errors, self._missing_contexts = keep_missing_once(before, sources, errors, self._missing_contexts)
+        # A file written a moment ago may still be being written: a context it lacks is not taken as gone yet.
+        confirmed = set() if _just_written(path) else self._missing_contexts
+        sources, errors, self._missing_contexts = keep_missing_once(before, sources, errors, confirmed)
         if self._missing_contexts:
             self._signatures.pop("kubeconfig", None)  # read again on the next poll, changed or not
         self._kubeconfig_read = True

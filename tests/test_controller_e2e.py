@@ -966,7 +966,7 @@ def test_twenty_restarts_never_report_a_known_cluster_unknown(env: Env) -> None:
                 handle.flush()
                 rewriting.wait(0.02)
                 handle.write(content[len(content) // 2 :])
-            rewriting.wait(0.05)
+            rewriting.wait(1.2)  # a file rewritten more often than once a second would never count as written
 
     writer = threading.Thread(target=rewrite_in_place, daemon=True)
     writer.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 import pytest
 import yaml
@@ -415,13 +416,22 @@ def test_a_kubeconfig_read_short_keeps_its_clusters_until_a_second_read_agrees(t
         "contexts": [{"name": "c2", "context": {"cluster": "x", "user": "u"}}],
     }
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(config))
+
+    def write(text: str, seconds_ago: float = 10) -> None:  # a write that ended a while ago (SETTLE_SECONDS)
+        path.write_text(text)
+        os.utime(path, (time.time() - seconds_ago, time.time() - seconds_ago))
+
+    write(yaml.safe_dump(config))
     registry = SourceRegistry(source_kubeconfig=str(path))
     assert registry.refresh_files() == {"c2"} and not registry.files_loaded()  # read, not yet seen unchanged
     assert registry.refresh_files() == set() and registry.files_loaded()
-    path.write_text("")  # truncated: a write in progress
+    write("", seconds_ago=0)  # just written: not settled
+    assert registry.refresh_files() == set() and not registry.files_loaded()
+    write(yaml.safe_dump(config))
+    assert registry.refresh_files() == set() and registry.refresh_files() == set() and registry.files_loaded()
+    write("")  # truncated: a write in progress
     assert registry.refresh_files() == set() and registry.get("c2") is not None
-    path.write_text(yaml.safe_dump({**config, "contexts": []}))  # half written, or the context really removed
+    write(yaml.safe_dump({**config, "contexts": []}))  # half written, or the context really removed
     assert registry.refresh_files() == set() and registry.get("c2") is not None
     assert registry.refresh_files() == {"c2"} and registry.get("c2") is None  # a second read agrees: gone
 
