@@ -15,8 +15,11 @@ imports are spread evenly over the sources and created as fast as the API allows
   takes to turn every import of it NotExported with its token gone.
 
 Usage: python bench/bench_controller.py [--imports 10000] [--sources 10] [--source-qps 5] [--source-burst 10]
-       [--workers 4] [--window 10] [--argocd]
-(--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD)
+       [--workers 4] [--window 10] [--argocd] [--py-spy FILE]
+       python bench/bench_controller.py --fairness [--imports 10000] [--ready 50] [--flood-window 620]
+(--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD; --py-spy: a profile of the cold start;
+--fairness: the second namespace's first-token latency while a first floods, and expired tokens among Ready
+imports meanwhile: 600 s tokens are refreshed after 480 s, so the window must outlast that)
 """
 
 from __future__ import annotations
@@ -227,6 +230,13 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """The process's own CPU time (user + system), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def reconciled(port: int) -> float:
     try:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
@@ -279,7 +289,13 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
+    parser.add_argument("--py-spy", metavar="FILE", help="profile the controller (GIL holder) during the cold start")
+    parser.add_argument("--fairness", action="store_true", help="the fair-share bench instead (see fairness)")
+    parser.add_argument("--ready", type=int, default=50, help="--fairness: Ready imports refreshed during the flood")
+    parser.add_argument("--flood-window", type=float, default=620.0, help="--fairness: seconds to watch the flood")
     args = parser.parse_args()
+    if args.fairness:
+        return fairness(args)
     per_source = args.imports // args.sources
     total = per_source * args.sources
     print(
@@ -320,14 +336,26 @@ def main() -> int:
 
             # 1. Cold start: every import created at once, as fast as the API takes them.
             names = [(f"imp-{s}-{i}", sources[s].name) for i in range(per_source) for s in range(args.sources)]
+            profiler = None
+            if args.py_spy:
+                spy = ["py-spy", "record", "--gil", "--nonblocking", "-r", "200", "--format", "raw", "-o", args.py_spy]
+                profiler = subprocess.Popen(
+                    [*spy, "-p", str(controller.pid)],
+                    stdout=subprocess.DEVNULL,
+                )
+            cpu_before = cpu_seconds(controller.pid)
             start = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda item: imports.create(import_body(*item, args.argocd), "default"), names))
             created = time.perf_counter() - start
             wait_until(lambda: len(ready_at) >= total, timeout=3600, poll=0.5)
             all_ready = max(ready_at.values()) - start
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                profiler.wait(30)
             wait_until(lambda: reconciled(port) >= 3 * total, timeout=120)  # the status writes' own echoes
             time.sleep(2)
+            cpu_per_import = (cpu_seconds(controller.pid) - cpu_before) / total
             local_calls, remote_calls, _ = count_calls(c1, sources)
             per_import = (sum(local_calls.values()) + sum(remote_calls.values())) / total
             print(f"created {total} imports in {created:.1f} s; all Ready {all_ready:.1f} s after the first creation")
@@ -336,6 +364,7 @@ def main() -> int:
                 f"  (the rate limit alone needs {bound:.0f} s: {per_source} imports per source / "
                 f"{args.source_qps:g} QPS)"
             )
+            print(f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own)")
             print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
             print(f"API calls per new import: {per_import:.2f}  local {dict(local_calls)}  remote {dict(remote_calls)}")
 
@@ -401,6 +430,103 @@ def main() -> int:
                 controller.send_signal(signal.SIGTERM)
                 controller.wait(30)
             for server in (c1, *sources):
+                server.stop()
+    return 0
+
+
+def fairness(args) -> int:
+    """--fairness: one namespace floods a source with --imports imports while a second namespace creates one; and
+    imports of a third namespace, Ready before the flood with the shortest tokens (600 s), must be refreshed all
+    along. Prints the second namespace's first-token latency and how many Ready tokens expired during the flood."""
+    print(
+        f"fairness: {args.ready} Ready imports (600 s tokens) in namespace team, then {args.imports} imports in "
+        f"namespace flood, then 1 in namespace quiet; one source; --source-qps {args.source_qps:g} "
+        f"--source-burst {args.source_burst}; watched for {args.flood_window:g} s"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        c1 = ServerProcess("cluster1")
+        source = ServerProcess("source0")
+        controller = None
+        try:
+            local = setup_local(c1, tmp)
+            source_path = f"{tmp}/sources"
+            Path(source_path).write_text(yaml.safe_dump(merged_kubeconfig([setup_source(source)])))
+            admin1 = c1.client()
+            for namespace in ("team", "flood", "quiet"):
+                create(admin1, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+            imports = kube.Resource(admin1, kube.SERVICE_ACCOUNT_IMPORTS)
+            ready_at: dict[tuple[str, str], float] = {}
+            expiry: dict[str, float] = {}  # team import -> its Secret's token expiry
+            lock = threading.Lock()
+            watcher = kube.Informer(imports)
+            secrets = kube.Informer(kube.Resource(admin1, kube.SECRETS), namespace="team")
+
+            def on_import(kind: str, obj: dict, old: dict | None) -> None:
+                if kind != "DELETED" and is_ready(obj):
+                    with lock:
+                        ready_at.setdefault(kube.object_key(obj), time.perf_counter())
+
+            def on_secret(kind: str, obj: dict, old: dict | None) -> None:
+                annotations = (obj.get("metadata") or {}).get("annotations") or {}
+                value = annotations.get("multicluster.admiralty.io/token-expiration")
+                if kind != "DELETED" and value:
+                    from kubemcsa.timefmt import parse_time
+
+                    with lock:
+                        expiry[obj["metadata"]["name"]] = parse_time(value) or 0.0
+
+            watcher.add_handler(on_import)
+            secrets.add_handler(on_secret)
+            watcher.start()
+            secrets.start()
+            watcher.wait_for_sync(30)
+            secrets.wait_for_sync(30)
+            port = free_port()
+            controller = start_controller(args, local, source_path, port)
+            assert wait_until(lambda: _ready(port), 60), "the controller did not become ready"
+
+            def body(name: str, namespace: str, **spec) -> dict:
+                obj = import_body(name, "source0")
+                obj["metadata"]["namespace"] = namespace
+                obj["spec"].update(spec)
+                return obj
+
+            for i in range(args.ready):
+                imports.create(body(f"team-{i}", "team", expirationSeconds=600), "team")
+            wait_until(lambda: sum(1 for k in ready_at if k[0] == "team") >= args.ready, timeout=600)
+            print(f"{args.ready} team imports Ready")
+            flood_start = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda i: imports.create(body(f"flood-{i}", "flood"), "flood"), range(args.imports)))
+            print(f"{args.imports} flood imports created in {time.perf_counter() - flood_start:.1f} s")
+            quiet_start = time.perf_counter()
+            imports.create(body("quiet-0", "quiet"), "quiet")
+            wait_until(lambda: ("quiet", "quiet-0") in ready_at, timeout=600, poll=0.02)
+            latency = ready_at.get(("quiet", "quiet-0"), float("inf")) - quiet_start
+            flooded = sum(1 for k in ready_at if k[0] == "flood")
+            print(
+                f"second namespace's first import Ready {latency:.2f} s after its creation "
+                f"(with {args.imports - flooded} flood imports still waiting for a token)"
+            )
+            expired: set[str] = set()
+            deadline = flood_start + args.flood_window
+            while time.perf_counter() < deadline:
+                now = time.time()
+                with lock:
+                    expired |= {name for name, at in expiry.items() if at <= now}
+                time.sleep(1)
+            flooded = sum(1 for k in ready_at if k[0] == "flood")
+            print(
+                f"during {args.flood_window:g} s of flood: {len(expired)} expired tokens among the {args.ready} "
+                f"Ready team imports; {flooded} of {args.imports} flood imports Ready"
+            )
+            watcher.stop()
+            secrets.stop()
+        finally:
+            if controller is not None and controller.poll() is None:
+                controller.send_signal(signal.SIGTERM)
+                controller.wait(30)
+            for server in (c1, source):
                 server.stop()
     return 0
 

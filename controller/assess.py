@@ -128,6 +128,7 @@ class NeedsToken:
     spec: ImportSpec
     source: Remote
     remote_uid: str | None = None  # of the exported service account, which the token is for
+    refresh: bool = False  # the import holds a token still valid: its request goes before first tokens
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,15 @@ def assess(obs: Observation) -> Assessment:
     held = obs.held
     if held is not None and held.inputs_hash == wanted and (held.refresh_at is None or obs.now < held.refresh_at):
         return HasToken(spec, held)  # the Secret is missing or was edited: rewrite it from memory
-    return NeedsToken(spec, obs.source, remote_uid)
+    return NeedsToken(spec, obs.source, remote_uid, refresh=holds_valid_token(obs))
+
+
+def holds_valid_token(obs: Observation) -> bool:
+    """True if the import's Secret (or memory) holds a token that has not expired: what is asked is a refresh."""
+    expiries = [token_times(obs.own_secret)[1] if obs.own_secret is not None else None]
+    if obs.held is not None:
+        expiries.append(obs.held.expires_at)
+    return any(expires_at is not None and expires_at > obs.now for expires_at in expiries)
 
 
 def federated_inputs(spec: ImportSpec, source: FederatedSource) -> str:

@@ -1,7 +1,12 @@
 """Per source cluster: a client-side rate limit and a circuit breaker, so no failure turns into a storm.
 
-- The rate limit is a token bucket (QPS and burst, as client-go's). A request that may not go yet gets a
-  reservation: its import is re-queued for that moment, so waiting costs neither a thread nor a retry.
+- The rate limit is a token bucket (QPS and burst, as client-go's), shared across namespaces the way API Priority
+  and Fairness shares a server: an import that may not call yet waits in a FairQueue (refreshes of tokens still
+  valid first, then first tokens; within each, one namespace after the other, FIFO within a namespace), and a
+  dispatcher hands each new token of the bucket to the next in line and wakes it. A namespace with 10,000 pending
+  imports so delays another's first token by one slot, and a flood never lets a Ready import's token expire
+  while the source has the capacity for its refreshes (see `capacity`). Waiting costs neither a thread nor a
+  retry.
 - The circuit opens when the source does not answer (or rejects the controller's own credential). While it is
   open, the source's imports wait without calls, and one probe at a time tests the source, after an
   exponential backoff with jitter. The first answer closes it and wakes the waiting imports, which then go
@@ -14,12 +19,21 @@ from __future__ import annotations
 
 import random
 import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from kubemcsa import api
 
 # client-go's defaults for a client (rest.Config QPS 5, Burst 10).
 DEFAULT_QPS = 5.0
 DEFAULT_BURST = 10
+# The priority lanes of a source's queue: a refresh of a token that is still valid goes before any first token.
+REFRESH = 0
+FIRST = 1
+# Above this share of its QPS spent on steady-state refreshes, a source is near its capacity (Event and metric).
+NEAR_CAPACITY = 0.8
+REASON_SOURCE_NEAR_CAPACITY = "SourceNearCapacity"
 
 
 @dataclass(frozen=True)
@@ -29,7 +43,8 @@ class Go:
 
 @dataclass(frozen=True)
 class Wait:
-    """Do not call. `until`: look again then (a rate-limit slot, or a probe); None: wait to be woken."""
+    """Do not call. `until`: look again then (a probe); None: wait to be woken (by the dispatcher, for a token
+    of the rate limit, or by the source's recovery)."""
 
     until: float | None
     reason: str | None = None  # the open circuit's condition reason and message; None for a rate-limit wait
@@ -48,6 +63,24 @@ class TokenBucket:
         self._tokens = float(self.burst)
         self._last = now
 
+    def _refill(self, now: float) -> None:
+        if now > self._last:
+            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.qps)
+            self._last = now
+
+    def take(self, now: float) -> bool:
+        """Take one token if there is one now."""
+        self._refill(now)
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    def next_token_at(self, now: float) -> float:
+        """When `take` will next succeed (now if it would now)."""
+        self._refill(now)
+        return now if self._tokens >= 1 else self._last + (1 - self._tokens) / self.qps
+
     def reserve(self, now: float) -> float:
         """Take one token; return when its call may go (now, or later if the bucket is empty)."""
         if now > self._last:
@@ -55,6 +88,70 @@ class TokenBucket:
             self._last = now
         self._tokens -= 1
         return now if self._tokens >= 0 else self._last + (-self._tokens) / self.qps
+
+
+class FairQueue:
+    """Keys waiting for a token of one source, handed out in priority lanes (REFRESH before FIRST) and, within a
+    lane, one flow (namespace) after the other, FIFO within a flow: fair queuing, as API Priority and Fairness
+    queues requests by flow. A flow that joins goes after the flows already waiting have had one turn each.
+    Pure: no time, no threads (the gate locks around it)."""
+
+    def __init__(self) -> None:
+        self._lanes: tuple[OrderedDict[str, deque[str]], ...] = (OrderedDict(), OrderedDict())
+        self._where: dict[str, tuple[int, str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def push(self, key: str, flow: str, lane: int = FIRST) -> None:
+        """Queue `key` (a key already queued keeps its place, unless it now needs a higher lane)."""
+        where = self._where.get(key)
+        if where is not None:
+            if where[0] <= lane:
+                return
+            self.remove(key)
+        self._lanes[lane].setdefault(flow, deque()).append(key)
+        self._where[key] = (lane, flow)
+
+    def pop(self) -> str | None:
+        """The next key in line, or None."""
+        for lane in self._lanes:
+            if lane:
+                flow, keys = next(iter(lane.items()))
+                key = keys.popleft()
+                if keys:
+                    lane.move_to_end(flow)  # its next key waits for every other flow's turn
+                else:
+                    del lane[flow]
+                del self._where[key]
+                return key
+        return None
+
+    def remove(self, key: str) -> None:
+        where = self._where.pop(key, None)
+        if where is None:
+            return
+        lane, flow = where
+        keys = self._lanes[lane][flow]
+        keys.remove(key)
+        if not keys:
+            del self._lanes[lane][flow]
+
+
+def refresh_rate(issued_at: float, expires_at: float | None) -> float:
+    """Token requests per second one import needs in the steady state: one per refresh interval."""
+    if expires_at is None or expires_at <= issued_at:
+        return 0.0
+    return 1.0 / (api.REFRESH_FRACTION * (expires_at - issued_at))
+
+
+def capacity(qps: float, token_seconds: float) -> int:
+    """How many imports one source can keep refreshed: each needs a token every REFRESH_FRACTION of its lifetime,
+    and the source's rate limit gives `qps` tokens a second (e.g. 5 QPS and 600 s tokens: 2,400 imports)."""
+    return int(qps * api.REFRESH_FRACTION * token_seconds)
 
 
 class SourceGate:
@@ -75,7 +172,6 @@ class SourceGate:
         self._probe_timeout = probe_timeout
         self._jitter = jitter
         self._lock = threading.Lock()
-        self._reservations: dict[str, float] = {}
         self._open = False
         self._reason: str | None = None
         self._message: str | None = None
@@ -84,24 +180,77 @@ class SourceGate:
         self._prober: str | None = None
         self._probe_deadline = 0.0
         self._waiting: set[str] = set()
+        self._queue = FairQueue()
+        self._granted: set[str] = set()  # handed a token by dispatch, not back yet
+        self._rates: dict[str, float] = {}  # steady-state token requests per second, per import holding a token
+        self._demand = 0.0
+        self._near_capacity = False
+        self.on_queued: Callable[[], None] = lambda: None  # a key waits: the dispatcher should look
 
     @property
     def is_open(self) -> bool:
         return self._open
 
-    def admit(self, key: str, now: float) -> Admission:
-        """May `key` call the source now? Every call to the source asks first."""
+    @property
+    def qps(self) -> float:
+        return self._bucket.qps
+
+    def admit(self, key: str, now: float, flow: str = "", lane: int = FIRST) -> Admission:
+        """May `key` call the source now? Every call to the source asks first.
+
+        `flow`: the import's namespace (the unit of fairness); `lane`: REFRESH if it holds a token still valid.
+        """
         with self._lock:
             if self._open and key != self._prober:
                 self._waiting.add(key)
                 return Wait(None, self._reason, self._message)
-            at = self._reservations.pop(key, None)
-            if at is None:
-                at = self._bucket.reserve(now)
-            if at > now:
-                self._reservations[key] = at
-                return Wait(at)
-            return Go()
+            if key in self._granted:
+                self._granted.discard(key)
+                return Go()
+            if key == self._prober or (not self._queue and self._bucket.take(now)):
+                return Go()  # a probe goes at once: it is one call, and the source's recovery waits on it
+            self._queue.push(key, flow, lane)
+        self.on_queued()
+        return Wait(None)
+
+    def dispatch(self, now: float) -> tuple[list[str], float | None]:
+        """Hand the tokens the bucket has now to the next keys in line; return them (to wake: each then calls
+        without asking the bucket again) and when the next token comes for those still waiting (None: nobody)."""
+        with self._lock:
+            granted: list[str] = []
+            if self._open:
+                return granted, None  # the probe decides; the queue waits for the source to answer again
+            while self._queue and self._bucket.take(now):
+                key = self._queue.pop()
+                if key is not None:
+                    self._granted.add(key)
+                    granted.append(key)
+            return granted, (self._bucket.next_token_at(now) if self._queue else None)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._queue)
+
+    def record_demand(self, key: str, rate: float) -> bool:
+        """`key` now holds a token needing `rate` requests a second; True if that took the source above
+        NEAR_CAPACITY of its QPS (once per crossing: it must fall below 0.9 of that before it says so again)."""
+        with self._lock:
+            self._demand += rate - self._rates.get(key, 0.0)
+            if rate > 0:
+                self._rates[key] = rate
+            else:
+                self._rates.pop(key, None)
+            ratio = self._demand / self._bucket.qps
+            if self._near_capacity and ratio < 0.9 * NEAR_CAPACITY:
+                self._near_capacity = False
+            crossed = not self._near_capacity and ratio >= NEAR_CAPACITY
+            self._near_capacity = self._near_capacity or crossed
+            return crossed
+
+    def demand(self) -> tuple[float, int]:
+        """(Steady-state token requests per second of the imports holding tokens, how many hold one)."""
+        with self._lock:
+            return max(0.0, self._demand), len(self._rates)
 
     def answered(self, key: str) -> set[str]:
         """The source answered (whatever the answer): close the circuit; return the imports to wake."""
@@ -143,11 +292,22 @@ class SourceGate:
             self._probe_deadline = now + self._probe_timeout
             return self._prober
 
+    def drain(self) -> set[str]:
+        """Empty the queue (the gate is replaced): the keys that waited in it or were handed a token."""
+        with self._lock:
+            keys = set(self._granted)
+            while (key := self._queue.pop()) is not None:
+                keys.add(key)
+            self._granted.clear()
+            return keys
+
     def forget(self, key: str) -> None:
         """The import is gone, or no longer asks this source."""
         with self._lock:
-            self._reservations.pop(key, None)
             self._waiting.discard(key)
+            self._queue.remove(key)
+            self._granted.discard(key)
+            self._demand -= self._rates.pop(key, 0.0)
             if self._prober == key:
                 self._prober = None
 
@@ -175,19 +335,46 @@ class SourceGates:
         self._clock = clock
         self._lock = threading.Lock()
         self._gates: dict[str, SourceGate] = {}
+        self._work = threading.Event()  # a key was queued: the dispatcher looks before its next token is due
 
     def gate(self, cluster: str) -> SourceGate:
         with self._lock:
             gate = self._gates.get(cluster)
             if gate is None:
                 gate = self._gates[cluster] = SourceGate(now=self._clock(), **self._settings)
+                gate.on_queued = self._work.set
             return gate
 
     def reset(self, cluster: str) -> set[str]:
         """The controller's credentials for `cluster` changed: a closed circuit; return the imports to wake."""
         with self._lock:
             gate = self._gates.pop(cluster, None)
-        return gate.answered("") if gate is not None else set()
+        return gate.answered("") | gate.drain() if gate is not None else set()
+
+    def dispatch(self) -> tuple[list[str], float | None]:
+        """Every source's tokens of the moment to the next keys in line; (keys to wake, when to look again)."""
+        now = self._clock()
+        with self._lock:
+            gates = list(self._gates.values())
+        woken: list[str] = []
+        next_at: float | None = None
+        for gate in gates:
+            keys, at = gate.dispatch(now)
+            woken += keys
+            if at is not None:
+                next_at = at if next_at is None else min(next_at, at)
+        return woken, next_at
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Sleep up to `timeout` seconds, less if a key is queued meanwhile."""
+        self._work.wait(timeout)
+        self._work.clear()
+
+    def demands(self) -> dict[str, tuple[float, float, int]]:
+        """Per source: (steady-state token requests per second needed, its QPS, imports holding a token)."""
+        with self._lock:
+            gates = dict(self._gates)
+        return {name: (rate, gate.qps, holding) for name, gate in gates.items() for rate, holding in [gate.demand()]}
 
     def due_probes(self) -> list[str]:
         now = self._clock()

@@ -35,6 +35,13 @@ class Metrics:
             "Seconds until the earliest token expiry among imports.",
             registry=self.registry,
         )
+        self.source_demand = Gauge(
+            PREFIX + "source_token_demand_ratio",
+            "Token requests per second the imports of a source need to stay refreshed, over its --source-qps "
+            "(above 1 refreshes fall behind; a SourceNearCapacity Event at 0.8).",
+            ["cluster"],
+            registry=self.registry,
+        )
         self.is_leader = Gauge(PREFIX + "is_leader", "1 if this replica is the leader.", registry=self.registry)
         self._expiries: dict[str, float] = {}
         self._lock = threading.Lock()

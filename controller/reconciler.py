@@ -8,6 +8,7 @@ It returns a Result saying when to look again, as controller-runtime's Reconcile
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,7 +34,14 @@ from controller.assess import (
 )
 from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks
-from controller.gates import SourceGates, Wait
+from controller.gates import (
+    FIRST,
+    REASON_SOURCE_NEAR_CAPACITY,
+    REFRESH,
+    SourceGates,
+    Wait,
+    refresh_rate,
+)
 from controller.metrics import Metrics
 from controller.outputs import OUTPUTS
 from controller.outputs.base import SourceView, as_section
@@ -50,6 +58,10 @@ from kubemcsa.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
+
+# How long an import waiting in its source's queue stays there before it looks again by itself (it is woken
+# when its turn comes; this only bounds the wait should a wake-up be lost).
+QUEUED_BACKSTOP_SECONDS = 60.0
 
 # What observe returns while the import's source is still listing its exports: look again once it has.
 WARMING: Any = object()
@@ -113,7 +125,38 @@ class Reconciler:
         self.outputs = OutputStore(caches.outputs)
         self.versions = SourceVersions(timeout=remote_timeout, clock=clock)
         self._held: dict[str, ImportToken] = {}
+        self._cas: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
+
+    def _count_demand(self, key: str, observation: Observation, token: ImportToken) -> None:
+        """What the import's refreshes cost its source's rate limit; an Event when the source nears capacity."""
+        assert observation.source is not None
+        cluster = observation.source.cluster_name
+        gate = self.gates.gate(cluster)
+        if gate.record_demand(key, refresh_rate(token.issued.issued_at, token.expires_at)):
+            rate, holding = gate.demand()
+            message = (
+                f"Cluster {cluster}'s {holding} imports need {rate:.2f} token requests a second to stay refreshed, "
+                f"{rate / gate.qps:.0%} of the controller's --source-qps {gate.qps:g}; raise --source-qps or give "
+                "the imports longer-lived tokens (spec.expirationSeconds) before refreshes fall behind."
+            )
+            log.warning("%s", message)
+            self.recorder.record(observation.imp, "Warning", REASON_SOURCE_NEAR_CAPACITY, message)
+        rate, _ = gate.demand()
+        self.metrics.source_demand.labels(cluster).set(rate / gate.qps)
+
+    def _sharing_ca(self, token: ImportToken) -> ImportToken:
+        """`token` holding the one copy of its CA that every token of its source holds (caller holds the lock):
+        each token read back from a Secret otherwise holds its own copy of the same bytes."""
+        ca = token.credentials.ca_crt
+        shared = self._cas.get(ca)
+        if shared is None:
+            if len(self._cas) >= 256:  # CAs of sources: a handful; a bound all the same
+                self._cas.clear()
+            shared = self._cas[ca] = ca
+        if shared is ca:
+            return token
+        return dataclasses.replace(token, credentials=dataclasses.replace(token.credentials, ca_crt=shared))
 
     # --- what the informers say ---
     def import_seen(self, obj: dict[str, Any]) -> None:
@@ -147,7 +190,7 @@ class Reconciler:
         if isinstance(state, NeedsToken):
             if not self.may_write():
                 return Result(outcome="skipped")
-            answer = self.request_token(key, state)
+            answer = self.request_token(key, state, observation.imp)
             if isinstance(answer, Result):
                 return answer  # rate-limited: back at its reserved slot, nothing to write meanwhile
             state = answer
@@ -276,17 +319,19 @@ class Reconciler:
             view = ExportView(view.consumer, synced=True, exists=exists)
         return False, view
 
-    def request_token(self, key: str, need: NeedsToken) -> HasToken | Blocked | Result:
-        """Ask the source for a token, through its gate (rate limit and circuit)."""
+    def request_token(self, key: str, need: NeedsToken, imp: dict[str, Any]) -> HasToken | Blocked | Result:
+        """Ask the source for a token, through its gate (fair rate limit and circuit)."""
         cluster = need.source.cluster_name
         source = self.sources.get(cluster)
         if source is None:  # removed meanwhile
             return Blocked(api.REASON_UNKNOWN_CLUSTER, f"Cluster {cluster} was just removed.", spec=need.spec)
         gate = self.gates.gate(cluster)
-        admission = gate.admit(key, self.clock())
+        namespace, _ = split_key(key)
+        admission = gate.admit(key, self.clock(), flow=namespace, lane=REFRESH if need.refresh else FIRST)
         if isinstance(admission, Wait):
             if admission.reason is None:
-                return Result(requeue_after=max(0.0, (admission.until or 0.0) - self.clock()), outcome="throttled")
+                # In line for a token: the dispatcher wakes it when its turn comes (the delay is a backstop).
+                return Result(requeue_after=QUEUED_BACKSTOP_SECONDS, outcome="throttled")
             # The source is down: wait for its probe, saying why (the same words as the failure that opened it).
             return Blocked(admission.reason, admission.message or "", spec=need.spec, source_failed=True)
         try:
@@ -343,7 +388,7 @@ class Reconciler:
         namespace, name = split_key(key)
         if writes.remember is not None:
             with self._lock:
-                self._held[key] = writes.remember
+                self._held[key] = self._sharing_ca(writes.remember)
         if writes.forget:
             with self._lock:
                 self._held.pop(key, None)
@@ -383,6 +428,8 @@ class Reconciler:
                 self.metrics.errors.labels(reason).inc()
         if writes.expires_at is not None:
             self.metrics.set_expiry(key, writes.expires_at)
+        if writes.remember is not None and observation.source is not None:
+            self._count_demand(key, observation, writes.remember)
         requeue_after = None if writes.requeue_at is None else writes.requeue_at - observation.now
         if writes.retry:
             self.metrics.errors.labels(writes.failure_reason or "Unknown").inc()

@@ -59,6 +59,9 @@ class Options:
     file_poll_seconds: float = 2.0
     backoff_base: float = 0.5  # per-import retries and source probes: base * 2^n with jitter, up to backoff_max
     backoff_max: float = 300.0
+    # Workers wait for every declared source (the source kubeconfig, the system namespace's credentials) to be
+    # loaded, at most this long (then a missing --source-kubeconfig is reported by each of its imports).
+    source_load_timeout: float = 60.0
     source_qps: float = DEFAULT_QPS  # token requests per second to each source cluster, at most
     source_burst: int = DEFAULT_BURST
     # Federated imports: the service account whose token checks a source's trust ("namespace/name"; default:
@@ -80,6 +83,8 @@ class Controller:
     def __init__(self, local_api_client: ApiClient, options: Options | None = None) -> None:
         self.options = options = options or Options()
         self.identity = options.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+        self._started_at = options.clock()
+        self._credentials_loaded = False
         self.metrics = Metrics()
         self.sources = SourceRegistry(
             source_kubeconfig=options.source_kubeconfig,
@@ -94,6 +99,8 @@ class Controller:
             on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
         )
         imports_api = kube.Resource(local_api_client, kube.SERVICE_ACCOUNT_IMPORTS)
+        # One per controller: the imports' and their Secrets' caches share their text (see kube.Compactor).
+        compact = kube.Compactor()
         secrets_api = kube.Resource(local_api_client, kube.SECRETS)
         self.manager = Manager(
             local_api_client,
@@ -115,6 +122,7 @@ class Controller:
             exposition=self.metrics.exposition,
             observe=self._observe,
             on_leading=lambda leading: self.metrics.is_leader.set(1 if leading else 0),
+            ready_to_work=self._sources_loaded,
         )
         self.imports = self.manager.add_informer(
             kube.Informer(
@@ -122,10 +130,17 @@ class Controller:
                 namespace=options.namespace,
                 resync_seconds=options.resync_seconds,
                 name="serviceaccountimports",
+                transform=compact,
             )
         )
         self.secrets = self.manager.add_informer(
-            kube.Informer(secrets_api, namespace=options.namespace, label_selector=api.IMPORT_LABEL, name="secrets")
+            kube.Informer(
+                secrets_api,
+                namespace=options.namespace,
+                label_selector=api.IMPORT_LABEL,
+                name="secrets",
+                transform=compact,
+            )
         )
         # Each output's watch (controller/outputs). An optional one (a CRD that may not be installed) does not hold
         # the workers back, and starts only once discovery says its type is served: asked at start, then at most
@@ -207,7 +222,40 @@ class Controller:
         )
 
     # --- lifecycle ---
+    def _sources_loaded(self) -> bool:
+        """Called once the caches synced, until True: every declared source is loaded, so no import of a source
+        that is there reads UnknownCluster because the controller had not read it yet.
+
+        The system namespace's credentials are loaded again from the synced caches (their handlers ran while the
+        imports that make a Secret a credential were perhaps still being listed), and the source kubeconfig must
+        have been read whole (it may be written after the controller starts), within source_load_timeout.
+        """
+        if not self._credentials_loaded:
+            self._load_system_credentials()
+            self._credentials_loaded = True
+        if not self.sources.files_loaded():
+            self._requeue_clusters(self.sources.refresh_files())
+        if self.sources.files_loaded():
+            return True
+        if self.options.clock() < self._started_at + self.options.source_load_timeout:
+            return False
+        log.warning(
+            "source kubeconfig %s still unread after %.0f s; starting without it (it is read once it is there)",
+            self.options.source_kubeconfig,
+            self.options.source_load_timeout,
+        )
+        return True
+
+    def _load_system_credentials(self) -> None:
+        """Each labelled Secret of the system namespace, judged against the synced imports."""
+        informer = self.system_secrets or self.secrets
+        for secret in informer.list():
+            if kube.object_key(secret)[0] == self.options.system_namespace:
+                self._on_system_secret("MODIFIED", secret, None)
+
     def start(self) -> Controller:
+        self._started_at = self.options.clock()
+        self._credentials_loaded = False
         self.sources.refresh_files()
         self._watch_exports(set(self.sources.names()))
         self.imports.add_handler(self._on_import)
@@ -224,12 +272,25 @@ class Controller:
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
+        self.manager.spawn(self._dispatch_tokens, "source-dispatcher")
         self.manager.start()
         for output in OUTPUTS:
             if output.watch.optional:
                 self._start_if_served(output)
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
+
+    def _dispatch_tokens(self) -> None:
+        """Each source's rate-limit tokens, as they come, to the imports next in line (gates.FairQueue)."""
+        while not self.manager.stopping:
+            try:
+                keys, next_at = self.gates.dispatch()
+                self._wake(keys)
+            except Exception:  # a bug must not stop every token request: log it, try again
+                log.exception("source-dispatcher failed")
+                next_at = None
+            wait = 0.5 if next_at is None else min(0.5, max(0.0, next_at - self.options.clock()))
+            self.gates.wait_for_work(wait)
 
     def stop(self) -> None:
         self.manager.stop()

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,6 +171,37 @@ def sources_from_kubeconfig(
     return sources, errors
 
 
+def keep_missing_once(
+    before: dict[str, SourceCluster],
+    read: dict[str, SourceCluster],
+    errors: dict[str, str],
+    missing_before: set[str],
+) -> tuple[dict[str, SourceCluster], dict[str, str], set[str]]:
+    """The sources and errors to install after a read of a kubeconfig, and the contexts it lost for the first time.
+
+    A context that a read loses (gone, or unusable now) is kept as it was until a second read in a row says so
+    too: a file rewritten in place reads short for a moment, and its imports must not flap UnknownCluster.
+    """
+    lost = {name for name in before if name not in read}
+    first_time = lost - missing_before
+    kept, kept_errors = dict(read), dict(errors)
+    for name in first_time:
+        kept[name] = before[name]
+        kept_errors.pop(name, None)
+    return kept, kept_errors, first_time
+
+
+# A file changed less than this long ago may be in the middle of a write (a writer paused between two writes).
+SETTLE_SECONDS = 1.0
+
+
+def _just_written(path: str) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime < SETTLE_SECONDS
+    except OSError:
+        return False
+
+
 def _stat_signature(paths: list[str]) -> tuple[Any, ...]:
     signature = []
     for path in paths:
@@ -202,6 +234,12 @@ class SourceRegistry:
         self._signatures: dict[str, tuple[Any, ...]] = {}
         self._clients: dict[str, tuple[str, ApiClient]] = {}
         self._kubeconfig_files: list[str] = []
+        self._files_lock = threading.Lock()
+        self._kubeconfig_read = False  # the source kubeconfig was read (parsed) at least once
+        self._kubeconfig_settled = False  # ... and found unchanged since: not read in the middle of a write
+        # Contexts a read of the source kubeconfig no longer had: dropped only if the next read agrees, since a
+        # file being rewritten in place (truncated, then written) reads short for a moment.
+        self._missing_contexts: set[str] = set()
 
     # --- lookups -----------------------------------------------------------------------------------------------
     def get(self, name: str) -> SourceCluster | None:
@@ -259,6 +297,10 @@ class SourceRegistry:
     # --- files ---------------------------------------------------------------------------------------------------
     def refresh_files(self) -> set[str]:
         """Re-read the source kubeconfig and the mounted imports if a stat says they changed; return changed names."""
+        with self._files_lock:  # the poller and the start-up wait may both ask
+            return self._refresh_files()
+
+    def _refresh_files(self) -> set[str]:
         changed: set[str] = set()
         if self.source_kubeconfig:
             changed |= self._refresh_kubeconfig(self.source_kubeconfig)
@@ -266,14 +308,29 @@ class SourceRegistry:
             changed |= self._refresh_mounted(self.imports_dir)
         return changed
 
+    def files_loaded(self) -> bool:
+        """True once every declared source file has been read whole: the source kubeconfig was read and then
+        found unchanged (the mounted imports are written atomically by the kubelet, and read at once). Until then
+        the controller's workers wait (Controller._sources_loaded)."""
+        return self.source_kubeconfig is None or self._kubeconfig_settled
+
     def _refresh_kubeconfig(self, path: str) -> set[str]:
         signature = _stat_signature([path, *self._kubeconfig_files])
         if self._signatures.get("kubeconfig") == signature:
+            # Unchanged since a read, and not just written: what was read was the whole file, not a write in progress.
+            self._kubeconfig_settled = self._kubeconfig_read and not _just_written(path)
+            if not self._kubeconfig_settled:
+                self._signatures.pop("kubeconfig", None)  # look again on the next poll
             return set()
         self._signatures["kubeconfig"] = signature
+        self._kubeconfig_settled = False
         try:
             with open(path, encoding="utf-8") as handle:
-                config = yaml.safe_load(handle) or {}
+                config = yaml.safe_load(handle)
+            if config is None:  # an empty file: being written; read it again on the next poll
+                self._signatures.pop("kubeconfig", None)
+                log.info("source kubeconfig %s is empty (being written?); keeping the clusters read before", path)
+                return set()
             if not isinstance(config, dict):
                 raise ValueError("not a mapping")
         except FileNotFoundError:
@@ -281,9 +338,18 @@ class SourceRegistry:
             return self._replace(ORIGIN_KUBECONFIG, {}, {})
         except (OSError, ValueError, yaml.YAMLError) as exc:
             log.warning("source kubeconfig %s is unreadable (%s); keeping the clusters read before", path, type(exc))
+            self._signatures.pop("kubeconfig", None)  # perhaps half written: read it again on the next poll
             return set()
         base_dir = os.path.dirname(os.path.abspath(path))
         sources, errors = sources_from_kubeconfig(config, base_dir, self.cluster_name)
+        with self._lock:
+            before = self._by_origin[ORIGIN_KUBECONFIG]
+        # A file written a moment ago may still be being written: a context it lacks is not taken as gone yet.
+        confirmed = set() if _just_written(path) else self._missing_contexts
+        sources, errors, self._missing_contexts = keep_missing_once(before, sources, errors, confirmed)
+        if self._missing_contexts:
+            self._signatures.pop("kubeconfig", None)  # read again on the next poll, changed or not
+        self._kubeconfig_read = True
         files = referenced_files(config, base_dir)
         if files != self._kubeconfig_files:
             self._kubeconfig_files = files
@@ -330,7 +396,14 @@ class SourceRegistry:
             return name, dict(self._by_origin[ORIGIN_SECRET]), dict(self._errors[ORIGIN_SECRET])
 
     def set_secret(self, secret: dict[str, Any]) -> set[str]:
-        """Add or update the cluster an import Secret of the system namespace gives; return changed names."""
+        """Add or update the cluster an import Secret of the system namespace gives; return changed names.
+
+        Atomic: two informer threads (Secrets, and imports that make a Secret a credential) may call this at once
+        for two clusters, and neither may undo the other's (a cluster lost so would read as unknown)."""
+        with self._lock:
+            return self._set_secret(secret)
+
+    def _set_secret(self, secret: dict[str, Any]) -> set[str]:
         name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()
@@ -362,6 +435,10 @@ class SourceRegistry:
 
     def remove_secret(self, secret: dict[str, Any]) -> set[str]:
         """Forget the cluster a system-namespace Secret gave, if it is that very Secret (same UID) that gave it."""
+        with self._lock:
+            return self._remove_secret(secret)
+
+    def _remove_secret(self, secret: dict[str, Any]) -> set[str]:
         name, sources, errors = self._secret_origin(secret)
         if not name:
             return set()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import os
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -42,8 +44,31 @@ def build_kubeconfig(creds: Credentials, cluster_name: str, user_name: str | Non
     Elsewhere the file is absent and clients use the inline token (the Python client always does; use
     `kubemcsa.config` for a Python client that follows rotation).
     """
+    if _is_plain_token(creds.token):
+        # Every import of a source and namespace has the same kubeconfig but for the token: dump it once with a
+        # stand-in and put the token in its place (a token the emitter writes as is, so the bytes are the same).
+        template = _token_template(creds.server, creds.ca_crt, creds.namespace, cluster_name, user_name)
+        if template.count(_TOKEN_STAND_IN) == 1:
+            return template.replace(_TOKEN_STAND_IN, creds.token)
     user = {"token": creds.token, "tokenFile": api.KEY_TOKEN}
     return _kubeconfig(creds.server, creds.ca_crt, creds.namespace, cluster_name, user_name, user)
+
+
+_TOKEN_STAND_IN = "kubemcsaTokenStandIn0"
+# Tokens as API servers issue them (JWTs, legacy tokens): a letter, then letters, digits, dots, dashes and
+# underscores. The emitter writes those as plain scalars, unchanged, unless they read as another type: starting
+# with a letter, only the booleans and nulls (yes, Off, null, ...; five letters at most) do.
+_PLAIN_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9._-]{5,}")
+
+
+def _is_plain_token(token: str) -> bool:
+    return _PLAIN_TOKEN.fullmatch(token) is not None
+
+
+@functools.lru_cache(maxsize=1024)
+def _token_template(server: str, ca_crt: bytes, namespace: str, cluster_name: str, user_name: str | None) -> str:
+    user = {"token": _TOKEN_STAND_IN, "tokenFile": api.KEY_TOKEN}
+    return _kubeconfig(server, ca_crt, namespace, cluster_name, user_name, user)
 
 
 def build_token_file_kubeconfig(
@@ -74,7 +99,29 @@ def _kubeconfig(
         "current-context": cluster_name,
         "preferences": {},
     }
-    return yaml.safe_dump(config, sort_keys=False)
+    return dump_kubeconfig(config)
+
+
+# libyaml's emitter writes the same bytes as PyYAML's pure one for printable ASCII (tests/test_credentials.py
+# proves it with a property test), in a tenth of the time; other text (control characters, non-ASCII, which
+# the two fold differently in double quotes) goes through the pure emitter.
+_FAST_DUMPER = getattr(yaml, "CSafeDumper", None)
+
+
+def _printable_ascii(value: object) -> bool:
+    if isinstance(value, str):
+        return value.isascii() and value.isprintable()
+    if isinstance(value, dict):
+        return all(_printable_ascii(k) and _printable_ascii(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_printable_ascii(item) for item in value)
+    return True
+
+
+def dump_kubeconfig(config: dict[str, object]) -> str:
+    """`yaml.safe_dump(config, sort_keys=False)`, byte for byte, with libyaml's emitter where that is the same."""
+    dumper = _FAST_DUMPER if _FAST_DUMPER is not None and _printable_ascii(config) else yaml.SafeDumper
+    return yaml.dump(config, Dumper=dumper, sort_keys=False)
 
 
 def federated_secret_data(server: str, ca_crt: bytes, namespace: str, cluster_name: str) -> dict[str, str]:

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import random
 import socket
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import urllib3
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import ApiClient, Configuration, rest
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -206,6 +208,73 @@ def error_message(exc: ApiException) -> str:
     return str(error_status(exc).get("message") or exc.reason or f"HTTP {exc.status}")
 
 
+@functools.lru_cache(maxsize=64)  # a Timeout is cloned by urllib3 for each request: one per value will do
+def _timeout(value: float | tuple[float, float] | None) -> urllib3.Timeout | None:
+    if not value:
+        return None
+    if isinstance(value, tuple):
+        return urllib3.Timeout(connect=value[0], read=value[1])
+    return urllib3.Timeout(total=value)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_host(host: str) -> tuple[str, str | None, str | None, int | None]:
+    """(path prefix, scheme, host name, port) of a configuration's host URL, as the PoolManager would parse it."""
+    parsed = urllib3.util.parse_url(host)
+    return (parsed.path or "").rstrip("/"), parsed.scheme, parsed.host, parsed.port
+
+
+def lean_request(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    query: list[tuple[str, Any]] | None = None,
+    body: Any = None,
+    content_type: str = "application/json",
+    timeout: float | tuple[float, float] | None = None,
+) -> rest.RESTResponse:
+    """`method path` with a JSON body over `api_client`'s pool, with its auth and default headers (see Resource)."""
+    configuration = api_client.configuration
+    headers = {**api_client.default_headers, "Accept": "application/json", "Content-Type": content_type}
+    if api_client.cookie:
+        headers["Cookie"] = api_client.cookie
+    bearer = configuration.auth_settings().get("BearerToken")  # runs the refresh hook: a rotated token is read
+    if bearer and bearer.get("value"):
+        headers[bearer["key"]] = bearer["value"]
+    url = configuration.host + path
+    pairs = [(k, v) for k, v in (query or []) if v is not None]
+    if pairs:
+        url += "?" + urlencode(pairs, quote_via=quote)
+    if content_type == PATCH_CONTENT_TYPES["json"] and not isinstance(body, list):
+        headers["Content-Type"] = PATCH_CONTENT_TYPES["strategic"]  # as the REST client does for such a body
+    payload = None if body is None or method in ("GET", "HEAD") else json.dumps(body, separators=(",", ":"))
+    pool_manager = api_client.rest_client.pool_manager
+    try:
+        if type(pool_manager) is urllib3.PoolManager:
+            # Straight to the host's connection pool: the PoolManager's own layer parses the URL again and
+            # handles redirects, which the API server does not send. A proxy's manager goes the full way.
+            prefix, scheme, host, port = _parsed_host(configuration.host)
+            pool = pool_manager.connection_from_host(host, port=port, scheme=scheme)
+            response = pool.urlopen(
+                method,
+                prefix + url[len(configuration.host) :],
+                body=payload,
+                headers=headers,
+                timeout=_timeout(timeout),
+                preload_content=False,
+                redirect=False,
+                assert_same_host=False,
+            )
+        else:
+            response = pool_manager.request(
+                method, url, body=payload, headers=headers, timeout=_timeout(timeout), preload_content=False
+            )
+    except urllib3.exceptions.SSLError as exc:  # as the REST client reports it: an ApiException without a status
+        raise ApiException(status=0, reason="\n".join([type(exc).__name__, str(exc)])) from exc
+    return rest.RESTResponse(response)
+
+
 class Resource:
     """One resource type of one cluster, e.g. `Resource(client, SECRETS).get("x", "default")`."""
 
@@ -224,6 +293,31 @@ class Resource:
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
     ) -> Any:
+        """One call: plain JSON over the client's own urllib3 pool, as its REST client sends it.
+
+        The configuration's auth (bearer token, a token file's refresh hook, client certificates in the pool), TLS,
+        proxy and default headers are the client's; what is skipped is the generated layer's walk of every body
+        (`sanitize_for_serialization`) and its per-request header and query processing, which cost more than the
+        controller's own work per import. Errors are the client's: ApiException (status 0 for a TLS failure) and
+        urllib3's connection errors.
+        """
+        client = self.api_client
+        if getattr(client.configuration, "client_go_retries", False):
+            return self._request_through_client(method, path, query, body, content_type, timeout)
+        return lean_request(
+            client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
+        )
+
+    def _request_through_client(
+        self,
+        method: str,
+        path: str,
+        query: list[tuple[str, Any]] | None,
+        body: Any,
+        content_type: str,
+        timeout: float | tuple[float, float] | None,
+    ) -> Any:
+        """The generated client's own path, for configurations that ask it for client-go's read retries."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         request = self.api_client.param_serialize(
             method=method,
@@ -252,8 +346,12 @@ class Resource:
         field_selector: str | None = None,
         *,
         timeout: float | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
     ) -> JSON:
+        """One list call; with `limit`, one page of it (its metadata.continue asks for the next)."""
         query = [("labelSelector", label_selector), ("fieldSelector", field_selector)]
+        query += [("limit", limit), ("continue", continue_token)]
         return self._json("GET", self.type.path(namespace), query=query, timeout=timeout)
 
     def create(self, body: JSON, namespace: str | None = None) -> JSON:
@@ -355,6 +453,50 @@ def object_key(obj: JSON) -> tuple[str, str]:
 
 
 EventHandler = Callable[[str, JSON, "JSON | None"], None]
+LIST_PAGE_SIZE = 500  # client-go's reflector pages its lists by 500 too
+
+_SHORT_TEXT = 200  # keys and values up to this long are interned (names, labels, reasons, messages, timestamps)
+
+
+class Compactor:
+    """Makes cached objects small: one copy of each key and short string, and of long strings that repeat
+    (a source's CA in each of its imports' Secrets), and no managedFields (which nobody here reads).
+
+    As client-go's informer transforms do; thousands of cached objects otherwise hold thousands of copies of the
+    same text. Long strings are remembered in a bounded table (oldest first out), so unique ones (tokens) cost
+    only a slot for a while.
+    """
+
+    def __init__(self, max_long: int = 1024) -> None:
+        self._long: dict[str, str] = {}
+        self._max_long = max_long
+        self._lock = threading.Lock()
+
+    def __call__(self, obj: JSON) -> JSON:
+        compacted = self._value(obj)
+        metadata = compacted.get("metadata")
+        if isinstance(metadata, dict):
+            metadata.pop("managedFields", None)
+        return compacted
+
+    def _value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return sys.intern(value) if len(value) <= _SHORT_TEXT else self._shared(value)
+        if isinstance(value, dict):
+            return {sys.intern(k) if isinstance(k, str) else k: self._value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._value(item) for item in value]
+        return value
+
+    def _shared(self, text: str) -> str:
+        with self._lock:
+            known = self._long.get(text)
+            if known is not None:
+                return known
+            if len(self._long) >= self._max_long:
+                del self._long[next(iter(self._long))]
+            self._long[text] = text
+            return text
 
 
 class Informer:
@@ -374,8 +516,11 @@ class Informer:
         watch_timeout_seconds: int = 300,
         name: str | None = None,
         max_backoff: float = 30.0,
+        transform: Callable[[JSON], JSON] | None = None,
     ) -> None:
         self.resource = resource
+        # Applied to each object before it is cached (and handed to handlers), e.g. a Compactor.
+        self.transform = transform
         self.namespace = namespace
         self.label_selector = label_selector
         self.resync_seconds = resync_seconds
@@ -438,8 +583,21 @@ class Informer:
                 log.exception("informer %s: an event handler failed", self.name)
 
     def _relist(self) -> str:
-        listing = self.resource.list(self.namespace, label_selector=self.label_selector)
-        fresh = {object_key(item): item for item in listing.get("items") or []}
+        # In pages, as client-go's reflector lists: one answer of 10,000 Secrets is tens of megabytes of JSON,
+        # held whole (and decoded whole) before the transform makes it small.
+        fresh: dict[tuple[str, str], JSON] = {}
+        continue_token: str | None = None
+        while True:
+            listing = self.resource.list(
+                self.namespace, label_selector=self.label_selector, limit=LIST_PAGE_SIZE, continue_token=continue_token
+            )
+            for item in listing.get("items") or []:
+                if isinstance(item, dict):
+                    item = self.transform(item) if self.transform is not None else item
+                    fresh[object_key(item)] = item
+            continue_token = (listing.get("metadata") or {}).get("continue") or None
+            if continue_token is None:
+                break
         self.last_error, self.last_exception = None, None
         with self._lock:
             previous = self._cache
@@ -466,6 +624,8 @@ class Informer:
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind == "BOOKMARK":
             return version
+        if self.transform is not None and isinstance(obj, dict):
+            obj = self.transform(obj)
         key = object_key(obj)
         with self._lock:
             old = self._cache.get(key)

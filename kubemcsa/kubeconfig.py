@@ -347,6 +347,11 @@ def configuration_for(context: KubeconfigContext) -> Configuration:
         KubeConfigLoader(config_dict=single).load_and_set(configuration)
     except ConfigException as exc:
         raise ConfigError(f"cannot load context {context.name!r} from {context.where}: {exc}") from None
+    if "exec" not in user and "auth-provider" not in user:
+        # The loader's hook re-reads the whole context before every request so that exec plugins and auth
+        # providers can renew their tokens; for a static token it sets the same values again (host included, which
+        # looks up the proxy environment), at a cost per request above the controller's own work per import.
+        configuration.refresh_api_key_hook = None
     if context.ca_pem:
         configuration.ca_cert_data = context.ca_pem.decode(errors="replace")
     keep: list[_MemoryFile] = []

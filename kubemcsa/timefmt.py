@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 # 2026-11-22T21:59:03.123456789+01:00 is 35 characters.
 _MAX_TIMESTAMP_LENGTH = 64
@@ -10,7 +11,12 @@ _MAX_TIMESTAMP_LENGTH = 64
 
 def format_time(epoch: float) -> str:
     """`2026-11-22T21:59:03Z` for an epoch time (truncated to the second, as metav1.Time)."""
-    return dt.datetime.fromtimestamp(int(epoch), tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _format_second(int(epoch))
+
+
+@functools.lru_cache(maxsize=256)  # a reconcile formats the same few seconds many times over
+def _format_second(second: int) -> str:
+    return dt.datetime.fromtimestamp(second, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_time(value: object) -> float | None:

@@ -916,6 +916,78 @@ def test_restarts_and_kills_change_nothing(env: Env) -> None:
     assert not [e for e in events if e["type"] == "Warning"]
 
 
+def test_twenty_restarts_never_report_a_known_cluster_unknown(env: Env) -> None:
+    """Sources of all three kinds (a --source-kubeconfig context, a mounted import, a bootstrapped Secret), and the
+    source kubeconfig rewritten in place (truncated, then written) all along: across 20 restarts, not one
+    UnknownCluster condition or Event. Workers start only once every declared source is loaded, and a short
+    read of the file does not drop its clusters."""
+    imports_dir = env.tmp / "controller-imports"
+    mount({"data": to_secret_data(remote_credentials(env), "mounted2")}, imports_dir / "mounted2")
+    boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
+    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
+    create_pinned_credential(
+        env.admin1,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": api.secret_name_for_import("boot2"),
+                "namespace": SYSTEM_NS,
+                "labels": {api.IMPORT_LABEL: "boot2"},
+                "ownerReferences": [{**owner, "controller": True, "blockOwnerDeletion": True}],
+            },
+            "data": to_secret_data(remote_credentials(env), "boot2"),
+        },
+    )
+    names = [f"{cluster}-{i}" for cluster in ("cluster2", "mounted2", "boot2") for i in range(4)]
+    for name in names:
+        env.create_import(name, clusterName=name.rsplit("-", 1)[0])
+    unknown: list[str] = []  # every UnknownCluster condition the imports ever showed
+    watcher = kube.Informer(kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS), namespace="default")
+
+    def on_event(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        for cond in (obj.get("status") or {}).get("conditions") or []:
+            if cond.get("reason") == api.REASON_UNKNOWN_CLUSTER:
+                unknown.append(f"{obj['metadata']['name']}: {cond.get('message')}")
+
+    watcher.add_handler(on_event)
+    watcher.start()
+    assert watcher.wait_for_sync(WAIT)
+    content = Path(env.source_kubeconfig).read_text()
+    rewriting = threading.Event()
+
+    def rewrite_in_place() -> None:
+        while not rewriting.is_set():
+            with open(env.source_kubeconfig, "w") as handle:  # truncated first: an empty file for a moment
+                handle.flush()
+                os.fsync(handle.fileno())
+                rewriting.wait(0.02)
+                handle.write(content[: len(content) // 2])  # then half of it: fewer contexts, for a moment
+                handle.flush()
+                rewriting.wait(0.02)
+                handle.write(content[len(content) // 2 :])
+            rewriting.wait(1.2)  # a file rewritten more often than once a second would never count as written
+
+    writer = threading.Thread(target=rewrite_in_place, daemon=True)
+    writer.start()
+    try:
+        fast = {"source_qps": 1000.0, "source_burst": 1000, "imports_dir": str(imports_dir)}
+        for _ in range(20):
+            controller = env.start_controller(**fast)
+            wait_for(lambda: all_ready(env, names), what="every import Ready")
+            wait_for(
+                lambda c=controller: sum(m.get() for m in _reconciles(c)) >= len(names), what="every import looked at"
+            )
+            controller.stop()
+    finally:
+        rewriting.set()
+        writer.join(5)
+        watcher.stop()
+    assert unknown == []
+    events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
+    assert [e["message"] for e in events if e.get("reason") == api.REASON_UNKNOWN_CLUSTER] == []
+
+
 def _reconciles(controller: Controller) -> list[Any]:
     metric = controller.metrics.reconciles
     return [metric.labels(result)._value for result in ("success", "error", "skipped", "conflict", "throttled")]

@@ -9,7 +9,7 @@ import pytest
 import urllib3
 
 from controller.assess import Remote
-from controller.gates import Go, SourceGate, TokenBucket, Wait
+from controller.gates import FIRST, REFRESH, FairQueue, Go, SourceGate, TokenBucket, Wait, capacity, refresh_rate
 from controller.remote import classify_remote_error, connection_problem, unreachable
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
 from kubemcsa import api
@@ -27,13 +27,67 @@ def test_token_bucket_allows_the_burst_then_spaces_calls_at_qps() -> None:
     assert sum(1 for s in slots if s <= 1.0) <= 10 + 5 * 1.0
 
 
-def test_a_throttled_import_comes_back_at_its_slot_and_goes_without_a_new_reservation() -> None:
+def test_a_throttled_import_waits_in_line_and_goes_when_dispatched_without_asking_the_bucket_again() -> None:
     gate = SourceGate(qps=1, burst=1, now=0)
     assert gate.admit("a", 0) == Go()
-    wait = gate.admit("b", 0)
-    assert isinstance(wait, Wait) and wait.until == pytest.approx(1.0) and wait.reason is None
-    assert gate.admit("b", 1.0) == Go()  # its reservation, not another one
-    assert isinstance(gate.admit("c", 1.0), Wait)
+    assert gate.admit("b", 0) == Wait(None)  # in line: woken by the dispatcher
+    assert gate.dispatch(0.5) == ([], pytest.approx(1.0))  # no token yet; the next comes at 1 s
+    assert gate.dispatch(1.0) == (["b"], None)
+    assert gate.admit("b", 1.0) == Go()  # its token, handed out by dispatch
+    assert gate.admit("c", 1.0) == Wait(None)
+
+
+def test_fair_queue_serves_a_namespace_that_joins_a_flood_within_one_turn() -> None:
+    queue = FairQueue()
+    for i in range(10_000):
+        queue.push(f"flood/{i}", "flood")
+    queue.push("quiet/first", "quiet")
+    assert [queue.pop() for _ in range(2)] == ["flood/0", "quiet/first"]
+    assert queue.pop() == "flood/1" and len(queue) == 9_998
+
+
+def test_fair_queue_takes_turns_between_namespaces_and_keeps_order_within_one() -> None:
+    queue = FairQueue()
+    for key, flow in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("c1", "c"), ("b2", "b")]:
+        queue.push(key, flow)
+    queue.push("a1", "a")  # already in line: keeps its place
+    assert [queue.pop() for _ in range(7)] == ["a1", "b1", "c1", "a2", "b2", "a3", None]
+
+
+def test_fair_queue_serves_refreshes_before_first_tokens() -> None:
+    queue = FairQueue()
+    for i in range(5):
+        queue.push(f"new/{i}", "flood", FIRST)
+    queue.push("ready/1", "team", REFRESH)
+    queue.push("new/0", "flood", REFRESH)  # it now holds a valid token: moves up to the refresh lane
+    queue.push("ready/2", "team", REFRESH)
+    assert [queue.pop() for _ in range(4)] == ["ready/1", "new/0", "ready/2", "new/1"]
+    queue.remove("new/3")
+    assert [queue.pop() for _ in range(3)] == ["new/2", "new/4", None]
+
+
+def test_a_gate_dispatches_fairly_and_refreshes_first() -> None:
+    gate = SourceGate(qps=1, burst=1, now=0)
+    assert gate.admit("flood/0", 0, "flood") == Go()
+    for i in range(1, 100):
+        gate.admit(f"flood/{i}", 0, "flood")
+    gate.admit("quiet/0", 0, "quiet")
+    gate.admit("team/ready", 0, "team", REFRESH)
+    order = [gate.dispatch(float(t))[0] for t in range(1, 4)]
+    assert order == [["team/ready"], ["flood/1"], ["quiet/0"]]
+
+
+def test_demand_near_capacity_is_said_once_per_crossing() -> None:
+    gate = SourceGate(qps=1, burst=1, now=0)
+    rate = refresh_rate(0, 100)  # one request every 80 s
+    crossings = [gate.record_demand(f"k{i}", rate) for i in range(70)]
+    assert crossings.count(True) == 1 and crossings.index(True) in (63, 64)  # 64 / 80 = 0.8 of 1 QPS
+    assert gate.demand() == (pytest.approx(70 / 80), 70)
+    for i in range(20):
+        gate.forget(f"k{i}")
+    assert gate.record_demand("k69", rate) is False  # below 0.72 now: the next crossing will say so again
+    assert [gate.record_demand(f"n{i}", rate) for i in range(15)].count(True) == 1
+    assert capacity(5, 600) == 2400 and capacity(5, 86400) == 345_600
 
 
 def test_an_open_circuit_lets_one_probe_through_and_wakes_the_others_on_recovery() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 import pytest
 import yaml
@@ -404,6 +405,48 @@ def test_kubeconfig_sources(tmp_path) -> None:
     path.write_text("{not yaml: [")
     assert registry.refresh_files() == set()  # unreadable: keep what was read before
     assert registry.get("c2") is not None
+
+
+def test_a_kubeconfig_read_short_keeps_its_clusters_until_a_second_read_agrees(tmp_path) -> None:
+    """A file rewritten in place reads empty or short for a moment: its clusters stay until two reads agree."""
+    cluster = {"server": "https://1.2.3.4", "certificate-authority-data": base64.b64encode(CA).decode()}
+    config = {
+        "clusters": [{"name": "x", "cluster": cluster}],
+        "users": [{"name": "u", "user": {"token": "secret-token"}}],
+        "contexts": [{"name": "c2", "context": {"cluster": "x", "user": "u"}}],
+    }
+    path = tmp_path / "kubeconfig"
+
+    def write(text: str, seconds_ago: float = 10) -> None:  # a write that ended a while ago (SETTLE_SECONDS)
+        path.write_text(text)
+        os.utime(path, (time.time() - seconds_ago, time.time() - seconds_ago))
+
+    write(yaml.safe_dump(config))
+    registry = SourceRegistry(source_kubeconfig=str(path))
+    assert registry.refresh_files() == {"c2"} and not registry.files_loaded()  # read, not yet seen unchanged
+    assert registry.refresh_files() == set() and registry.files_loaded()
+    write("", seconds_ago=0)  # just written: not settled
+    assert registry.refresh_files() == set() and not registry.files_loaded()
+    write(yaml.safe_dump(config))
+    assert registry.refresh_files() == set() and registry.refresh_files() == set() and registry.files_loaded()
+    write("")  # truncated: a write in progress
+    assert registry.refresh_files() == set() and registry.get("c2") is not None
+    write(yaml.safe_dump({**config, "contexts": []}))  # half written, or the context really removed
+    assert registry.refresh_files() == set() and registry.get("c2") is not None
+    assert registry.refresh_files() == {"c2"} and registry.get("c2") is None  # a second read agrees: gone
+
+
+def test_keep_missing_once_is_a_pure_decision() -> None:
+    from controller.sources import SourceCluster, keep_missing_once
+
+    def source(name: str) -> SourceCluster:
+        return SourceCluster(name, ORIGIN_KUBECONFIG, "https://s", CA, name, build=lambda: None)
+
+    before = {"a": source("a"), "b": source("b")}
+    kept, errors, lost = keep_missing_once(before, {"a": source("a")}, {"b": "unusable"}, set())
+    assert set(kept) == {"a", "b"} and errors == {} and lost == {"b"}
+    kept, errors, lost = keep_missing_once(kept, {"a": source("a")}, {"b": "unusable"}, lost)
+    assert set(kept) == {"a"} and errors == {"b": "unusable"} and lost == set()
 
 
 def test_kubeconfig_token_file_rotation_is_a_credential_change(tmp_path) -> None:

@@ -2,7 +2,7 @@ import base64
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kubemcsa import api
@@ -108,3 +108,62 @@ def test_arbitrary_secret_data_never_crashes(data):
         from_secret_data(data)
     except CredentialsError:
         pass
+
+
+# Any text at all (control characters, non-ASCII): the kubeconfig is PyYAML's pure safe_dump's, byte for byte.
+_any_text = st.text(max_size=200)
+# Printable ASCII, long enough to fold: the range where libyaml's emitter is used.
+_ascii = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=400)
+
+
+def _kubeconfig_text(server: str, ca: bytes, token: str, namespace: str, cluster: str, user: str | None) -> str:
+    return build_kubeconfig(Credentials(server=server, ca_crt=ca, token=token, namespace=namespace), cluster, user)
+
+
+def _pure(server: str, ca: bytes, token: str, namespace: str, cluster: str, user: str | None) -> str:
+    user_entry = user or f"{cluster}-{namespace}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": cluster,
+                "cluster": {"server": server, "certificate-authority-data": base64.b64encode(ca).decode()},
+            }
+        ],
+        "users": [{"name": user_entry, "user": {"token": token, "tokenFile": api.KEY_TOKEN}}],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": user_entry, "namespace": namespace}}],
+        "current-context": cluster,
+        "preferences": {},
+    }
+    return yaml.dump(config, Dumper=yaml.SafeDumper, sort_keys=False)
+
+
+@settings(max_examples=500)
+@given(_ascii, st.binary(max_size=3000), _ascii, _ascii, _ascii, st.none() | _ascii)
+def test_kubeconfig_is_the_pure_emitters_byte_for_byte_in_printable_ascii(server, ca, token, namespace, cluster, user):
+    assert _kubeconfig_text(server, ca, token, namespace, cluster, user) == _pure(
+        server, ca, token, namespace, cluster, user
+    )
+
+
+# Tokens as API servers issue them (the emitter's shortcut: a template with the token put in its place).
+_tokens = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+/=-]{0,1200}", fullmatch=True) | st.sampled_from(
+    ["true", "null", "e1", "E5", "yes", "Off", "FALSE", "inf", "nan", "0x1f", "e1.5", "NULL", "on"]
+)
+
+
+@settings(max_examples=500)
+@given(_ascii, st.binary(max_size=2000), _tokens, _ascii, _ascii, st.none() | _ascii)
+def test_kubeconfig_is_the_pure_emitters_byte_for_byte_for_issued_tokens(server, ca, token, namespace, cluster, user):
+    assert _kubeconfig_text(server, ca, token, namespace, cluster, user) == _pure(
+        server, ca, token, namespace, cluster, user
+    )
+
+
+@settings(max_examples=300)
+@given(_any_text, st.binary(max_size=100), _any_text, _any_text, _any_text, st.none() | _any_text)
+def test_kubeconfig_is_the_pure_emitters_byte_for_byte_for_any_text(server, ca, token, namespace, cluster, user):
+    assert _kubeconfig_text(server, ca, token, namespace, cluster, user) == _pure(
+        server, ca, token, namespace, cluster, user
+    )

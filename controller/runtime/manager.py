@@ -1,8 +1,8 @@
 """Run a reconcile function over a work queue fed by informers, as controller-runtime's manager does.
 
-Order of start: informers, health server, leader election; then, once every informer has synced, the
-workers. No reconcile runs on a cold cache, so a restart never reports what it has not read yet. Only the
-leader reconciles; when it becomes leader, every key is queued once.
+Order of start: informers, health server, leader election; then, once every informer has synced and the
+caller says it is ready (`ready_to_work`), the workers. No reconcile runs on a cold cache, so a restart never
+reports what it has not read yet. Only the leader reconciles; when it becomes leader, every key is queued once.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class Manager:
         exposition: Callable[[], bytes] = lambda: b"",
         observe: Callable[[str, float], None] = lambda outcome, seconds: None,
         on_leading: Callable[[bool], None] = lambda leading: None,
+        ready_to_work: Callable[[], bool] = lambda: True,
     ) -> None:
         self.options = options
         self.queue = WorkQueue(base_delay=options.backoff_base, max_delay=options.backoff_max)
@@ -69,6 +70,7 @@ class Manager:
         self._exposition = exposition
         self._observe = observe
         self._on_leading = on_leading
+        self._ready_to_work = ready_to_work  # asked once the caches synced, until True: then the workers start
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._synced = threading.Event()
@@ -142,6 +144,10 @@ class Manager:
             while not informer.wait_for_sync(0.5):
                 if self._stopping.is_set():
                     return
+        # What the caches alone do not say (say, every source cluster loaded): no reconcile before it holds.
+        while not self._ready_to_work():
+            if self._stopping.wait(0.05):
+                return
         self._synced.set()
         log.info("caches synced; starting %d workers", self.options.workers)
         for i in range(self.options.workers):
