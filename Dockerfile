@@ -9,7 +9,7 @@
 # Base image: python:3.12-slim (Debian) for both stages. The final stage runs the virtual environment built in the
 # first, so both need the same interpreter at the same path (/usr/local/bin/python3.12); distroless Python images
 # ship another version at another path. Only what production runs is copied: the venv, without pip, without the
-# in-memory API server (kubemcsa/testing is excluded by .dockerignore) and without the test-only dependencies
+# in-memory API server (kubemcsa_testing is excluded by .dockerignore) and without the test-only dependencies
 # (the `test` extra is not installed). tests/test_image.py checks what this file copies and installs.
 
 FROM python:3.12-slim AS build

@@ -15,7 +15,7 @@ import time
 
 from kubernetes import client, watch
 
-from kubemcsa.testing import ApiServer
+from kubemcsa_testing import ApiServer
 
 
 def bench_creates(core: client.CoreV1Api, count: int) -> float:

@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from certs_tls_server import RequestLoop, TLSServer, client_context  # noqa: E402
 
-from certs import manager  # noqa: E402
-from certs import plan as planning  # noqa: E402
-from kubemcsa import kube, tls  # noqa: E402
-from kubemcsa.testing import ApiServer  # noqa: E402
+from kubemcsa.certificates import manager  # noqa: E402
+from kubemcsa.certificates import plan as planning  # noqa: E402
+from kubemcsa.client import kube, tls  # noqa: E402
+from kubemcsa_testing import ApiServer  # noqa: E402
 
 NAMES = tls.service_dns_names("webhook", "mcsa")
 

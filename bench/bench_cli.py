@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from kubernetes.client import Configuration  # noqa: E402
 
-from kubemcsa import cli, config, demo, kube  # noqa: E402
-from kubemcsa.credentials import Credentials, build_kubeconfig  # noqa: E402
-from kubemcsa.testing import ApiServer  # noqa: E402
+from kubemcsa import cli, config, demo  # noqa: E402
+from kubemcsa.client import kube  # noqa: E402
+from kubemcsa.contract.credentials import Credentials, build_kubeconfig  # noqa: E402
+from kubemcsa_testing import ApiServer  # noqa: E402
 
 CRD = ROOT / "manifests" / "crd" / "serviceaccountimports.yaml"
 

@@ -45,8 +45,9 @@ from kubernetes.client.exceptions import ApiException
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubemcsa import api, kube  # noqa: E402
-from kubemcsa.testing import ApiServer  # noqa: E402
+from kubemcsa.client import kube  # noqa: E402
+from kubemcsa.contract import api  # noqa: E402
+from kubemcsa_testing import ApiServer  # noqa: E402
 
 MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = api.SYSTEM_NAMESPACE
@@ -470,7 +471,7 @@ def fairness(args) -> int:
                 annotations = (obj.get("metadata") or {}).get("annotations") or {}
                 value = annotations.get("multicluster.admiralty.io/token-expiration")
                 if kind != "DELETED" and value:
-                    from kubemcsa.timefmt import parse_time
+                    from kubemcsa.contract.timefmt import parse_time
 
                     with lock:
                         expiry[obj["metadata"]["name"]] = parse_time(value) or 0.0

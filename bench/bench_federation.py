@@ -23,8 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controller.run import Controller, Options  # noqa: E402
-from kubemcsa import api, bootstrap, federate, federation, kube  # noqa: E402
-from kubemcsa.testing import ApiServer  # noqa: E402
+from kubemcsa.cli import bootstrap, federate  # noqa: E402
+from kubemcsa.client import kube  # noqa: E402
+from kubemcsa.contract import api, federation  # noqa: E402
+from kubemcsa_testing import ApiServer  # noqa: E402
 
 SYSTEM = api.SYSTEM_NAMESPACE
 

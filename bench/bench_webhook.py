@@ -55,7 +55,7 @@ PATH = "/mutate-pods?timeout=5s"
 
 
 def review_body() -> bytes:
-    from kubemcsa import api
+    from kubemcsa.contract import api
 
     document = json.loads(FIXTURE.read_text())
     document["request"]["object"]["metadata"]["annotations"][api.IMPORT_ANNOTATION] = ",".join(IMPORTS)
@@ -89,7 +89,7 @@ def serve(kind: str, port: int, cert_file: str, key_file: str) -> None:
 
     logging.basicConfig(level=logging.WARNING)
     if kind == "webhook":
-        from kubemcsa import api
+        from kubemcsa.contract import api
         from webhook.lookups import StaticCache
         from webhook.server import WebhookServer
 
@@ -152,7 +152,7 @@ def serve_processes(kind: str, port: int, workers: int, cert_file: str, key_file
 
     logging.basicConfig(level=logging.WARNING)
     if kind == "pool":
-        from kubemcsa import api
+        from kubemcsa.contract import api
         from webhook.lookups import StaticCache
         from webhook.workers import WorkerPool
 
@@ -291,7 +291,7 @@ def load(port: int, ca_file: str, connections: int, seconds: float) -> None:
 
 
 def _review_with(annotation: str, **spec: Any) -> dict[str, Any]:
-    from kubemcsa import api
+    from kubemcsa.contract import api
 
     document = json.loads(FIXTURE.read_text())
     document["request"]["object"]["metadata"]["annotations"][api.IMPORT_ANNOTATION] = annotation
@@ -309,7 +309,7 @@ def _filled(document: dict[str, Any], size: int) -> bytes:
 
 
 def worst_bodies() -> dict[str, bytes]:
-    from kubemcsa import api
+    from kubemcsa.contract import api
     from webhook import app, review
 
     cap = ",".join(IMPORTS + [f"import-{i}" for i in range(api.MAX_IMPORTS_PER_POD - len(IMPORTS))])
@@ -324,7 +324,7 @@ def worst_bodies() -> dict[str, bytes]:
 
 def inline_parse_ms(repeats: int = 1000) -> tuple[float, float]:
     """(median, p99) CPU ms of the event loop's work for the worst body it parses itself (parse + complete)."""
-    from kubemcsa import api
+    from kubemcsa.contract import api
     from webhook import app, review
     from webhook import server as webhook_server
     from webhook.lookups import StaticCache
@@ -595,9 +595,9 @@ def deployed_memory(files: dict[str, str], worker_counts: list[int]) -> None:
     """RSS of `python -m webhook` as deployed (its watch on an in-memory API server), per process."""
     import httpx
 
-    from kubemcsa import api
-    from kubemcsa.testing import ApiServer
-    from kubemcsa.testing.objects import create_file, create_or_get
+    from kubemcsa.contract import api
+    from kubemcsa_testing import ApiServer
+    from kubemcsa_testing.objects import create_file, create_or_get
 
     rows = []
     with ApiServer(name="bench-webhook") as cluster:
@@ -731,7 +731,7 @@ def main() -> None:
         attack(args.attack, args.ca, args.seconds)
         return
 
-    from kubemcsa import tls
+    from kubemcsa.client import tls
 
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as directory:
         ca_cert, ca_key = tls.make_ca("bench-ca")

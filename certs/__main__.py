@@ -15,8 +15,9 @@ import datetime
 import sys
 from collections.abc import Sequence
 
-from certs import manager
-from kubemcsa import api, kube, tls
+from kubemcsa.certificates import manager
+from kubemcsa.client import kube, tls
+from kubemcsa.contract import api
 
 EXIT_FAILED = 1
 

@@ -10,7 +10,8 @@ import sys
 import threading
 from typing import Any
 
-from kubemcsa import api, kube
+from kubemcsa.client import kube
+from kubemcsa.contract import api
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

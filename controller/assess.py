@@ -16,10 +16,10 @@ from typing import Any
 
 from controller.outputs import OUTPUTS
 from controller.outputs.base import REASON_CACHE_NOT_SYNCED, Observed, Output, SourceView, as_section, plan_output
-from kubemcsa import api
-from kubemcsa.export_policy import export_verdict
-from kubemcsa.federation import REMOTE_USER_PLACEHOLDER, FederatedSource, audience_refusal
-from kubemcsa.imports import (
+from kubemcsa.contract import api
+from kubemcsa.contract.export_policy import export_verdict
+from kubemcsa.contract.federation import REMOTE_USER_PLACEHOLDER, FederatedSource, audience_refusal
+from kubemcsa.contract.imports import (
     STATUS_PINS,
     ImportToken,
     as_dict,
@@ -35,8 +35,8 @@ from kubemcsa.imports import (
     token_times,
     without_token,
 )
-from kubemcsa.spec import ImportSpec, SpecError, parse_spec
-from kubemcsa.timefmt import format_time
+from kubemcsa.contract.spec import ImportSpec, SpecError, parse_spec
+from kubemcsa.contract.timefmt import format_time
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class Observation:
     # source's RBAC lets it rotate that token, and no owner exports it.
     export_exempt: bool = False
     # An import of the system namespace whose Secret is a source credential: the Secret counts as current only if
-    # its writer pinned it in the import's status (kubemcsa.imports.is_pinned); else it is rewritten from memory.
+    # its writer pinned it in the import's status (kubemcsa.contract.imports.is_pinned); else it is rewritten from
+    # memory.
     credential_unpinned: bool = False
 
     @property
@@ -535,7 +536,8 @@ def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, A
     """A JSON merge patch turning status `old` into `new` (fields that disappear are set to null).
 
     The credential pins are left alone: only the writer of a credential records them, with a patch of its own
-    guarded by the import's resourceVersion (kubemcsa.imports.pins_patch), so a stale status never undoes them."""
+    guarded by the import's resourceVersion (kubemcsa.contract.imports.pins_patch), so a stale status never undoes
+    them."""
     patch: dict[str, Any] = {key: None for key in (old or {}) if key not in new and key != STATUS_PINS}
     patch.update({key: value for key, value in new.items() if key != STATUS_PINS})
     return {"status": patch}

@@ -1,7 +1,8 @@
 """Which service accounts each source cluster exports, from one label-selected list-watch per source.
 
 The owner of a service account exports it with the label `multicluster.admiralty.io/exported: "true"` and the
-annotation `multicluster.admiralty.io/export-to` (kubemcsa/export_policy.py). Per source cluster, the controller
+annotation `multicluster.admiralty.io/export-to` (kubemcsa/contract/export_policy.py). Per source cluster, the
+controller
 list-watches only labelled service accounts, so the cache stays as small as what is exported, and a reconcile
 reads exports from memory: no API call per import in the steady state.
 
@@ -25,7 +26,8 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import ExportView, Remote
 from controller.remote import renew_hint, unreachable
-from kubemcsa import api, kube
+from kubemcsa.client import kube
+from kubemcsa.contract import api
 
 log = logging.getLogger(__name__)
 

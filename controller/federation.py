@@ -23,8 +23,9 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.assess import NeedsTrustCheck, Trust
-from kubemcsa import api, federation, kube, tokens
-from kubemcsa.federation import FederatedSource, FederationError
+from kubemcsa.client import kube, tokens
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.federation import FederatedSource, FederationError
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kubemcsa import api
+from kubemcsa.contract import api
 
 # client-go's defaults for a client (rest.Config QPS 5, Burst 10).
 DEFAULT_QPS = 5.0

@@ -52,9 +52,10 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
 from controller.sources import SourceCluster, SourceRegistry, client_error_message
-from kubemcsa import api, kube
-from kubemcsa.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch
-from kubemcsa.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch
+from kubemcsa.contract.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ class Reconciler:
     def _pin_credential(
         self, namespace: str, name: str, observation: Observation, writes: Writes
     ) -> dict[str, Any] | Result | None:
-        """Before a source credential is written, pin it in its import's status (kubemcsa.imports): the
+        """Before a source credential is written, pin it in its import's status (kubemcsa.contract.imports): the
         controller uses no credential Secret that its writer did not pin. A Result if the pin could not be written
         (the import changed meanwhile: look again)."""
         if not self.is_credential_import(namespace):

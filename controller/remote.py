@@ -1,6 +1,6 @@
 """The controller's calls to source clusters: one token for one import, or a `RemoteFailure` saying why not.
 
-Token requests themselves live in kubemcsa.tokens (shared with `kubemcsa export`); this module maps what can
+Token requests themselves live in kubemcsa.client.tokens (shared with `kubemcsa export`); this module maps what can
 go wrong to a condition reason and a message that says what to fix (`classify_remote_error` is pure).
 """
 
@@ -18,11 +18,12 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import Remote
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
-from kubemcsa import api, kube, tokens
-from kubemcsa.credentials import Credentials
-from kubemcsa.imports import ImportToken, inputs_hash
-from kubemcsa.spec import ImportSpec
-from kubemcsa.timefmt import format_time
+from kubemcsa.client import kube, tokens
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials
+from kubemcsa.contract.imports import ImportToken, inputs_hash
+from kubemcsa.contract.spec import ImportSpec
+from kubemcsa.contract.timefmt import format_time
 
 # Legacy mode: the remote token Secret exists but the remote token controller has not filled it in yet.
 REASON_LEGACY_TOKEN_PENDING = "LegacyTokenPending"

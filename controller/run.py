@@ -30,8 +30,9 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
-from kubemcsa import api, federation, kube
-from kubemcsa.imports import STATUS_PINS, is_pinned
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.imports import STATUS_PINS, is_pinned
 
 log = logging.getLogger(__name__)
 

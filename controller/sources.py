@@ -6,7 +6,8 @@ Three origins, looked up in this order for a name:
 3. import Secrets in the controller's own system namespace (the Secret of import NAME gives cluster NAME:
    `kubemcsa bootstrap` adds a cluster this way without a restart). Only a Secret the controller or bootstrap made
    counts: `<NAME>-token`, controlled by the import NAME of the system namespace (`is_source_credential`), and
-   pinned by its writer in that import's status (`kubemcsa.imports.is_pinned`), so that whoever may merely create
+   pinned by its writer in that import's status (`kubemcsa.contract.imports.is_pinned`), so that whoever may merely
+   create
    Secrets there cannot add or replace a cluster (no shipped component but the controller may).
 Each source knows the consumer's name there (`consumer`: the controller's own account in the source, read from a
 bootstrap credential's token, or --cluster-name for kubeconfig contexts), which is what owners export to.
@@ -30,17 +31,18 @@ import yaml
 from kubernetes.client import ApiClient
 
 from controller.assess import Remote
-from kubemcsa import api, kube
-from kubemcsa.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
-from kubemcsa.imports import is_controlled_by, metadata_of, string_map, token_times
-from kubemcsa.kubeconfig import (
+from kubemcsa.client import kube
+from kubemcsa.client.kubeconfig import (
     ConfigError,
     absolutize,
     api_client_for,
     referenced_files,
     resolve_context,
 )
-from kubemcsa.tokens import consumer_of_token, unverified_claims
+from kubemcsa.client.tokens import consumer_of_token, unverified_claims
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, CredentialsError, from_secret_data, read_mounted
+from kubemcsa.contract.imports import is_controlled_by, metadata_of, string_map, token_times
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +142,7 @@ def sources_from_kubeconfig(
 ) -> tuple[dict[str, SourceCluster], dict[str, str]]:
     """Source clusters named after the contexts of a kubeconfig dict, and errors for contexts that are unusable.
 
-    Read by kubemcsa.kubeconfig, as every kubeconfig of the project: paths relative to `base_dir`, the CA kept in
+    Read by kubemcsa.client.kubeconfig, as every kubeconfig of the project: paths relative to `base_dir`, the CA kept in
     memory, a tokenFile followed when it rotates.
     """
     config = absolutize(config, base_dir)

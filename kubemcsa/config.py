@@ -1,6 +1,7 @@
 """Client configuration for programs that call other clusters: the Python counterpart of the original's pkg/config.
 
-Inside an annotated pod, each mounted ServiceAccountImport is a directory under `kubemcsa.api.MOUNT_ROOT` with the
+Inside an annotated pod, each mounted ServiceAccountImport is a directory under `kubemcsa.contract.api.MOUNT_ROOT`
+with the
 files `ca.crt`, `namespace`, `token`, `server` and `config`. These helpers turn them into
 `kubernetes.client.Configuration` objects of the official client, with the remote namespace::
 
@@ -30,9 +31,7 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.config.incluster_config import InClusterConfigLoader
 
-from kubemcsa import api
-from kubemcsa.credentials import read_mounted
-from kubemcsa.kubeconfig import (
+from kubemcsa.client.kubeconfig import (
     ConfigError,
     TokenFileRefresher,
     configuration_for,
@@ -44,8 +43,10 @@ from kubemcsa.kubeconfig import (
     resolve_context,
     set_bearer_token,
 )
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import read_mounted
 
-# The public names. The kubeconfig helpers live in kubemcsa.kubeconfig and stay importable from here.
+# The public names. The kubeconfig helpers live in kubemcsa.client.kubeconfig and stay importable from here.
 __all__ = [
     "ClusterInfo",
     "ConfigAndNamespace",
@@ -145,7 +146,7 @@ def all_import_configs_and_namespaces(
     return {name: _import_config(root / name) for name in mounted_import_names(root)}
 
 
-# --- kubeconfig contexts (read by kubemcsa.kubeconfig, the one loader) -------------------------------------------
+# --- kubeconfig contexts (read by kubemcsa.client.kubeconfig, the one loader) -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def context_cluster_info(context: str | None = None, kubeconfig: str | None = No
 def context_config_and_namespace(context: str | None = None, kubeconfig: str | None = None) -> ConfigAndNamespace:
     """The configuration and namespace of a kubeconfig context (the current one by default).
 
-    The CA and any client key stay in memory, and a tokenFile is followed when it rotates (kubemcsa.kubeconfig).
+    The CA and any client key stay in memory, and a tokenFile is followed when it rotates (kubemcsa.client.kubeconfig).
     """
     path = kubeconfig or default_kubeconfig_path()
     ctx = resolve_context(load_kubeconfig_dict(path), context, where=path)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import uvicorn
 
-from certs.reloader import CertificateReloader
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.certificates.reloader import CertificateReloader
+from kubemcsa_testing.wait import wait_for
 
 
 async def _app(scope, receive, send):

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from kubemcsa.testing.server import ApiServer
+from kubemcsa_testing.server import ApiServer
 
-pytest_plugins = ["kubemcsa.testing.pytest_plugin"]
+pytest_plugins = ["kubemcsa_testing.pytest_plugin"]
 
 
 @pytest.fixture

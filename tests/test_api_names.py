@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa import api
+from kubemcsa.contract import api
 
 
 def test_short_names_are_kept_readable():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import copy
 
 from controller.outputs import argocd as ac
-from kubemcsa import api, argocd
-from kubemcsa.credentials import Credentials, to_secret_data
-from kubemcsa.spec import parse_spec
+from kubemcsa.contract import api, argocd
+from kubemcsa.contract.credentials import Credentials, to_secret_data
+from kubemcsa.contract.spec import parse_spec
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 SERVER = "https://10.0.0.2:6443"
@@ -167,7 +167,7 @@ def test_a_deleted_object_reads_as_gone_until_the_informer_says_so():
 
 
 def test_a_federated_import_gets_an_exec_plugin_reading_its_projected_token_not_a_token():
-    from kubemcsa.credentials import federated_secret_data
+    from kubemcsa.contract.credentials import federated_secret_data
 
     imp = make_import({"name": "prod-eu"})
     imp["spec"] = {"clusterName": "cluster2", "namespace": "default", "tokenType": "Federated", "argoCD": {}}

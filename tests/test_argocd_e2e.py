@@ -20,12 +20,14 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
 from controller.run import Controller, Options
-from kubemcsa import api, argocd, cli, federation, kube
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.kubelet import Kubelet
-from kubemcsa.testing.objects import create_or_get
-from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
-from kubemcsa.testing.wait import wait_for
+from kubemcsa import cli
+from kubemcsa.client import kube
+from kubemcsa.contract import api, argocd, federation
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.kubelet import Kubelet
+from kubemcsa_testing.objects import create_or_get
+from kubemcsa_testing.pytest_plugin import REAL, fresh_real_clusters
+from kubemcsa_testing.wait import wait_for
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 ARGOCD_NS = "argocd"

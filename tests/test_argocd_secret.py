@@ -1,4 +1,4 @@
-"""Argo CD's declarative cluster Secret (kubemcsa.argocd), field by field against Argo CD's documented format,
+"""Argo CD's declarative cluster Secret (kubemcsa.contract.argocd), field by field against Argo CD's documented format,
 and spec.argoCD (parsing, and the CRD's schema as the API server enforces it).
 
 Argo CD's operator manual, "Declarative Setup" > "Clusters": a Secret labelled
@@ -21,9 +21,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, argocd, kube
-from kubemcsa.spec import SpecError, parse_spec
-from kubemcsa.timefmt import parse_time
+from kubemcsa.client import kube
+from kubemcsa.contract import api, argocd
+from kubemcsa.contract.spec import SpecError, parse_spec
+from kubemcsa.contract.timefmt import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

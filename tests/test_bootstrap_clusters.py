@@ -9,9 +9,12 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, bootstrap, cli, kube
-from kubemcsa.credentials import from_secret_data
-from kubemcsa.testing.wait import wait_for
+from kubemcsa import cli
+from kubemcsa.cli import bootstrap
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import from_secret_data
+from kubemcsa_testing.wait import wait_for
 
 CRD = Path(__file__).resolve().parents[1] / "manifests" / "crd" / "serviceaccountimports.yaml"
 SYSTEM = api.SYSTEM_NAMESPACE

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from certs.__main__ import main
-from kubemcsa import kube
+from kubemcsa.client import kube
 
 NAMESPACE = "multicluster-service-account"
 ARGV = [

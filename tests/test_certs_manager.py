@@ -1,4 +1,5 @@
-"""certs.manager against the in-memory API server: the Secret, the caBundle, races, renewal, least privilege."""
+"""kubemcsa.certificates.manager against the in-memory API server: the Secret, the caBundle, races, renewal,
+least privilege."""
 
 import base64
 import datetime
@@ -13,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from certs import manager
-from certs import plan as planning
-from certs.reloader import RenewalLoop
-from kubemcsa import api, kube, tls
+from kubemcsa.certificates import manager
+from kubemcsa.certificates import plan as planning
+from kubemcsa.certificates.reloader import RenewalLoop
+from kubemcsa.client import kube, tls
+from kubemcsa.contract import api
 
 NAMESPACE = "multicluster-service-account"
 SECRET = "service-account-import-admission-controller-cert"

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from certs.__main__ import _parser
-from kubemcsa import tls
+from kubemcsa.client import tls
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 
 ROOT = Path(__file__).resolve().parent.parent

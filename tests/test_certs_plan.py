@@ -1,4 +1,5 @@
-"""certs.plan: what the certificate Secret should hold, given what it holds and the time (pure, no API)."""
+"""kubemcsa.certificates.plan: what the certificate Secret should hold, given what it holds and the time (pure,
+no API)."""
 
 import base64
 import dataclasses
@@ -8,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certs import plan as planning
-from kubemcsa import tls
+from kubemcsa.certificates import plan as planning
+from kubemcsa.client import tls
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 DAY = datetime.timedelta(days=1)

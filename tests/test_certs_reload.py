@@ -1,4 +1,5 @@
-"""certs.reloader and certs.manager.write_files: a running HTTPS server swaps its certificate, dropping nothing."""
+"""kubemcsa.certificates.reloader and kubemcsa.certificates.manager.write_files: a running HTTPS server swaps
+its certificate, dropping nothing."""
 
 import asyncio
 import datetime
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 from certs_tls_server import RequestLoop, TLSServer, client_context, request, wait_for
 
-from certs import manager
-from certs import plan as planning
-from certs.reloader import CertificateReloader
-from kubemcsa import tls
+from kubemcsa.certificates import manager
+from kubemcsa.certificates import plan as planning
+from kubemcsa.certificates.reloader import CertificateReloader
+from kubemcsa.client import tls
 
 NAMES = tls.service_dns_names("webhook", "mcsa")
 HOST = NAMES[0]

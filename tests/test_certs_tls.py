@@ -1,4 +1,4 @@
-"""kubemcsa.tls: CA and serving certificates, and when a serving certificate must be renewed (pure, no API)."""
+"""kubemcsa.client.tls: CA and serving certificates, and when a serving certificate must be renewed (pure, no API)."""
 
 import datetime
 import ipaddress
@@ -9,7 +9,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemcsa import tls
+from kubemcsa.client import tls
 
 NOW = datetime.datetime(2026, 11, 22, 12, 0, tzinfo=datetime.UTC)
 NAMES = tls.service_dns_names("webhook", "mcsa")

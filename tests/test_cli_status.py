@@ -6,7 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from kubemcsa import api, cli, kube
+from kubemcsa import cli
+from kubemcsa.client import kube
+from kubemcsa.contract import api
 
 CRD = Path(__file__).resolve().parents[1] / "manifests" / "crd" / "serviceaccountimports.yaml"
 

@@ -29,11 +29,13 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.outputs import clusterprofile as cp
 from controller.run import Controller, Options
-from kubemcsa import api, cli, federation, kube
-from kubemcsa.credentials import Credentials
-from kubemcsa.testing.kubelet import Kubelet
-from kubemcsa.testing.objects import create_file, create_or_get
-from kubemcsa.testing.wait import wait_for
+from kubemcsa import cli
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.credentials import Credentials
+from kubemcsa_testing.kubelet import Kubelet
+from kubemcsa_testing.objects import create_file, create_or_get
+from kubemcsa_testing.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -236,7 +238,7 @@ class ExecClient:
         assert (answer["apiVersion"], answer["kind"]) == (EXEC_API, "ExecCredential")
         self.token = answer["status"]["token"]
         expiry = answer["status"].get("expirationTimestamp")
-        from kubemcsa.timefmt import parse_time
+        from kubemcsa.contract.timefmt import parse_time
 
         self.expires_at = parse_time(expiry) if expiry else None
         return self.token
@@ -354,7 +356,7 @@ def test_a_cluster_profile_works_with_kubeconfig_secretreader_and_kubemcsa_and_s
 
 
 def _exp(token: str) -> float:
-    from kubemcsa.tokens import unverified_claims
+    from kubemcsa.client.tokens import unverified_claims
 
     return float(unverified_claims(token)["exp"])
 

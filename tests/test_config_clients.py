@@ -11,8 +11,9 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import config, kube
-from kubemcsa.credentials import Credentials, build_kubeconfig
+from kubemcsa import config
+from kubemcsa.client import kube
+from kubemcsa.contract.credentials import Credentials, build_kubeconfig
 
 
 def grant_pod_listing(server, name: str, namespace: str = "default") -> None:

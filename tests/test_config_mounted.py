@@ -10,8 +10,9 @@ import pytest
 import yaml
 from kubernetes.client import Configuration
 
-from kubemcsa import api, config
-from kubemcsa.credentials import Credentials, CredentialsError, build_kubeconfig
+from kubemcsa import config
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, CredentialsError, build_kubeconfig
 
 FAKE_CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 TOKEN = "header.payload.signature-secret"
@@ -223,8 +224,8 @@ def test_a_configuration_is_the_official_clients(tmp_path: Path) -> None:
 
 
 def test_the_hook_follows_a_kubelet_style_symlink_swap(tmp_path: Path) -> None:
-    from kubemcsa.credentials import to_secret_data
-    from kubemcsa.demo import write_secret_files
+    from kubemcsa.contract.credentials import to_secret_data
+    from kubemcsa_testing.demo import write_secret_files
 
     def secret(token: str) -> dict:
         creds = Credentials(server="https://c2:6443", ca_crt=FAKE_CA, token=token, namespace="default")

@@ -1,7 +1,7 @@
 """Conformance: the same assertions against the in-memory API server or a real cluster.
 
-Each test runs against a fresh in-memory server (kubemcsa.testing) and, with KUBEBUILDER_ASSETS naming an envtest
-asset folder, against the session's real control plane too (the `tier` parameter; kubemcsa.testing.pytest_plugin),
+Each test runs against a fresh in-memory server (kubemcsa_testing) and, with KUBEBUILDER_ASSETS naming an envtest
+asset folder, against the session's real control plane too (the `tier` parameter; kubemcsa_testing.pytest_plugin),
 reset to its first state before each test. The assertions come from the Kubernetes API documentation and from
 what a real kube-apiserver was seen to do (shared/reference/kube-apiserver-facts.md), not from the
 in-memory implementation: where the tiers disagreed, the in-memory server was changed and the behaviour is pinned
@@ -24,8 +24,8 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
-from kubemcsa.testing.wait import wait_for as shared_wait_for
+from kubemcsa_testing.pytest_plugin import REAL, fresh_real_clusters
+from kubemcsa_testing.wait import wait_for as shared_wait_for
 
 pytestmark = pytest.mark.real_tier
 

@@ -30,12 +30,13 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
 from controller.run import Controller, Options
-from kubemcsa import api, federation, kube
+from kubemcsa.client import kube
 from kubemcsa.config import import_config_and_namespace
-from kubemcsa.credentials import Credentials, to_secret_data
-from kubemcsa.testing.objects import create_file, create_or_get, create_pinned_credential
-from kubemcsa.testing.wait import wait_for
-from kubemcsa.timefmt import parse_time
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.credentials import Credentials, to_secret_data
+from kubemcsa.contract.timefmt import parse_time
+from kubemcsa_testing.objects import create_file, create_or_get, create_pinned_credential
+from kubemcsa_testing.wait import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -75,7 +76,7 @@ def service_account(namespace: str, name: str, export_to: str | None = "cluster1
 TOKEN_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
 # As bootstrap grants: see which service accounts are exported, in every namespace.
 WATCH_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}]
-# As bootstrap --legacy-tokens grants (kubemcsa.bootstrap.controller_rules).
+# As bootstrap --legacy-tokens grants (kubemcsa.cli.bootstrap.controller_rules).
 LEGACY_RULES = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},

@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from controller import assess as ca
 from controller.sources import is_source_credential
-from kubemcsa import api
-from kubemcsa.credentials import Credentials, to_secret_data
-from kubemcsa.imports import ImportToken, import_secret, inputs_hash
-from kubemcsa.spec import parse_spec
-from kubemcsa.tokens import IssuedToken, consumer_of_token
+from kubemcsa.client.tokens import IssuedToken, consumer_of_token
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, to_secret_data
+from kubemcsa.contract.imports import ImportToken, import_secret, inputs_hash
+from kubemcsa.contract.spec import parse_spec
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 REMOTE = ca.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
@@ -164,7 +164,7 @@ def test_without_its_own_name_the_controller_still_honours_a_star_cluster_export
 
 
 def test_an_oversized_export_to_is_refused_with_an_event_naming_the_cap() -> None:
-    from kubemcsa.export_policy import MAX_EXPORT_TO_LENGTH
+    from kubemcsa.contract.export_policy import MAX_EXPORT_TO_LENGTH
 
     huge = ", ".join(f"cluster1/ns-{i}" for i in range(100_000))
     obs = observe(make_import(), service_account=exported(huge))

@@ -23,11 +23,13 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.run import Controller, Options
-from kubemcsa import api, cli, kube
-from kubemcsa.credentials import Credentials, from_secret_data, to_secret_data
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.objects import create_or_get
-from kubemcsa.testing.wait import wait_for
+from kubemcsa import cli
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.objects import create_or_get
+from kubemcsa_testing.wait import wait_for
 
 # On both tiers: the clusters are fresh in-memory servers or the session's real control planes, reset.
 pytestmark = pytest.mark.real_tier

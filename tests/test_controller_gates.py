@@ -12,8 +12,8 @@ from controller.assess import Remote
 from controller.gates import FIRST, REFRESH, FairQueue, Go, SourceGate, TokenBucket, Wait, capacity, refresh_rate
 from controller.remote import classify_remote_error, connection_problem, unreachable
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
-from kubemcsa import api
-from kubemcsa.spec import parse_spec
+from kubemcsa.contract import api
+from kubemcsa.contract.spec import parse_spec
 
 SPEC = parse_spec({"spec": {"clusterName": "c2", "namespace": "default", "name": "sa"}})
 

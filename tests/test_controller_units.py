@@ -15,12 +15,12 @@ from controller import assess as ca
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
-from kubemcsa import api
-from kubemcsa.credentials import Credentials, from_secret_data, to_secret_data
-from kubemcsa.imports import ImportToken, inputs_hash
-from kubemcsa.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
-from kubemcsa.timefmt import format_time, parse_time
-from kubemcsa.tokens import IssuedToken
+from kubemcsa.client.tokens import IssuedToken
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
+from kubemcsa.contract.imports import ImportToken, inputs_hash
+from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
+from kubemcsa.contract.timefmt import format_time, parse_time
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 REMOTE = ca.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
@@ -539,7 +539,7 @@ def test_health_server_and_metrics() -> None:
 def test_crd_schema_matches_the_code() -> None:
     from pathlib import Path
 
-    from kubemcsa.spec import TOKEN_TYPES
+    from kubemcsa.contract.spec import TOKEN_TYPES
 
     root = Path(__file__).resolve().parent.parent / "manifests"
     crd = yaml.safe_load((root / "crd" / "serviceaccountimports.yaml").read_text())

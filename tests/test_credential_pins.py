@@ -1,11 +1,12 @@
-"""The pins of source credentials (kubemcsa.imports), pure: who wrote a credential Secret, told from data alone."""
+"""The pins of source credentials (kubemcsa.contract.imports), pure: who wrote a credential Secret, told from
+data alone."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from controller.assess import status_patch
-from kubemcsa import imports
+from kubemcsa.contract import imports
 
 
 def secret(data: str, uid: str = "secret-uid") -> dict[str, Any]:

@@ -5,8 +5,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemcsa import api
-from kubemcsa.credentials import (
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import (
     Credentials,
     CredentialsError,
     build_kubeconfig,

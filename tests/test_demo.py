@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kubemcsa import demo
+from kubemcsa_testing import demo
 
 
 def test_the_demo_plays_the_whole_flow_and_stops_everything() -> None:

@@ -13,8 +13,10 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import cli, export, kube
-from kubemcsa.credentials import from_secret_data
+from kubemcsa import cli
+from kubemcsa.cli import export
+from kubemcsa.client import kube
+from kubemcsa.contract.credentials import from_secret_data
 
 
 def pod_lister(server) -> None:

@@ -7,8 +7,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa import api, export
-from kubemcsa.credentials import Credentials, from_secret_data
+from kubemcsa.cli import export
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, from_secret_data
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 

@@ -1,4 +1,5 @@
-"""The export policy (kubemcsa/export_policy.py): parsing export-to leniently but safely, matching, verdicts."""
+"""The export policy (kubemcsa/contract/export_policy.py): parsing export-to leniently but safely, matching,
+verdicts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa import api
-from kubemcsa.export_policy import (
+from kubemcsa.contract import api
+from kubemcsa.contract.export_policy import (
     MAX_EXPORT_TO_ENTRIES,
     MAX_EXPORT_TO_LENGTH,
     ExportPattern,
@@ -213,7 +214,7 @@ def test_a_star_cluster_pattern_matches_whatever_this_cluster_is_called() -> Non
 
 
 def test_the_timestamps_the_controller_reads_from_its_secrets_annotations_are_bounded_too() -> None:
-    from kubemcsa.timefmt import format_time, parse_time
+    from kubemcsa.contract.timefmt import format_time, parse_time
 
     assert parse_time(format_time(1_800_000_000)) == 1_800_000_000
     assert parse_time("2027-01-15T08:00:00.123456+01:00") is not None

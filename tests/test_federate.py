@@ -16,9 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, cli, federation, kube
-from kubemcsa.federation import FederatedSource, FederationError
-from kubemcsa.testing.oidc import parse_authentication_configuration
+from kubemcsa import cli
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.federation import FederatedSource, FederationError
+from kubemcsa_testing.oidc import parse_authentication_configuration
 
 SYSTEM = api.SYSTEM_NAMESPACE
 FAKE_CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -109,7 +111,7 @@ def test_flags_change_audience_prefix_and_skip_the_binding(clusters, capsys) -> 
     def trusted() -> bool:
         return cli.main(federate_argv(clusters, "--check")) == 0
 
-    from kubemcsa.testing.wait import wait_for
+    from kubemcsa_testing.wait import wait_for
 
     wait_for(trusted, "cluster2 to trust cluster1", timeout=10)
     assert f"'east:system:serviceaccount:{SYSTEM}:{api.TRUST_CHECK_SERVICE_ACCOUNT}'" in capsys.readouterr().out

@@ -19,10 +19,12 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.run import Controller, Options
-from kubemcsa import api, bootstrap, federate, federation, kube
-from kubemcsa.testing.objects import create_file, create_or_get
-from kubemcsa.testing.server import ApiServer, BearerToken
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.cli import bootstrap, federate
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa_testing.objects import create_file, create_or_get
+from kubemcsa_testing.server import ApiServer, BearerToken
+from kubemcsa_testing.wait import wait_for
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 SYSTEM = api.SYSTEM_NAMESPACE

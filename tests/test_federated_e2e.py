@@ -27,14 +27,16 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from certs import manager
 from controller.run import Controller, Options
-from kubemcsa import api, cli, config, federation, kube
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.kubelet import Kubelet
-from kubemcsa.testing.objects import create_file, create_or_get
-from kubemcsa.testing.tokens import decode_unverified
-from kubemcsa.testing.wait import wait_for
+from kubemcsa import cli, config
+from kubemcsa.certificates import manager
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.kubelet import Kubelet
+from kubemcsa_testing.objects import create_file, create_or_get
+from kubemcsa_testing.tokens import decode_unverified
+from kubemcsa_testing.wait import wait_for
 from webhook import mutation
 from webhook.cache import WatchCache
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, kube
-from kubemcsa.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, SpecError, parse_spec
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa.contract.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, SpecError, parse_spec
 
 KUBECTL = shutil.which("kubectl")
 

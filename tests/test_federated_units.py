@@ -17,8 +17,8 @@ from controller.assess import (
     plan,
 )
 from controller.federation import parse_service_account
-from kubemcsa import api
-from kubemcsa.federation import (
+from kubemcsa.contract import api
+from kubemcsa.contract.federation import (
     FederatedSource,
     projected_volume,
     record_audiences,

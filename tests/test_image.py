@@ -21,7 +21,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "multicluster-service-account"
 # Only the in-memory API server and the tests use these; the `test` extra installs them.
-TEST_ONLY = ("kubemcsa.testing", "jsonpatch", "jsonpointer", "pytest", "_pytest", "httpx", "hypothesis")
+TEST_ONLY = ("kubemcsa_testing", "jsonpatch", "jsonpointer", "pytest", "_pytest", "httpx", "hypothesis")
 
 
 def stages() -> list[list[str]]:
@@ -81,9 +81,9 @@ def build_context(target: Path) -> None:
 
 def test_dockerignore_leaves_out_the_in_memory_api_server_and_the_tests() -> None:
     patterns = dockerignore_patterns()
-    assert ignored("kubemcsa/testing/server.py", patterns)
+    assert ignored("kubemcsa_testing/server.py", patterns)
     assert ignored("tests/test_image.py", patterns) and ignored("controller/__pycache__/run.cpython-312.pyc", patterns)
-    assert not ignored("kubemcsa/kube.py", patterns) and not ignored("kubemcsa/crd.yaml", patterns)
+    assert not ignored("kubemcsa/client/kube.py", patterns) and not ignored("kubemcsa/contract/crd.yaml", patterns)
 
 
 def test_final_stage_copies_only_the_virtual_environment() -> None:
@@ -143,7 +143,7 @@ def test_every_production_module_imports_without_the_test_only_packages(installe
             module = importlib.import_module(package)
             assert module.__file__.startswith(root), module.__file__
             for info in pkgutil.walk_packages(module.__path__, package + "."):
-                if info.name != "kubemcsa.demo":  # the demo needs the in-memory API server; see below
+                if info.name != "kubemcsa_testing.demo":  # the demo needs the in-memory API server; see below
                     importlib.import_module(info.name)
         from kubemcsa import cli
         err = io.StringIO()
@@ -170,9 +170,9 @@ def test_the_demo_needs_only_the_declared_dependencies_and_its_extra() -> None:
         import importlib, pkgutil, re, sys
         from importlib import metadata
 
-        import kubemcsa.demo, kubemcsa.testing, controller.run, webhook.__main__, kubemcsa.federate
-        for info in pkgutil.walk_packages(kubemcsa.testing.__path__, "kubemcsa.testing."):
-            if info.name != "kubemcsa.testing.pytest_plugin":  # for test suites, not the demo
+        import kubemcsa_testing.demo, kubemcsa_testing, controller.run, webhook.__main__, kubemcsa.cli.federate
+        for info in pkgutil.walk_packages(kubemcsa_testing.__path__, "kubemcsa_testing."):
+            if info.name != "kubemcsa_testing.pytest_plugin":  # for test suites, not the demo
                 importlib.import_module(info.name)
 
         def requirements(dist, extra=None):

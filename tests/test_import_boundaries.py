@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPONENTS = ("controller", "webhook", "certs")
 PRODUCT = ("kubemcsa", *COMPONENTS)
 # The demo runs the whole product on in-memory clusters: it is the one module allowed to reach everything.
-DEMO = ROOT / "kubemcsa" / "demo.py"
+DEMO = ROOT / "kubemcsa_testing" / "demo.py"
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -51,12 +51,12 @@ def test_no_product_module_imports_the_in_memory_server() -> None:
         for path in product_files()
         if path != DEMO and testing not in path.parents
         for module in imported_modules(path)
-        if is_under(module, "kubemcsa.testing")
+        if is_under(module, "kubemcsa_testing")
     ]
     assert offenders == []
 
 
 def test_the_check_sees_imports_inside_functions(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
-    sample.write_text("def f():\n    from controller.run import Controller\n    import kubemcsa.testing.server\n")
-    assert {"controller.run", "kubemcsa.testing.server"} <= imported_modules(sample)
+    sample.write_text("def f():\n    from controller.run import Controller\n    import kubemcsa_testing.server\n")
+    assert {"controller.run", "kubemcsa_testing.server"} <= imported_modules(sample)

@@ -1,4 +1,4 @@
-"""kubemcsa.kube, the dict-based access layer every component uses, against the in-memory API server."""
+"""kubemcsa.client.kube, the dict-based access layer every component uses, against the in-memory API server."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.client import kube
+from kubemcsa_testing.wait import wait_for
 
 
 def _configmap(name: str, **data: str) -> dict:

@@ -1,4 +1,5 @@
-"""kubemcsa.kubeconfig, the one kubeconfig loader: secrets stay in memory, paths follow the file, tokenFile rotates."""
+"""kubemcsa.client.kubeconfig, the one kubeconfig loader: secrets stay in memory, paths follow the file,
+tokenFile rotates."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
-from kubemcsa.kubeconfig import (
+from kubemcsa.client import kube
+from kubemcsa.client.kubeconfig import (
     ConfigError,
     configuration_for,
     load_api_client,

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-from kubemcsa import kube
-from kubemcsa.credentials import Credentials, build_kubeconfig
+from kubemcsa.client import kube
+from kubemcsa.contract.credentials import Credentials, build_kubeconfig
 
 KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (pip install -e '.[test]')")

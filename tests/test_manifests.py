@@ -16,8 +16,9 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, kube
-from kubemcsa.testing.objects import create_or_get
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa_testing.objects import create_or_get
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -158,7 +159,7 @@ def test_the_api_server_accepts_every_object(cluster1, objects):
         try:
             kube.resource_type_of(obj)
         except ValueError:
-            pytest.fail(f"{obj['kind']} is not known to kubemcsa.kube; add it there")
+            pytest.fail(f"{obj['kind']} is not known to kubemcsa.client.kube; add it there")
         create_or_get(client, obj)  # on a real cluster the CRD is installed already
 
 

@@ -19,8 +19,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from kubemcsa import api, kube
-from kubemcsa.testing import ApiServer
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa_testing import ApiServer
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

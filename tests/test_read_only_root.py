@@ -24,11 +24,12 @@ import pytest
 import yaml
 
 from controller.sources import SourceCluster, client_error_message
-from kubemcsa import api, kube
-from kubemcsa.credentials import Credentials, to_secret_data
-from kubemcsa.kubeconfig import ConfigError
-from kubemcsa.testing.objects import create_or_get, create_pinned_credential
-from kubemcsa.testing.wait import WaitTimeout, wait_for
+from kubemcsa.client import kube
+from kubemcsa.client.kubeconfig import ConfigError
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials, to_secret_data
+from kubemcsa_testing.objects import create_or_get, create_pinned_credential
+from kubemcsa_testing.wait import WaitTimeout, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"

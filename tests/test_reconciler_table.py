@@ -33,14 +33,14 @@ from controller.reconciler import Caches, Reconciler, import_key
 from controller.remote import RemoteFailure, classify_remote_error, unreachable
 from controller.runtime.manager import Result
 from controller.sources import ORIGIN_KUBECONFIG, SourceCluster
-from kubemcsa import api
-from kubemcsa.credentials import Credentials
-from kubemcsa.federation import FederatedSource
-from kubemcsa.imports import ImportToken, inputs_hash
-from kubemcsa.spec import ImportSpec, parse_spec
-from kubemcsa.testing.patch import merge_patch
-from kubemcsa.timefmt import format_time
-from kubemcsa.tokens import IssuedToken
+from kubemcsa.client.tokens import IssuedToken
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import Credentials
+from kubemcsa.contract.federation import FederatedSource
+from kubemcsa.contract.imports import ImportToken, inputs_hash
+from kubemcsa.contract.spec import ImportSpec, parse_spec
+from kubemcsa.contract.timefmt import format_time
+from kubemcsa_testing.patch import merge_patch
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 CLUSTER, SERVER = "cluster2", "https://10.0.0.2:6443"

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemcsa import tls
-from kubemcsa.testing import admission
-from kubemcsa.testing.admission import AdmissionAttributes, run_mutating_webhooks
-from kubemcsa.testing.errors import StatusError
-from kubemcsa.testing.rbac import UserInfo
+from kubemcsa.client import tls
+from kubemcsa_testing import admission
+from kubemcsa_testing.admission import AdmissionAttributes, run_mutating_webhooks
+from kubemcsa_testing.errors import StatusError
+from kubemcsa_testing.rbac import UserInfo
 
 ADMIN = UserInfo("admin", ("system:masters", "system:authenticated"), "admin")
 FIXTURE = {

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.tls import make_serving_certs
-from kubemcsa.testing.wait import wait_for
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.tls import make_serving_certs
+from kubemcsa_testing.wait import wait_for
 
 
 def raw(server: ApiServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
@@ -675,7 +675,7 @@ def test_kubectl_imperative_commands_send_protobuf_we_understand(cluster1: ApiSe
 def test_command_line_serves_until_terminated(tmp_path) -> None:
     kubeconfig = tmp_path / "kc"
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubemcsa.testing", "--port", "0", "--kubeconfig-out", str(kubeconfig)],
+        [sys.executable, "-m", "kubemcsa_testing", "--port", "0", "--kubeconfig-out", str(kubeconfig)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

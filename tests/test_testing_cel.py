@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa.testing.cel import CelError, compile_expression
+from kubemcsa_testing.cel import CelError, compile_expression
 
 
 def cel(expression: str, **activation: Any) -> Any:

@@ -17,11 +17,11 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.kubelet import Kubelet, VolumeError
-from kubemcsa.testing.oidc import ConfigurationError, parse_authentication_configuration
-from kubemcsa.testing.tokens import decode_unverified
-from kubemcsa.testing.wait import wait_for
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.kubelet import Kubelet, VolumeError
+from kubemcsa_testing.oidc import ConfigurationError, parse_authentication_configuration
+from kubemcsa_testing.tokens import decode_unverified
+from kubemcsa_testing.wait import wait_for
 
 DISCOVERY_BINDING = {
     "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -294,7 +294,7 @@ def test_the_command_line_trusts_an_authentication_config_file_and_reloads_it(
     config_file.write_text(yaml.safe_dump(trust(c1, audience="other")))
     kubeconfig = tmp_path / "kc"
     process = subprocess.Popen(
-        [sys.executable, "-m", "kubemcsa.testing", "--name", "cluster2", "--kubeconfig-out", str(kubeconfig),
+        [sys.executable, "-m", "kubemcsa_testing", "--name", "cluster2", "--kubeconfig-out", str(kubeconfig),
          "--authentication-config", str(config_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa.testing import rbac
-from kubemcsa.testing.errors import StatusError
-from kubemcsa.testing.rbac import RequestAttributes, UserInfo, authorize, forbidden_message
+from kubemcsa_testing import rbac
+from kubemcsa_testing.errors import StatusError
+from kubemcsa_testing.rbac import RequestAttributes, UserInfo, authorize, forbidden_message
 
 SA_USER = UserInfo(
     "system:serviceaccount:default:pod-lister",

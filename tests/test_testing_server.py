@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.testing import ApiServer
+from kubemcsa_testing import ApiServer
 
 
 @pytest.fixture
@@ -186,8 +186,8 @@ def test_an_unreachable_server_counts_and_resets_every_connection_then_comes_bac
     import urllib3
     from kubernetes.client.exceptions import ApiException
 
-    from kubemcsa import kube
-    from kubemcsa.testing import ApiServer
+    from kubemcsa.client import kube
+    from kubemcsa_testing import ApiServer
 
     with ApiServer(name="dark") as server:
         client = server.admin_client()

@@ -7,9 +7,10 @@ import subprocess
 
 import pytest
 
-from kubemcsa import api, kube
-from kubemcsa.testing import table
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa_testing import table
+from kubemcsa_testing.wait import wait_for
 
 OBJ = {
     "metadata": {"name": "x", "creationTimestamp": "2026-11-22T20:00:00Z", "resourceVersion": "7"},

@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemcsa.testing.errors import StatusError
-from kubemcsa.testing.tokens import TokenAuthority, TokenClaims, decode_unverified, user_for_claims
+from kubemcsa_testing.errors import StatusError
+from kubemcsa_testing.tokens import TokenAuthority, TokenClaims, decode_unverified, user_for_claims
 
 ISSUER = "https://cluster1.local"
 NOW = 1_795_381_143.0

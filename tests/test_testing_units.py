@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kubemcsa.testing import gc, patch, selectors, validation
-from kubemcsa.testing.errors import StatusError
-from kubemcsa.testing.resources import Registry, resources_from_crd
-from kubemcsa.testing.store import INITIAL_EVENTS_END, Store
+from kubemcsa_testing import gc, patch, selectors, validation
+from kubemcsa_testing.errors import StatusError
+from kubemcsa_testing.resources import Registry, resources_from_crd
+from kubemcsa_testing.store import INITIAL_EVENTS_END, Store
 
 # Label selectors ---------------------------------------------------------------------------------
 
@@ -342,7 +342,7 @@ def _entry(key: str, value: bytes) -> bytes:
 
 
 def test_protobuf_secret_is_decoded_like_its_json() -> None:
-    from kubemcsa.testing import protobuf
+    from kubemcsa_testing import protobuf
 
     meta = _field(1, b"sec") + _field(2, b"") + _field(11, _entry("app", b"x"))
     secret = _field(1, meta) + _field(2, _entry("k", b"\x00\xff")) + _field(3, b"Opaque") + _field(5, 0)
@@ -354,7 +354,7 @@ def test_protobuf_secret_is_decoded_like_its_json() -> None:
 
 
 def test_protobuf_token_request_and_unknown_kinds() -> None:
-    from kubemcsa.testing import protobuf
+    from kubemcsa_testing import protobuf
 
     spec = _field(1, b"aud") + _field(4, 1200)
     unknown = _field(1, _field(1, b"authentication.k8s.io/v1") + _field(2, b"TokenRequest")) + _field(
@@ -370,7 +370,7 @@ def test_protobuf_token_request_and_unknown_kinds() -> None:
 @given(st.binary(max_size=64))
 @settings(max_examples=300, deadline=None)
 def test_protobuf_garbage_is_a_400_or_415(data: bytes) -> None:
-    from kubemcsa.testing import protobuf
+    from kubemcsa_testing import protobuf
 
     for body in (data, protobuf.MAGIC + data):
         try:

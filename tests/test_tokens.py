@@ -1,4 +1,4 @@
-"""The pure part of kubemcsa.tokens: TokenRequest bodies and answers, legacy token Secrets, refresh times."""
+"""The pure part of kubemcsa.client.tokens: TokenRequest bodies and answers, legacy token Secrets, refresh times."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa import api, tokens
-from kubemcsa.timefmt import parse_time
+from kubemcsa.client import tokens
+from kubemcsa.contract import api
+from kubemcsa.contract.timefmt import parse_time
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 
@@ -63,7 +64,7 @@ def test_a_tokens_subject_is_checked_against_the_account_asked_for() -> None:
     import base64 as b64
     import json as js
 
-    from kubemcsa.tokens import subject_mismatch
+    from kubemcsa.client.tokens import subject_mismatch
 
     def jwt(claims: dict) -> str:
         body = b64.urlsafe_b64encode(js.dumps(claims).encode()).decode().rstrip("=")

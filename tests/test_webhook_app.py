@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubemcsa import api
+from kubemcsa.contract import api
 from webhook import review
 from webhook.app import MUTATE_PATH, create_app
 from webhook.lookups import StaticCache

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubemcsa import api, kube
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa_testing.wait import wait_for
 from webhook.cache import NAMESPACE_LOOKUP_BURST, WatchCache
 from webhook.cli import SERVICE_NAME
 from webhook.lookups import Recent

@@ -17,8 +17,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubemcsa import api, tls
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.client import tls
+from kubemcsa.contract import api
+from kubemcsa_testing.wait import wait_for
 from webhook.app import MUTATE_PATH
 from webhook.cli import build_parser
 from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT

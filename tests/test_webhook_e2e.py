@@ -1,7 +1,8 @@
 """The webhook end to end: the API server calls it over verified TLS through the real manifests.
 
 The webhook runs with a token of its own ServiceAccount, bound to manifests/webhook/rbac.yaml (so that RBAC is
-proven enough), its certificate is set up by certs.manager as at startup, and the MutatingWebhookConfiguration is
+proven enough), its certificate is set up by kubemcsa.certificates.manager as at startup, and the
+MutatingWebhookConfiguration is
 the one of the manifests (matchConditions included), its Service registered with the API server. Pods are created
 with the official client, and the stored pods are checked. Tests marked real_tier also run against a real
 kube-apiserver (KUBEBUILDER_ASSETS), which reaches the webhook through the manifests' Service.
@@ -30,12 +31,13 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from certs import manager
-from kubemcsa import api, kube, tls
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.objects import create_or_get
-from kubemcsa.testing.pytest_plugin import REAL, fresh_real_clusters
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.certificates import manager
+from kubemcsa.client import kube, tls
+from kubemcsa.contract import api
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.objects import create_or_get
+from kubemcsa_testing.pytest_plugin import REAL, fresh_real_clusters
+from kubemcsa_testing.wait import wait_for
 from webhook.app import MUTATE_PATH
 from webhook.cache import WatchCache
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME

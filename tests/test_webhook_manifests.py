@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubemcsa import api
+from kubemcsa.contract import api
 from webhook.app import MUTATE_PATH
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME, build_parser
 
@@ -81,8 +81,8 @@ def test_webhook_configuration() -> None:
 
 
 def test_the_match_condition_selects_exactly_the_annotated_pods() -> None:
-    from kubemcsa.testing.admission import MATCH_CONDITION_VARIABLES
-    from kubemcsa.testing.cel import compile_expression
+    from kubemcsa_testing.admission import MATCH_CONDITION_VARIABLES
+    from kubemcsa_testing.cel import compile_expression
 
     (webhook,) = one("MutatingWebhookConfiguration")["webhooks"]
     program = compile_expression(webhook["matchConditions"][0]["expression"], MATCH_CONDITION_VARIABLES)
@@ -192,9 +192,9 @@ def test_while_the_webhook_is_down_only_annotated_pods_wait_unless_match_conditi
     import copy
     import socket
 
-    from kubemcsa.testing.admission import AdmissionAttributes, run_mutating_webhooks
-    from kubemcsa.testing.errors import StatusError
-    from kubemcsa.testing.rbac import UserInfo
+    from kubemcsa_testing.admission import AdmissionAttributes, run_mutating_webhooks
+    from kubemcsa_testing.errors import StatusError
+    from kubemcsa_testing.rbac import UserInfo
 
     with socket.socket() as probe:  # a port where nothing listens: the webhook process is stopped
         probe.bind(("127.0.0.1", 0))

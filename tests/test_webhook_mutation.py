@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubemcsa import api
-from kubemcsa.federation import projected_volume
-from kubemcsa.spec import FederatedImport, federated_import
+from kubemcsa.contract import api
+from kubemcsa.contract.federation import projected_volume
+from kubemcsa.contract.spec import FederatedImport, federated_import
 from webhook import mutation
 from webhook.lookups import StaticCache
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from certs import manager
-from kubemcsa import api, kube
+from kubemcsa.certificates import manager
+from kubemcsa.client import kube
+from kubemcsa.contract import api
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.server import WebhookServer
 

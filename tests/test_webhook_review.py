@@ -12,7 +12,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from kubemcsa import api
+from kubemcsa.contract import api
 from webhook import mutation, review
 from webhook.lookups import StaticCache
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kubemcsa import api, tls
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.client import tls
+from kubemcsa.contract import api
+from kubemcsa_testing.wait import wait_for
 from webhook.__main__ import main
 from webhook.app import MUTATE_PATH
 from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT

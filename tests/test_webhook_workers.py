@@ -25,11 +25,12 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from prometheus_client import CollectorRegistry, multiprocess
 
-from certs import manager
-from kubemcsa import api, kube, tls
-from kubemcsa.testing import ApiServer
-from kubemcsa.testing.objects import create_file, create_or_get
-from kubemcsa.testing.wait import wait_for
+from kubemcsa.certificates import manager
+from kubemcsa.client import kube, tls
+from kubemcsa.contract import api
+from kubemcsa_testing import ApiServer
+from kubemcsa_testing.objects import create_file, create_or_get
+from kubemcsa_testing.wait import wait_for
 from webhook.app import MUTATE_PATH
 from webhook.cache import WatchCache
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME

@@ -7,7 +7,7 @@ The decision (pure):
 
 What the webhook knows of its cluster:
 - `lookups`: the known imports and namespaces as plain data, and the event loop's dict-only view of them (no
-  Kubernetes client: the serving workers use it alone); an import's spec is read by `kubemcsa.spec`;
+  Kubernetes client: the serving workers use it alone); an import's spec is read by `kubemcsa.contract.spec`;
 - `cache`: `WatchCache`, the watches that fill them, and the one API call on a miss.
 
 Serving:

@@ -10,7 +10,8 @@ connection caps do not count: kubelet's probes and Prometheus get through while 
 It reaches its cluster in-cluster, else through --kubeconfig or KUBECONFIG. The certificate files are watched
 and reloaded into the live TLS context when they change (a renewal drops no request). With
 --manage-certificates, the webhook itself keeps the CA, the serving certificate (in a Secret shared by all
-replicas) and the MutatingWebhookConfiguration's caBundle up to date (certs.manager). SIGTERM: readiness turns
+replicas) and the MutatingWebhookConfiguration's caBundle up to date (kubemcsa.certificates.manager). SIGTERM:
+readiness turns
 off, and after --shutdown-delay seconds (for the endpoints to forget this pod) in-flight requests finish.
 With --workers N, this process watches the cluster and N serving processes share the port (webhook.workers).
 The flags are webhook.cli's; the server, webhook.server's: this module only runs them.
@@ -30,8 +31,8 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from certs.reloader import RenewalLoop
-from kubemcsa import api
+from kubemcsa.certificates.reloader import RenewalLoop
+from kubemcsa.contract import api
 from webhook import workers
 from webhook.cli import build_parser
 from webhook.server import WebhookServer, settle_garbage_collector
@@ -39,7 +40,8 @@ from webhook.server import WebhookServer, settle_garbage_collector
 if TYPE_CHECKING:
     from kubernetes import client
 
-# The Kubernetes client (certs.manager, kubemcsa.kube, webhook.cache) is imported where it is used, so that
+# The Kubernetes client (kubemcsa.certificates.manager, kubemcsa.client.kube, webhook.cache) is imported where it is
+# used, so that
 # importing this module stays as light as the serving workers (webhook.worker) need theirs to be.
 
 log = logging.getLogger("webhook")
@@ -49,7 +51,7 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kubemcsa import kube
+    from kubemcsa.client import kube
 
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 0:
@@ -80,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _certificate_files(args: argparse.Namespace) -> tuple[str, str] | str:
     """(certificate file, key file) to serve with, or what is wrong with the flags that name them."""
-    from certs import manager
+    from kubemcsa.certificates import manager
 
     if args.manage_certificates:
         if args.tls_cert_file or args.tls_key_file:
@@ -115,7 +117,7 @@ def _first_certificates(
     args: argparse.Namespace, api_client: client.ApiClient, stop: threading.Event
 ) -> RenewalLoop | None:
     """The renewal loop of --manage-certificates, once it has made a trusted certificate (None: stopped first)."""
-    from certs import manager
+    from kubemcsa.certificates import manager
 
     renewal = RenewalLoop(
         api_client,

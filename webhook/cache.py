@@ -1,7 +1,7 @@
 """What the webhook knows about its cluster: which ServiceAccountImports exist (and how a federated one is mounted),
 the namespaces' labels, and the audiences of the federated source clusters.
 
-Fed by three watches (kubemcsa.kube.Informer), so a request costs dict hits. On a miss (an import or a
+Fed by three watches (kubemcsa.client.kube.Informer), so a request costs dict hits. On a miss (an import or a
 namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
 namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
 waits past the caller's deadline. A namespace that does not exist is remembered longer (ABSENT_SECONDS: anyone
@@ -19,8 +19,9 @@ from collections.abc import Callable, Mapping, Sequence
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import api, federation, kube
-from kubemcsa.spec import FederatedImport
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.spec import FederatedImport
 from webhook.lookups import (
     MISS_IMPORT,
     MISS_NAMESPACE,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from kubemcsa import api
+from kubemcsa.contract import api
 from webhook import connections, workers
 
 SERVICE_NAME = "service-account-import-admission-controller"

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from kubemcsa import api, federation
-from kubemcsa.spec import FederatedImport, federated_import
+from kubemcsa.contract import api, federation
+from kubemcsa.contract.spec import FederatedImport, federated_import
 from webhook.mutation import (
     REASON_AUDIENCE_NOT_ALLOWED,
     REASON_UNKNOWN_FEDERATED_SOURCE,
@@ -40,7 +40,8 @@ KEPT_AUDIENCES = federation.MAX_AUDIENCES + 1
 
 
 def mount_spec(obj: Mapping[str, object]) -> FederatedImport | None:
-    """What the webhook keeps of an import's spec: for a federated one, how it is mounted (kubemcsa.spec's lenient
+    """What the webhook keeps of an import's spec: for a federated one, how it is mounted (kubemcsa.contract.spec's
+    lenient
     reading); None for the others (a Secret volume)."""
     return federated_import(obj, max_audiences=KEPT_AUDIENCES)
 

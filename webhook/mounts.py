@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from kubemcsa import api, federation
+from kubemcsa.contract import api, federation
 
 # Every list of containers in a pod spec: each container of each gets the imports' mounts.
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubemcsa import api
+from kubemcsa.contract import api
 from webhook import mounts
 
 # Refusal reasons: the label of the refusals metric, and a stable word for tests and logs.

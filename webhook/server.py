@@ -1,7 +1,8 @@
 """The webhook served over TLS by uvicorn in a background thread (`WebhookServer`), the process side of the webhook.
 
 webhook.app is the ASGI application (what a request gets); this module is what serves it: uvicorn with the
-serving certificate reloaded into the live TLS context when its files change (certs.reloader), the webhook port's
+serving certificate reloaded into the live TLS context when its files change (kubemcsa.certificates.reloader), the
+webhook port's
 connection guards (webhook.connections) and one TLS record per answer (webhook.coalesce), the plain-HTTP health
 port, and a graceful stop. `python -m webhook` runs one (or webhook.workers runs one per serving process); tests,
 the demo and the benchmarks start it directly.
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from certs.reloader import CertificateReloader
+from kubemcsa.certificates.reloader import CertificateReloader
 from webhook import coalesce, connections, workers
 from webhook.app import WebhookCache, create_app, create_health_app
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
-from kubemcsa.spec import FederatedImport
+from kubemcsa.contract.spec import FederatedImport
 from webhook.lookups import (
     MISS_IMPORT,
     MISS_NAMESPACE,

@@ -12,7 +12,8 @@ worker starts. A worker answers from its copy on its event loop; what its copy m
 if one is needed, is made by this process's cache: one per namespace and kind at a time across all workers).
 A reply is sent after every change this process had seen, so the worker's copy is never older than the answer.
 
-Each worker reloads the certificate files by itself (certs.reloader, every 2 s) and keeps the request read
+Each worker reloads the certificate files by itself (kubemcsa.certificates.reloader, every 2 s) and keeps the request
+read
 deadline and connection cap of webhook.connections. Metrics: prometheus_client's multiprocess mode, every worker
 writing its counters to files in one directory (memory, /dev/shm by default), which /metrics on any worker adds up;
 the counts of a worker that died stay in the sums. A worker that dies is replaced (after a back-off if it dies

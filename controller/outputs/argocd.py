@@ -1,7 +1,7 @@
 """The Argo CD output: an import's Argo CD cluster Secret, decided from data alone (no API call, no clock).
 
 The Secret `<import>-argocd` sits next to the import's own Secret and carries the same credentials in Argo CD's
-format (kubemcsa.argocd). It follows the import's Secret: written once that Secret holds what Argo CD needs (a
+format (kubemcsa.contract.argocd). It follows the import's Secret: written once that Secret holds what Argo CD needs (a
 token, or for a federated import the server and CA), rewritten whenever the token changes, deleted when
 spec.argoCD goes, left alone (and reported) when a Secret of that name belongs to someone else. A failed refresh
 changes nothing: the last good token stays."""
@@ -12,10 +12,10 @@ import posixpath
 from typing import Any
 
 from controller.outputs.base import Observed, Output, OutputAction, OutputInput, Owned, Want, Watch, plan_output
-from kubemcsa import api, argocd
-from kubemcsa.credentials import CredentialsError, from_secret_data
-from kubemcsa.imports import as_dict, controlled_secret, metadata_of, string_map
-from kubemcsa.spec import ImportSpec
+from kubemcsa.contract import api, argocd
+from kubemcsa.contract.credentials import CredentialsError, from_secret_data
+from kubemcsa.contract.imports import as_dict, controlled_secret, metadata_of, string_map
+from kubemcsa.contract.spec import ImportSpec
 
 CONDITION_ARGOCD = "ArgoCDSecretReady"
 REASON_WRITTEN = "SecretWritten"
@@ -96,7 +96,7 @@ OUTPUT = Output(
         label_selector=f"{argocd.SECRET_TYPE_LABEL}={argocd.SECRET_TYPE_CLUSTER}",
         import_for=lambda obj: api.import_name_for_argocd_secret(metadata_of(obj).get("name", "")),
     ),
-    parse=lambda spec, section: spec.argocd,  # spec.argoCD is part of the import's contract (kubemcsa.spec)
+    parse=lambda spec, section: spec.argocd,  # spec.argoCD is part of the import's contract (kubemcsa.contract.spec)
     desire=_desire,
     is_current=_is_current,
     conflict_reason=api.REASON_SECRET_CONFLICT,

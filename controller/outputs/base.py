@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kubemcsa.imports import is_controlled_by, metadata_of
-from kubemcsa.spec import ImportSpec
+from kubemcsa.contract.imports import is_controlled_by, metadata_of
+from kubemcsa.contract.spec import ImportSpec
 
 # An optional watch that has not listed yet (its API may be starting): a wait, said without a Warning Event.
 REASON_CACHE_NOT_SYNCED = "CacheNotSynced"

@@ -23,11 +23,11 @@ import posixpath
 from typing import Any
 
 from controller.outputs.base import Output, OutputInput, Owned, SourceView, Want, Watch
-from kubemcsa import api
-from kubemcsa.credentials import CredentialsError, from_secret_data
-from kubemcsa.exec_plugin import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
-from kubemcsa.imports import as_dict, metadata_of, owner_reference, string_map
-from kubemcsa.spec import ImportSpec, SpecError
+from kubemcsa.cli.exec_plugin import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
+from kubemcsa.contract import api
+from kubemcsa.contract.credentials import CredentialsError, from_secret_data
+from kubemcsa.contract.imports import as_dict, metadata_of, owner_reference, string_map
+from kubemcsa.contract.spec import ImportSpec, SpecError
 
 GROUP = "multicluster.x-k8s.io"
 API_VERSION = f"{GROUP}/v1alpha1"

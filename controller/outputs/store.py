@@ -13,7 +13,7 @@ from controller.assess import OutputWrite
 from controller.outputs import OUTPUTS
 from controller.outputs.base import Observed
 from controller.runtime.writes import RecentWrites
-from kubemcsa import kube
+from kubemcsa.client import kube
 
 
 @dataclass

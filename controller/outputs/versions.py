@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
+from kubemcsa.client import kube
 
 
 def anonymous_client(server: str, ca_pem: bytes) -> ApiClient:

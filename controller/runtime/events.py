@@ -11,8 +11,8 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
-from kubemcsa.timefmt import format_time
+from kubemcsa.client import kube
+from kubemcsa.contract.timefmt import format_time
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa import kube
+from kubemcsa.client import kube
 
 log = logging.getLogger(__name__)
 

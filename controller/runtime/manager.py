@@ -19,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.runtime.health import HealthServer
 from controller.runtime.leader import LeaderElector
 from controller.runtime.queue import WorkQueue
-from kubemcsa import kube
+from kubemcsa.client import kube
 
 log = logging.getLogger(__name__)
 

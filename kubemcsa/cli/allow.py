@@ -1,0 +1,277 @@
+"""`kubemcsa allow` and `kubemcsa disallow`: the owner of a service account decides who may import it.
+
+An export is two things in the source cluster, both next to the service account:
+- RBAC, which the source's API server enforces: a Role granting `create` on `serviceaccounts/token` for this one
+  account (`resourceNames`) and a RoleBinding of it to each consumer cluster's identity there
+  (`system:serviceaccount:multicluster-service-account:<consumer cluster>`, made by `kubemcsa bootstrap`);
+- the label `multicluster.admiralty.io/exported: "true"` and the annotation `multicluster.admiralty.io/export-to`,
+  which consumer controllers watch, to enforce the namespace part (kubemcsa/contract/export_policy.py).
+
+`plan_allow` and `plan_disallow` are pure; `apply` makes the calls, idempotently, and reports each step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import urllib3
+from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
+
+from kubemcsa.cli.bootstrap import (
+    MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE,
+    RBAC_API_VERSION,
+    Applier,
+    BootstrapError,
+    Cluster,
+    Result,
+)
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa.contract.export_policy import ExportPattern, export_to_of, format_export_to, glob_match, parse_pattern
+
+JSON = dict[str, Any]
+# On the Role and RoleBinding: the service account they export (hashed when too long for a label value).
+EXPORT_OF_LABEL = "multicluster.admiralty.io/export-of"
+_RBAC_PREFIX = "multicluster-service-account-export-"
+_MAX_NAME = 253
+
+
+class AllowError(Exception):
+    """allow/disallow failed: one sentence saying what and what to do. Never holds a token."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What a service account's export should become: its export-to patterns and the objects that grant them."""
+
+    namespace: str
+    name: str
+    export_to: tuple[ExportPattern, ...]
+    service_account_patch: JSON | None  # a merge patch of the account's label and annotation; None: unchanged
+    role: JSON | None  # None: there should be none
+    binding: JSON | None
+    still_allowed: tuple[tuple[ExportPattern, ExportPattern], ...] = ()  # (asked to disallow, still matched by)
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        """The consumer clusters whose identity RBAC lets request this account's tokens."""
+        return granted_clusters(self.export_to)
+
+
+def _short(value: str, limit: int) -> str:
+    if len(value) <= limit:
+        return value
+    return f"{value[: limit - 9].rstrip('-.')}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
+
+
+def export_rbac_name(service_account: str) -> str:
+    """The name of the Role and RoleBinding that export `service_account` (in its namespace)."""
+    return _short(_RBAC_PREFIX + service_account, _MAX_NAME)
+
+
+def parse_targets(values: Iterable[str], *, flag: str = "--to") -> tuple[ExportPattern, ...]:
+    """The CONSUMER_CLUSTER/NAMESPACE patterns given on the command line (comma-separated, repeatable), strictly.
+
+    The cluster part must name one cluster: RBAC grants to an identity, not to a pattern.
+    """
+    patterns: list[ExportPattern] = []
+    for value in values:
+        for item in value.split(","):
+            if not item.strip():
+                continue
+            try:
+                pattern = parse_pattern(item)
+            except ValueError as exc:
+                raise AllowError(f"{flag}: {exc}") from None
+            if not pattern.cluster_is_literal:
+                raise AllowError(
+                    f"{flag}: the cluster part of {item.strip()!r} is a pattern; name each consumer cluster, as RBAC "
+                    "grants tokens to one cluster's identity at a time."
+                )
+            if not api.is_dns_subdomain(pattern.cluster):
+                raise AllowError(f"{flag}: {pattern.cluster!r} is not a cluster name; use the name bootstrap gave it.")
+            if pattern not in patterns:
+                patterns.append(pattern)
+    if not patterns:
+        raise AllowError(f"{flag} is empty; list CLUSTER/NAMESPACE patterns like cluster1/team-a,cluster1/ci-*.")
+    return tuple(patterns)
+
+
+def granted_clusters(patterns: Iterable[ExportPattern]) -> tuple[str, ...]:
+    """The clusters named literally by `patterns`: those the RoleBinding binds."""
+    return tuple(sorted({p.cluster for p in patterns if p.cluster_is_literal}))
+
+
+def export_role(namespace: str, name: str) -> JSON:
+    return {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "Role",
+        "metadata": {"name": export_rbac_name(name), "namespace": namespace, "labels": _labels(name)},
+        "rules": [
+            {"apiGroups": [""], "resources": ["serviceaccounts/token"], "resourceNames": [name], "verbs": ["create"]}
+        ],
+    }
+
+
+def export_binding(namespace: str, name: str, clusters: Iterable[str]) -> JSON:
+    return {
+        "apiVersion": RBAC_API_VERSION,
+        "kind": "RoleBinding",
+        "metadata": {"name": export_rbac_name(name), "namespace": namespace, "labels": _labels(name)},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": export_rbac_name(name)},
+        "subjects": [
+            {"kind": "ServiceAccount", "name": api.consumer_service_account(c), "namespace": api.SYSTEM_NAMESPACE}
+            for c in clusters
+        ],
+    }
+
+
+def _labels(name: str) -> dict[str, str]:
+    return {MANAGED_BY_LABEL: MANAGED_BY_VALUE, EXPORT_OF_LABEL: _short(name, 63).strip("-.")}
+
+
+def _plan(service_account: JSON, export_to: tuple[ExportPattern, ...]) -> ExportPlan:
+    meta = service_account.get("metadata") or {}
+    namespace, name = meta.get("namespace", ""), meta.get("name", "")
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    value = format_export_to(export_to)
+    if export_to:
+        wanted_label, wanted_annotation = api.EXPORTED_LABEL_VALUE, value
+    else:
+        wanted_label = wanted_annotation = None
+    patch: JSON = {}
+    if labels.get(api.EXPORTED_LABEL) != wanted_label:
+        patch.setdefault("metadata", {})["labels"] = {api.EXPORTED_LABEL: wanted_label}
+    if annotations.get(api.EXPORT_TO_ANNOTATION) != wanted_annotation:
+        patch.setdefault("metadata", {})["annotations"] = {api.EXPORT_TO_ANNOTATION: wanted_annotation}
+    clusters = granted_clusters(export_to)
+    return ExportPlan(
+        namespace=namespace,
+        name=name,
+        export_to=export_to,
+        service_account_patch=patch or None,
+        role=export_role(namespace, name) if clusters else None,
+        binding=export_binding(namespace, name, clusters) if clusters else None,
+    )
+
+
+def plan_allow(service_account: JSON, targets: Iterable[ExportPattern]) -> ExportPlan:
+    """The export of `service_account` with `targets` added to what its owner already allowed."""
+    current = export_to_of(service_account).patterns
+    return _plan(service_account, tuple(dict.fromkeys((*current, *targets))))
+
+
+def plan_disallow(service_account: JSON, targets: Iterable[ExportPattern] | None) -> ExportPlan:
+    """The export of `service_account` without the patterns `targets` cover (None: without any)."""
+    current = export_to_of(service_account).patterns
+    if targets is None:
+        return _plan(service_account, ())
+    targets = tuple(targets)
+
+    def covered(p: ExportPattern) -> bool:
+        return any(glob_match(t.cluster, p.cluster) and glob_match(t.namespace, p.namespace) for t in targets)
+
+    kept = tuple(p for p in current if not covered(p))
+    still = tuple(
+        (t, p)
+        for t in targets
+        for p in kept
+        if t.cluster_is_literal and "*" not in t.namespace and p.matches(t.cluster, t.namespace)
+    )
+    return dataclasses.replace(_plan(service_account, kept), still_allowed=still)
+
+
+def summary(plan: ExportPlan, source: str) -> str:
+    """One line for the end of the command: to whom the account is exported now."""
+    what = f"Service account {plan.namespace}/{plan.name} of cluster {source!r}"
+    if not plan.export_to:
+        return f"{what} is not exported: no consumer cluster may import it."
+    line = f"{what} is exported to {format_export_to(plan.export_to)}"
+    if plan.consumers:
+        line += f" (RBAC lets {', '.join(plan.consumers)} request its tokens)"
+    return line + "."
+
+
+# --- the edge: API calls ---------------------------------------------------------------------------------------
+
+
+def apply(
+    client: ApiClient,
+    source: str,
+    namespace: str,
+    name: str,
+    decide: Callable[[JSON], ExportPlan],
+    *,
+    report: Callable[[str], None] = print,
+) -> ExportPlan:
+    """Read the service account, decide its export with `decide` (plan_allow or plan_disallow), make it so.
+
+    Allowing grants RBAC before labelling the account (consumers see it only once its tokens can be had);
+    disallowing unlabels it before revoking RBAC (consumers drop it before their requests start failing).
+    """
+    cluster = Cluster("source", source, client)
+    accounts = kube.Resource(client, kube.SERVICE_ACCOUNTS)
+    what = f"service account {namespace}/{name} in cluster {source!r}"
+    try:
+        service_account = accounts.get(name, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise AllowError(f"{what} does not exist; create it first, or fix the name and -n.") from None
+        if exc.status in (401, 403):
+            raise AllowError(f"you may not read {what}; use a context of its namespace's admin.") from None
+        raise AllowError(f"cluster {source!r} refused to read {what}: {kube.error_message(exc)}.") from None
+    except (urllib3.exceptions.HTTPError, OSError):
+        raise AllowError(f"cannot reach cluster {source!r}; check the context and the network.") from None
+    plan = decide(service_account)
+    applier = Applier(cluster, Result(), report, admin_advice=_ADMIN_ADVICE)
+    try:
+        if plan.export_to:
+            for obj in (plan.role, plan.binding):
+                if obj is not None:
+                    applier.ensure(obj)
+            _update_service_account(applier, accounts, plan)
+            if plan.binding is None:
+                _remove_rbac(applier, namespace, name)
+        else:
+            _update_service_account(applier, accounts, plan)
+            _remove_rbac(applier, namespace, name)
+    except BootstrapError as exc:
+        raise AllowError(str(exc)) from None
+    return plan
+
+
+_ADMIN_ADVICE = "use a context of the namespace's admin there"
+
+
+def _update_service_account(applier: Applier, accounts: kube.Resource, plan: ExportPlan) -> None:
+    obj = {"kind": "ServiceAccount", "metadata": {"name": plan.name, "namespace": plan.namespace}}
+    if plan.service_account_patch is None:
+        applier.step(obj, "unchanged")
+        return
+    applier.call(obj, lambda: accounts.patch(plan.name, plan.service_account_patch, plan.namespace))
+    value = format_export_to(plan.export_to) or "nobody"
+    applier.step(obj, f"updated (export-to: {value})")
+
+
+def _remove_rbac(applier: Applier, namespace: str, name: str) -> None:
+    for rtype in (kube.ROLE_BINDINGS, kube.ROLES):
+        obj = {"kind": rtype.kind, "apiVersion": rtype.api_version}
+        obj["metadata"] = {"name": export_rbac_name(name), "namespace": namespace}
+        resource = kube.Resource(applier.cluster.client, rtype)
+        try:
+            resource.get(export_rbac_name(name), namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                continue
+            raise AllowError(
+                f"cluster {applier.cluster.name!r} refused to read {rtype.kind} {namespace}/{export_rbac_name(name)}; "
+                f"{_ADMIN_ADVICE}."
+            ) from None
+        applier.delete(obj)

@@ -1,0 +1,1 @@
+"""The Kubernetes client layer: API access, kubeconfigs, token requests, TLS."""
