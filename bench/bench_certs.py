@@ -25,12 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from certs_tls_server import RequestLoop, TLSServer, client_context  # noqa: E402
+from certs_tls_server import RequestLoop, TLSServer, client_context
 
-from kubemcsa.certificates import manager  # noqa: E402
-from kubemcsa.certificates import plan as planning  # noqa: E402
-from kubemcsa.client import kube, tls  # noqa: E402
-from kubemcsa_testing import ApiServer  # noqa: E402
+from kubemcsa.certificates import manager
+from kubemcsa.certificates import plan as planning
+from kubemcsa.client import kube, tls
+from kubemcsa_testing import ApiServer
 
 NAMES = tls.service_dns_names("webhook", "mcsa")
 

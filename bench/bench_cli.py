@@ -25,12 +25,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubernetes.client import Configuration  # noqa: E402
+from kubernetes.client import Configuration
 
-from kubemcsa import cli, config, demo  # noqa: E402
-from kubemcsa.client import kube  # noqa: E402
-from kubemcsa.contract.credentials import Credentials, build_kubeconfig  # noqa: E402
-from kubemcsa_testing import ApiServer  # noqa: E402
+from kubemcsa import cli, config, demo
+from kubemcsa.client import kube
+from kubemcsa.contract.credentials import Credentials, build_kubeconfig
+from kubemcsa_testing import ApiServer
 
 CRD = ROOT / "manifests" / "crd" / "serviceaccountimports.yaml"
 

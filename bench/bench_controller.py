@@ -45,9 +45,9 @@ from kubernetes.client.exceptions import ApiException
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubemcsa.client import kube  # noqa: E402
-from kubemcsa.contract import api  # noqa: E402
-from kubemcsa_testing import ApiServer  # noqa: E402
+from kubemcsa.client import kube
+from kubemcsa.contract import api
+from kubemcsa_testing import ApiServer
 
 MANIFESTS = ROOT / "manifests"
 SYSTEM_NS = api.SYSTEM_NAMESPACE

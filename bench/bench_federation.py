@@ -22,11 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.run import Controller, Options  # noqa: E402
-from kubemcsa.cli import bootstrap, federate  # noqa: E402
-from kubemcsa.client import kube  # noqa: E402
-from kubemcsa.contract import api, federation  # noqa: E402
-from kubemcsa_testing import ApiServer  # noqa: E402
+from controller.run import Controller, Options
+from kubemcsa.cli import bootstrap, federate
+from kubemcsa.client import kube
+from kubemcsa.contract import api, federation
+from kubemcsa_testing import (
+    ApiServer,
+    crd_manifest,
+)
 
 SYSTEM = api.SYSTEM_NAMESPACE
 
@@ -57,7 +60,7 @@ def main() -> None:
 
     with ApiServer(name="cluster1") as c1, ApiServer(name="cluster2") as c2:
         admin1 = c1.admin_client()
-        kube.Resource(admin1, kube.CRDS).create(api.crd_manifest())
+        kube.Resource(admin1, kube.CRDS).create(crd_manifest())
         kube.Resource(admin1, kube.NAMESPACES).create({"metadata": {"name": SYSTEM}})
         # The identity whose tokens check trust (federate.apply creates it too, as the manifests do).
         kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create(federation.trust_check_service_account(), SYSTEM)

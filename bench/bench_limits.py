@@ -24,9 +24,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kubemcsa.client import tls  # noqa: E402
-from kubemcsa.contract import api  # noqa: E402
-from kubemcsa.contract.export_policy import MAX_EXPORT_TO_ENTRIES, export_verdict  # noqa: E402
+from kubemcsa.client import tls
+from kubemcsa.contract import api
+from kubemcsa.contract.export_policy import MAX_EXPORT_TO_ENTRIES, export_verdict
 
 
 def export_to_cpu_ms(entries: int, cluster: str) -> tuple[float, bool, str]:

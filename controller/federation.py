@@ -24,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import NeedsTrustCheck, Trust
 from kubemcsa.client import kube, tokens
+from kubemcsa.client import trust as trust_api
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.federation import FederatedSource, FederationError
 
@@ -127,7 +128,7 @@ class TrustChecks:
         source, audience = need.source, need.audience
         now = self.clock()
         if audience not in source.allowed_audiences:  # assess refuses these; never mint one for the source anyway
-            answer = federation.TrustCheck(
+            answer = trust_api.TrustCheck(
                 None, f"The record of federated cluster {source.cluster_name} does not allow that audience"
             )
         else:
@@ -142,7 +143,7 @@ class TrustChecks:
             log.info("cluster %s does not trust this cluster's tokens yet: %s", source.cluster_name, answer.problem)
         return trust
 
-    def _ask(self, source: FederatedSource, audience: str) -> federation.TrustCheck:
+    def _ask(self, source: FederatedSource, audience: str) -> trust_api.TrustCheck:
         namespace, name = self.check_identity
         try:
             issued = tokens.request_token(
@@ -159,20 +160,20 @@ class TrustChecks:
                 fix = "create it (manifests/controller/serviceaccount.yaml), bound to nothing"
             else:
                 fix = f"grant the controller create on serviceaccounts/token with resourceNames [{name}] there only"
-            return federation.TrustCheck(
+            return trust_api.TrustCheck(
                 None,
                 f"The controller could not get a token of the trust-check service account {namespace}/{name} for "
                 f"audience {audience} ({exc.status}: {' '.join(kube.error_message(exc).split())[:200]}); {fix} "
                 "(manifests/controller), or name another account bound to nothing with --trust-check-service-account",
             )
         except (*kube.CONNECTION_ERRORS, tokens.TokenAnswerError) as exc:
-            return federation.TrustCheck(
+            return trust_api.TrustCheck(
                 None, f"The controller could not get a token from the local API server ({type(exc).__name__})"
             )
-        answer = federation.check_trust(source, issued.token, timeout=self.timeout)
+        answer = trust_api.check_trust(source, issued.token, timeout=self.timeout)
         if answer.trusted or answer.code != 401:
             return answer
-        return federation.TrustCheck(
+        return trust_api.TrustCheck(
             None,
             f"Cluster {source.cluster_name} does not trust this cluster's service-account tokens (401 to a token of "
             f"{namespace}/{name} for audience {audience})",

@@ -20,6 +20,7 @@ from controller.assess import Remote
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
 from kubemcsa.client import kube, tokens
 from kubemcsa.contract import api
+from kubemcsa.contract import imports as imports_contract
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa.contract.imports import ImportToken, inputs_hash
 from kubemcsa.contract.spec import ImportSpec
@@ -255,7 +256,9 @@ def fetch_token(
                 clock=clock,
             )
             if issued.expires_at is None:  # an answer without expiry: assume the requested one
-                issued = tokens.IssuedToken(issued.token, issued.issued_at, issued.issued_at + spec.expiration_seconds)
+                issued = imports_contract.IssuedToken(
+                    issued.token, issued.issued_at, issued.issued_at + spec.expiration_seconds
+                )
     except ApiException as exc:
         if not exc.status:  # the client wraps a TLS failure in an ApiException without a status
             raise unreachable(source, exc) from None

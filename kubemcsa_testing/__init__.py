@@ -27,7 +27,18 @@ Where it knowingly differs from kube-apiserver (tests/test_conformance.py pins d
 - Watch bookmarks come every second (kube: about a minute), and at the end of a watch.
 """
 
+from importlib.resources import files
+from typing import Any
+
+import yaml
+
 from kubemcsa_testing.errors import StatusError
 from kubemcsa_testing.server import ApiServer, RequestRecord
 
 __all__ = ["ApiServer", "RequestRecord", "StatusError"]
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The ServiceAccountImport CustomResourceDefinition of manifests/crd (crd.yaml here links to that one file, and a
+    build of the package copies it in, so that the demo and tests work from any installation)."""
+    return yaml.safe_load(files("kubemcsa_testing").joinpath("crd.yaml").read_text())

@@ -25,7 +25,7 @@ from kubemcsa import config
 from kubemcsa.cli import allow, bootstrap
 from kubemcsa.client import kube
 from kubemcsa.contract import api
-from kubemcsa_testing import wait
+from kubemcsa_testing import crd_manifest, wait
 
 JSON = dict[str, Any]
 WEBHOOK_CONFIGURATION = "service-account-import-admission-controller"
@@ -249,7 +249,7 @@ class Demo:
         admin2 = self._client(cluster2.admin_client())
 
         self.step("Installing multicluster-service-account in cluster1: the ServiceAccountImport CRD")
-        crd = api.crd_manifest()
+        crd = crd_manifest()
         kube.Resource(admin1, kube.CRDS).create(crd)
         self.say(f"created CustomResourceDefinition {crd['metadata']['name']}")
         return cluster1, cluster2, kubeconfigs, admin1, admin2

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from kubemcsa_testing import crd_manifest
 from kubemcsa_testing.controlplane import ControlPlane, assets_folder, missing_assets_reason, no_jwt_issuers
 from kubemcsa_testing.server import ApiServer
 
@@ -91,12 +92,11 @@ def start_real_control_planes(assets: Path, workdir: Path) -> tuple[ControlPlane
         # The project's CRD is there from the start, as on a cluster where it is installed, and before
         # kube-controller-manager starts: its garbage collector learns of a resource type added later only every
         # 30 s, which would leave an import's Secrets uncollected that long.
-        from kubemcsa.contract import api
         from kubemcsa_testing.objects import create_or_get
 
         # In this thread, not a pool's: a child started from a thread is killed when that thread ends (PDEATHSIG).
         for plane in planes:
-            plane.wait_ready(after_ready=lambda plane=plane: create_or_get(plane.admin_client(), api.crd_manifest()))
+            plane.wait_ready(after_ready=lambda plane=plane: create_or_get(plane.admin_client(), crd_manifest()))
         for plane in planes:
             plane.snapshot_baseline()
     except BaseException:

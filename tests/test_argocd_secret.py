@@ -25,6 +25,7 @@ from kubemcsa.client import kube
 from kubemcsa.contract import api, argocd
 from kubemcsa.contract.spec import SpecError, parse_spec
 from kubemcsa.contract.timefmt import parse_time
+from kubemcsa_testing import crd_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -214,7 +215,7 @@ def test_any_argocd_value_parses_or_raises_spec_error(value):
 @pytest.fixture
 def imports(cluster1):
     admin = cluster1.admin_client()
-    kube.Resource(admin, kube.resource_type_of(api.crd_manifest())).create(api.crd_manifest())
+    kube.Resource(admin, kube.resource_type_of(crd_manifest())).create(crd_manifest())
     return kube.Resource(admin, kube.SERVICE_ACCOUNT_IMPORTS)
 
 

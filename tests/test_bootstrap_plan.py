@@ -11,9 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kubemcsa.cli import bootstrap
-from kubemcsa.client.tokens import IssuedToken
 from kubemcsa.contract import api, imports
 from kubemcsa.contract.credentials import Credentials, from_secret_data
+from kubemcsa.contract.imports import IssuedToken
 
 NOW_TS = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC).timestamp()
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from controller import assess as ca
 from controller.sources import is_source_credential
-from kubemcsa.client.tokens import IssuedToken, consumer_of_token
+from kubemcsa.client.tokens import consumer_of_token
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials, to_secret_data
-from kubemcsa.contract.imports import ImportToken, import_secret, inputs_hash
+from kubemcsa.contract.imports import ImportToken, IssuedToken, import_secret, inputs_hash
 from kubemcsa.contract.spec import parse_spec
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"

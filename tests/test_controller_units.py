@@ -15,10 +15,9 @@ from controller import assess as ca
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
-from kubemcsa.client.tokens import IssuedToken
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
-from kubemcsa.contract.imports import ImportToken, inputs_hash
+from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
 from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
 from kubemcsa.contract.timefmt import format_time, parse_time
 

@@ -14,6 +14,7 @@ from kubernetes.client.exceptions import ApiException
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.spec import DEFAULT_FEDERATED_EXPIRATION_SECONDS, SpecError, parse_spec
+from kubemcsa_testing import crd_manifest
 
 KUBECTL = shutil.which("kubectl")
 
@@ -48,7 +49,7 @@ def test_other_modes_keep_their_defaults_and_still_need_a_name() -> None:
 
 @pytest.fixture
 def with_crd(cluster1) -> Any:
-    kube.Resource(cluster1.admin_client(), kube.CRDS).create(api.crd_manifest())
+    kube.Resource(cluster1.admin_client(), kube.CRDS).create(crd_manifest())
     return cluster1
 
 
@@ -68,7 +69,7 @@ def test_the_crd_requires_name_unless_federated(with_crd) -> None:
 
 
 def test_a_crd_rule_outside_the_evaluators_subset_is_refused_when_the_crd_is_written(cluster1) -> None:
-    crd = api.crd_manifest()
+    crd = crd_manifest()
     spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     spec_schema["x-kubernetes-validations"] = [{"rule": "self.name.lowerAscii() == self.name"}]
     with pytest.raises(ApiException) as info:

@@ -83,7 +83,7 @@ def test_dockerignore_leaves_out_the_in_memory_api_server_and_the_tests() -> Non
     patterns = dockerignore_patterns()
     assert ignored("kubemcsa_testing/server.py", patterns)
     assert ignored("tests/test_image.py", patterns) and ignored("controller/__pycache__/run.cpython-312.pyc", patterns)
-    assert not ignored("kubemcsa/client/kube.py", patterns) and not ignored("kubemcsa/contract/crd.yaml", patterns)
+    assert not ignored("kubemcsa/client/kube.py", patterns)
 
 
 def test_final_stage_copies_only_the_virtual_environment() -> None:
@@ -114,8 +114,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_the_installed_package_has_no_in_memory_api_server_nor_test_dependency(installed: Path) -> None:
-    assert (installed / "kubemcsa" / "kube.py").is_file() and (installed / "kubemcsa" / "crd.yaml").is_file()
-    assert not (installed / "kubemcsa" / "testing").exists()
+    assert (installed / "kubemcsa" / "client" / "kube.py").is_file()
+    assert not (installed / "kubemcsa_testing").exists() and not (installed / "kubemcsa" / "testing").exists()
     assert not (installed / "tests").exists() and not (installed / "bench").exists()
     (metadata,) = installed.glob("*.dist-info/METADATA")
     lines = metadata.read_text().splitlines()

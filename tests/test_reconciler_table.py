@@ -33,11 +33,10 @@ from controller.reconciler import Caches, Reconciler, import_key
 from controller.remote import RemoteFailure, classify_remote_error, unreachable
 from controller.runtime.manager import Result
 from controller.sources import ORIGIN_KUBECONFIG, SourceCluster
-from kubemcsa.client.tokens import IssuedToken
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa.contract.federation import FederatedSource
-from kubemcsa.contract.imports import ImportToken, inputs_hash
+from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
 from kubemcsa.contract.spec import ImportSpec, parse_spec
 from kubemcsa.contract.timefmt import format_time
 from kubemcsa_testing.patch import merge_patch

@@ -9,7 +9,7 @@ import pytest
 
 from kubemcsa.client import kube
 from kubemcsa.contract import api
-from kubemcsa_testing import table
+from kubemcsa_testing import crd_manifest, table
 from kubemcsa_testing.wait import wait_for
 
 OBJ = {
@@ -61,7 +61,7 @@ def test_builtin_resources_get_name_and_created_at():
 
 def test_crd_date_columns_hold_past_times_only():
     """A `date` column prints the time since then: the token expiry (a future time) must be a string column."""
-    (version,) = api.crd_manifest()["spec"]["versions"]
+    (version,) = crd_manifest()["spec"]["versions"]
     dates = [c["jsonPath"] for c in version["additionalPrinterColumns"] if c["type"] == "date"]
     assert dates == [".metadata.creationTimestamp"]
 
@@ -69,7 +69,7 @@ def test_crd_date_columns_hold_past_times_only():
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed (pip install -e '.[test]')")
 def test_kubectl_get_prints_the_crd_printer_columns(cluster1, tmp_path):
     admin = cluster1.admin_client()
-    kube.Resource(admin, kube.CRDS).create(api.crd_manifest())
+    kube.Resource(admin, kube.CRDS).create(crd_manifest())
     imports = kube.Resource(admin, kube.SERVICE_ACCOUNT_IMPORTS)
     body = {
         "metadata": {"name": "i", "namespace": "default"},

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from kubemcsa.client import tokens
 from kubemcsa.contract import api
+from kubemcsa.contract import imports as imports_contract
 from kubemcsa.contract.timefmt import parse_time
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
@@ -36,9 +37,9 @@ def test_token_from_response_keeps_the_servers_expiry_and_hides_the_token() -> N
 
 
 def test_refresh_at_eighty_percent_and_never_for_legacy() -> None:
-    assert tokens.refresh_time(100, 1100) == pytest.approx(100 + api.REFRESH_FRACTION * 1000)
-    assert tokens.refresh_time(100, None) is None
-    assert tokens.IssuedToken("t", 0, None).refresh_at is None
+    assert imports_contract.refresh_time(100, 1100) == pytest.approx(100 + api.REFRESH_FRACTION * 1000)
+    assert imports_contract.refresh_time(100, None) is None
+    assert imports_contract.IssuedToken("t", 0, None).refresh_at is None
 
 
 def test_legacy_secret_and_its_token() -> None:

@@ -12,6 +12,7 @@ import yaml
 
 from kubemcsa.client import kube
 from kubemcsa.contract import api
+from kubemcsa_testing import crd_manifest
 from kubemcsa_testing.wait import wait_for
 from webhook.cache import NAMESPACE_LOOKUP_BURST, WatchCache
 from webhook.cli import SERVICE_NAME
@@ -24,7 +25,7 @@ USER = f"system:serviceaccount:{api.SYSTEM_NAMESPACE}:{SERVICE_NAME}"
 
 def webhook_client(cluster: Any) -> Any:
     admin = cluster.admin_client()
-    kube.Resource(admin, kube.CRDS).create(api.crd_manifest())
+    kube.Resource(admin, kube.CRDS).create(crd_manifest())
     for namespace in (api.SYSTEM_NAMESPACE, api.CERT_NAMESPACE):  # the webhook's RBAC spans both
         kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": namespace}})
     for name in ("serviceaccount.yaml", "rbac.yaml"):

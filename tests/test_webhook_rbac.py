@@ -11,6 +11,7 @@ import yaml
 from kubemcsa.certificates import manager
 from kubemcsa.client import kube
 from kubemcsa.contract import api
+from kubemcsa_testing import crd_manifest
 from webhook.cli import CERT_SECRET_NAME, SERVICE_NAME, WEBHOOK_CONFIGURATION_NAME
 from webhook.server import WebhookServer
 
@@ -34,7 +35,7 @@ def _granted() -> set[tuple[str, str, str]]:
 
 def test_the_webhook_is_granted_exactly_what_it_calls(cluster1, tmp_path):
     admin = cluster1.admin_client()
-    kube.Resource(admin, kube.CRDS).create(api.crd_manifest())
+    kube.Resource(admin, kube.CRDS).create(crd_manifest())
     for namespace in (api.SYSTEM_NAMESPACE, api.CERT_NAMESPACE):
         kube.Resource(admin, kube.NAMESPACES).create({"metadata": {"name": namespace}})
     for name in ("serviceaccount.yaml", "rbac.yaml", "mutatingwebhookconfiguration.yaml"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import os
 import sys
 import textwrap
@@ -547,7 +548,9 @@ def _run_status(args: argparse.Namespace) -> int:
 
 def _run_demo(args: argparse.Namespace) -> int:
     try:
-        from kubemcsa_testing import demo
+        # By name: the demo lives with the in-memory API server, which production code never imports (the image and a
+        # plain install leave it out, and this command then says how to get it).
+        demo = importlib.import_module("kubemcsa_testing.demo")
     except ImportError as exc:  # kubemcsa_testing or a dependency of it: the image and plain installs leave them out
         raise CommandError(
             f"the demo needs the in-memory API server and its dependencies ({exc.name or exc} is missing), which "

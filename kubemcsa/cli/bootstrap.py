@@ -30,9 +30,9 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.cli.export import ExportError, issue_token
 from kubemcsa.client import kube
-from kubemcsa.client.tokens import IssuedToken
 from kubemcsa.contract import api, imports
 from kubemcsa.contract.credentials import Credentials
+from kubemcsa.contract.imports import IssuedToken
 from kubemcsa.contract.spec import parse_spec
 
 JSON = dict[str, Any]

@@ -17,6 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from kubemcsa import config
 from kubemcsa.client import kube, tokens
 from kubemcsa.contract import api
+from kubemcsa.contract import imports as imports_contract
 from kubemcsa.contract.credentials import Credentials, to_secret_data
 
 # Where the exported Secret says what it holds; the token's expiry lets a reader see when to export again.
@@ -99,7 +100,7 @@ def issue_token(
     expiration_seconds: int | None = None,
     legacy: bool = False,
     where: str = "the cluster",
-) -> tokens.IssuedToken:
+) -> imports_contract.IssuedToken:
     """A token of `namespace/service_account` (TokenRequest, or a legacy token Secret); ExportError on failure."""
     what = f"service account {namespace}/{service_account}"
     try:

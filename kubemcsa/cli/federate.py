@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.cli.bootstrap import Applier, Cluster, Result
 from kubemcsa.client import kube, tokens
+from kubemcsa.client import trust as trust_api
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.federation import FederatedSource, FederationError
 
@@ -111,7 +112,7 @@ def recorded_source(target: Cluster, cluster_name: str) -> FederatedSource | Non
         raise FederateError(str(exc)) from None
 
 
-def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
+def check(source: FederatedSource, target: Cluster) -> trust_api.TrustCheck:
     """Whether the source trusts the target now, with a short-lived token of the target's trust-check service
     account (never printed; it holds no RBAC in the target). Not trusted yet if that account does not exist yet."""
     where = f"target cluster {target.name!r}"
@@ -125,7 +126,7 @@ def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
         )
     except ApiException as exc:
         if exc.status == 404:
-            return federation.TrustCheck(
+            return trust_api.TrustCheck(
                 None, f"{where} has no service account {CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT} to check with yet"
             )
         raise FederateError(
@@ -135,7 +136,7 @@ def check(source: FederatedSource, target: Cluster) -> federation.TrustCheck:
         ) from None
     except (urllib3.exceptions.HTTPError, OSError, tokens.TokenAnswerError):
         raise FederateError(f"cannot get a token from {where} at {target.server} to check with.") from None
-    return federation.check_trust(source, issued.token)
+    return trust_api.check_trust(source, issued.token)
 
 
 def instructions(issuer: Issuer, target: Cluster, source: FederatedSource) -> str:

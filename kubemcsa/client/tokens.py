@@ -13,7 +13,6 @@ import binascii
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -21,7 +20,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.client import kube
 from kubemcsa.contract import api
-from kubemcsa.contract.timefmt import format_time, parse_time
+from kubemcsa.contract.imports import IssuedToken
+from kubemcsa.contract.timefmt import parse_time
 
 LEGACY_SECRET_TYPE = "kubernetes.io/service-account-token"
 SERVICE_ACCOUNT_NAME_ANNOTATION = "kubernetes.io/service-account.name"
@@ -38,31 +38,6 @@ class LegacyTokenPending(Exception):
 
 class LegacySecretConflict(Exception):
     """A Secret with the legacy token Secret's name exists and is not a token Secret of that service account."""
-
-
-@dataclass(frozen=True)
-class IssuedToken:
-    """A token as an API server issued it: when, and until when (None: a legacy token that never expires)."""
-
-    token: str = field(repr=False)
-    issued_at: float
-    expires_at: float | None
-    ca_pem: bytes | None = field(default=None, repr=False)  # legacy only: the CA the token Secret carries
-
-    @property
-    def expiration_timestamp(self) -> str | None:
-        return None if self.expires_at is None else format_time(self.expires_at)
-
-    @property
-    def refresh_at(self) -> float | None:
-        return refresh_time(self.issued_at, self.expires_at)
-
-
-def refresh_time(issued_at: float, expires_at: float | None) -> float | None:
-    """When to replace a token: after REFRESH_FRACTION of its real lifetime; None for a token that never expires."""
-    if expires_at is None:
-        return None
-    return issued_at + api.REFRESH_FRACTION * max(0.0, expires_at - issued_at)
 
 
 def token_request_body(audiences: list[str] | tuple[str, ...] | None, expiration_seconds: int | None) -> dict[str, Any]:

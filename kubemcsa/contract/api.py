@@ -11,10 +11,6 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from importlib import resources
-from typing import Any
-
-import yaml
 
 GROUP = "multicluster.admiralty.io"
 VERSION = "v1alpha1"
@@ -231,9 +227,3 @@ def parse_import_annotation(value: str | None, limit: int | None = None) -> list
 def namespace_enabled(labels: dict[str, str] | None) -> bool:
     """True if a namespace with these labels lets its pods ask for imports."""
     return (labels or {}).get(NAMESPACE_LABEL) == NAMESPACE_LABEL_VALUE
-
-
-def crd_manifest() -> dict[str, Any]:
-    """The ServiceAccountImport CustomResourceDefinition, as installed by manifests/ (shipped in the package
-    so that the demo and tests work from any installation; tests/test_manifests.py keeps the two identical)."""
-    return yaml.safe_load(resources.files("kubemcsa.contract").joinpath("crd.yaml").read_text())

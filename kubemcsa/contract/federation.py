@@ -9,7 +9,7 @@ its own projected, kubelet-rotated token. This module holds what every part agre
   another audience could be worth something elsewhere (`audience_refusal`);
 - the AuthenticationConfiguration stanza and `--oidc-*` flags the source's administrator adds;
 - the user name the source cluster sees for a pod's service account;
-and, at the edge, `check_trust`: whether the source accepts a token of this cluster, and as whom (SelfSubjectReview).
+The edge (whether the source accepts a token of this cluster, and as whom) is kubemcsa.client.trust.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 
 from kubemcsa.contract import api
-from kubemcsa.contract.credentials import Credentials
 
 JSON = dict[str, Any]
 
@@ -317,47 +316,3 @@ def projected_volume(volume_name: str, secret_name: str, audience: str, expirati
         "name": volume_name,
         "projected": {"sources": [{"secret": {"name": secret_name, "items": items}}, {"serviceAccountToken": token}]},
     }
-
-
-# --- the edge: asking the source ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrustCheck:
-    """Whether the source accepts a token of this cluster, and as whom; `problem` says what failed (no token)."""
-
-    username: str | None
-    problem: str = ""
-    code: int | None = None  # the source's HTTP answer when it refused (401: not trusted), None if unreachable
-
-    @property
-    def trusted(self) -> bool:
-        return self.username is not None
-
-
-def check_trust(source: FederatedSource, token: str, timeout: float = 10) -> TrustCheck:
-    """Send `token` (this cluster's, for an audience the source's record allows, of an identity that holds no
-    RBAC here) to the source's SelfSubjectReview."""
-    # Imported here: the webhook's serving workers use this module's pure part and never load the client.
-    from kubernetes.client.exceptions import ApiException
-
-    from kubemcsa.client import kube
-
-    creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
-    client = kube.client_for_credentials(creds)
-    where = f"cluster {source.cluster_name}"
-    try:
-        user = kube.whoami(client, timeout=timeout)
-    except ApiException as exc:
-        if exc.status == 401:
-            return TrustCheck(None, f"{where} does not accept this cluster's tokens (401 Unauthorized)", 401)
-        detail = " ".join(kube.error_message(exc).split())[:200]
-        return TrustCheck(None, f"{where} answered {exc.status} to a SelfSubjectReview ({detail})", exc.status)
-    except kube.CONNECTION_ERRORS as exc:
-        return TrustCheck(None, f"cannot reach {where} at {source.server} ({type(exc).__name__})")
-    finally:
-        client.close()
-    username = user.get("username")
-    if not isinstance(username, str) or not username:
-        return TrustCheck(None, f"{where} answered a SelfSubjectReview without a user name", 200)
-    return TrustCheck(username)

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kubemcsa.client.tokens import IssuedToken
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import (
     Credentials,
@@ -32,6 +31,31 @@ ANNOTATION_ISSUED = ANNOTATION_PREFIX + "token-issued"
 ANNOTATION_INPUTS_HASH = ANNOTATION_PREFIX + "inputs-hash"
 ANNOTATION_DATA_HASH = ANNOTATION_PREFIX + "data-hash"
 _OURS = (ANNOTATION_EXPIRES, ANNOTATION_ISSUED, ANNOTATION_INPUTS_HASH, ANNOTATION_DATA_HASH)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A token as an API server issued it: when, and until when (None: a legacy token that never expires)."""
+
+    token: str = field(repr=False)
+    issued_at: float
+    expires_at: float | None
+    ca_pem: bytes | None = field(default=None, repr=False)  # legacy only: the CA the token Secret carries
+
+    @property
+    def expiration_timestamp(self) -> str | None:
+        return None if self.expires_at is None else format_time(self.expires_at)
+
+    @property
+    def refresh_at(self) -> float | None:
+        return refresh_time(self.issued_at, self.expires_at)
+
+
+def refresh_time(issued_at: float, expires_at: float | None) -> float | None:
+    """When to replace a token: after REFRESH_FRACTION of its real lifetime; None for a token that never expires."""
+    if expires_at is None:
+        return None
+    return issued_at + api.REFRESH_FRACTION * max(0.0, expires_at - issued_at)
 
 
 @dataclass(frozen=True)
