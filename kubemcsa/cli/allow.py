@@ -12,6 +12,7 @@ An export is two things in the source cluster, both next to the service account:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable
@@ -22,6 +23,7 @@ import urllib3
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from kubemcsa import config
 from kubemcsa.cli.bootstrap import (
     MANAGED_BY_LABEL,
     MANAGED_BY_VALUE,
@@ -31,6 +33,7 @@ from kubemcsa.cli.bootstrap import (
     Cluster,
     Result,
 )
+from kubemcsa.cli.common import EXIT_OK, examples
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.export_policy import ExportPattern, export_to_of, format_export_to, glob_match, parse_pattern
@@ -275,3 +278,91 @@ def _remove_rbac(applier: Applier, namespace: str, name: str) -> None:
                 f"{_ADMIN_ADVICE}."
             ) from None
         applier.delete(obj)
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def register(commands: argparse._SubParsersAction, prog: str) -> None:
+    for verb in ("allow", "disallow"):
+        _register(commands, prog, verb)
+
+
+def _register(commands: argparse._SubParsersAction, prog: str, verb: str) -> None:
+    allow = verb == "allow"
+    cmd = commands.add_parser(
+        verb,
+        help=(
+            "export a service account to consumer clusters and namespaces (as its owner, in its cluster)"
+            if allow
+            else "withdraw a service account's export from consumer clusters and namespaces"
+        ),
+        description=(
+            "As the owner of service account NAME, let namespaces of consumer clusters import it: in its namespace, "
+            "a Role and RoleBinding let each consumer cluster's controller request its tokens (the cluster's RBAC "
+            "enforces that), and its label multicluster.admiralty.io/exported and annotation "
+            "multicluster.admiralty.io/export-to say which namespaces of those clusters may (their controllers "
+            "enforce that). Running it again changes nothing."
+            if allow
+            else "Withdraw the export of service account NAME from the CLUSTER/NAMESPACE patterns given (--to), or "
+            "from everyone (--all): its annotation loses them, and consumer clusters no longer named lose the RBAC to "
+            "request its tokens. Imports of it turn NotExported and lose their token within seconds; tokens "
+            "already issued stay valid until they expire."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples(
+            f"""
+            {prog} allow pod-lister -n default --context cluster2 --to cluster1/team-a
+            {prog} allow deployer -n ci --context cluster2 --to 'cluster1/ci-*,cluster3/*'
+            """
+            if allow
+            else f"""
+            {prog} disallow pod-lister -n default --context cluster2 --to cluster1/team-a
+            {prog} disallow deployer -n ci --context cluster2 --all
+            """
+        ),
+    )
+    cmd.add_argument("name", metavar="NAME", help="the service account")
+    cmd.add_argument("-n", "--namespace", help="namespace of the service account (default: the context's)")
+    cmd.add_argument("--context", help="kubeconfig context of the service account's (source) cluster")
+    cmd.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    to_help = (
+        "consumer CLUSTER/NAMESPACE, comma-separated or repeated; '*' globs the namespace (cluster1/ci-*); "
+        "CLUSTER is the name bootstrap gave the consumer cluster"
+    )
+    if allow:
+        cmd.add_argument("--to", action="append", required=True, metavar="CLUSTER/NAMESPACE[,...]", help=to_help)
+    else:
+        which = cmd.add_mutually_exclusive_group(required=True)
+        which.add_argument("--to", action="append", metavar="CLUSTER/NAMESPACE[,...]", help=to_help)
+        which.add_argument("--all", action="store_true", help="withdraw the export from every consumer")
+    cmd.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    targets = parse_targets(args.to) if args.to else None
+    info = config.context_cluster_info(args.context, args.kubeconfig)
+    namespace = args.namespace or info.namespace
+    if args.command == "allow":
+        assert targets is not None  # --to is required
+
+        def decide(sa: dict) -> ExportPlan:
+            return plan_allow(sa, targets)
+    else:
+
+        def decide(sa: dict) -> ExportPlan:
+            return plan_disallow(sa, targets)
+
+    client = config.context_config_and_namespace(info.context, args.kubeconfig).api_client()
+    try:
+        report = lambda line: print(line, flush=True)  # noqa: E731
+        plan = apply(client, info.cluster_name, namespace, args.name, decide, report=report)
+    finally:
+        client.close()
+    for asked, still in plan.still_allowed:
+        print(f"Note: {asked} may still import it, as {still} still allows it; disallow {still} too if you mean it.")
+    print(summary(plan, info.cluster_name))
+    if args.command == "disallow":
+        print("Tokens already issued stay valid until they expire (spec.expirationSeconds of each import).")
+    return EXIT_OK

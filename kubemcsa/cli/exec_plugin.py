@@ -53,7 +53,7 @@ class TokenSource:
     token_file: str | None = None
 
 
-def add_parser(commands: Any, prog: str) -> None:
+def register(commands: Any, prog: str) -> None:
     """Register `credentials` on the CLI's subcommands."""
     cmd = commands.add_parser(
         "credentials",
@@ -77,6 +77,7 @@ def add_parser(commands: Any, prog: str) -> None:
     which.add_argument("--secret", metavar="NAMESPACE/NAME", help="an import's Secret (e.g. team-a/prod-token)")
     which.add_argument("--token-file", metavar="PATH", help="a projected token file (federated imports)")
     cmd.add_argument("--kubeconfig", help="your kubeconfig for reading the Secret (default: in-cluster, $KUBECONFIG)")
+    cmd.set_defaults(run=run)
 
 
 def exec_credential(token: str, expires_at: float) -> dict[str, Any]:

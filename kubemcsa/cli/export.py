@@ -6,7 +6,9 @@ The pure part (durations, the manifest) is separate from the API calls at the ed
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from typing import Any
 
 import urllib3
@@ -15,6 +17,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import config
+from kubemcsa.cli.common import EXIT_OK, CommandError, examples
 from kubemcsa.client import kube, tokens
 from kubemcsa.contract import api
 from kubemcsa.contract import imports as imports_contract
@@ -170,3 +173,70 @@ def export(
         service_account=name,
         expiration_timestamp=issued.expiration_timestamp,
     )
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def register(commands: argparse._SubParsersAction, prog: str) -> None:
+    exp = commands.add_parser(
+        "export",
+        help="print a Secret with a service account's credentials, for kubectl apply in another cluster",
+        description=(
+            "Print a Secret manifest (YAML) with the keys ca.crt, namespace, token, server and config for service "
+            "account NAME, ready for `kubectl apply -f -` in another cluster. The token comes from the TokenRequest "
+            "API (its real expiry is in an annotation); --legacy makes a long-lived token Secret instead. The output "
+            "contains a token: pipe it, do not paste it into tickets."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples(
+            f"""
+            {prog} export pod-lister -n default --context cluster2 | kubectl --context cluster1 apply -f -
+            {prog} export ci-bot -n ci --as cluster2-ci-bot --duration 24h --audience https://kubernetes.default.svc
+            {prog} export old-bot --legacy --context cluster-1-21 > old-bot-secret.yaml
+            """
+        ),
+    )
+    exp.add_argument("name", metavar="NAME", help="the service account to export")
+    exp.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    exp.add_argument("--context", help="kubeconfig context of the cluster that has the service account")
+    exp.add_argument("-n", "--namespace", help="namespace of the service account (default: the context's)")
+    exp.add_argument("--as", dest="export_name", metavar="EXPORT_NAME", help="name of the Secret (default: NAME-token)")
+    exp.add_argument(
+        "--audience",
+        dest="audiences",
+        action="append",
+        metavar="AUDIENCE",
+        help="audience of the token (repeatable; default: the API server's own)",
+    )
+    exp.add_argument(
+        "--duration",
+        metavar="DURATION",
+        help="how long the token is valid, e.g. 3600s, 90m, 24h (default: the API server's; it may cap it)",
+    )
+    exp.add_argument("--legacy", action="store_true", help="export a long-lived token from a token Secret instead")
+    exp.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    if args.export_name is not None and not api.is_dns_subdomain(args.export_name):
+        raise CommandError(
+            f"--as {args.export_name!r} is not a valid Secret name; use lowercase letters, digits and -."
+        )
+    try:
+        seconds = parse_duration(args.duration) if args.duration else None
+    except ValueError as exc:
+        raise CommandError(f"--duration {exc}") from None
+    manifest = export(
+        args.name,
+        kubeconfig=args.kubeconfig,
+        context=args.context,
+        namespace=args.namespace,
+        export_name=args.export_name,
+        audiences=args.audiences,
+        expiration_seconds=seconds,
+        legacy=args.legacy,
+    )
+    sys.stdout.write(render_yaml(manifest))  # the intended output: the only place a token is printed
+    return EXIT_OK

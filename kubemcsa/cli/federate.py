@@ -11,13 +11,16 @@ the target) for the source's audience, sent to the source's SelfSubjectReview.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import urllib3
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.cli.bootstrap import Applier, Cluster, Result
+from kubemcsa import config
+from kubemcsa.cli.bootstrap import Applier, Cluster, Result, check_cluster_name
+from kubemcsa.cli.common import EXIT_NOT_READY, EXIT_OK, CommandError, add_cluster_pair_arguments, examples
 from kubemcsa.client import kube, tokens
 from kubemcsa.client import trust as trust_api
 from kubemcsa.contract import api, federation
@@ -167,3 +170,119 @@ def instructions(issuer: Issuer, target: Cluster, source: FederatedSource) -> st
         f"--source-context <{source.cluster_name}>",
     ]
     return "\n".join(lines)
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def register(commands: argparse._SubParsersAction, prog: str) -> None:
+    fed = commands.add_parser(
+        "federate",
+        help="let a source cluster trust the target cluster's own service-account tokens (no token copied)",
+        description=(
+            "Federated trust: pods of the target cluster call the source cluster with their own projected tokens. "
+            "federate reads the target's service-account issuer, creates in the target the ClusterRoleBinding that "
+            "lets anyone (the source's API server included) read its public discovery document and signing keys "
+            "(--no-discovery-binding to skip), records the federated source in the target's namespace "
+            "multicluster-service-account (a ConfigMap the controller picks up at once), and prints the "
+            "AuthenticationConfiguration to add to the source's kube-apiserver, which no client can change. "
+            "--check only asks the source whether it trusts the target already, and as which user."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples(
+            f"""
+            {prog} federate --target-context cluster1 --source-context cluster2
+            {prog} federate --target-context cluster1 --source-context cluster2 --check
+            {prog} federate --target-context c1 --source-context c2 --audience c2.example --user-prefix c1:
+            """
+        ),
+    )
+    add_cluster_pair_arguments(fed)
+    fed.add_argument(
+        "--audience",
+        dest="audiences",
+        action="append",
+        help="audience the source accepts; repeat it to allow imports (spec.audiences) several, the first being "
+        "the default (default: the source cluster's name). Only these may be asked for by imports of the source",
+    )
+    fed.add_argument(
+        "--user-prefix", help="prefix of the user names the source gives the target's pods (default: '<target>:')"
+    )
+    fed.add_argument(
+        "--no-discovery-binding",
+        action="store_true",
+        help="do not let anonymous clients read the target's discovery document and keys (serve them another way)",
+    )
+    fed.add_argument(
+        "--source-server", metavar="URL", help="URL the target's pods reach the source at (default: the kubeconfig's)"
+    )
+    fed.add_argument(
+        "--target-server",
+        metavar="URL",
+        help="URL the source's API server reaches the target at, for discovery (default: the kubeconfig's)",
+    )
+    fed.add_argument(
+        "--check", action="store_true", help="only check whether the source trusts the target; exit 1 if not"
+    )
+    fed.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    source_info = config.context_cluster_info(args.source_context, args.source_kubeconfig)
+    target_info = config.context_cluster_info(args.target_context, args.target_kubeconfig)
+    target_name = args.target_name or target_info.cluster_name
+    source_name = args.source_name or source_info.cluster_name
+    check_cluster_name(target_name, "target", "--target-name")
+    check_cluster_name(source_name, "source", "--source-name")
+    servers = {"--source-server": args.source_server or source_info.server, "--target-server": args.target_server}
+    for flag, url in servers.items():
+        if url and not url.startswith("https://"):
+            raise CommandError(f"{flag} {url!r} is not an https:// URL; give the API server's URL.")
+    wanted = federation.FederatedSource(
+        cluster_name=source_name,
+        server=servers["--source-server"].rstrip("/"),
+        ca_pem=source_info.ca_pem,
+        audience=args.audiences[0] if args.audiences else source_name,
+        audiences=tuple(args.audiences or ()),
+        user_prefix=args.user_prefix if args.user_prefix is not None else federation.default_user_prefix(target_name),
+    )
+    target_client = config.context_config_and_namespace(target_info.context, args.target_kubeconfig).api_client()
+    target = Cluster(
+        "target", target_name, target_client, (args.target_server or target_info.server).rstrip("/"), target_info.ca_pem
+    )
+    try:
+        if args.check:
+            source = recorded_source(target, source_name) or wanted
+            result = check(source, target)
+            if not result.trusted:
+                print(
+                    f"Source cluster {source_name!r} does not trust target cluster {target_name!r} yet: "
+                    f"{result.problem}. Run kubemcsa federate without --check and add the configuration it prints."
+                )
+                return EXIT_NOT_READY
+            print(
+                f"Source cluster {source_name!r} trusts target cluster {target_name!r}: a token of "
+                f"{CHECK_NAMESPACE}/{CHECK_SERVICE_ACCOUNT} is user {result.username!r} there."
+            )
+            return EXIT_OK
+        print(
+            f"Federating target cluster {target_name!r} (context {target_info.context!r}) with source cluster "
+            f"{source_name!r} (context {source_info.context!r})",
+            flush=True,
+        )
+        if not args.no_discovery_binding:
+            print(
+                f"The ClusterRoleBinding {federation.DISCOVERY_BINDING_NAME} lets anyone read the OIDC discovery "
+                f"document and public signing keys of {target_name!r}, as the source's API server must "
+                "(--no-discovery-binding to serve them another way).",
+                flush=True,
+            )
+        issuer, result = apply(
+            wanted, target, discovery_binding=not args.no_discovery_binding, report=lambda x: print(x, flush=True)
+        )
+        print(f"Target cluster {target_name!r} issues service-account tokens as {issuer.url}.")
+        print(instructions(issuer, target, wanted))
+    finally:
+        target_client.close()
+    return EXIT_OK

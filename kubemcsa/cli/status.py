@@ -5,12 +5,18 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import sys
 from dataclasses import dataclass
 from typing import Any
 
+import urllib3
 from kubernetes.client import ApiClient
+from kubernetes.client.exceptions import ApiException
 
+from kubemcsa import config
+from kubemcsa.cli.common import EXIT_NOT_READY, EXIT_OK, CommandError, examples
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.timefmt import parse_time
@@ -137,3 +143,60 @@ def format_table(statuses: list[ImportStatus], *, show_namespace: bool = True, s
 def list_imports(client: ApiClient, namespace: str | None = None) -> list[dict[str, Any]]:
     """The ServiceAccountImports of one namespace, or of all namespaces when `namespace` is None."""
     return kube.Resource(client, kube.SERVICE_ACCOUNT_IMPORTS).list(namespace=namespace).get("items") or []
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def register(commands: argparse._SubParsersAction, prog: str) -> None:
+    stat = commands.add_parser(
+        "status",
+        help="list ServiceAccountImports with their readiness, reason and token expiry",
+        description=(
+            "Show each ServiceAccountImport with its source cluster, remote service account, Ready condition, "
+            "reason and time to token expiry, then what to fix for each one that is not ready. Exit status 1 if any "
+            "import is not ready, so scripts can check."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=examples(
+            f"""
+            {prog} status
+            {prog} status -A
+            {prog} status -n multicluster-service-account --context cluster1 || echo "some import is broken"
+            """
+        ),
+    )
+    stat.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, else ~/.kube/config)")
+    stat.add_argument("--context", help="kubeconfig context (default: the current one)")
+    scope = stat.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="namespace to list (default: the context's)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="list imports of all namespaces")
+    stat.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+
+    context = config.context_config_and_namespace(args.context, args.kubeconfig)
+    namespace = None if args.all_namespaces else (args.namespace or context.namespace)
+    where = f"the cluster of context {args.context or 'current'!r} ({context.config.host})"
+    client = context.api_client()
+    try:
+        imports = list_imports(client, namespace)
+    except ApiException as exc:
+        if exc.status == 404:
+            raise CommandError(
+                f"{where} does not serve ServiceAccountImports: install multicluster-service-account there first."
+            ) from None
+        if exc.status in (401, 403):
+            raise CommandError(f"{where} refused to list ServiceAccountImports: use a context allowed to.") from None
+        raise
+    except (urllib3.exceptions.HTTPError, OSError):
+        raise CommandError(f"cannot reach {where}; check the context and the network.") from None
+    finally:
+        client.close()
+    statuses = rows(imports, dt.datetime.now(dt.UTC))
+    if not statuses and namespace:
+        print(f"No ServiceAccountImports found in namespace {namespace}.")
+        return EXIT_OK
+    sys.stdout.write(format_table(statuses, show_namespace=namespace is None))
+    return EXIT_OK if all(s.is_ready for s in statuses) else EXIT_NOT_READY
