@@ -24,7 +24,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import ExportView, Remote
+from controller.model import ExportView, Remote
 from controller.remote import renew_hint, unreachable
 from kubemcsa.client import kube
 from kubemcsa.contract import api

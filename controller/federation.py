@@ -22,7 +22,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import NeedsTrustCheck, Trust
+from controller.model import NeedsTrustCheck, Trust
 from kubemcsa.client import kube, tokens
 from kubemcsa.client import trust as trust_api
 from kubemcsa.contract import api, federation

@@ -18,20 +18,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import (
-    Blocked,
-    ExportView,
-    Federated,
-    HasToken,
-    NeedsToken,
-    NeedsTrustCheck,
-    Observation,
-    Writes,
-    assess,
-    federated_audience,
-    plan,
-    status_patch,
-)
+from controller.assess import assess, federated_audience
+from controller.conditions import status_patch
 from controller.exports import ExportWatches
 from controller.federation import FederatedSources, TrustChecks
 from controller.gates import (
@@ -43,10 +31,12 @@ from controller.gates import (
     refresh_rate,
 )
 from controller.metrics import Metrics
+from controller.model import Blocked, ExportView, Federated, HasToken, NeedsToken, NeedsTrustCheck, Observation, Writes
 from controller.outputs import OUTPUTS
 from controller.outputs.base import SourceView, as_section
 from controller.outputs.store import OutputCache, OutputStore
 from controller.outputs.versions import SourceVersions
+from controller.plan import plan
 from controller.remote import RemoteFailure, TokenSource, fetch_token
 from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result

@@ -16,7 +16,7 @@ import urllib3
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import Remote
+from controller.model import Remote
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
 from kubemcsa.client import kube, tokens
 from kubemcsa.contract import api

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from kubernetes.client import ApiClient
 
-from controller.assess import Remote
+from controller.model import Remote
 from kubemcsa.client import kube
 from kubemcsa.client.kubeconfig import (
     ConfigError,

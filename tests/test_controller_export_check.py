@@ -9,6 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from controller import assess as ca
+from controller import model
+from controller import plan as planning
 from controller.sources import is_source_credential
 from kubemcsa.client.tokens import consumer_of_token
 from kubemcsa.contract import api
@@ -17,7 +19,7 @@ from kubemcsa.contract.imports import ImportToken, IssuedToken, import_secret, i
 from kubemcsa.contract.spec import parse_spec
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-REMOTE = ca.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
+REMOTE = model.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
 NOW = 1_800_000_000.0
 SYSTEM = api.SYSTEM_NAMESPACE
 
@@ -43,9 +45,9 @@ def exported(export_to: str = "cluster1/team-a", uid: str = "sa-1") -> dict:
     }
 
 
-def observe(imp: dict, secret: dict | None = None, **export) -> ca.Observation:
-    view = ca.ExportView("cluster1", synced=True, **export)
-    return ca.Observation(imp, secret, NOW, source=REMOTE, export=view)
+def observe(imp: dict, secret: dict | None = None, **export) -> model.Observation:
+    view = model.ExportView("cluster1", synced=True, **export)
+    return model.Observation(imp, secret, NOW, source=REMOTE, export=view)
 
 
 def a_secret(imp: dict, uid: str | None) -> dict:
@@ -58,15 +60,15 @@ def a_secret(imp: dict, uid: str | None) -> dict:
 
 def test_an_exported_account_needs_a_token_for_its_uid() -> None:
     state = ca.assess(observe(make_import(), service_account=exported()))
-    assert isinstance(state, ca.NeedsToken) and state.remote_uid == "sa-1"
+    assert isinstance(state, model.NeedsToken) and state.remote_uid == "sa-1"
 
 
 def test_a_secret_for_the_same_uid_is_current_and_another_uid_needs_a_new_token() -> None:
     imp = make_import()
     secret = a_secret(imp, "sa-1")
-    assert isinstance(ca.assess(observe(imp, secret, service_account=exported())), ca.HasToken)
+    assert isinstance(ca.assess(observe(imp, secret, service_account=exported())), model.HasToken)
     state = ca.assess(observe(imp, secret, service_account=exported(uid="sa-2")))
-    assert isinstance(state, ca.NeedsToken) and state.remote_uid == "sa-2"
+    assert isinstance(state, model.NeedsToken) and state.remote_uid == "sa-2"
 
 
 def test_not_exported_here_withdraws_the_token_once_and_says_so_the_same_way() -> None:
@@ -74,9 +76,9 @@ def test_not_exported_here_withdraws_the_token_once_and_says_so_the_same_way() -
     secret = a_secret(imp, "sa-1")
     obs = observe(imp, secret, service_account=exported())
     state = ca.assess(obs)
-    assert isinstance(state, ca.Blocked) and state.withdraw and not state.retry
+    assert isinstance(state, model.Blocked) and state.withdraw and not state.retry
     assert state.reason == api.REASON_NOT_EXPORTED
-    writes = ca.plan(obs, state)
+    writes = planning.plan(obs, state)
     (write,) = writes.secrets
     assert api.KEY_TOKEN not in write.body["data"] and api.KEY_CONFIG not in write.body["data"]
     assert write.body["data"][api.KEY_SERVER] == secret["data"][api.KEY_SERVER]
@@ -84,8 +86,8 @@ def test_not_exported_here_withdraws_the_token_once_and_says_so_the_same_way() -
     assert "secrets" not in writes.status
     # The next pass sees the stripped Secret: nothing to write, and the same condition (no second event).
     stored = {**writes.status}
-    after = ca.Observation({**imp, "status": stored}, write.body, NOW + 1, source=REMOTE, export=obs.export)
-    again = ca.plan(after, ca.assess(after))
+    after = model.Observation({**imp, "status": stored}, write.body, NOW + 1, source=REMOTE, export=obs.export)
+    again = planning.plan(after, ca.assess(after))
     assert again.secrets == [] and again.status is None and again.events == []
 
 
@@ -93,20 +95,20 @@ def test_deleted_unknown_consumer_and_unsynced_watch() -> None:
     missing = ca.assess(observe(make_import(), exists=False))
     assert missing.reason == api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND and missing.withdraw
     assert ca.assess(observe(make_import(), exists=True)).reason == api.REASON_NOT_EXPORTED
-    unknown = ca.Observation(make_import(), None, NOW, source=REMOTE, export=ca.ExportView(None, synced=True))
+    unknown = model.Observation(make_import(), None, NOW, source=REMOTE, export=model.ExportView(None, synced=True))
     assert "--cluster-name" in ca.assess(unknown).message
-    cold = ca.ExportView("cluster1", synced=False, problem="cluster cluster2 is unreachable")
-    state = ca.assess(ca.Observation(make_import(), None, NOW, source=REMOTE, export=cold))
+    cold = model.ExportView("cluster1", synced=False, problem="cluster cluster2 is unreachable")
+    state = ca.assess(model.Observation(make_import(), None, NOW, source=REMOTE, export=cold))
     assert state.reason == api.REASON_REMOTE_UNREACHABLE and state.retry and not state.withdraw
     # No view at all is not a pass: the check fails closed.
-    assert isinstance(ca.assess(ca.Observation(make_import(), None, NOW, source=REMOTE)), ca.Blocked)
+    assert isinstance(ca.assess(model.Observation(make_import(), None, NOW, source=REMOTE)), model.Blocked)
 
 
 def test_only_the_controllers_own_credential_import_is_exempt() -> None:
-    own = ca.Observation(
+    own = model.Observation(
         make_import(SYSTEM, namespace=SYSTEM, name="cluster1"), None, NOW, source=REMOTE, export_exempt=True
     )
-    assert isinstance(ca.assess(own), ca.NeedsToken)
+    assert isinstance(ca.assess(own), model.NeedsToken)
 
 
 def fake_jwt(claims: dict) -> str:
@@ -152,14 +154,14 @@ def test_a_credential_is_a_secret_its_system_import_controls() -> None:
 
 def test_without_its_own_name_the_controller_still_honours_a_star_cluster_export() -> None:
     # Once: refused NotExported whenever --cluster-name was not given, although `*` matches any consumer name.
-    unnamed = ca.ExportView(None, synced=True, service_account=exported("*/team-a"))
-    state = ca.assess(ca.Observation(make_import(), None, NOW, source=REMOTE, export=unnamed))
-    assert isinstance(state, ca.NeedsToken) and state.remote_uid == "sa-1"
-    named = ca.ExportView(None, synced=True, service_account=exported("cluster1/team-a"))
+    unnamed = model.ExportView(None, synced=True, service_account=exported("*/team-a"))
+    state = ca.assess(model.Observation(make_import(), None, NOW, source=REMOTE, export=unnamed))
+    assert isinstance(state, model.NeedsToken) and state.remote_uid == "sa-1"
+    named = model.ExportView(None, synced=True, service_account=exported("cluster1/team-a"))
     refused = ca.assess(
-        ca.Observation(make_import(), a_secret(make_import(), "sa-1"), NOW, source=REMOTE, export=named)
+        model.Observation(make_import(), a_secret(make_import(), "sa-1"), NOW, source=REMOTE, export=named)
     )
-    assert isinstance(refused, ca.Blocked) and refused.reason == api.REASON_NOT_EXPORTED
+    assert isinstance(refused, model.Blocked) and refused.reason == api.REASON_NOT_EXPORTED
     assert "--cluster-name" in refused.message and not refused.withdraw  # a misconfiguration, not a withdrawal
 
 
@@ -169,8 +171,8 @@ def test_an_oversized_export_to_is_refused_with_an_event_naming_the_cap() -> Non
     huge = ", ".join(f"cluster1/ns-{i}" for i in range(100_000))
     obs = observe(make_import(), service_account=exported(huge))
     state = ca.assess(obs)
-    assert isinstance(state, ca.Blocked) and state.reason == api.REASON_NOT_EXPORTED
-    writes = ca.plan(obs, state)
+    assert isinstance(state, model.Blocked) and state.reason == api.REASON_NOT_EXPORTED
+    writes = planning.plan(obs, state)
     (event,) = writes.events
     assert event[0] == "Warning" and str(MAX_EXPORT_TO_LENGTH) in event[2]
     assert writes.status["conditions"][0]["message"] == event[2]

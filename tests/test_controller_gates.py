@@ -8,8 +8,8 @@ import ssl
 import pytest
 import urllib3
 
-from controller.assess import Remote
 from controller.gates import FIRST, REFRESH, FairQueue, Go, SourceGate, TokenBucket, Wait, capacity, refresh_rate
+from controller.model import Remote
 from controller.remote import classify_remote_error, connection_problem, unreachable
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
 from kubemcsa.contract import api

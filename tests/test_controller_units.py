@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controller import assess as ca
+from controller import conditions, model
+from controller import plan as planning
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
@@ -22,7 +24,7 @@ from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
 from kubemcsa.contract.timefmt import format_time, parse_time
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-REMOTE = ca.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
+REMOTE = model.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
 NOW = 1_800_000_000.0
 
 
@@ -109,20 +111,20 @@ def decide(
     now: float,
     *,
     new: ImportToken | None = None,
-    source: ca.Remote | None = REMOTE,
+    source: model.Remote | None = REMOTE,
     **observed,
-) -> tuple[ca.Assessment, ca.Writes | None]:
+) -> tuple[model.Assessment, model.Writes | None]:
     """The pure decision: assess, then plan with `new` if a token is needed (None: stop at NeedsToken). What the
     reconciler does around it (the token request and its failures, the writes) is tested on the real Reconciler
     in tests/test_reconciler_table.py."""
     observed.setdefault("export_exempt", True)  # exports have their own tests (tests/test_controller_exports.py)
-    observation = ca.Observation(imp, secret, now, source=source, **observed)
+    observation = model.Observation(imp, secret, now, source=source, **observed)
     state = ca.assess(observation)
-    if isinstance(state, ca.NeedsToken):
+    if isinstance(state, model.NeedsToken):
         if new is None:
             return state, None
-        state = ca.HasToken(state.spec, new)
-    return state, ca.plan(observation, state)
+        state = model.HasToken(state.spec, new)
+    return state, planning.plan(observation, state)
 
 
 def converge(imp: dict, token: ImportToken, now: float = NOW) -> tuple[dict, dict]:
@@ -137,7 +139,7 @@ def converge(imp: dict, token: ImportToken, now: float = NOW) -> tuple[dict, dic
 def test_new_import_needs_a_token_then_writes_secret_and_status() -> None:
     imp = make_import()
     state, writes = decide(imp, None, NOW)
-    assert isinstance(state, ca.NeedsToken) and writes is None
+    assert isinstance(state, model.NeedsToken) and writes is None
     _, writes = decide(imp, None, NOW, new=held_token(imp))
     (write,) = writes.secrets
     assert write.create
@@ -161,7 +163,7 @@ def test_steady_state_writes_nothing() -> None:
     imp = make_import()
     imp2, secret = converge(imp, held_token(imp))
     state, writes = decide(imp2, secret, NOW + 10, held=held_token(imp))
-    assert isinstance(state, ca.HasToken) and state.current
+    assert isinstance(state, model.HasToken) and state.current
     assert not writes.secrets and writes.status is None and not writes.events
     assert writes.requeue_at == pytest.approx(NOW + 800)
 
@@ -174,7 +176,7 @@ def test_after_restart_the_secret_alone_is_enough_and_its_token_is_held() -> Non
     assert writes.remember is not None and writes.remember.credentials.token == "tok-1"
     # The Secret is then deleted: recreated from memory, no token request.
     state, writes = decide(imp2, None, NOW + 20, held=writes.remember)
-    assert isinstance(state, ca.HasToken) and not state.current
+    assert isinstance(state, model.HasToken) and not state.current
     assert writes.secrets[0].create
 
 
@@ -182,7 +184,7 @@ def test_refresh_due_needs_a_new_token_and_emits_an_event() -> None:
     imp = make_import()
     imp2, secret = converge(imp, held_token(imp))
     state, _ = decide(imp2, secret, NOW + 801, held=held_token(imp))
-    assert isinstance(state, ca.NeedsToken)
+    assert isinstance(state, model.NeedsToken)
     new = held_token(imp, at=NOW + 801, token="tok-2")
     _, writes = decide(imp2, secret, NOW + 801, held=held_token(imp), new=new)
     (write,) = writes.secrets
@@ -199,7 +201,7 @@ def test_edited_secret_is_repaired_from_memory() -> None:
     imp2, secret = converge(imp, held_token(imp))
     edited = {**secret, "data": {**secret["data"], "token": base64.b64encode(b"junk").decode()}}
     state, writes = decide(imp2, edited, NOW + 5, held=held_token(imp))
-    assert isinstance(state, ca.HasToken)
+    assert isinstance(state, model.HasToken)
     (write,) = writes.secrets
     assert not write.create and from_secret_data(write.body["data"]).token == "tok-1"
 
@@ -210,14 +212,14 @@ def test_spec_change_needs_new_token() -> None:
     changed = {**imp2, "spec": {**imp2["spec"], "audiences": ["vault"]}}
     changed["metadata"] = {**imp2["metadata"], "generation": 2}
     state, _ = decide(changed, secret, NOW + 5, held=held_token(imp))
-    assert isinstance(state, ca.NeedsToken)
+    assert isinstance(state, model.NeedsToken)
 
 
 def test_conflict_with_foreign_secret() -> None:
     imp = make_import()
     foreign = {"metadata": {"name": "imp-token", "namespace": "ns1"}, "data": {"x": "eQ=="}}
     state, writes = decide(imp, foreign, NOW, held=held_token(imp))
-    assert isinstance(state, ca.Blocked) and not writes.secrets
+    assert isinstance(state, model.Blocked) and not writes.secrets
     assert writes.status["conditions"][0]["reason"] == api.REASON_SECRET_CONFLICT
     assert "secrets" not in writes.status
     assert writes.events[0][0] == "Warning"
@@ -247,19 +249,19 @@ def test_invalid_spec_condition() -> None:
 def test_a_new_blocking_check_is_one_function() -> None:
     """How another reason to block an import is added: a check in CHECKS (here for one test only)."""
 
-    def not_exported(obs: ca.Observation, spec) -> ca.Blocked | None:
-        return ca.Blocked("NotExported", f"{spec.name} is not exported.", spec=spec)
+    def not_exported(obs: model.Observation, spec) -> model.Blocked | None:
+        return model.Blocked("NotExported", f"{spec.name} is not exported.", spec=spec)
 
     ca.CHECKS.append(not_exported)
     try:
         state, writes = decide(make_import(), None, NOW)
     finally:
         ca.CHECKS.remove(not_exported)
-    assert isinstance(state, ca.Blocked) and writes.status["conditions"][0]["reason"] == "NotExported"
+    assert isinstance(state, model.Blocked) and writes.status["conditions"][0]["reason"] == "NotExported"
 
 
 def test_status_patch_nulls_removed_fields() -> None:
-    assert ca.status_patch({"a": 1, "b": 2}, {"a": 3}) == {"status": {"a": 3, "b": None}}
+    assert conditions.status_patch({"a": 1, "b": 2}, {"a": 3}) == {"status": {"a": 3, "b": None}}
 
 
 def test_held_token_repr_hides_token() -> None:

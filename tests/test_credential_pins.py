@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.assess import status_patch
+from controller.conditions import status_patch
 from kubemcsa.contract import imports
 
 

@@ -7,16 +7,10 @@ from typing import Any
 
 import pytest
 
-from controller.assess import (
-    Blocked,
-    Federated,
-    NeedsTrustCheck,
-    Observation,
-    Trust,
-    assess,
-    plan,
-)
+from controller.assess import assess
 from controller.federation import parse_service_account
+from controller.model import Blocked, Federated, NeedsTrustCheck, Observation, Trust
+from controller.plan import plan
 from kubemcsa.contract import api
 from kubemcsa.contract.federation import (
     FederatedSource,

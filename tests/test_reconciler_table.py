@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import ExportView, NeedsTrustCheck, Remote, Trust
 from controller.gates import SourceGates
 from controller.metrics import Metrics
+from controller.model import ExportView, NeedsTrustCheck, Remote, Trust
 from controller.outputs import OUTPUTS, argocd, clusterprofile
 from controller.outputs.store import OutputCache
 from controller.reconciler import Caches, Reconciler, import_key

@@ -22,6 +22,7 @@ import base64
 import posixpath
 from typing import Any
 
+from controller.conditions import set_condition
 from controller.outputs.base import Output, OutputInput, Owned, SourceView, Want, Watch
 from kubemcsa.cli.exec_plugin import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
 from kubemcsa.contract import api
@@ -101,7 +102,6 @@ def _healthy(status: str, reason: str, message: str) -> dict[str, str]:
 
 def desired_cluster_profile(inp: OutputInput, server: str, ca_pem: bytes) -> dict[str, Any]:
     """The ClusterProfile of the import, built on ours (keeping others' labels, annotations, status fields)."""
-    from controller.assess import set_condition  # the one condition merger (assess imports the outputs)
 
     meta = metadata_of(inp.imp)
     old_meta = metadata_of(inp.existing)

@@ -9,7 +9,7 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from controller.assess import OutputWrite
+from controller.model import OutputWrite
 from controller.outputs import OUTPUTS
 from controller.outputs.base import Observed
 from controller.runtime.writes import RecentWrites
