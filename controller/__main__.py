@@ -62,7 +62,7 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     if args.cluster_name is not None and not api.is_dns_subdomain(args.cluster_name):
         return f"--cluster-name {args.cluster_name!r} is not a cluster name."
     if args.trust_check_service_account is not None:
-        from controller.federation import parse_service_account
+        from controller.trust_checks import parse_service_account
 
         try:
             parse_service_account(args.trust_check_service_account)

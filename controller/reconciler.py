@@ -20,8 +20,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import assess, federated_audience
 from controller.conditions import status_patch
-from controller.exports import ExportWatches
-from controller.federation import FederatedSources, TrustChecks
+from controller.export_watches import ExportWatches
 from controller.gates import (
     FIRST,
     REASON_SOURCE_NEAR_CAPACITY,
@@ -42,6 +41,7 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
 from controller.sources import SourceCluster, SourceRegistry, client_error_message
+from controller.trust_checks import FederatedSources, TrustChecks
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch

@@ -18,8 +18,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.exports import ExportWatches
-from controller.federation import FederatedSources, TrustChecks, parse_service_account
+from controller.export_watches import ExportWatches
 from controller.gates import DEFAULT_BURST, DEFAULT_QPS, SourceGates
 from controller.metrics import Metrics
 from controller.outputs import OUTPUTS
@@ -30,6 +29,7 @@ from controller.runtime.events import EventRecorder
 from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
+from controller.trust_checks import FederatedSources, TrustChecks, parse_service_account
 from kubemcsa.client import kube
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.imports import STATUS_PINS, is_pinned

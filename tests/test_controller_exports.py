@@ -515,7 +515,7 @@ def test_source_namespaces_narrow_the_watch_to_those_namespaces(make_env) -> Non
 
 def test_the_open_grant_is_warned_about_and_exports_still_decide(make_env, caplog) -> None:
     env = make_env("--allow-all-service-accounts")
-    with caplog.at_level(logging.WARNING, logger="controller.exports"):
+    with caplog.at_level(logging.WARNING, logger="controller.export_watches"):
         env.start()
         wait_for(lambda: "ANY service account of source cluster cluster2" in caplog.text, what="the warning")
     env.create_import("admin", namespace="kube-system", name="admin-bot")

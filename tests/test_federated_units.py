@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from controller.assess import assess
-from controller.federation import parse_service_account
 from controller.model import Blocked, Federated, NeedsTrustCheck, Observation, Trust
 from controller.plan import plan
+from controller.trust_checks import parse_service_account
 from kubemcsa.contract import api
 from kubemcsa.contract.federation import (
     FederatedSource,

@@ -241,7 +241,7 @@ class FakeSources:
 
 
 class FakeExports:
-    """The export view (controller/exports.py): what the source's export watch says of the account."""
+    """The export view (controller/export_watches.py): what the source's export watch says of the account."""
 
     warm_up_seconds = 10.0
 
@@ -292,7 +292,7 @@ class FakeTokenSource:
 
 
 class FakeFederatedSources:
-    """The federated sources recorded in the system namespace (controller/federation.py FederatedSources)."""
+    """The federated sources recorded in the system namespace (controller/trust_checks.py FederatedSources)."""
 
     def __init__(self) -> None:
         self.sources = {FEDERATED_CLUSTER: FEDERATED_SOURCE}
@@ -305,7 +305,7 @@ class FakeFederatedSources:
 
 
 class FakeTrustChecks:
-    """The trust checks (controller/federation.py TrustChecks): the source trusts this cluster's tokens or not."""
+    """The trust checks (controller/trust_checks.py TrustChecks): the source trusts this cluster's tokens or not."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
