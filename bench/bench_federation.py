@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from controller.run import Controller, Options
-from kubemcsa.cli import bootstrap, federate
-from kubemcsa.client import kube
+from kubemcsa.cli import federate
+from kubemcsa.client import apply, kube
 from kubemcsa.contract import api, federation
 from kubemcsa_testing import (
     ApiServer,
@@ -65,7 +65,7 @@ def main() -> None:
         # The identity whose tokens check trust (federate.apply creates it too, as the manifests do).
         kube.Resource(admin1, kube.SERVICE_ACCOUNTS).create(federation.trust_check_service_account(), SYSTEM)
         wanted = federation.FederatedSource("cluster2", c2.url, c2.ca_pem, "cluster2", "cluster1:")
-        target = bootstrap.Cluster("target", "cluster1", admin1, c1.url, c1.ca_pem)
+        target = apply.Cluster("target", "cluster1", admin1, c1.url, c1.ca_pem)
         issuer, _ = federate.apply(wanted, target, report=lambda _: None)
         c2.configure_authentication(federation.authentication_configuration(issuer.url, c1.url, c1.ca_pem, wanted))
 

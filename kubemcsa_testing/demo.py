@@ -22,8 +22,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import config
-from kubemcsa.cli import allow, bootstrap
-from kubemcsa.client import kube
+from kubemcsa.cli import allow, bootstrap, bootstrap_plan
+from kubemcsa.client import apply, kube
 from kubemcsa.contract import api
 from kubemcsa_testing import crd_manifest, wait
 
@@ -286,11 +286,11 @@ class Demo:
         self.step("kubemcsa bootstrap --target-context cluster1 --source-context cluster2")
         source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
         target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
-        the_plan = bootstrap.plan("cluster1", "cluster2")
+        the_plan = bootstrap_plan.plan("cluster1", "cluster2")
         result = bootstrap.apply(
             the_plan,
-            bootstrap.Cluster("source", "cluster2", admin2, source.server, source.ca_pem),
-            bootstrap.Cluster("target", "cluster1", admin1, target.server),
+            apply.Cluster("source", "cluster2", admin2, source.server, source.ca_pem),
+            apply.Cluster("target", "cluster1", admin1, target.server),
             report=self.say,
         )
         self.say(result.summary())
@@ -433,7 +433,7 @@ class Demo:
         target = config.context_cluster_info("cluster1", str(kubeconfigs["cluster1"]))
         source = config.context_cluster_info("cluster2", str(kubeconfigs["cluster2"]))
         wanted = federation.FederatedSource("cluster2", source.server, source.ca_pem, "cluster2", "cluster1:")
-        target_cluster = bootstrap.Cluster("target", "cluster1", admin1, target.server, target.ca_pem)
+        target_cluster = apply.Cluster("target", "cluster1", admin1, target.server, target.ca_pem)
         issuer, _ = federate.apply(wanted, target_cluster, report=self.say)
         instructions = federate.instructions(issuer, target_cluster, wanted)
         for line in instructions.splitlines():

@@ -10,7 +10,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import cli
-from kubemcsa.cli import bootstrap
+from kubemcsa.cli import bootstrap_plan
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import from_secret_data
@@ -45,8 +45,8 @@ def bootstrap_argv(clusters: dict[str, Any], *extra: str) -> list[str]:
 def snapshot(clusters: dict[str, Any]) -> dict[str, str]:
     """The resourceVersion of every object bootstrap manages, in both clusters."""
     c1, c2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
-    name = bootstrap.rbac_name_for_target("cluster1")
-    own = bootstrap.rbac_name_for_target("cluster1", bootstrap.OWN_TOKEN_SUFFIX)
+    name = bootstrap_plan.rbac_name_for_target("cluster1")
+    own = bootstrap_plan.rbac_name_for_target("cluster1", bootstrap_plan.OWN_TOKEN_SUFFIX)
     objects = {
         "src ns": (c2, kube.NAMESPACES, SYSTEM, None),
         "src sa": (c2, kube.SERVICE_ACCOUNTS, "cluster1", SYSTEM),
@@ -140,7 +140,7 @@ def test_source_namespaces_narrow_the_grant_and_a_rerun_removes_the_cluster_wide
 
     assert cli.main(bootstrap_argv(clusters, "--source-namespaces", "team-a")) == 0
     out = capsys.readouterr().out
-    name = bootstrap.rbac_name_for_target("cluster1")
+    name = bootstrap_plan.rbac_name_for_target("cluster1")
     assert f"ClusterRoleBinding {name} deleted" in out
     assert f"RoleBinding team-a/{name} created" in out
     c1 = clusters["cluster1"].admin_client()
@@ -272,7 +272,7 @@ def test_a_tampered_or_changed_object_is_updated_and_said(clusters, capsys) -> N
     assert cli.main(bootstrap_argv(clusters)) == 0
     capsys.readouterr()
     admin1, admin2 = clusters["cluster1"].admin_client(), clusters["cluster2"].admin_client()
-    name = bootstrap.rbac_name_for_target("cluster1")
+    name = bootstrap_plan.rbac_name_for_target("cluster1")
     roles = kube.Resource(admin2, kube.CLUSTER_ROLES)
     role = roles.get(name)
     role["rules"] = role["rules"][:1]

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kubemcsa.cli import bootstrap
+from kubemcsa.cli import bootstrap, bootstrap_plan
+from kubemcsa.client import apply
 from kubemcsa.contract import api, imports
 from kubemcsa.contract.credentials import Credentials, from_secret_data
 from kubemcsa.contract.imports import IssuedToken
@@ -24,7 +25,7 @@ def by_kind(objects: list[dict], kind: str) -> list[dict]:
 
 
 def test_plan_cluster_wide() -> None:
-    plan = bootstrap.plan("cluster1", "cluster2")
+    plan = bootstrap_plan.plan("cluster1", "cluster2")
     kinds = [o["kind"] for o in plan.source]
     assert kinds == ["Namespace", "ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"]
     sa = by_kind(plan.source, "ServiceAccount")[0]
@@ -61,12 +62,12 @@ def test_plan_cluster_wide() -> None:
         "clusterName": "cluster2",
         "namespace": api.SYSTEM_NAMESPACE,
         "name": "cluster1",
-        "expirationSeconds": bootstrap.DEFAULT_CREDENTIAL_SECONDS,
+        "expirationSeconds": bootstrap_plan.DEFAULT_CREDENTIAL_SECONDS,
     }
 
 
 def test_plan_with_source_namespaces_binds_only_there_and_legacy_adds_secrets() -> None:
-    plan = bootstrap.plan(
+    plan = bootstrap_plan.plan(
         "c1",
         "c2",
         source_namespaces=["team-a", " team-b", "team-a", ""],
@@ -84,19 +85,19 @@ def test_plan_with_source_namespaces_binds_only_there_and_legacy_adds_secrets() 
 
 def test_the_open_model_needs_its_loud_flag_and_says_what_it_gives_away() -> None:
     with pytest.raises(bootstrap.BootstrapError, match="add --allow-all-service-accounts"):
-        bootstrap.plan("c1", "c2", legacy_tokens=True)
-    plan = bootstrap.plan("c1", "c2", allow_all_service_accounts=True)
+        bootstrap_plan.plan("c1", "c2", legacy_tokens=True)
+    plan = bootstrap_plan.plan("c1", "c2", allow_all_service_accounts=True)
     rules = by_kind(plan.source, "ClusterRole")[0]["rules"]
     assert {"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]} in rules
-    warning = bootstrap.allow_all_warning(plan)
+    warning = bootstrap_plan.allow_all_warning(plan)
     assert warning.startswith("WARNING:") and "ANY service account" in warning and "kube-system" in warning
-    narrowed = bootstrap.plan("c1", "c2", source_namespaces=["a"], allow_all_service_accounts=True)
-    assert "in namespaces a" in bootstrap.allow_all_warning(narrowed)
+    narrowed = bootstrap_plan.plan("c1", "c2", source_namespaces=["a"], allow_all_service_accounts=True)
+    assert "in namespaces a" in bootstrap_plan.allow_all_warning(narrowed)
 
 
 def test_the_own_token_rbac_name_fits_for_long_target_names() -> None:
     target = "c" * 253
-    plan = bootstrap.plan(target, "c2")
+    plan = bootstrap_plan.plan(target, "c2")
     names = {o["metadata"]["name"] for o in plan.source if o["kind"] in ("Role", "ClusterRole")}
     assert len(names) == 2 and all(len(n) <= 253 for n in names)
 
@@ -115,60 +116,60 @@ def test_the_own_token_rbac_name_fits_for_long_target_names() -> None:
 )
 def test_invalid_names_are_refused_with_a_suggestion(kwargs: dict, message: str) -> None:
     with pytest.raises(bootstrap.BootstrapError, match=message):
-        bootstrap.plan(**kwargs)
+        bootstrap_plan.plan(**kwargs)
 
 
 @given(st.text(max_size=300))
 def test_suggested_names_are_always_valid(value: str) -> None:
-    assert api.is_dns_subdomain(bootstrap.suggest_name(value))
+    assert api.is_dns_subdomain(bootstrap_plan.suggest_name(value))
 
 
 def test_long_target_names_still_give_valid_rbac_names_and_labels() -> None:
     target = ("a" * 60 + ".") * 4
     target = target[:250].rstrip(".")
-    plan = bootstrap.plan(target, "c2")
+    plan = bootstrap_plan.plan(target, "c2")
     assert len(plan.rbac_name) <= 253
     assert len(plan.target_label) <= 63
 
 
 def test_is_subset_tolerates_server_defaults_but_not_differences() -> None:
     desired = {"subjects": [{"kind": "ServiceAccount", "name": "x"}], "spec": {"a": 1}}
-    assert bootstrap.is_subset(
+    assert apply.is_subset(
         desired, {"subjects": [{"kind": "ServiceAccount", "name": "x", "apiGroup": ""}], "spec": {"a": 1, "b": 2}}
     )
-    assert not bootstrap.is_subset(desired, {"subjects": [{"kind": "ServiceAccount", "name": "y"}], "spec": {"a": 1}})
-    assert not bootstrap.is_subset({"l": [1, 2]}, {"l": [1]})
-    assert bootstrap.is_subset({"l": [], "x": None}, {})
+    assert not apply.is_subset(desired, {"subjects": [{"kind": "ServiceAccount", "name": "y"}], "spec": {"a": 1}})
+    assert not apply.is_subset({"l": [1, 2]}, {"l": [1]})
+    assert apply.is_subset({"l": [], "x": None}, {})
 
 
 def test_needs_update_merged_and_recreate() -> None:
-    desired = bootstrap.plan("c1", "c2").source[3]  # the ClusterRoleBinding
+    desired = bootstrap_plan.plan("c1", "c2").source[3]  # the ClusterRoleBinding
     existing = json.loads(json.dumps(desired))
     existing["metadata"].update(resourceVersion="7", uid="u", labels={**desired["metadata"]["labels"], "extra": "kept"})
-    assert not bootstrap.needs_update(existing, desired)
+    assert not apply.needs_update(existing, desired)
     existing["subjects"] = []
-    assert bootstrap.needs_update(existing, desired)
-    body = bootstrap.merged(existing, desired)
+    assert apply.needs_update(existing, desired)
+    body = apply.merged(existing, desired)
     assert body["metadata"]["resourceVersion"] == "7"
     assert body["metadata"]["labels"]["extra"] == "kept"
     assert body["subjects"] == desired["subjects"]
-    assert not bootstrap.needs_recreate(existing, desired)
+    assert not apply.needs_recreate(existing, desired)
     existing["roleRef"] = {**desired["roleRef"], "name": "other"}
-    assert bootstrap.needs_recreate(existing, desired)
+    assert apply.needs_recreate(existing, desired)
 
 
 def test_stale_bindings_are_only_managed_ones_the_plan_dropped() -> None:
-    cluster_wide = bootstrap.plan("c1", "c2")
-    namespaced = bootstrap.plan("c1", "c2", source_namespaces=["a"])
+    cluster_wide = bootstrap_plan.plan("c1", "c2")
+    namespaced = bootstrap_plan.plan("c1", "c2", source_namespaces=["a"])
     existing = [o for o in cluster_wide.source if o["kind"] == "ClusterRoleBinding"]
     unmanaged = {"kind": "RoleBinding", "metadata": {"name": "x", "namespace": "b", "labels": {}}}
     wanted = [o for o in namespaced.source if o["kind"].endswith("Binding")]
-    stale = bootstrap.stale_bindings([*existing, unmanaged, *wanted], wanted)
+    stale = apply.stale_bindings([*existing, unmanaged, *wanted], wanted)
     assert [o["kind"] for o in stale] == ["ClusterRoleBinding"]
 
 
 def imported(uid: str = "uid-1") -> dict:
-    sai = bootstrap.plan("c1", "c2").target[1]
+    sai = bootstrap_plan.plan("c1", "c2").target[1]
     return {**sai, "metadata": {**sai["metadata"], "uid": uid}}
 
 
@@ -178,9 +179,9 @@ def secret_with(
     """The bootstrap import's Secret, as bootstrap writes it."""
     imp = imported(uid)
     creds = Credentials(server=server, ca_crt=CA, token=token, namespace=api.SYSTEM_NAMESPACE)
-    lifetime = bootstrap.DEFAULT_CREDENTIAL_SECONDS
+    lifetime = bootstrap_plan.DEFAULT_CREDENTIAL_SECONDS
     issued = IssuedToken(token, issued_at, issued_at + lifetime)
-    held = imports.ImportToken(creds, issued, bootstrap.wanted_inputs(imp, server, CA))
+    held = imports.ImportToken(creds, issued, bootstrap_plan.wanted_inputs(imp, server, CA))
     return imports.import_secret(imp, held, "c2")
 
 
@@ -197,7 +198,7 @@ def test_import_secret_is_labelled_owned_and_holds_the_five_keys() -> None:
 
 def test_the_plan_asks_for_the_credential_duration() -> None:
     assert imported()["spec"]["expirationSeconds"] == 30 * 86400
-    sai = bootstrap.plan("c1", "c2", credential_seconds=3600).target[1]
+    sai = bootstrap_plan.plan("c1", "c2", credential_seconds=3600).target[1]
     assert sai["spec"]["expirationSeconds"] == 3600
 
 
@@ -206,7 +207,7 @@ def is_current(
 ) -> bool:
     imp = imported(uid)  # as bootstrap or the controller pinned the Secret it wrote
     imp["status"] = {imports.STATUS_PINS: [imports.credential_pin(secret)] if pinned else []}
-    return bootstrap.secret_is_current(secret, imp, server=server, ca_pem=CA, now=now)
+    return bootstrap_plan.secret_is_current(secret, imp, server=server, ca_pem=CA, now=now)
 
 
 def test_a_secret_nobody_pinned_is_replaced_even_if_it_looks_current() -> None:
@@ -220,7 +221,7 @@ def test_secret_is_current_keeps_a_good_token_and_replaces_a_bad_one() -> None:
     assert is_current(good)
     assert not is_current(good, uid="uid-2")  # import recreated
     assert not is_current(good, server="https://elsewhere:6443")
-    lifetime = bootstrap.DEFAULT_CREDENTIAL_SECONDS
+    lifetime = bootstrap_plan.DEFAULT_CREDENTIAL_SECONDS
     assert not is_current(good, now=NOW_TS + 0.81 * lifetime)  # due for refresh: the controller would refresh it
     broken = secret_with()
     del broken["data"]["token"]
@@ -235,9 +236,9 @@ def test_secret_is_current_keeps_a_good_token_and_replaces_a_bad_one() -> None:
 
 
 def test_summary_says_nothing_changed_or_counts() -> None:
-    result = bootstrap.Result()
-    result.steps.append(bootstrap.Step("source", "c2", "Namespace", "x", None, "unchanged"))
+    result = apply.Result()
+    result.steps.append(apply.Step("source", "c2", "Namespace", "x", None, "unchanged"))
     assert "Nothing to do" in result.summary()
-    result.steps.append(bootstrap.Step("target", "c1", "Secret", "s", "ns", "created"))
+    result.steps.append(apply.Step("target", "c1", "Secret", "s", "ns", "created"))
     assert result.summary() == "Bootstrap complete: 1 created, 0 updated, 0 deleted, 1 unchanged."
     assert str(result.steps[1]) == "target cluster 'c1': Secret ns/s created"

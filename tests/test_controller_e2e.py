@@ -76,7 +76,7 @@ def service_account(namespace: str, name: str, export_to: str | None = "cluster1
 TOKEN_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]
 # As bootstrap grants: see which service accounts are exported, in every namespace.
 WATCH_RULES = [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["list", "watch"]}]
-# As bootstrap --legacy-tokens grants (kubemcsa.cli.bootstrap.controller_rules).
+# As bootstrap --legacy-tokens grants (kubemcsa.cli.bootstrap_plan.controller_rules).
 LEGACY_RULES = [
     {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
     {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get"]},

@@ -19,8 +19,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.run import Controller, Options
-from kubemcsa.cli import bootstrap, federate
-from kubemcsa.client import kube
+from kubemcsa.cli import federate
+from kubemcsa.client import apply, kube
 from kubemcsa.contract import api, federation
 from kubemcsa_testing.objects import create_file, create_or_get
 from kubemcsa_testing.server import ApiServer, BearerToken
@@ -46,7 +46,7 @@ class World:
             source.name, source.url, source.ca_pem, audiences[0] if audiences else source.name, "cluster1:",
             audiences=audiences,
         )  # fmt: skip
-        target = bootstrap.Cluster("target", "cluster1", self.admin1, self.c1.url, self.c1.ca_pem)
+        target = apply.Cluster("target", "cluster1", self.admin1, self.c1.url, self.c1.ca_pem)
         issuer, _ = federate.apply(wanted, target, report=lambda _: None)
         source.configure_authentication(
             federation.authentication_configuration(issuer.url, self.c1.url, self.c1.ca_pem, wanted)

@@ -14,11 +14,11 @@ from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.cli import allow, bootstrap, common, demo, exec_plugin, export, federate, status
 from kubemcsa.cli.allow import AllowError
-from kubemcsa.cli.bootstrap import BootstrapError
 from kubemcsa.cli.common import EXIT_ERROR, EXIT_NOT_READY, EXIT_OK, CommandError
 from kubemcsa.cli.export import ExportError
 from kubemcsa.cli.federate import FederateError
 from kubemcsa.client import kube
+from kubemcsa.client.apply import ApplyError as BootstrapError
 from kubemcsa.contract.credentials import CredentialsError
 
 __all__ = ["EXIT_ERROR", "EXIT_NOT_READY", "EXIT_OK", "CommandError", "build_parser", "main"]

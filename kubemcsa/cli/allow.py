@@ -24,17 +24,11 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import config
-from kubemcsa.cli.bootstrap import (
-    MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE,
-    RBAC_API_VERSION,
-    Applier,
-    BootstrapError,
-    Cluster,
-    Result,
-)
+from kubemcsa.cli.bootstrap_plan import RBAC_API_VERSION
 from kubemcsa.cli.common import EXIT_OK, examples
 from kubemcsa.client import kube
+from kubemcsa.client.apply import MANAGED_BY_LABEL, MANAGED_BY_VALUE, Applier, Cluster, Result
+from kubemcsa.client.apply import ApplyError as BootstrapError
 from kubemcsa.contract import api
 from kubemcsa.contract.export_policy import ExportPattern, export_to_of, format_export_to, glob_match, parse_pattern
 

@@ -19,10 +19,11 @@ import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa import config
-from kubemcsa.cli.bootstrap import Applier, Cluster, Result, check_cluster_name
+from kubemcsa.cli.bootstrap_plan import check_cluster_name
 from kubemcsa.cli.common import EXIT_NOT_READY, EXIT_OK, CommandError, add_cluster_pair_arguments, examples
 from kubemcsa.client import kube, tokens
 from kubemcsa.client import trust as trust_api
+from kubemcsa.client.apply import Applier, Cluster, Result
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.federation import FederatedSource, FederationError
 
