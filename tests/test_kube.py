@@ -100,3 +100,30 @@ def test_a_403_names_the_missing_role_a_binding_points_at(cluster1):
     assert kube.error_message(info.value).endswith(
         'in the namespace "default": RBAC: clusterrole.rbac.authorization.k8s.io "nonexistent" not found'
     )
+
+
+def test_an_informer_index_follows_adds_changes_deletes_and_relists(cluster1):
+    maps = kube.Resource(cluster1.admin_client(), kube.CONFIG_MAPS)
+    maps.create(_configmap("a", cluster="c1"))
+    informer = kube.Informer(maps, namespace="default", watch_timeout_seconds=2)
+    informer.add_index("cluster", lambda obj: [obj.get("data", {}).get("cluster")])
+    informer.start()
+
+    def names(value: str) -> set[str]:
+        return {m["metadata"]["name"] for m in informer.by_index("cluster", value)}
+
+    try:
+        assert informer.wait_for_sync(10) and names("c1") == {"a"}
+        maps.create(_configmap("b", cluster="c1"))
+        maps.create({**_configmap("odd"), "data": None})  # indexed under nothing, and no crash
+        wait_for(lambda: names("c1") == {"a", "b"}, "b in the index")
+        maps.patch("a", {"data": {"cluster": "c2"}}, "default")
+        wait_for(lambda: names("c1") == {"b"} and names("c2") == {"a"}, "a moved to c2")
+        maps.delete("b", "default")
+        wait_for(lambda: names("c1") == set(), "b gone from the index")
+        cluster1.stop()
+        cluster1.start()
+        maps.create(_configmap("after", cluster="c2"))
+        wait_for(lambda: names("c2") == {"a", "after"}, "the index rebuilt by the relist")
+    finally:
+        informer.stop()

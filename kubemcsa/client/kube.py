@@ -18,7 +18,7 @@ import socket
 import ssl
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -500,12 +500,22 @@ class Compactor:
             return text
 
 
+def _index_values(values: Callable[[JSON], Iterable[str]], obj: JSON | None) -> set[str]:
+    if obj is None:
+        return set()
+    try:
+        return {value for value in values(obj) if isinstance(value, str)}
+    except (AttributeError, TypeError, KeyError):  # a malformed object is indexed under nothing
+        return set()
+
+
 class Informer:
     """A list-watch cache of one resource type: list once, then follow a watch, re-listing on 410 Gone.
 
     Handlers get ("ADDED" | "MODIFIED" | "DELETED", object, previous object or None) on the informer's own
     thread; they must be quick (typically: put a key on a work queue). `resync_seconds` replays every cached
-    object as MODIFIED periodically, so level-based consumers recover from anything they missed.
+    object as MODIFIED periodically, so level-based consumers recover from anything they missed. Indexes
+    (`add_index`) answer "which cached objects have this value" without a scan, as client-go's indexers do.
     """
 
     def __init__(
@@ -540,6 +550,36 @@ class Informer:
         self._thread: threading.Thread | None = None
         self._resync_thread: threading.Thread | None = None
         self._current_watch: WatchStream | None = None
+        # name -> (the values an object is indexed under, value -> keys of the objects that have it)
+        self._indexers: dict[str, Callable[[JSON], Iterable[str]]] = {}
+        self._indexes: dict[str, dict[str, set[tuple[str, str]]]] = {}
+
+    def add_index(self, name: str, values: Callable[[JSON], Iterable[str]]) -> None:
+        """Index the cache by `values(object)` (before start): `by_index(name, value)` is then one lookup."""
+        with self._lock:
+            self._indexers[name] = values
+            self._indexes[name] = {}
+            for key, obj in self._cache.items():
+                self._index(key, None, obj)
+
+    def by_index(self, name: str, value: str) -> list[JSON]:
+        """The cached objects indexed under `value` by index `name`."""
+        with self._lock:
+            keys = self._indexes[name].get(value, ())
+            return [self._cache[key] for key in keys if key in self._cache]
+
+    def _index(self, key: tuple[str, str], old: JSON | None, new: JSON | None) -> None:
+        """Move `key` from the index entries of `old` to those of `new` (either may be None). Under the lock."""
+        for name, values in self._indexers.items():
+            index = self._indexes[name]
+            for value in _index_values(values, old):
+                keys = index.get(value)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[value]
+            for value in _index_values(values, new):
+                index.setdefault(value, set()).add(key)
 
     def add_handler(self, handler: EventHandler) -> None:
         with self._lock:
@@ -603,6 +643,10 @@ class Informer:
         with self._lock:
             previous = self._cache
             self._cache = fresh
+            if self._indexers:
+                self._indexes = {name: {} for name in self._indexers}
+                for key, obj in fresh.items():
+                    self._index(key, None, obj)
         for key, obj in fresh.items():
             old = previous.get(key)
             if old is None:
@@ -634,6 +678,8 @@ class Informer:
                 self._cache.pop(key, None)
             else:
                 self._cache[key] = obj
+            if self._indexers:
+                self._index(key, old, None if kind == "DELETED" else obj)
         if kind in ("ADDED", "MODIFIED"):
             self._dispatch("MODIFIED" if old is not None else "ADDED", obj, old)
         elif kind == "DELETED":
