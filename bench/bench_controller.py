@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
 from kubemcsa_testing import ApiServer
 
@@ -317,7 +318,7 @@ def main() -> int:
             ready_at: dict[str, float] = {}
             not_exported_at: dict[str, float] = {}
             lock = threading.Lock()
-            watcher = kube.Informer(imports, namespace="default")
+            watcher = Informer(imports, namespace="default")
 
             def on_event(kind: str, obj: dict, old: dict | None) -> None:
                 if kind != "DELETED" and is_ready(obj):
@@ -459,8 +460,8 @@ def fairness(args) -> int:
             ready_at: dict[tuple[str, str], float] = {}
             expiry: dict[str, float] = {}  # team import -> its Secret's token expiry
             lock = threading.Lock()
-            watcher = kube.Informer(imports)
-            secrets = kube.Informer(kube.Resource(admin1, kube.SECRETS), namespace="team")
+            watcher = Informer(imports)
+            secrets = Informer(kube.Resource(admin1, kube.SECRETS), namespace="team")
 
             def on_import(kind: str, obj: dict, old: dict | None) -> None:
                 if kind != "DELETED" and is_ready(obj):

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from kubemcsa.certificates import manager
-from kubemcsa.client import kube, tls
+from kubemcsa.client import connect, tls
 from kubemcsa.contract import api
 
 EXIT_FAILED = 1
@@ -48,9 +48,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        api_client = kube.local_api_client(args.kubeconfig)
-    except kube.LOCAL_CLIENT_ERRORS as exc:
-        print(f"error: {kube.local_client_problem(exc)}", file=sys.stderr)
+        api_client = connect.local_api_client(args.kubeconfig)
+    except connect.LOCAL_CLIENT_ERRORS as exc:
+        print(f"error: {connect.local_client_problem(exc)}", file=sys.stderr)
         return EXIT_FAILED
     try:
         with api_client:

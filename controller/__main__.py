@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import Any
 
-from kubemcsa.client import kube
+from kubemcsa.client import connect
 from kubemcsa.contract import api
 
 
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     from controller.run import Controller
 
     try:
-        client = kube.local_api_client(args.kubeconfig)
-    except kube.LOCAL_CLIENT_ERRORS as exc:
-        print(f"kubemcsa-controller: {kube.local_client_problem(exc)}.", file=sys.stderr)
+        client = connect.local_api_client(args.kubeconfig)
+    except connect.LOCAL_CLIENT_ERRORS as exc:
+        print(f"kubemcsa-controller: {connect.local_client_problem(exc)}.", file=sys.stderr)
         return 2
     if args.source_kubeconfig and not os.path.exists(args.source_kubeconfig):
         logging.getLogger(__name__).warning(

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.model import ExportView, Remote
 from controller.remote import renew_hint, unreachable
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class _SourceWatch:
     started: float = field(default_factory=time.monotonic)
     scope_decided: threading.Event = field(default_factory=threading.Event)
     cluster_wide: bool = True
-    informers: dict[str, kube.Informer] = field(default_factory=dict)  # by namespace ("" = cluster-wide)
+    informers: dict[str, Informer] = field(default_factory=dict)  # by namespace ("" = cluster-wide)
     exists: dict[tuple[str, str], bool] = field(default_factory=dict)  # remembered answers of the existence probe
 
 
@@ -231,15 +232,15 @@ class ExportWatches:
         watch.scope_decided.set()
         self._on_synced(watch.name)  # imports that waited for the scope look again (per namespace: they start it)
 
-    def _informer(self, watch: _SourceWatch, namespace: str) -> kube.Informer:
+    def _informer(self, watch: _SourceWatch, namespace: str) -> Informer:
         scope = CLUSTER_WIDE if watch.cluster_wide else namespace
         with self._lock:
             informer = watch.informers.get(scope)
             if informer is not None:
                 return informer
             if self._stopped.is_set():  # never started: never synced
-                return kube.Informer(self._accounts(watch.client), name="stopped")
-            informer = kube.Informer(
+                return Informer(self._accounts(watch.client), name="stopped")
+            informer = Informer(
                 self._accounts(watch.client),
                 namespace=scope or None,
                 label_selector=api.EXPORTED_SELECTOR,
@@ -260,7 +261,7 @@ class ExportWatches:
             watch.exists.pop((namespace, name), None)  # whatever was probed may have changed
         self._on_event(watch.name, namespace, name)
 
-    def _when_synced(self, watch: _SourceWatch, informer: kube.Informer) -> None:
+    def _when_synced(self, watch: _SourceWatch, informer: Informer) -> None:
         told = False
         while not informer.wait_for_sync(0.5):
             if self._stopped.is_set() or informer not in list(watch.informers.values()):

@@ -43,6 +43,7 @@ from controller.runtime.writes import RecentWrites
 from controller.sources import SourceCluster, SourceRegistry, client_error_message
 from controller.trust_checks import FederatedSources, TrustChecks
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
 from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch
 from kubemcsa.contract.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
@@ -71,8 +72,8 @@ def split_key(key: str) -> tuple[str, str]:
 class Caches:
     """What the reconciler reads and writes locally: the informers and their resources."""
 
-    imports: kube.Informer
-    secrets: kube.Informer
+    imports: Informer
+    secrets: Informer
     imports_api: kube.Resource
     secrets_api: kube.Resource
     outputs: dict[str, OutputCache] = field(default_factory=dict)  # by output name (controller/outputs)

@@ -31,6 +31,7 @@ from controller.runtime.manager import Manager, ManagerOptions
 from controller.sources import SourceRegistry, is_source_credential
 from controller.trust_checks import FederatedSources, TrustChecks, parse_service_account
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Compactor, EventHandler, Informer
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.imports import STATUS_PINS, is_pinned
 
@@ -100,8 +101,8 @@ class Controller:
             on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
         )
         imports_api = kube.Resource(local_api_client, kube.SERVICE_ACCOUNT_IMPORTS)
-        # One per controller: the imports' and their Secrets' caches share their text (see kube.Compactor).
-        compact = kube.Compactor()
+        # One per controller: the imports' and their Secrets' caches share their text (see Compactor).
+        compact = Compactor()
         secrets_api = kube.Resource(local_api_client, kube.SECRETS)
         self.manager = Manager(
             local_api_client,
@@ -126,7 +127,7 @@ class Controller:
             ready_to_work=self._sources_loaded,
         )
         self.imports = self.manager.add_informer(
-            kube.Informer(
+            Informer(
                 imports_api,
                 namespace=options.namespace,
                 resync_seconds=options.resync_seconds,
@@ -135,7 +136,7 @@ class Controller:
             )
         )
         self.secrets = self.manager.add_informer(
-            kube.Informer(
+            Informer(
                 secrets_api,
                 namespace=options.namespace,
                 label_selector=api.IMPORT_LABEL,
@@ -151,7 +152,7 @@ class Controller:
         for output in OUTPUTS:
             owned = kube.ResourceType(output.owns.api_version, output.owns.plural, output.owns.kind)
             resource = kube.Resource(local_api_client, owned)
-            informer = kube.Informer(
+            informer = Informer(
                 resource,
                 namespace=options.namespace,
                 label_selector=output.watch.label_selector,
@@ -164,15 +165,15 @@ class Controller:
         self._served_checked_at: dict[str, float] = {}
         self._outputs_listed: set[str] = set()
         # The system namespace's import Secrets are sources; watch them too if --namespace leaves them out.
-        self.system_secrets: kube.Informer | None = None
+        self.system_secrets: Informer | None = None
         # And the system namespace's imports, which say which of those Secrets are credentials they control.
-        self.system_imports: kube.Informer | None = None
+        self.system_imports: Informer | None = None
         if options.namespace is not None and options.namespace != options.system_namespace:
             self.system_imports = self.manager.add_informer(
-                kube.Informer(imports_api, namespace=options.system_namespace, name="system-imports")
+                Informer(imports_api, namespace=options.system_namespace, name="system-imports")
             )
             self.system_secrets = self.manager.add_informer(
-                kube.Informer(
+                Informer(
                     secrets_api,
                     namespace=options.system_namespace,
                     label_selector=api.IMPORT_LABEL,
@@ -181,7 +182,7 @@ class Controller:
             )
         # Federated source clusters: ConfigMaps of the system namespace that `kubemcsa federate` writes.
         self.federated_sources = self.manager.add_informer(
-            kube.Informer(
+            Informer(
                 kube.Resource(local_api_client, kube.CONFIG_MAPS),
                 namespace=options.system_namespace,
                 label_selector=f"{federation.FEDERATED_SOURCE_LABEL}={federation.FEDERATED_SOURCE_LABEL_VALUE}",
@@ -365,7 +366,7 @@ class Controller:
         if import_name:
             self.manager.queue.add(import_key(namespace, import_name))
 
-    def _output_handler(self, output: Output) -> kube.EventHandler:
+    def _output_handler(self, output: Output) -> EventHandler:
         def on_event(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
             """An output's object changed (ours, or a foreign one of a name an import uses): that import looks
             again."""

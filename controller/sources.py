@@ -31,7 +31,7 @@ import yaml
 from kubernetes.client import ApiClient
 
 from controller.model import Remote
-from kubemcsa.client import kube
+from kubemcsa.client import connect
 from kubemcsa.client.kubeconfig import (
     ConfigError,
     absolutize,
@@ -94,7 +94,7 @@ def client_error_message(source: SourceCluster, exc: Exception) -> str:
     where = f"The controller cannot build a client for cluster {source.name}"
     if isinstance(exc, CredentialsError):
         return f"{where} from its {source.origin}: {exc}"
-    problem = kube.local_file_problem(exc)
+    problem = connect.local_file_problem(exc)
     if problem:
         return (
             f"{where}: its local filesystem refused ({problem}), which is no fault of the {source.origin}; "
@@ -113,7 +113,7 @@ def source_from_credentials(
         server=creds.server,
         ca_pem=creds.ca_crt,
         fingerprint=_fingerprint(creds.server, creds.ca_crt.decode(errors="replace"), creds.token),
-        build=lambda: kube.client_for_credentials(creds),
+        build=lambda: connect.client_for_credentials(creds),
         credential_expires_at=expires_at if expires_at is not None else token_expiry(creds.token),
         consumer=consumer_of_token(creds.token) or cluster_name,
     )

@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.model import NeedsTrustCheck, Trust
 from kubemcsa.client import kube, tokens
 from kubemcsa.client import trust as trust_api
+from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.federation import FederatedSource, FederationError
 
@@ -37,7 +38,7 @@ CHECK_TOKEN_SECONDS = 600
 class FederatedSources:
     """The federated source clusters recorded in the system namespace, from a cache of their ConfigMaps."""
 
-    def __init__(self, informer: kube.Informer) -> None:
+    def __init__(self, informer: Informer) -> None:
         self.informer = informer
 
     def _records(self) -> list[dict[str, Any]]:

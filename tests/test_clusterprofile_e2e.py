@@ -30,7 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.outputs import clusterprofile as cp
 from controller.run import Controller, Options
 from kubemcsa import cli
-from kubemcsa.client import kube
+from kubemcsa.client import connect, kube
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa_testing.kubelet import Kubelet
@@ -246,7 +246,7 @@ class ExecClient:
     def call(self, request: Callable[[ApiClient], Any]) -> Any:
         """One request; after a 401 the credential is fetched again and the request retried once (client-go)."""
         for attempt in (1, 2):
-            client = kube.client_for_credentials(Credentials(self.server, self.ca_pem, self.credential(), "default"))
+            client = connect.client_for_credentials(Credentials(self.server, self.ca_pem, self.credential(), "default"))
             try:
                 return request(client)
             except ApiException as exc:

@@ -31,6 +31,7 @@ from kubernetes.config import new_client_from_config
 
 from controller.run import Controller, Options
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa.config import import_config_and_namespace
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.credentials import Credentials, to_secret_data
@@ -944,7 +945,7 @@ def test_twenty_restarts_never_report_a_known_cluster_unknown(env: Env) -> None:
     for name in names:
         env.create_import(name, clusterName=name.rsplit("-", 1)[0])
     unknown: list[str] = []  # every UnknownCluster condition the imports ever showed
-    watcher = kube.Informer(kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS), namespace="default")
+    watcher = Informer(kube.Resource(env.admin1, kube.SERVICE_ACCOUNT_IMPORTS), namespace="default")
 
     def on_event(kind: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         for cond in (obj.get("status") or {}).get("conditions") or []:

@@ -94,6 +94,11 @@ def test_the_components_are_independent_of_each_other(component: str) -> None:
     assert offenders(list((ROOT / component).rglob("*.py")), others) == []
 
 
+def test_no_component_imports_the_command_line() -> None:
+    """kubemcsa.cli is a top: what a component needs of it belongs in the contract or the client layer."""
+    assert offenders([p for c in COMPONENTS for p in (ROOT / c).rglob("*.py")], ("kubemcsa.cli",)) == []
+
+
 def test_no_product_module_imports_the_in_memory_server() -> None:
     assert offenders(product_files(), (IN_MEMORY,)) == []
 

@@ -8,6 +8,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa_testing.wait import wait_for
 
 
@@ -60,7 +61,7 @@ def test_informer_follows_changes_and_relists_after_the_api_server_comes_back(cl
             seen.append((event_type, obj["metadata"]["name"]))
 
     maps.create(_configmap("before"))
-    informer = kube.Informer(maps, namespace="default", watch_timeout_seconds=2)
+    informer = Informer(maps, namespace="default", watch_timeout_seconds=2)
     informer.add_handler(record)
     informer.start()
     try:
@@ -105,7 +106,7 @@ def test_a_403_names_the_missing_role_a_binding_points_at(cluster1):
 def test_an_informer_index_follows_adds_changes_deletes_and_relists(cluster1):
     maps = kube.Resource(cluster1.admin_client(), kube.CONFIG_MAPS)
     maps.create(_configmap("a", cluster="c1"))
-    informer = kube.Informer(maps, namespace="default", watch_timeout_seconds=2)
+    informer = Informer(maps, namespace="default", watch_timeout_seconds=2)
     informer.add_index("cluster", lambda obj: [obj.get("data", {}).get("cluster")])
     informer.start()
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from controller.sources import SourceCluster, client_error_message
-from kubemcsa.client import kube
+from kubemcsa.client import connect, kube
 from kubemcsa.client.kubeconfig import ConfigError
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials, to_secret_data
@@ -341,10 +341,10 @@ def test_kubemcsa_demo_on_a_read_only_root_blames_the_filesystem_not_the_network
     ],
 )
 def test_local_file_errors_are_told_apart_from_network_errors(error: OSError, local: bool) -> None:
-    assert (kube.local_file_problem(error) is not None) == local
+    assert (connect.local_file_problem(error) is not None) == local
 
 
 def test_a_component_failing_on_a_local_file_says_so() -> None:
     refused = OSError(errno.EROFS, "Read-only file system", "/tmp/x")
-    assert kube.local_client_problem(refused).startswith("a file on this machine could not be used (Read-only")
-    assert "--kubeconfig" in kube.local_client_problem(ValueError("no kubeconfig found at /nope"))
+    assert connect.local_client_problem(refused).startswith("a file on this machine could not be used (Read-only")
+    assert "--kubeconfig" in connect.local_client_problem(ValueError("no kubeconfig found at /nope"))

@@ -4,7 +4,7 @@ Each row is the world before (the import, its Secret, whether the source is know
 the source answers to a token request, what the controller holds in memory, the time) and the calls the pass
 makes: token requests, Secret and output writes, the status patch (its Ready reason), Events by reason, and when
 the import is looked at again. As Open Cluster Management's managed-serviceaccount `TestReconcile` does, with
-fakes of our own seams (kube.Informer / kube.Resource, the source registry, the export view, the token source,
+fakes of our own seams (Informer / kube.Resource, the source registry, the export view, the token source,
 the trust checks, the Event recorder, the clock), never of the kubernetes client. The gates (rate limit and
 circuit, controller/gates.py) are the real ones: they are pure, with the clock passed in.
 
@@ -98,7 +98,7 @@ def conflict(reason: str) -> ApiException:
 
 
 class FakeStore:
-    """One resource type as our kube.Informer (get, list, has_synced) and kube.Resource (create, replace,
+    """One resource type as our Informer (get, list, has_synced) and kube.Resource (create, replace,
     replace_status, patch_status, delete) see it. `server` is what the API server holds, `cache` what the informer
     shows (behind the server when a row says so); writes are recorded and answered as the API server answers
     them: 404 for what is not there, 409 AlreadyExists on create, 409 Conflict on a stale resourceVersion. What
@@ -147,7 +147,7 @@ class FakeStore:
         self._version += 1
         return str(self._version)
 
-    # kube.Informer
+    # Informer
     def get(self, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         obj = self.cache.get((namespace or "", name))
         return copy.deepcopy(obj) if obj is not None else None
@@ -746,7 +746,7 @@ class Harness:
             self.reconciler.import_seen(obj)
 
     def restart(self) -> Reconciler:
-        # The fakes stand for kube.Informer and kube.Resource (one store is both, as an informer and its resource).
+        # The fakes stand for Informer and kube.Resource (one store is both, as an informer and its resource).
         caches = Caches(
             self.imports,
             self.secrets,

@@ -32,6 +32,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from kubemcsa.certificates.reloader import RenewalLoop
+from kubemcsa.client import connect
 from kubemcsa.contract import api
 from webhook import workers
 from webhook.cli import build_parser
@@ -51,7 +52,6 @@ EXIT_USAGE = 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kubemcsa.client import kube
 
     args = build_parser().parse_args(argv)
     if args.workers is not None and args.workers < 0:
@@ -64,9 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     cert_file, key_file = files
     try:
-        api_client = kube.local_api_client(args.kubeconfig)
-    except kube.LOCAL_CLIENT_ERRORS as exc:
-        print(f"error: {kube.local_client_problem(exc)}", file=sys.stderr)
+        api_client = connect.local_api_client(args.kubeconfig)
+    except connect.LOCAL_CLIENT_ERRORS as exc:
+        print(f"error: {connect.local_client_problem(exc)}", file=sys.stderr)
         return EXIT_FAILED
     stop = _stop_on_signals()
     renewal: RenewalLoop | None = None

@@ -1,7 +1,7 @@
 """What the webhook knows about its cluster: which ServiceAccountImports exist (and how a federated one is mounted),
 the namespaces' labels, and the audiences of the federated source clusters.
 
-Fed by three watches (kubemcsa.client.kube.Informer), so a request costs dict hits. On a miss (an import or a
+Fed by three watches (kubemcsa.client.Informer), so a request costs dict hits. On a miss (an import or a
 namespace created a moment ago, not yet seen by the watch) it asks the API server once per kind (one GET of the
 namespace, one LIST of its imports, whatever the number of names), remembers the answer for a moment, and never
 waits past the caller's deadline. A namespace that does not exist is remembered longer (ABSENT_SECONDS: anyone
@@ -20,6 +20,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.spec import FederatedImport
 from webhook.lookups import (
@@ -102,9 +103,9 @@ class WatchCache:
         self._namespace_lookups = _Bucket(NAMESPACE_LOOKUPS_PER_SECOND, NAMESPACE_LOOKUP_BURST, clock)
         self._misses = {MISS_IMPORT: 0, MISS_NAMESPACE: 0}
         self._misses_lock = threading.Lock()
-        self._import_informer = kube.Informer(self._imports_api, name="webhook-serviceaccountimports")
-        self._namespace_informer = kube.Informer(self._namespaces_api, name="webhook-namespaces")
-        self._source_informer = kube.Informer(
+        self._import_informer = Informer(self._imports_api, name="webhook-serviceaccountimports")
+        self._namespace_informer = Informer(self._namespaces_api, name="webhook-namespaces")
+        self._source_informer = Informer(
             kube.Resource(api_client, kube.CONFIG_MAPS, timeout=api_timeout),
             namespace=system_namespace,
             label_selector=f"{federation.FEDERATED_SOURCE_LABEL}={federation.FEDERATED_SOURCE_LABEL_VALUE}",
@@ -192,7 +193,7 @@ class WatchCache:
         ttl, remembered = recent if recent is not None else (0.0, None)
         return LookupReply(kind, namespace, value, remembered, ttl, tuple(view.asked))
 
-    def _informers(self) -> tuple[kube.Informer, ...]:
+    def _informers(self) -> tuple[Informer, ...]:
         return (self._import_informer, self._namespace_informer, self._source_informer)
 
     def start(self) -> WatchCache:

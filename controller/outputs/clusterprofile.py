@@ -24,8 +24,8 @@ from typing import Any
 
 from controller.conditions import set_condition
 from controller.outputs.base import Output, OutputInput, Owned, SourceView, Want, Watch
-from kubemcsa.cli.exec_plugin import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
 from kubemcsa.contract import api
+from kubemcsa.contract.api import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
 from kubemcsa.contract.credentials import CredentialsError, from_secret_data
 from kubemcsa.contract.imports import as_dict, metadata_of, owner_reference, string_map
 from kubemcsa.contract.spec import ImportSpec, SpecError

@@ -14,13 +14,14 @@ from controller.outputs import OUTPUTS
 from controller.outputs.base import Observed
 from controller.runtime.writes import RecentWrites
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 
 
 @dataclass
 class OutputCache:
     """An output's informer (its Watch) and the resource it writes."""
 
-    informer: kube.Informer
+    informer: Informer
     resource: kube.Resource
     served: bool = True  # False: discovery says the API server does not serve the type (the informer waits)
 
@@ -93,7 +94,7 @@ class OutputStore:
         return True
 
 
-def watch_problem(informer: kube.Informer) -> dict[str, Any]:
+def watch_problem(informer: Informer) -> dict[str, Any]:
     """Why an informer has not listed: its type is not served (a CRD not installed), or another failure."""
     if informer.last_error == 404:
         return {"problem": "the API server does not serve them", "not_served": True}

@@ -1,6 +1,6 @@
 """A small generic controller runtime, readable without any reconcile logic.
 
-- `kubemcsa.client.kube.Informer`: a list-watch cache of one resource type (shared with the webhook);
+- `kubemcsa.client.Informer`: a list-watch cache of one resource type (shared with the webhook);
 - `queue.WorkQueue`: keys coalesced, delayed re-adds, per-key exponential backoff with jitter;
 - `leader.LeaderElector`: a coordination.k8s.io Lease, as client-go's leaderelection;
 - `health.HealthServer`: /metrics, /healthz, /readyz;

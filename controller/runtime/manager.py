@@ -20,6 +20,7 @@ from controller.runtime.health import HealthServer
 from controller.runtime.leader import LeaderElector
 from controller.runtime.queue import WorkQueue
 from kubemcsa.client import kube
+from kubemcsa.client.informer import Informer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class Manager:
     ) -> None:
         self.options = options
         self.queue = WorkQueue(base_delay=options.backoff_base, max_delay=options.backoff_max)
-        self.informers: list[kube.Informer] = []
+        self.informers: list[Informer] = []
         self._optional: set[int] = set()  # ids of informers the workers do not wait for
         self._reconcile = reconcile
         self._all_keys = all_keys
@@ -94,7 +95,7 @@ class Manager:
             )
 
     # --- wiring ---
-    def add_informer(self, informer: kube.Informer, *, required: bool = True) -> kube.Informer:
+    def add_informer(self, informer: Informer, *, required: bool = True) -> Informer:
         """Start `informer` with the manager; the workers wait for it to sync unless it is not `required` (a type
         that may not be served, like an optional CRD: whoever reads it checks has_synced)."""
         self.informers.append(informer)

@@ -17,7 +17,7 @@ from kubemcsa.cli.allow import AllowError
 from kubemcsa.cli.common import EXIT_ERROR, EXIT_NOT_READY, EXIT_OK, CommandError
 from kubemcsa.cli.export import ExportError
 from kubemcsa.cli.federate import FederateError
-from kubemcsa.client import kube
+from kubemcsa.client import connect, kube
 from kubemcsa.client.apply import ApplyError as BootstrapError
 from kubemcsa.contract.credentials import CredentialsError
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _error_sentence(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"the API server refused the request: {kube.error_message(exc)}."
-    problem = kube.local_file_problem(exc)
+    problem = connect.local_file_problem(exc)
     if problem:
         return (
             f"a file on this machine could not be used ({problem}); the cluster and its configuration are not at "

@@ -27,8 +27,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from kubemcsa.client import connect
 from kubemcsa.client.tokens import unverified_claims
 from kubemcsa.contract import api
+from kubemcsa.contract.api import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
 from kubemcsa.contract.timefmt import format_time
 
 EXEC_API_VERSION = "client.authentication.k8s.io/v1"
@@ -36,10 +38,6 @@ EXEC_INFO_ENV = "KUBERNETES_EXEC_INFO"
 # client-go keeps a credential until its expirationTimestamp: at most this long, so that a rotated Secret (or a
 # file the kubelet swapped) is read again soon, and never past the token's own expiry.
 CACHE_SECONDS = 300
-# The ClusterProfile extension's fields (controller/outputs/clusterprofile.py writes them).
-EXT_SECRET_NAME = "secretName"
-EXT_NAMESPACE = "namespace"
-EXT_TOKEN_FILE = "tokenFile"
 EXIT_ERROR = 2
 
 
@@ -157,9 +155,9 @@ def read_secret_token(namespace: str, name: str, kubeconfig: str | None) -> str:
     from kubemcsa.client import kube
 
     try:
-        client = kube.local_api_client(kubeconfig)
-    except kube.LOCAL_CLIENT_ERRORS as exc:
-        raise PluginError(f"cannot read Secret {namespace}/{name}: {kube.local_client_problem(exc)}.") from None
+        client = connect.local_api_client(kubeconfig)
+    except connect.LOCAL_CLIENT_ERRORS as exc:
+        raise PluginError(f"cannot read Secret {namespace}/{name}: {connect.local_client_problem(exc)}.") from None
     try:
         secret = kube.Resource(client, kube.SECRETS, timeout=10).get(name, namespace)
     except ApiException as exc:

@@ -1,6 +1,6 @@
 """Kubeconfig files, read as kubectl reads them, into clients that keep certificates and keys in memory.
 
-The one kubeconfig loader of the project: `kubemcsa.config`, `kubemcsa.client.kube.local_api_client` and the
+The one kubeconfig loader of the project: `kubemcsa.config`, `kubemcsa.client.connect.local_api_client` and the
 controller's
 --source-kubeconfig all use it. The official client's loader writes certificate-authority-data,
 client-certificate-data and client-key-data to temporary files; on a read-only root filesystem without a /tmp

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.client import kube
+from kubemcsa.client import connect, kube
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa.contract.federation import FederatedSource
 
@@ -33,7 +33,7 @@ def check_trust(source: FederatedSource, token: str, timeout: float = 10) -> Tru
     # Imported here: the webhook's serving workers use this module's pure part and never load the client.
 
     creds = Credentials(server=source.server, ca_crt=source.ca_pem, token=token, namespace="default")
-    client = kube.client_for_credentials(creds)
+    client = connect.client_for_credentials(creds)
     where = f"cluster {source.cluster_name}"
     try:
         user = kube.whoami(client, timeout=timeout)

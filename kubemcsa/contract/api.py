@@ -227,3 +227,9 @@ def parse_import_annotation(value: str | None, limit: int | None = None) -> list
 def namespace_enabled(labels: dict[str, str] | None) -> bool:
     """True if a namespace with these labels lets its pods ask for imports."""
     return (labels or {}).get(NAMESPACE_LABEL) == NAMESPACE_LABEL_VALUE
+
+
+# The ClusterProfile extension's fields (controller/outputs/clusterprofile.py writes them).
+EXT_SECRET_NAME = "secretName"
+EXT_NAMESPACE = "namespace"
+EXT_TOKEN_FILE = "tokenFile"
