@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from controller.run import Controller, Options
+from controller.options import Options
+from controller.run import Controller
 from kubemcsa.cli import federate
 from kubemcsa.client import apply, kube
 from kubemcsa.contract import api, federation

@@ -72,7 +72,7 @@ def usage_problem(args: argparse.Namespace) -> str | None:
 
 
 def options_from(args: argparse.Namespace) -> Any:
-    from controller.run import Options  # imported late so --help is fast
+    from controller.options import Options  # imported late so --help is fast
 
     return Options(
         source_kubeconfig=args.source_kubeconfig,

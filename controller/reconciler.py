@@ -8,7 +8,6 @@ It returns a Result saying when to look again, as controller-runtime's Reconcile
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -20,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 
 from controller.assess import assess, federated_audience
 from controller.conditions import status_patch
+from controller.credentials import pin_credential
 from controller.export_watches import ExportWatches
 from controller.gates import (
     FIRST,
@@ -40,12 +40,13 @@ from controller.remote import RemoteFailure, TokenSource, fetch_token
 from controller.runtime.events import EventRecorder
 from controller.runtime.manager import Result
 from controller.runtime.writes import RecentWrites
-from controller.sources import SourceCluster, SourceRegistry, client_error_message
+from controller.source_clusters import SourceCluster, client_error_message
+from controller.sources import SourceRegistry
 from controller.trust_checks import FederatedSources, TrustChecks
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
-from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, pins_for_write, pins_patch
+from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, share_ca
 from kubemcsa.contract.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -137,19 +138,6 @@ class Reconciler:
         rate, _ = gate.demand()
         self.metrics.source_demand.labels(cluster).set(rate / gate.qps)
 
-    def _sharing_ca(self, token: ImportToken) -> ImportToken:
-        """`token` holding the one copy of its CA that every token of its source holds (caller holds the lock):
-        each token read back from a Secret otherwise holds its own copy of the same bytes."""
-        ca = token.credentials.ca_crt
-        shared = self._cas.get(ca)
-        if shared is None:
-            if len(self._cas) >= 256:  # CAs of sources: a handful; a bound all the same
-                self._cas.clear()
-            shared = self._cas[ca] = ca
-        if shared is ca:
-            return token
-        return dataclasses.replace(token, credentials=dataclasses.replace(token.credentials, ca_crt=shared))
-
     # --- what the informers say ---
     def import_seen(self, obj: dict[str, Any]) -> None:
         self.import_writes.seen(kube.object_key(obj), obj)
@@ -219,7 +207,7 @@ class Reconciler:
             return WARMING
         uid = str((imp.get("metadata") or {}).get("uid") or "")
         unpinned = (
-            self.is_credential_import(namespace)
+            namespace == self.system_namespace
             and secret is not None
             and is_controlled_by(secret, uid)
             and not is_pinned(secret, imp)
@@ -243,10 +231,6 @@ class Reconciler:
             export_exempt=exempt,
             credential_unpinned=unpinned,
         )
-
-    def is_credential_import(self, namespace: str | None) -> bool:
-        """True for an import of the system namespace: its Secret `<import>-token` is a source credential."""
-        return namespace == self.system_namespace
 
     def _source_view(self, imp: dict[str, Any], source: SourceCluster | None, federated: Any) -> SourceView | None:
         """What the controller itself knows of the import's source, for its outputs; the source's version is
@@ -350,41 +334,21 @@ class Reconciler:
         self.metrics.tokens_refreshed.inc()
         return HasToken(need.spec, token)
 
-    def _pin_credential(
-        self, namespace: str, name: str, observation: Observation, writes: Writes
-    ) -> dict[str, Any] | Result | None:
-        """Before a source credential is written, pin it in its import's status (kubemcsa.contract.imports): the
-        controller uses no credential Secret that its writer did not pin. A Result if the pin could not be written
-        (the import changed meanwhile: look again)."""
-        if not self.is_credential_import(namespace):
-            return None
-        credential_name = api.secret_name_for_import(name)
-        bodies = [w.body for w in writes.secrets if kube.object_key(w.body)[1] == credential_name]
-        if not bodies:
-            return None
-        pins = pins_for_write(observation.imp, observation.secret, bodies[-1])
-        try:
-            written = self.caches.imports_api.patch_status(name, pins_patch(observation.imp, pins), namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return Result(outcome="skipped")  # the import is gone: so will its Secret be
-            if exc.status != 409:
-                raise
-            return Result(retry=True, outcome="conflict")  # its status changed (another writer): look again
-        self.import_writes.wrote((namespace, name), written)
-        return written
-
     def act(self, key: str, observation: Observation, writes: Writes) -> Result:
         if not self.may_write():  # lost the lease meanwhile: write nothing, not even an Event
             return Result(outcome="skipped")
         namespace, name = split_key(key)
         if writes.remember is not None:
             with self._lock:
-                self._held[key] = self._sharing_ca(writes.remember)
+                self._held[key] = share_ca(writes.remember, self._cas)
         if writes.forget:
             with self._lock:
                 self._held.pop(key, None)
-        imp = self._pin_credential(namespace, name, observation, writes)
+        imp = (
+            pin_credential(self.caches.imports_api, self.import_writes, name, observation, writes)
+            if namespace == self.system_namespace
+            else None
+        )
         if isinstance(imp, Result):
             return imp
         for write in writes.secrets:

@@ -17,7 +17,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
 from controller.model import Remote
-from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
+from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, ORIGIN_SECRET
 from kubemcsa.client import kube, tokens
 from kubemcsa.contract import api
 from kubemcsa.contract import imports as imports_contract

@@ -255,7 +255,8 @@ class Demo:
         return cluster1, cluster2, kubeconfigs, admin1, admin2
 
     def _start_controller(self, cluster1: Any, **options: Any) -> None:
-        from controller.run import Controller, Options
+        from controller.options import Options
+        from controller.run import Controller
 
         controller = Controller(self._client(cluster1.admin_client()), Options(leader_election=False, **options))
         controller.start()

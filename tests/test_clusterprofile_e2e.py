@@ -27,8 +27,9 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from controller.options import Options
 from controller.outputs import clusterprofile as cp
-from controller.run import Controller, Options
+from controller.run import Controller
 from kubemcsa import cli
 from kubemcsa.client import connect, kube
 from kubemcsa.contract import api, federation

@@ -29,7 +29,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from controller.run import Controller, Options
+from controller.options import Options
+from controller.run import Controller
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Informer
 from kubemcsa.config import import_config_and_namespace

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from controller import assess as ca
 from controller import model
 from controller import plan as planning
-from controller.sources import is_source_credential
+from controller.source_clusters import is_source_credential
 from kubemcsa.client.tokens import consumer_of_token
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials, to_secret_data

@@ -22,7 +22,8 @@ import yaml
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.run import Controller, Options
+from controller.options import Options
+from controller.run import Controller
 from kubemcsa import cli
 from kubemcsa.client import kube
 from kubemcsa.contract import api

@@ -11,7 +11,7 @@ import urllib3
 from controller.gates import FIRST, REFRESH, FairQueue, Go, SourceGate, TokenBucket, Wait, capacity, refresh_rate
 from controller.model import Remote
 from controller.remote import classify_remote_error, connection_problem, unreachable
-from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
+from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
 from kubemcsa.contract import api
 from kubemcsa.contract.spec import parse_spec
 

@@ -16,7 +16,8 @@ from controller import conditions, model
 from controller import plan as planning
 from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
-from controller.sources import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED, SourceRegistry
+from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED
+from controller.sources import SourceRegistry
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
 from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
@@ -438,7 +439,7 @@ def test_a_kubeconfig_read_short_keeps_its_clusters_until_a_second_read_agrees(t
 
 
 def test_keep_missing_once_is_a_pure_decision() -> None:
-    from controller.sources import SourceCluster, keep_missing_once
+    from controller.source_clusters import SourceCluster, keep_missing_once
 
     def source(name: str) -> SourceCluster:
         return SourceCluster(name, ORIGIN_KUBECONFIG, "https://s", CA, name, build=lambda: None)

@@ -18,7 +18,8 @@ import pytest
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from controller.run import Controller, Options
+from controller.options import Options
+from controller.run import Controller
 from kubemcsa.cli import federate
 from kubemcsa.client import apply, kube
 from kubemcsa.contract import api, federation

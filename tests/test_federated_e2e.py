@@ -27,7 +27,8 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import new_client_from_config
 
-from controller.run import Controller, Options
+from controller.options import Options
+from controller.run import Controller
 from kubemcsa import cli, config
 from kubemcsa.certificates import manager
 from kubemcsa.client import kube

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from controller.sources import SourceCluster, client_error_message
+from controller.source_clusters import SourceCluster, client_error_message
 from kubemcsa.client import connect, kube
 from kubemcsa.client.kubeconfig import ConfigError
 from kubemcsa.contract import api

@@ -32,7 +32,7 @@ from controller.outputs.store import OutputCache
 from controller.reconciler import Caches, Reconciler, import_key
 from controller.remote import RemoteFailure, classify_remote_error, unreachable
 from controller.runtime.manager import Result
-from controller.sources import ORIGIN_KUBECONFIG, SourceCluster
+from controller.source_clusters import ORIGIN_KUBECONFIG, SourceCluster
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa.contract.federation import FederatedSource

@@ -19,6 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.runtime.health import HealthServer
 from controller.runtime.leader import LeaderElector
 from controller.runtime.queue import WorkQueue
+from kubemcsa.client import informer as kube_informer
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Informer
 
@@ -32,6 +33,14 @@ class Result:
     requeue_after: float | None = None
     retry: bool = False
     outcome: str = "success"  # a label for the reconciles metric: success, error, conflict, skipped
+
+
+@dataclass(frozen=True)
+class Watch:
+    """An informer a controller reads, and what its events do (on the informer's thread: quickly)."""
+
+    informer: kube_informer.Informer
+    handler: kube_informer.EventHandler
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ shows in the cache alone). Pure functions only.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -320,3 +321,17 @@ def secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) ->
         return False
     refresh_at = IssuedToken("", issued_at, expires_at).refresh_at
     return refresh_at is None or now < refresh_at
+
+
+def share_ca(token: ImportToken, cas: dict[bytes, bytes]) -> ImportToken:
+    """`token` holding the one copy of its CA that every token of its source holds (`cas`: CA -> that copy, kept
+    by the caller): each token read back from a Secret otherwise holds its own copy of the same bytes."""
+    ca = token.credentials.ca_crt
+    shared = cas.get(ca)
+    if shared is None:
+        if len(cas) >= 256:  # CAs of sources: a handful; a bound all the same
+            cas.clear()
+        shared = cas[ca] = ca
+    if shared is ca:
+        return token
+    return dataclasses.replace(token, credentials=dataclasses.replace(token.credentials, ca_crt=shared))
