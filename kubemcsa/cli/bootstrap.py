@@ -152,18 +152,22 @@ def _pin(dst: Applier, import_obj: JSON, existing: JSON | None, desired: JSON) -
     )
 
 
+# What `kubemcsa bootstrap --help` says it does.
+DESCRIPTION = (
+    "In the source cluster, create the namespace multicluster-service-account, a service account named "
+    "after the target cluster and the least RBAC the controller needs: request tokens for that account "
+    "only, and list and watch service accounts to see which their owners export to it (kubemcsa allow). "
+    "In the target cluster, create a ServiceAccountImport named after the source cluster for that "
+    "service account, and its first Secret, so that the controller reaches the source at once. Running it "
+    "again changes nothing and says so."
+)
+
+
 def register(commands: argparse._SubParsersAction, prog: str) -> None:
     boot = commands.add_parser(
         "bootstrap",
         help="let the controller of a target cluster import service accounts from a source cluster",
-        description=(
-            "In the source cluster, create the namespace multicluster-service-account, a service account named "
-            "after the target cluster and the least RBAC the controller needs: request tokens for that account "
-            "only, and list and watch service accounts to see which their owners export to it (kubemcsa allow). "
-            "In the target cluster, create a ServiceAccountImport named after the source cluster for that "
-            "service account, and its first Secret, so that the controller reaches the source at once. Running it "
-            "again changes nothing and says so."
-        ),
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=examples(
             f"""
