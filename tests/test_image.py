@@ -193,7 +193,7 @@ def test_the_demo_needs_only_the_declared_dependencies_and_its_extra() -> None:
                 except metadata.PackageNotFoundError:
                     pass
         owners = metadata.packages_distributions()
-        ours = {"kubemcsa", "controller", "webhook", "certs"}
+        ours = {"kubemcsa", "kubemcsa_testing", "controller", "webhook", "certs"}
         used = set()
         for module in list(sys.modules):
             top = module.split(".")[0]
