@@ -23,6 +23,7 @@ from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secr
 from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
 from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
 from kubemcsa.contract.timefmt import format_time, parse_time
+from kubemcsa_testing.wait import wait_for
 
 CA = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 REMOTE = model.Remote(cluster_name="cluster2", server="https://127.0.0.1:6443", ca_pem=CA)
@@ -509,6 +510,29 @@ def test_lease_update_counts_transitions_on_change_of_hands() -> None:
     assert may_acquire(read_lease(released), "a", observed_for=0)
     assert read_lease(updated_lease(released, "a", 15, NOW + 1)).transitions == 2  # after a release too
     assert read_lease({"spec": {"leaseDurationSeconds": "x", "leaseTransitions": True}}).duration == 15
+
+
+def test_a_leader_that_renews_past_its_deadline_starts_a_new_term(cluster1) -> None:
+    """While a renewal is overdue, is_leader reads False and the workers drop the keys they get; the renewal that
+    ends the lapse must call on_started_leading again (the manager then queues every key), not carry on silently."""
+    from controller.runtime.leader import LeaderElector
+
+    calls: list[str] = []
+    elector = LeaderElector(
+        cluster1.admin_client(),
+        "default",
+        "me",
+        renew_deadline=0.2,
+        on_started_leading=lambda: calls.append("started"),
+        on_stopped_leading=lambda: calls.append("stopped"),
+    )
+    elector._try_acquire_or_renew()  # one round of the elector's loop, as its thread runs it
+    assert elector.is_leader and calls == ["started"]
+    elector._try_acquire_or_renew()  # on time: the same term
+    assert calls == ["started"]
+    wait_for(lambda: not elector.is_leader, what="the renew deadline to pass without a renewal (a stalled process)")
+    elector._try_acquire_or_renew()
+    assert elector.is_leader and calls == ["started", "stopped", "started"]
 
 
 # --- metrics and health endpoints ---

@@ -225,5 +225,9 @@ class LeaderElector:
 
     def _wrote(self, lease: dict[str, Any]) -> None:
         self._observe(lease)
+        if self._leading and time.monotonic() - self._last_renew >= self.renew_deadline:
+            # A late renewal (a stalled process, a starved thread): is_leader read False meanwhile, and the workers
+            # dropped what they got then. Resuming is a new term, so that on_started_leading queues it all again.
+            self._set_leading(False)
         self._last_renew = time.monotonic()
         self._set_leading(True)
