@@ -81,6 +81,11 @@ class TokenBucket:
         self._refill(now)
         return now if self._tokens >= 1 else self._last + (1 - self._tokens) / self.qps
 
+    def give_back(self, n: int, now: float) -> None:
+        """Tokens taken but never spent on a call return (the bucket never holds more than `burst`)."""
+        self._refill(now)
+        self._tokens = min(float(self.burst), self._tokens + n)
+
     def reserve(self, now: float) -> float:
         """Take one token; return when its call may go (now, or later if the bucket is empty)."""
         if now > self._last:
@@ -181,7 +186,8 @@ class SourceGate:
         self._probe_deadline = 0.0
         self._waiting: set[str] = set()
         self._queue = FairQueue()
-        self._granted: set[str] = set()  # handed a token by dispatch, not back yet
+        self._granted: dict[str, float] = {}  # handed a token by dispatch, not spent yet: when it was handed
+        self._grant_lag = 0.0  # the longest an import took to spend a token handed to it
         self._rates: dict[str, float] = {}  # steady-state token requests per second, per import holding a token
         self._demand = 0.0
         self._near_capacity = False
@@ -204,11 +210,12 @@ class SourceGate:
             if self._open and key != self._prober:
                 self._waiting.add(key)
                 return Wait(None, self._reason, self._message)
-            if key in self._granted:
-                self._granted.discard(key)
+            granted_at = self._granted.pop(key, None)
+            if granted_at is not None:
+                self._grant_lag = max(self._grant_lag, now - granted_at)
                 return Go()
             if key == self._prober or (not self._queue and self._bucket.take(now)):
-                return Go()  # a probe goes at once: it is one call, and the source's recovery waits on it
+                return Go()  # the probe's token was taken when it was named (due_probe)
             self._queue.push(key, flow, lane)
         self.on_queued()
         return Wait(None)
@@ -223,9 +230,15 @@ class SourceGate:
             while self._queue and self._bucket.take(now):
                 key = self._queue.pop()
                 if key is not None:
-                    self._granted.add(key)
+                    self._granted[key] = now
                     granted.append(key)
             return granted, (self._bucket.next_token_at(now) if self._queue else None)
+
+    def grant_lag(self) -> float:
+        """The longest an import took to spend a token handed to it (its wake-up waited for a busy worker): calls
+        reach the source up to this late, so in any T seconds it sees at most burst + qps * (T + lag) of them."""
+        with self._lock:
+            return self._grant_lag
 
     def queued(self) -> int:
         with self._lock:
@@ -278,6 +291,10 @@ class SourceGate:
             self._next_probe_at = now + backoff * (0.5 + 0.5 * self._jitter())
             if self._prober == key:
                 self._prober = None
+            # Tokens handed out and not spent go back: their imports now meet the open circuit and wait for the
+            # probe, and a token kept would buy a call outside the rate limit once it closes.
+            self._bucket.give_back(len(self._granted), now)
+            self._granted.clear()
             self._waiting.add(key)
             return self._waiting - {key} if changed else set()
 
@@ -288,7 +305,10 @@ class SourceGate:
                 return None
             if self._prober is not None and now < self._probe_deadline:
                 return None  # one probe at a time
+            if not self._bucket.take(now):
+                return None  # a probe is a call too: it spends a token, or the recovery's burst would exceed it
             self._prober = self._waiting.pop()
+            self._granted[self._prober] = now
             self._probe_deadline = now + self._probe_timeout
             return self._prober
 
@@ -306,7 +326,7 @@ class SourceGate:
         with self._lock:
             self._waiting.discard(key)
             self._queue.remove(key)
-            self._granted.discard(key)
+            self._granted.pop(key, None)
             self._demand -= self._rates.pop(key, 0.0)
             if self._prober == key:
                 self._prober = None
@@ -353,6 +373,9 @@ class SourceGates:
 
     def dispatch(self) -> tuple[list[str], float | None]:
         """Every source's tokens of the moment to the next keys in line; (keys to wake, when to look again)."""
+        # Cleared before looking, not after the wait: a key queued while this looks, or while the dispatcher's
+        # wait times out, still wakes the next wait.
+        self._work.clear()
         now = self._clock()
         with self._lock:
             gates = list(self._gates.values())
@@ -365,10 +388,9 @@ class SourceGates:
                 next_at = at if next_at is None else min(next_at, at)
         return woken, next_at
 
-    def wait_for_work(self, timeout: float) -> None:
-        """Sleep up to `timeout` seconds, less if a key is queued meanwhile."""
-        self._work.wait(timeout)
-        self._work.clear()
+    def wait_for_work(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds, less if a key was queued since `dispatch` last looked (then True)."""
+        return self._work.wait(timeout)
 
     def demands(self) -> dict[str, tuple[float, float, int]]:
         """Per source: (steady-state token requests per second needed, its QPS, imports holding a token)."""

@@ -8,7 +8,18 @@ import ssl
 import pytest
 import urllib3
 
-from controller.gates import FIRST, REFRESH, FairQueue, Go, SourceGate, TokenBucket, Wait, capacity, refresh_rate
+from controller.gates import (
+    FIRST,
+    REFRESH,
+    FairQueue,
+    Go,
+    SourceGate,
+    SourceGates,
+    TokenBucket,
+    Wait,
+    capacity,
+    refresh_rate,
+)
 from controller.model import Remote
 from controller.remote import classify_remote_error, connection_problem, unreachable
 from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_SECRET, token_expiry
@@ -109,6 +120,79 @@ def test_an_open_circuit_lets_one_probe_through_and_wakes_the_others_on_recovery
     assert second is not None
     assert gate.answered(second) | {second} == {"a", "b", "c", "d"}  # every waiting import is woken
     assert not gate.is_open and gate.admit("e", 3.3) == Go()
+
+
+def most_in_a_window(times: list[float], window: float) -> int:
+    """The most calls in any closed window of `window` seconds (a token bucket allows burst + qps * window)."""
+    return max((sum(1 for t in times if start <= t <= start + window) for start in times), default=0)
+
+
+def test_a_recovery_spends_no_more_than_the_rate_limit_probe_included() -> None:
+    """A source down, then back: the probe is a call too, so it spends a token of the bucket; with it free, the
+    probe plus the woken burst plus the refill went one over burst + qps * T."""
+    qps, burst = 4, 2
+    gate = SourceGate(qps=qps, burst=burst, probe_base=1, probe_max=1, now=0, jitter=lambda: 1.0)
+    calls = []
+    for key in ("a", "b"):
+        assert gate.admit(key, 0) == Go()
+        calls.append(0.0)
+    gate.failed("a", 0, "R", "down")
+    gate.failed("b", 0, "R", "down")
+    keys = [f"k{i}" for i in range(10)]
+    assert all(isinstance(gate.admit(key, 0), Wait) for key in keys)  # the circuit is open: they wait
+    prober = gate.due_probe(1.0)
+    assert prober is not None and gate.admit(prober, 1.0) == Go()
+    calls.append(1.0)
+    woken = gate.answered(prober)
+    calls += [1.0 for key in sorted(woken) if gate.admit(key, 1.0) == Go()]
+    for step in range(1, 20):  # the dispatcher, every 0.25 s: each key it hands a token calls at once
+        now = 1.0 + step / qps
+        calls += [now for key in gate.dispatch(now)[0] if gate.admit(key, now) == Go()]
+    assert len(calls) == 2 + 1 + len(woken) and gate.queued() == 0  # every import called, once
+    assert most_in_a_window(calls, 1.0) <= burst + qps * 1.0
+
+
+def test_a_token_handed_out_before_the_circuit_opened_buys_no_call_after_it_closed() -> None:
+    qps, burst = 1, 1
+    gate = SourceGate(qps=qps, burst=burst, probe_base=0.5, probe_max=0.5, now=0, jitter=lambda: 1.0)
+    assert gate.admit("a", 0) == Go()
+    assert gate.admit("b", 0) == Wait(None)
+    assert gate.dispatch(1.0) == (["b"], None)  # b's token; its worker is busy, it has not called yet
+    gate.failed("a", 1.0, "R", "down")  # a's call failed meanwhile: open
+    assert gate.due_probe(1.5) == "a" and gate.admit("a", 1.5) == Go()
+    assert gate.answered("a") == set()
+    calls = [0.0, 1.5]
+    # b's worker gets to it now: its token went back when the circuit opened, and the probe spent one since.
+    assert gate.admit("b", 1.5) == Wait(None)
+    assert gate.dispatch(2.0) == ([], 2.5)
+    assert gate.dispatch(2.5) == (["b"], None) and gate.admit("b", 2.5) == Go()
+    calls.append(2.5)
+    assert most_in_a_window(calls, 1.0) <= burst + qps * 1.0
+    assert most_in_a_window(calls, 2.0) <= burst + qps * 2.0
+
+
+def test_the_gate_says_how_late_imports_spend_the_tokens_handed_to_them() -> None:
+    gate = SourceGate(qps=1, burst=1, now=0)
+    gate.admit("a", 0)
+    gate.admit("b", 0)
+    gate.dispatch(1.0)
+    assert gate.grant_lag() == 0.0
+    assert gate.admit("b", 1.75) == Go()  # woken at 1.0, its worker got to it 0.75 s later
+    assert gate.grant_lag() == 0.75
+
+
+def test_a_key_queued_as_the_dispatchers_wait_ends_still_wakes_it() -> None:
+    """The wake-up is consumed by dispatch (which looks), not by the wait: a key queued while the wait times out
+    is dispatched at once instead of after the next full wait."""
+    gates = SourceGates(qps=1, burst=1, clock=lambda: 0.0)
+    gate = gates.gate("c2")
+    assert gate.admit("a", 0) == Go()
+    assert gates.dispatch() == ([], None) and not gates.wait_for_work(0)
+    assert gate.admit("b", 0) == Wait(None)  # queued: the dispatcher should look
+    assert gates.wait_for_work(0)  # say this wait was already timing out as b was queued
+    assert gates.wait_for_work(0)  # the wake-up stays until the dispatcher looks
+    gates.dispatch()
+    assert not gates.wait_for_work(0)
 
 
 def test_probe_backoff_has_jitter_and_a_cap() -> None:
