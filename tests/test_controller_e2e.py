@@ -801,7 +801,21 @@ def test_a_dead_source_costs_a_bounded_number_of_connections_whatever_the_number
 def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env) -> None:
     qps, burst = 10.0, 5
     env.c2.stop()
-    env.start_controller(backoff_base=0.1, backoff_max=0.5, source_qps=qps, source_burst=burst, exports=False)
+    controller = env.start_controller(
+        backoff_base=0.1, backoff_max=0.5, source_qps=qps, source_burst=burst, exports=False
+    )
+    # How long a call takes to reach the source once the gate let it go (measured around the real call).
+    flights: list[float] = []
+    fetch = controller.reconciler.token_source
+
+    def timed_fetch(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return fetch(*args, **kwargs)
+        finally:
+            flights.append(time.monotonic() - started)
+
+    controller.reconciler.token_source = timed_fetch
     names = [f"rec-{i}" for i in range(30)]
     for name in names:
         env.create_import(name)
@@ -811,11 +825,15 @@ def test_on_recovery_token_requests_never_exceed_the_sources_rate_limit(env: Env
     wait_for(lambda: all_ready(env, names), what="all Ready after recovery")
     times = sorted(r.at for r in token_requests(env))
     assert len(times) >= len(names)
-    # A token bucket: in any window of T seconds, at most burst + qps * T calls (T = 2 s here, so that a worker
-    # scheduled a little late by a busy machine does not count twice in a short window).
-    window = 2.0
-    worst = max(sum(1 for t in times if start <= t < start + window) for start in times)
-    assert worst <= burst + qps * window, worst
+    # The gate hands out tokens as a bucket does: in any T seconds, at most burst + qps * T of them (the probe's
+    # included; tests/test_controller_gates.py checks that exactly). The source sees each call later than its
+    # token was handed out: by the wait for a busy worker to spend it (the gate's grant_lag) and by the call's own
+    # flight. So the calls that reach it within T seconds had their tokens within T + lag + flight seconds, and a
+    # busy machine widens the bound by the delay it caused, measured (the flight as the call's whole duration).
+    window = 1.0
+    lag = controller.gates.gate("cluster2").grant_lag() + max(flights)
+    worst = max(sum(1 for t in times if start <= t <= start + window) for start in times)
+    assert worst <= burst + qps * (window + lag), (worst, lag)
     assert times[-1] - times[0] >= (len(names) - burst) / qps * 0.9  # and the whole recovery took its time
 
 
