@@ -20,7 +20,6 @@ on Linux each child is killed if the thread that started it ends (PR_SET_PDEATHS
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import ctypes
 import hashlib
@@ -47,6 +46,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from kubemcsa_testing.clients import ClusterClients
 from kubemcsa_testing.tls import make_serving_certs
 
 ASSETS_ENV = "KUBEBUILDER_ASSETS"
@@ -237,7 +237,7 @@ def _write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-class ControlPlane:
+class ControlPlane(ClusterClients):
     """One real cluster on loopback; see the module docstring. `start()` launches, `wait_ready()` waits."""
 
     tier = "real"
@@ -284,47 +284,6 @@ class ControlPlane:
     @property
     def ca_pem(self) -> bytes:
         return self._certs.ca_pem
-
-    def kubeconfig(
-        self, context: str | None = None, token: str | None = None, namespace: str | None = None
-    ) -> dict[str, Any]:
-        context = context or self.name
-        user = f"{self.name}-admin" if token is None else f"{self.name}-user"
-        ctx: dict[str, Any] = {"cluster": self.name, "user": user}
-        if namespace:
-            ctx["namespace"] = namespace
-        return {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": self.name,
-                    "cluster": {
-                        "server": self.url,
-                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
-                    },
-                }
-            ],
-            "users": [{"name": user, "user": {"token": token if token is not None else self.admin_token}}],
-            "contexts": [{"name": context, "context": ctx}],
-            "current-context": context,
-            "preferences": {},
-        }
-
-    def write_kubeconfig(
-        self, path: str | os.PathLike[str], context: str | None = None, token: str | None = None
-    ) -> str:
-        text = yaml.safe_dump(self.kubeconfig(context=context, token=token), sort_keys=False)
-        _write_private(Path(path), text.encode())
-        return os.fspath(path)
-
-    def admin_client(self) -> Any:
-        return self.client_for_token(self.admin_token)
-
-    def client_for_token(self, token: str) -> Any:
-        from kubernetes import config
-
-        return config.new_client_from_config_dict(self.kubeconfig(token=token))
 
     def issue_token(
         self, namespace: str, name: str, audiences: list[str] | None = None, expiration_seconds: int = 3600

@@ -6,11 +6,9 @@ kube-apiserver's paths; every error is answered with a `kind: Status` body, neve
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import logging
-import os
 import secrets
 import socket
 import ssl
@@ -27,6 +25,7 @@ import yaml
 
 from kubemcsa_testing import errors, openapi, patch, protobuf, rbac, table, tokens
 from kubemcsa_testing.auth import ADMIN, Authenticator
+from kubemcsa_testing.clients import ClusterClients
 from kubemcsa_testing.cluster import Cluster
 from kubemcsa_testing.controllers import Controllers
 from kubemcsa_testing.errors import StatusError
@@ -254,7 +253,7 @@ class _HTTPSServer(ThreadingHTTPServer):
                 conn.shutdown(socket.SHUT_RDWR)
 
 
-class ApiServer:
+class ApiServer(ClusterClients):
     """An in-memory Kubernetes API server over HTTPS on 127.0.0.1; see the package docstring."""
 
     def __init__(
@@ -403,51 +402,6 @@ class ApiServer:
         self._authentication_config = config
 
     # Clients --------------------------------------------------------------------------------------
-
-    def kubeconfig(
-        self, context: str | None = None, token: str | None = None, namespace: str | None = None
-    ) -> dict[str, Any]:
-        """A kubeconfig dict for this server: the admin token unless `token` is given."""
-        context = context or self.name
-        user = f"{self.name}-admin" if token is None else f"{self.name}-user"
-        ctx: dict[str, Any] = {"cluster": self.name, "user": user}
-        if namespace:
-            ctx["namespace"] = namespace
-        return {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": self.name,
-                    "cluster": {
-                        "server": self.url,
-                        "certificate-authority-data": base64.b64encode(self.ca_pem).decode(),
-                    },
-                }
-            ],
-            "users": [{"name": user, "user": {"token": token if token is not None else self.admin_token}}],
-            "contexts": [{"name": context, "context": ctx}],
-            "current-context": context,
-            "preferences": {},
-        }
-
-    def write_kubeconfig(
-        self, path: str | os.PathLike[str], context: str | None = None, token: str | None = None
-    ) -> str:
-        """Write the kubeconfig (mode 0600: it holds a token) and return its path."""
-        text = yaml.safe_dump(self.kubeconfig(context=context, token=token), sort_keys=False)
-        fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        return os.fspath(path)
-
-    def admin_client(self) -> Any:
-        return self.client_for_token(self.admin_token)
-
-    def client_for_token(self, token: str) -> Any:
-        from kubernetes import config
-
-        return config.new_client_from_config_dict(self.kubeconfig(token=token))
 
     def issue_token(
         self, namespace: str, name: str, audiences: list[str] | None = None, expiration_seconds: int = 3600
