@@ -228,20 +228,20 @@ def env(make_env) -> Env:
     return make_env()
 
 
-def bootstrap_source(env: Env) -> None:
-    """What `kubemcsa bootstrap` leaves in cluster1: an import named cluster2 in the system namespace and its first
-    Secret, whose credentials the controller uses to reach cluster2 and keeps refreshing itself."""
+def bootstrap_source(env: Env, name: str = "cluster2") -> dict[str, Any]:
+    """What `kubemcsa bootstrap` leaves in cluster1 for source `name` (cluster2 behind it): an import of that name in
+    the system namespace and its first Secret, pinned, whose credentials the controller uses to reach the source and
+    keeps refreshing itself. Returns the import."""
     imp = create_or_get(
         env.admin1,
         {
             "apiVersion": api.API_VERSION,
             "kind": api.KIND,
-            "metadata": {"name": "cluster2", "namespace": SYSTEM_NS},
-            "spec": {"clusterName": "cluster2", "namespace": "default", "name": REMOTE_SA},
+            "metadata": {"name": name, "namespace": SYSTEM_NS},
+            "spec": {"clusterName": name, "namespace": "default", "name": REMOTE_SA},
         },
     )
-    creds = Credentials(server=env.c2.url, ca_crt=env.c2.ca_pem, token=env.remote_token, namespace="default")
-    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "cluster2", "uid": imp["metadata"]["uid"]}
+    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": name, "uid": imp["metadata"]["uid"]}
     owner.update(controller=True, blockOwnerDeletion=True)
     create_pinned_credential(
         env.admin1,
@@ -249,14 +249,15 @@ def bootstrap_source(env: Env) -> None:
             "apiVersion": "v1",
             "kind": "Secret",
             "metadata": {
-                "name": api.secret_name_for_import("cluster2"),
+                "name": api.secret_name_for_import(name),
                 "namespace": SYSTEM_NS,
-                "labels": {api.IMPORT_LABEL: "cluster2"},
+                "labels": {api.IMPORT_LABEL: name},
                 "ownerReferences": [owner],
             },
-            "data": to_secret_data(creds, "cluster2"),
+            "data": to_secret_data(remote_credentials(env), name),
         },
     )
+    return imp
 
 
 def mount(secret: dict[str, Any], directory: Path) -> None:
@@ -525,22 +526,7 @@ def test_system_namespace_secret_source(env: Env, watched: str | None) -> None:
     env.create_import("s", clusterName="boot2")
     env.wait_ready("s", "False", api.REASON_UNKNOWN_CLUSTER)
     # As bootstrap leaves it: the import boot2 of the system namespace, and its Secret, which it controls.
-    boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
-    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
-    create_pinned_credential(
-        env.admin1,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": api.secret_name_for_import("boot2"),
-                "namespace": SYSTEM_NS,
-                "labels": {api.IMPORT_LABEL: "boot2"},
-                "ownerReferences": [{**owner, "controller": True, "blockOwnerDeletion": True}],
-            },
-            "data": to_secret_data(remote_credentials(env), "boot2"),
-        },
-    )
+    bootstrap_source(env, "boot2")
     env.wait_ready("s")
 
 
@@ -948,22 +934,7 @@ def test_twenty_restarts_never_report_a_known_cluster_unknown(env: Env) -> None:
     read of the file does not drop its clusters."""
     imports_dir = env.tmp / "controller-imports"
     mount({"data": to_secret_data(remote_credentials(env), "mounted2")}, imports_dir / "mounted2")
-    boot = env.create_import("boot2", SYSTEM_NS, clusterName="boot2", name=REMOTE_SA)
-    owner = {"apiVersion": api.API_VERSION, "kind": api.KIND, "name": "boot2", "uid": boot["metadata"]["uid"]}
-    create_pinned_credential(
-        env.admin1,
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": {
-                "name": api.secret_name_for_import("boot2"),
-                "namespace": SYSTEM_NS,
-                "labels": {api.IMPORT_LABEL: "boot2"},
-                "ownerReferences": [{**owner, "controller": True, "blockOwnerDeletion": True}],
-            },
-            "data": to_secret_data(remote_credentials(env), "boot2"),
-        },
-    )
+    bootstrap_source(env, "boot2")
     names = [f"{cluster}-{i}" for cluster in ("cluster2", "mounted2", "boot2") for i in range(4)]
     for name in names:
         env.create_import(name, clusterName=name.rsplit("-", 1)[0])
