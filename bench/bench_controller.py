@@ -105,6 +105,10 @@ class ServerProcess:
         self._process.start()
         self._conn.recv()
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def call(self, method: str, *args, **kwargs):
         self._conn.send((method, args, kwargs))
         return self._conn.recv()
@@ -256,6 +260,10 @@ def start_controller(args, local: str, sources: str, port: int) -> subprocess.Po
     argv += ["--metrics-port", str(port), "--workers", str(args.workers), "--imports-dir", "/nonexistent"]
     argv += ["--cluster-name", "cluster1"]
     argv += ["--source-qps", str(args.source_qps), "--source-burst", str(args.source_burst), "--log-level", "WARNING"]
+    if args.controller_from:  # another checkout's controller (its own venv), against the same servers and bench
+        root = Path(args.controller_from).resolve()
+        argv[0] = str(root / ".venv" / "bin" / "python")
+        return subprocess.Popen(argv, cwd=root)
     return subprocess.Popen(argv, cwd=ROOT)
 
 
@@ -292,6 +300,12 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the controller (GIL holder) during the cold start")
+    parser.add_argument(
+        "--controller-from",
+        metavar="DIR",
+        help="run the controller of another checkout (DIR/.venv/bin/python -m controller, in DIR): a before/after "
+        "with the same servers and the same measurements",
+    )
     parser.add_argument("--fairness", action="store_true", help="the fair-share bench instead (see fairness)")
     parser.add_argument("--ready", type=int, default=50, help="--fairness: Ready imports refreshed during the flood")
     parser.add_argument("--flood-window", type=float, default=620.0, help="--fairness: seconds to watch the flood")
@@ -345,6 +359,13 @@ def main() -> int:
                     [*spy, "-p", str(controller.pid)],
                     stdout=subprocess.DEVNULL,
                 )
+            processes = {
+                "controller": [controller.pid],
+                "local API server": [c1.pid],
+                "source API servers": [s.pid for s in sources],
+                "this bench (creates and watches)": [os.getpid()],
+            }
+            cpu_at_start = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in processes.items()}
             cpu_before = cpu_seconds(controller.pid)
             start = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
@@ -352,6 +373,9 @@ def main() -> int:
             created = time.perf_counter() - start
             wait_until(lambda: len(ready_at) >= total, timeout=3600, poll=0.5)
             all_ready = max(ready_at.values()) - start
+            cpu_cold = {
+                role: sum(cpu_seconds(pid) for pid in pids) - cpu_at_start[role] for role, pids in processes.items()
+            }
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
@@ -367,6 +391,10 @@ def main() -> int:
                 f"{args.source_qps:g} QPS)"
             )
             print(f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own)")
+            print(
+                f"  CPU seconds until all Ready ({os.cpu_count()} cores: {os.cpu_count() * all_ready:.0f} available): "
+                + ", ".join(f"{role} {seconds:.1f}" for role, seconds in cpu_cold.items())
+            )
             print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
             print(f"API calls per new import: {per_import:.2f}  local {dict(local_calls)}  remote {dict(remote_calls)}")
 
