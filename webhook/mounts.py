@@ -59,6 +59,28 @@ def mounts_for(names: Sequence[str]) -> list[Mounted]:
     return [_mounted(name, volume_name) for name, volume_name in zip(names, volume_names, strict=True)]
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """The imports of a pod, with what to look for among its volumes and mounts (webhook.mutation's plan)."""
+
+    mounted: tuple[Mounted, ...]
+    volumes: frozenset[str]
+    paths: frozenset[str]
+    none_there: tuple[bool, ...]  # one False per import: nothing of it there yet
+
+
+@functools.lru_cache(maxsize=256)
+def lookup_tables(names: tuple[str, ...]) -> Wanted:
+    """The imports named (at most MAX_IMPORTS_PER_POD: the key stays small), their volume names and mount paths."""
+    mounted = tuple(mounts_for(names))
+    return Wanted(
+        mounted,
+        frozenset(item.volume_name for item in mounted),
+        frozenset(item.mount_path for item in mounted),
+        (False,) * len(mounted),
+    )
+
+
 def containers_count(spec: Any) -> int:
     """How many containers (init, regular and ephemeral) a pod spec lists; 0 if it is not an object."""
     if not isinstance(spec, Mapping):

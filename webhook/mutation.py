@@ -8,6 +8,7 @@ pod's own volumes and mounts is refused here.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -281,6 +282,99 @@ def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
             f"The pod has {containers_count} containers; the webhook mounts imports into pods of at most "
             f"{MAX_CONTAINERS} containers (init and ephemeral ones included).",
         )
+    shape = _shape(spec, tuple(names))
+    if shape is None:  # a collision or a malformed list: the full planner says which, in its message
+        return _plan_patch(spec, names)
+    if len(names) * containers_count <= _CACHED_MAX_MOUNTS:
+        return _planned(shape)
+    return _planned.__wrapped__(shape)
+
+
+# Pods of one workload share their shape (the same imports, volumes and mounts), so the patch of a shape is
+# built once: at most _CACHED_SHAPES patches of at most _CACHED_MAX_MOUNTS mounts (some 10 KiB each) are kept.
+_CACHED_SHAPES = 256
+_CACHED_MAX_MOUNTS = 64
+
+# What the patch depends on, as hashable data: the names; whether spec.volumes exists and, per import, whether
+# its volume is already there; and per container (field, index, whether volumeMounts exists, and per import
+# whether its mount is already there).
+_Shape = tuple[tuple[str, ...], bool, tuple[bool, ...], tuple[tuple[str, int, bool, tuple[bool, ...]], ...]]
+
+
+def _shape(spec: Mapping[str, Any], names: tuple[str, ...]) -> _Shape | None:
+    """The pod's shape for these imports, or None if anything of it collides with them or is malformed."""
+    wanted = mounts.lookup_tables(names)
+    mounted = wanted.mounted
+    volumes = spec.get("volumes")
+    if volumes is None:
+        volumes_there = wanted.none_there
+    elif not isinstance(volumes, list):
+        return None
+    else:
+        # As mounts.volumes_by_name, restricted to the imports' names (the last of a name counts).
+        existing = {}
+        for volume in volumes:
+            if isinstance(volume, Mapping) and isinstance(name := volume.get("name"), str) and name in wanted.volumes:
+                existing[name] = volume
+        if not existing:
+            volumes_there = wanted.none_there
+        else:
+            there = []
+            for item in mounted:
+                volume = existing.get(item.volume_name)
+                if volume is not None and not mounts.is_import_volume(volume, item.secret_name):
+                    return None
+                there.append(volume is not None)
+            volumes_there = tuple(there)
+    containers: list[tuple[str, int, bool, tuple[bool, ...]]] = []
+    for field_name in mounts.CONTAINER_FIELDS:
+        listed = spec.get(field_name)
+        if listed is None:
+            continue
+        if not isinstance(listed, list):
+            return None
+        for index, container in enumerate(listed):
+            if not isinstance(container, Mapping):
+                return None
+            present = container.get("volumeMounts")
+            mounts_there = wanted.none_there
+            if present is not None:
+                if not isinstance(present, list):
+                    return None
+                # As mounts.mounts_by_path, restricted to the imports' paths (the last at a path counts).
+                by_path = {}
+                for mount in present:
+                    if isinstance(mount, Mapping) and isinstance(path := mount.get("mountPath"), str):
+                        path = path.rstrip("/") or "/"
+                        if path in wanted.paths:
+                            by_path[path] = mount.get("name")
+                if by_path:
+                    there = []
+                    for item in mounted:
+                        if item.mount_path in by_path and by_path[item.mount_path] != item.volume_name:
+                            return None
+                        there.append(item.mount_path in by_path)
+                    mounts_there = tuple(there)
+            containers.append((field_name, index, present is not None, mounts_there))
+    return names, volumes is not None, volumes_there, tuple(containers)
+
+
+@functools.lru_cache(maxsize=_CACHED_SHAPES)
+def _planned(shape: _Shape) -> Decision:
+    """The patch of a pod of this shape (one that collides with nothing)."""
+    names, volumes_present, volumes_there, containers = shape
+    mounted = mounts.mounts_for(names)
+    new_volumes = [item.volume_json for item, there in zip(mounted, volumes_there, strict=True) if not there]
+    operations = mounts.add_operations("/spec/volumes", volumes_present, new_volumes) if new_volumes else []
+    for field_name, index, present, mounts_there in containers:
+        new_mounts = [item.mount_json for item, there in zip(mounted, mounts_there, strict=True) if not there]
+        if new_mounts:
+            operations.extend(mounts.add_operations(f"/spec/{field_name}/{index}/volumeMounts", present, new_mounts))
+    return Decision(allowed=True, patch_json=f"[{','.join(operations)}]")
+
+
+def _plan_patch(spec: Mapping[str, Any], names: Sequence[str]) -> Decision:
+    """plan_patch for any spec, collisions and malformed lists included (each refused with what to fix)."""
     mounted = mounts.mounts_for(names)
     operations = _volume_operations(spec, mounted)  # each one compact JSON
     if isinstance(operations, Decision):
