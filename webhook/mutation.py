@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from kubemcsa.contract import api
 from webhook import mounts
+from webhook.mounts import MAPPING
 
 # Refusal reasons: the label of the refusals metric, and a stable word for tests and logs.
 REASON_IMPORT_NOT_FOUND = "ImportNotFound"
@@ -120,12 +121,12 @@ def requested_imports(pod: Mapping[str, Any]) -> list[str] | None:
     metadata = pod.get("metadata")
     if metadata is None:
         return []
-    if not isinstance(metadata, Mapping):
+    if not isinstance(metadata, MAPPING):
         return None
     annotations = metadata.get("annotations")
     if annotations is None:
         return []
-    if not isinstance(annotations, Mapping):
+    if not isinstance(annotations, MAPPING):
         return None
     value = annotations.get(api.IMPORT_ANNOTATION)
     if value is None:
@@ -168,7 +169,7 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
 
     With `max_mounts`, raises TooMuchWork rather than plan more mounts (imports x containers) than that.
     """
-    if not isinstance(pod, Mapping):
+    if not isinstance(pod, MAPPING):
         return Prepared(
             refuse(REASON_INVALID_POD, "The request's object is not a pod; only pods can be admitted by this webhook.")
         )
@@ -273,7 +274,7 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
 def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
     """The RFC 6902 operations that mount these imports into the pod, or a refusal if they collide."""
     spec = pod.get("spec")
-    if not isinstance(spec, Mapping):
+    if not isinstance(spec, MAPPING):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
     containers_count = mounts.containers_count(spec)
     if containers_count > MAX_CONTAINERS:
@@ -314,7 +315,7 @@ def _shape(spec: Mapping[str, Any], names: tuple[str, ...]) -> _Shape | None:
         # As mounts.volumes_by_name, restricted to the imports' names (the last of a name counts).
         existing = {}
         for volume in volumes:
-            if isinstance(volume, Mapping) and isinstance(name := volume.get("name"), str) and name in wanted.volumes:
+            if isinstance(volume, MAPPING) and isinstance(name := volume.get("name"), str) and name in wanted.volumes:
                 existing[name] = volume
         if not existing:
             volumes_there = wanted.none_there
@@ -334,7 +335,7 @@ def _shape(spec: Mapping[str, Any], names: tuple[str, ...]) -> _Shape | None:
         if not isinstance(listed, list):
             return None
         for index, container in enumerate(listed):
-            if not isinstance(container, Mapping):
+            if not isinstance(container, MAPPING):
                 return None
             present = container.get("volumeMounts")
             mounts_there = wanted.none_there
@@ -344,7 +345,7 @@ def _shape(spec: Mapping[str, Any], names: tuple[str, ...]) -> _Shape | None:
                 # As mounts.mounts_by_path, restricted to the imports' paths (the last at a path counts).
                 by_path = {}
                 for mount in present:
-                    if isinstance(mount, Mapping) and isinstance(path := mount.get("mountPath"), str):
+                    if isinstance(mount, MAPPING) and isinstance(path := mount.get("mountPath"), str):
                         path = path.rstrip("/") or "/"
                         if path in wanted.paths:
                             by_path[path] = mount.get("name")
@@ -421,7 +422,7 @@ def _mount_operations(
     """The operations adding the imports' mounts that container `index` of spec.`field_name` lacks, or a refusal
     if it mounts something else at one of their paths."""
     where = f"spec.{field_name}[{index}]"
-    if not isinstance(container, Mapping):
+    if not isinstance(container, MAPPING):
         return refuse(REASON_INVALID_POD, f"The pod's {where} is malformed.")
     present = container.get("volumeMounts")
     if present is not None and not isinstance(present, list):

@@ -12,11 +12,11 @@ import base64
 import functools
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from webhook import mutation
+from webhook.mounts import MAPPING
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def refusal(api_version: str, uid: str, reason: str, message: str, code: int = 4
 
 
 def _group_kind(value: Any) -> tuple[Any, Any]:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, MAPPING):
         return None, None
     return value.get("group"), value.get("kind") or value.get("resource")
 
@@ -219,7 +219,7 @@ def _parse_request(api_version: str, uid: str, request: dict[str, Any], max_moun
     namespace = request.get("namespace")
     if not namespace:
         metadata = pod.get("metadata")
-        namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
+        namespace = metadata.get("namespace") if isinstance(metadata, MAPPING) else None
     prepared = mutation.prepare(pod, max_mounts=max_mounts)
     if prepared.early is not None:
         return _answer(api_version, uid, prepared.early)
