@@ -118,22 +118,51 @@ def requested_imports(pod: Mapping[str, Any]) -> list[str] | None:
 
     At most MAX_IMPORTS_PER_POD + 1 names: one more than allowed is enough to refuse the pod.
     """
+    value = _import_annotation(pod)
+    if value is None or value is _MALFORMED:
+        return None if value is _MALFORMED else []
+    return list(_parsed_annotation(value)[0])
+
+
+_MALFORMED = object()
+
+
+def _import_annotation(pod: Mapping[str, Any]) -> Any:
+    """The pod's import annotation: its value, None if absent, or _MALFORMED."""
     metadata = pod.get("metadata")
     if metadata is None:
-        return []
-    if not isinstance(metadata, MAPPING):
         return None
+    if not isinstance(metadata, MAPPING):
+        return _MALFORMED
     annotations = metadata.get("annotations")
     if annotations is None:
-        return []
+        return None
     if not isinstance(annotations, MAPPING):
-        return None
+        return _MALFORMED
     value = annotations.get(api.IMPORT_ANNOTATION)
-    if value is None:
-        return []
-    if not isinstance(value, str):
-        return None
-    return api.parse_import_annotation(value, limit=api.MAX_IMPORTS_PER_POD)
+    if value is None or isinstance(value, str):
+        return value
+    return _MALFORMED
+
+
+# The pods of a workload carry the same annotation: short values are parsed and checked once (at most 1024 of at
+# most 512 characters kept); long ones every time.
+_CACHED_ANNOTATION_CHARS = 512
+
+
+def _parsed_annotation(value: str) -> tuple[tuple[str, ...], bool]:
+    """The names in an annotation value (at most MAX_IMPORTS_PER_POD + 1), and whether all are valid names."""
+    if len(value) <= _CACHED_ANNOTATION_CHARS:
+        return _parsed_short_annotation(value)
+    return _parse_annotation(value)
+
+
+def _parse_annotation(value: str) -> tuple[tuple[str, ...], bool]:
+    names = tuple(api.parse_import_annotation(value, limit=api.MAX_IMPORTS_PER_POD))
+    return names, all(api.is_dns_subdomain(name) for name in names)
+
+
+_parsed_short_annotation = functools.lru_cache(maxsize=1024)(_parse_annotation)
 
 
 _SHOWN_NAME_LENGTH = 80
@@ -173,8 +202,8 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
         return Prepared(
             refuse(REASON_INVALID_POD, "The request's object is not a pod; only pods can be admitted by this webhook.")
         )
-    names = requested_imports(pod)
-    if names is None:
+    value = _import_annotation(pod)
+    if value is _MALFORMED:
         return Prepared(
             refuse(
                 REASON_INVALID_POD,
@@ -182,17 +211,20 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
                 "string.",
             )
         )
+    names, valid = _parsed_annotation(value) if value is not None else ((), True)
     if not names:
         return Prepared(ALLOW)
     if len(names) > api.MAX_IMPORTS_PER_POD:
-        return Prepared(None, tuple(names))
-    invalid = [name for name in names if not api.is_dns_subdomain(name)]
-    if invalid:
+        return Prepared(None, names)
+    if not valid:
+        invalid = [name for name in names if not api.is_dns_subdomain(name)]
         # Only the start of a name is ever shown: the rest is not kept (nor sent back from a worker process).
         return Prepared(None, _shown(names), _shown(invalid))
-    if max_mounts is not None and len(names) * mounts.containers_count(pod.get("spec")) > max_mounts:
+    spec = pod.get("spec")
+    count = mounts.containers_count(spec)
+    if max_mounts is not None and len(names) * count > max_mounts:
         raise TooMuchWork
-    return Prepared(None, tuple(names), planned=plan_patch(pod, names))
+    return Prepared(None, names, planned=_plan_patch_of(spec, names, count))
 
 
 def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision:
@@ -274,16 +306,20 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
 def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
     """The RFC 6902 operations that mount these imports into the pod, or a refusal if they collide."""
     spec = pod.get("spec")
+    return _plan_patch_of(spec, tuple(names), mounts.containers_count(spec))
+
+
+def _plan_patch_of(spec: Any, names: tuple[str, ...], containers_count: int) -> Decision:
+    """plan_patch of a pod with this spec and this many containers (mounts.containers_count)."""
     if not isinstance(spec, MAPPING):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
-    containers_count = mounts.containers_count(spec)
     if containers_count > MAX_CONTAINERS:
         return refuse(
             REASON_TOO_MANY_CONTAINERS,
             f"The pod has {containers_count} containers; the webhook mounts imports into pods of at most "
             f"{MAX_CONTAINERS} containers (init and ephemeral ones included).",
         )
-    shape = _shape(spec, tuple(names))
+    shape = _shape(spec, names)
     if shape is None:  # a collision or a malformed list: the full planner says which, in its message
         return _plan_patch(spec, names)
     if len(names) * containers_count <= _CACHED_MAX_MOUNTS:
