@@ -72,7 +72,8 @@ def _respond(api_version: str, uid: str, response: dict[str, Any]) -> bytes:
 
 
 def _encode(patch_json: str) -> bytes:
-    return base64.b64encode(patch_json.encode())
+    """The answer's end from its patch on: the patch in base64, and the closing of the answer's JSON."""
+    return base64.b64encode(patch_json.encode()) + b'"}}'
 
 
 # The planned patches of common pod shapes come back as the very same strings (webhook.mutation caches them), so
@@ -84,13 +85,13 @@ _encoded_patch = functools.lru_cache(maxsize=256)(_encode)
 def _allow(api_version: str, uid: str, patch_json: str = "[]") -> Answer:
     if patch_json == "[]":
         return Answer(200, _respond(api_version, uid, {"allowed": True}), RESULT_ALLOWED)
-    encoded = _encoded_patch(patch_json) if len(patch_json) <= _CACHED_PATCH_CHARS else _encode(patch_json)
+    tail = _encoded_patch(patch_json) if len(patch_json) <= _CACHED_PATCH_CHARS else _encode(patch_json)
     # Formatted by hand: the base64 text needs no escaping, and a generic encoder would scan it all (hot path).
-    body = (
+    head = (
         f'{{"apiVersion":"{api_version}","kind":"{KIND}","response":{{"uid":{_dumps(uid)},"allowed":true,'
         f'"patchType":"JSONPatch","patch":"'
     ).encode()
-    return Answer(200, body + encoded + b'"}}', RESULT_PATCHED)
+    return Answer(200, head + tail, RESULT_PATCHED)
 
 
 def refusal(api_version: str, uid: str, reason: str, message: str, code: int = 403) -> Answer:
