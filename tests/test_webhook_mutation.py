@@ -383,3 +383,39 @@ def test_a_secret_the_controller_says_is_someone_elses_is_not_mounted() -> None:
     decision = mutation.decide(pod("ok,imp"), NS, cache)
     assert (decision.allowed, decision.reason) == (False, mutation.REASON_SECRET_NOT_CONTROLLED)
     assert mutation.decide(pod("ok"), NS, cache).allowed
+
+
+# The planner's cache (a patch per pod shape) must answer exactly what the full planner answers, for any pod:
+# duplicates, junk items and malformed lists included.
+_junk = st.sampled_from([None, 3, "x", [], {"name": ["unhashable"]}, {"mountPath": 7}])
+_volume = st.builds(
+    lambda name, source: {"name": name, **source},
+    _volume_names,
+    st.sampled_from([{"emptyDir": {}}, {"secret": {"secretName": "a-token"}}, {"secret": {"secretName": "b-token"}}]),
+)
+_any_volumes = st.lists(_volume | _junk, max_size=5)
+_any_mounts = st.lists(st.fixed_dictionaries({"name": _volume_names | _junk, "mountPath": _paths}) | _junk, max_size=4)
+_any_container = st.builds(
+    lambda name, mounts: {"name": name} if mounts is None else {"name": name, "volumeMounts": mounts},
+    st.text("abc", min_size=1, max_size=3),
+    st.none() | _any_mounts | st.just("not a list"),
+) | st.just("not a container")
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.lists(st.sampled_from(IMPORTS), min_size=1, max_size=3, unique=True),
+    st.none() | _any_volumes | st.just({"not": "a list"}),
+    st.lists(_any_container, max_size=3),
+    st.none() | st.lists(_any_container, max_size=2),
+)
+def test_the_cached_plan_of_a_pod_shape_is_the_full_planners(
+    names: list[str], volumes: Any, containers: list[Any], init_containers: Any
+) -> None:
+    spec: dict[str, Any] = {"containers": containers}
+    if volumes is not None:
+        spec["volumes"] = volumes
+    if init_containers is not None:
+        spec["initContainers"] = init_containers
+    for _ in range(2):  # the second time from the cache
+        assert mutation.plan_patch({"spec": spec}, names) == mutation._plan_patch(spec, names)

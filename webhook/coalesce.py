@@ -25,6 +25,9 @@ class _CoalescingTransport:
         self._loop = loop
         self._held: list[bytes] = []
         self._size = 0
+        # Asked about three times per request (by uvicorn and the connection guards): bound here rather than
+        # found through __getattr__ each time.
+        self.is_closing = transport.is_closing
 
     def write(self, data: bytes) -> None:
         if not data:

@@ -8,6 +8,7 @@ pod's own volumes and mounts is refused here.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 
 from kubemcsa.contract import api
 from webhook import mounts
+from webhook.mounts import MAPPING
 
 # Refusal reasons: the label of the refusals metric, and a stable word for tests and logs.
 REASON_IMPORT_NOT_FOUND = "ImportNotFound"
@@ -116,22 +118,51 @@ def requested_imports(pod: Mapping[str, Any]) -> list[str] | None:
 
     At most MAX_IMPORTS_PER_POD + 1 names: one more than allowed is enough to refuse the pod.
     """
+    value = _import_annotation(pod)
+    if value is None or value is _MALFORMED:
+        return None if value is _MALFORMED else []
+    return list(_parsed_annotation(value)[0])
+
+
+_MALFORMED = object()
+
+
+def _import_annotation(pod: Mapping[str, Any]) -> Any:
+    """The pod's import annotation: its value, None if absent, or _MALFORMED."""
     metadata = pod.get("metadata")
     if metadata is None:
-        return []
-    if not isinstance(metadata, Mapping):
         return None
+    if not isinstance(metadata, MAPPING):
+        return _MALFORMED
     annotations = metadata.get("annotations")
     if annotations is None:
-        return []
-    if not isinstance(annotations, Mapping):
         return None
+    if not isinstance(annotations, MAPPING):
+        return _MALFORMED
     value = annotations.get(api.IMPORT_ANNOTATION)
-    if value is None:
-        return []
-    if not isinstance(value, str):
-        return None
-    return api.parse_import_annotation(value, limit=api.MAX_IMPORTS_PER_POD)
+    if value is None or isinstance(value, str):
+        return value
+    return _MALFORMED
+
+
+# The pods of a workload carry the same annotation: short values are parsed and checked once (at most 1024 of at
+# most 512 characters kept); long ones every time.
+_CACHED_ANNOTATION_CHARS = 512
+
+
+def _parsed_annotation(value: str) -> tuple[tuple[str, ...], bool]:
+    """The names in an annotation value (at most MAX_IMPORTS_PER_POD + 1), and whether all are valid names."""
+    if len(value) <= _CACHED_ANNOTATION_CHARS:
+        return _parsed_short_annotation(value)
+    return _parse_annotation(value)
+
+
+def _parse_annotation(value: str) -> tuple[tuple[str, ...], bool]:
+    names = tuple(api.parse_import_annotation(value, limit=api.MAX_IMPORTS_PER_POD))
+    return names, all(api.is_dns_subdomain(name) for name in names)
+
+
+_parsed_short_annotation = functools.lru_cache(maxsize=1024)(_parse_annotation)
 
 
 _SHOWN_NAME_LENGTH = 80
@@ -167,12 +198,12 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
 
     With `max_mounts`, raises TooMuchWork rather than plan more mounts (imports x containers) than that.
     """
-    if not isinstance(pod, Mapping):
+    if not isinstance(pod, MAPPING):
         return Prepared(
             refuse(REASON_INVALID_POD, "The request's object is not a pod; only pods can be admitted by this webhook.")
         )
-    names = requested_imports(pod)
-    if names is None:
+    value = _import_annotation(pod)
+    if value is _MALFORMED:
         return Prepared(
             refuse(
                 REASON_INVALID_POD,
@@ -180,17 +211,20 @@ def prepare(pod: Any, *, max_mounts: int | None = None) -> Prepared:
                 "string.",
             )
         )
+    names, valid = _parsed_annotation(value) if value is not None else ((), True)
     if not names:
         return Prepared(ALLOW)
     if len(names) > api.MAX_IMPORTS_PER_POD:
-        return Prepared(None, tuple(names))
-    invalid = [name for name in names if not api.is_dns_subdomain(name)]
-    if invalid:
+        return Prepared(None, names)
+    if not valid:
+        invalid = [name for name in names if not api.is_dns_subdomain(name)]
         # Only the start of a name is ever shown: the rest is not kept (nor sent back from a worker process).
         return Prepared(None, _shown(names), _shown(invalid))
-    if max_mounts is not None and len(names) * mounts.containers_count(pod.get("spec")) > max_mounts:
+    spec = pod.get("spec")
+    count = mounts.containers_count(spec)
+    if max_mounts is not None and len(names) * count > max_mounts:
         raise TooMuchWork
-    return Prepared(None, tuple(names), planned=plan_patch(pod, names))
+    return Prepared(None, names, planned=_plan_patch_of(spec, names, count))
 
 
 def finish(prepared: Prepared, namespace: str, lookup: ImportLookup) -> Decision:
@@ -272,15 +306,112 @@ def decide(pod: Any, namespace: str, lookup: ImportLookup) -> Decision:
 def plan_patch(pod: Mapping[str, Any], names: Sequence[str]) -> Decision:
     """The RFC 6902 operations that mount these imports into the pod, or a refusal if they collide."""
     spec = pod.get("spec")
-    if not isinstance(spec, Mapping):
+    return _plan_patch_of(spec, tuple(names), mounts.containers_count(spec))
+
+
+def _plan_patch_of(spec: Any, names: tuple[str, ...], containers_count: int) -> Decision:
+    """plan_patch of a pod with this spec and this many containers (mounts.containers_count)."""
+    if not isinstance(spec, MAPPING):
         return refuse(REASON_INVALID_POD, "The pod has no valid spec; it must be an object with containers.")
-    containers_count = mounts.containers_count(spec)
     if containers_count > MAX_CONTAINERS:
         return refuse(
             REASON_TOO_MANY_CONTAINERS,
             f"The pod has {containers_count} containers; the webhook mounts imports into pods of at most "
             f"{MAX_CONTAINERS} containers (init and ephemeral ones included).",
         )
+    shape = _shape(spec, names)
+    if shape is None:  # a collision or a malformed list: the full planner says which, in its message
+        return _plan_patch(spec, names)
+    if len(names) * containers_count <= _CACHED_MAX_MOUNTS:
+        return _planned(shape)
+    return _planned.__wrapped__(shape)
+
+
+# Pods of one workload share their shape (the same imports, volumes and mounts), so the patch of a shape is
+# built once: at most _CACHED_SHAPES patches of at most _CACHED_MAX_MOUNTS mounts (some 10 KiB each) are kept.
+_CACHED_SHAPES = 256
+_CACHED_MAX_MOUNTS = 64
+
+# What the patch depends on, as hashable data: the names; whether spec.volumes exists and, per import, whether
+# its volume is already there; and per container (field, index, whether volumeMounts exists, and per import
+# whether its mount is already there).
+_Shape = tuple[tuple[str, ...], bool, tuple[bool, ...], tuple[tuple[str, int, bool, tuple[bool, ...]], ...]]
+
+
+def _shape(spec: Mapping[str, Any], names: tuple[str, ...]) -> _Shape | None:
+    """The pod's shape for these imports, or None if anything of it collides with them or is malformed."""
+    wanted = mounts.lookup_tables(names)
+    mounted = wanted.mounted
+    volumes = spec.get("volumes")
+    if volumes is None:
+        volumes_there = wanted.none_there
+    elif not isinstance(volumes, list):
+        return None
+    else:
+        # As mounts.volumes_by_name, restricted to the imports' names (the last of a name counts).
+        existing = {}
+        for volume in volumes:
+            if isinstance(volume, MAPPING) and isinstance(name := volume.get("name"), str) and name in wanted.volumes:
+                existing[name] = volume
+        if not existing:
+            volumes_there = wanted.none_there
+        else:
+            there = []
+            for item in mounted:
+                volume = existing.get(item.volume_name)
+                if volume is not None and not mounts.is_import_volume(volume, item.secret_name):
+                    return None
+                there.append(volume is not None)
+            volumes_there = tuple(there)
+    containers: list[tuple[str, int, bool, tuple[bool, ...]]] = []
+    for field_name in mounts.CONTAINER_FIELDS:
+        listed = spec.get(field_name)
+        if listed is None:
+            continue
+        if not isinstance(listed, list):
+            return None
+        for index, container in enumerate(listed):
+            if not isinstance(container, MAPPING):
+                return None
+            present = container.get("volumeMounts")
+            mounts_there = wanted.none_there
+            if present is not None:
+                if not isinstance(present, list):
+                    return None
+                # As mounts.mounts_by_path, restricted to the imports' paths (the last at a path counts).
+                by_path = {}
+                for mount in present:
+                    if isinstance(mount, MAPPING) and isinstance(path := mount.get("mountPath"), str):
+                        path = path.rstrip("/") or "/"
+                        if path in wanted.paths:
+                            by_path[path] = mount.get("name")
+                if by_path:
+                    there = []
+                    for item in mounted:
+                        if item.mount_path in by_path and by_path[item.mount_path] != item.volume_name:
+                            return None
+                        there.append(item.mount_path in by_path)
+                    mounts_there = tuple(there)
+            containers.append((field_name, index, present is not None, mounts_there))
+    return names, volumes is not None, volumes_there, tuple(containers)
+
+
+@functools.lru_cache(maxsize=_CACHED_SHAPES)
+def _planned(shape: _Shape) -> Decision:
+    """The patch of a pod of this shape (one that collides with nothing)."""
+    names, volumes_present, volumes_there, containers = shape
+    mounted = mounts.mounts_for(names)
+    new_volumes = [item.volume_json for item, there in zip(mounted, volumes_there, strict=True) if not there]
+    operations = mounts.add_operations("/spec/volumes", volumes_present, new_volumes) if new_volumes else []
+    for field_name, index, present, mounts_there in containers:
+        new_mounts = [item.mount_json for item, there in zip(mounted, mounts_there, strict=True) if not there]
+        if new_mounts:
+            operations.extend(mounts.add_operations(f"/spec/{field_name}/{index}/volumeMounts", present, new_mounts))
+    return Decision(allowed=True, patch_json=f"[{','.join(operations)}]")
+
+
+def _plan_patch(spec: Mapping[str, Any], names: Sequence[str]) -> Decision:
+    """plan_patch for any spec, collisions and malformed lists included (each refused with what to fix)."""
     mounted = mounts.mounts_for(names)
     operations = _volume_operations(spec, mounted)  # each one compact JSON
     if isinstance(operations, Decision):
@@ -327,7 +458,7 @@ def _mount_operations(
     """The operations adding the imports' mounts that container `index` of spec.`field_name` lacks, or a refusal
     if it mounts something else at one of their paths."""
     where = f"spec.{field_name}[{index}]"
-    if not isinstance(container, Mapping):
+    if not isinstance(container, MAPPING):
         return refuse(REASON_INVALID_POD, f"The pod's {where} is malformed.")
     present = container.get("volumeMounts")
     if present is not None and not isinstance(present, list):

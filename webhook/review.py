@@ -9,13 +9,14 @@ event loop.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from webhook import mutation
+from webhook.mounts import MAPPING
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,27 @@ def _respond(api_version: str, uid: str, response: dict[str, Any]) -> bytes:
     return _dumps({"apiVersion": api_version, "kind": KIND, "response": response}).encode()
 
 
+def _encode(patch_json: str) -> bytes:
+    """The answer's end from its patch on: the patch in base64, and the closing of the answer's JSON."""
+    return base64.b64encode(patch_json.encode()) + b'"}}'
+
+
+# The planned patches of common pod shapes come back as the very same strings (webhook.mutation caches them), so
+# their base64 is kept too: at most 256 of at most 16 KiB.
+_CACHED_PATCH_CHARS = 16 * 1024
+_encoded_patch = functools.lru_cache(maxsize=256)(_encode)
+
+
 def _allow(api_version: str, uid: str, patch_json: str = "[]") -> Answer:
     if patch_json == "[]":
         return Answer(200, _respond(api_version, uid, {"allowed": True}), RESULT_ALLOWED)
-    encoded = base64.b64encode(patch_json.encode())
+    tail = _encoded_patch(patch_json) if len(patch_json) <= _CACHED_PATCH_CHARS else _encode(patch_json)
     # Formatted by hand: the base64 text needs no escaping, and a generic encoder would scan it all (hot path).
-    body = (
+    head = (
         f'{{"apiVersion":"{api_version}","kind":"{KIND}","response":{{"uid":{_dumps(uid)},"allowed":true,'
         f'"patchType":"JSONPatch","patch":"'
     ).encode()
-    return Answer(200, body + encoded + b'"}}', RESULT_PATCHED)
+    return Answer(200, head + tail, RESULT_PATCHED)
 
 
 def refusal(api_version: str, uid: str, reason: str, message: str, code: int = 403) -> Answer:
@@ -89,7 +101,7 @@ def refusal(api_version: str, uid: str, reason: str, message: str, code: int = 4
 
 
 def _group_kind(value: Any) -> tuple[Any, Any]:
-    if not isinstance(value, Mapping):
+    if not isinstance(value, MAPPING):
         return None, None
     return value.get("group"), value.get("kind") or value.get("resource")
 
@@ -208,7 +220,7 @@ def _parse_request(api_version: str, uid: str, request: dict[str, Any], max_moun
     namespace = request.get("namespace")
     if not namespace:
         metadata = pod.get("metadata")
-        namespace = metadata.get("namespace") if isinstance(metadata, Mapping) else None
+        namespace = metadata.get("namespace") if isinstance(metadata, MAPPING) else None
     prepared = mutation.prepare(pod, max_mounts=max_mounts)
     if prepared.early is not None:
         return _answer(api_version, uid, prepared.early)

@@ -146,6 +146,11 @@ class WebhookServer:
             # The API server keeps connections open between pod creations; don't make it re-handshake often, but
             # close idle ones after a bounded time.
             timeout_keep_alive=self.idle_timeout,
+            # Nothing here reads the client's address from the scope (the connection caps take it from the socket),
+            # so X-Forwarded-* headers are not honoured: no client may pose as another, and no request pays for
+            # parsing them. Nor does any answer name the server.
+            proxy_headers=False,
+            server_header=False,
             # Slow or idle clients are dropped after request_read_timeout, at most max_connections are open, and
             # at most max_connections_per_client from one address. Each answer in one TLS record and one send
             # (webhook.coalesce).
