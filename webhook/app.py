@@ -170,13 +170,9 @@ class _MutatePods:
         except TooMuchWork:
             answer = await self._elsewhere(body, deadline, take_slot=True)
         else:
-            if isinstance(parsed, review.Answer):
-                answer = parsed
-            else:
-                try:
-                    answer = review.complete(parsed, self.cached)
-                except LookupWouldBlock:
-                    answer = await self._complete_off_loop(parsed, deadline)
+            answer = self._decided_here(parsed)
+            if answer is None:
+                answer = await self._complete_off_loop(parsed, deadline)
         self.metrics.record(answer, time.perf_counter() - started)
         await self._send(send, answer)
 
@@ -231,13 +227,17 @@ class _MutatePods:
         return await self._complete(parsed, deadline)
 
     async def _complete(self, parsed: review.Answer | review.Pending, deadline: float) -> review.Answer:
+        answer = self._decided_here(parsed)
+        return answer if answer is not None else await self._complete_off_loop(parsed, deadline)
+
+    def _decided_here(self, parsed: review.Answer | review.Pending) -> review.Answer | None:
+        """The answer if the cache alone decides it, on the loop and without a wait; None if it must wait."""
         if isinstance(parsed, review.Answer):
             return parsed
         try:
             return review.complete(parsed, self.cached)
         except LookupWouldBlock:
-            pass
-        return await self._complete_off_loop(parsed, deadline)
+            return None
 
     async def _complete_off_loop(self, parsed: review.Pending, deadline: float) -> review.Answer:
         """Not in the cache yet: decide in a worker thread, where the cache may ask the API server (with calls
