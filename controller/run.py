@@ -31,6 +31,7 @@ from controller.trust_checks import FederatedSources, TrustChecks, parse_service
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Compactor, Informer
 from kubemcsa.contract import api, federation
+from kubemcsa.contract.imports import cache_form_of_secret
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,20 @@ class Controller:
         self.imports.add_index(BY_CLUSTER, _cluster_of)
         self.imports.add_index(BY_REMOTE, _remote_of)
         labelled = {"label_selector": api.IMPORT_LABEL, "transform": compact}
-        self.secrets = add(Informer(secrets_api, namespace=options.namespace, name="secrets", **labelled))
+        system_namespace = options.system_namespace
+
+        def compact_secret(secret: dict[str, Any]) -> dict[str, Any]:
+            return compact(cache_form_of_secret(secret, system_namespace))
+
+        self.secrets = add(
+            Informer(
+                secrets_api,
+                namespace=options.namespace,
+                name="secrets",
+                label_selector=api.IMPORT_LABEL,
+                transform=compact_secret,
+            )
+        )
         self.outputs = OutputWatches(
             local_api_client,
             namespace=options.namespace,

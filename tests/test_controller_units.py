@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import os
 import time
 
@@ -18,7 +19,7 @@ from controller.runtime.queue import WorkQueue
 from controller.runtime.writes import RecentWrites
 from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED
 from controller.sources import SourceRegistry
-from kubemcsa.contract import api
+from kubemcsa.contract import api, imports
 from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
 from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
 from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
@@ -206,6 +207,92 @@ def test_edited_secret_is_repaired_from_memory() -> None:
     assert isinstance(state, model.HasToken)
     (write,) = writes.secrets
     assert not write.create and from_secret_data(write.body["data"]).token == "tok-1"
+
+
+# --- the Secret cache's form: decisions on it are the decisions on the whole Secret -------------------------------
+def cache_form(secret: dict, system_namespace: str = api.SYSTEM_NAMESPACE) -> dict:
+    return imports.cache_form_of_secret(copy.deepcopy(secret), system_namespace)
+
+
+def test_the_cache_keeps_an_import_secret_without_its_kubeconfig_and_decides_the_same() -> None:
+    imp = make_import()
+    imp2, secret = converge(imp, held_token(imp))
+    cached = cache_form(secret)
+    assert cached["data"][api.KEY_CONFIG] == "" and set(cached["data"]) == set(api.SECRET_KEYS)
+    assert "tok-1" not in str(cached["data"][api.KEY_CONFIG])
+    state, writes = decide(imp2, cached, NOW + 10)  # after a restart: the cache alone is enough
+    assert isinstance(state, model.HasToken) and state.current and not writes.secrets
+    assert writes.remember is not None and writes.remember.credentials.token == "tok-1"
+    # A refresh written from it holds a whole kubeconfig: nothing written is built from the cached data.
+    _, writes = decide(imp2, cached, NOW + 801, new=held_token(imp, at=NOW + 801, token="tok-2"))
+    config = base64.b64decode(writes.secrets[0].body["data"][api.KEY_CONFIG]).decode()
+    assert "tok-2" in config and writes.secrets[0].body["metadata"]["resourceVersion"] == "9"
+
+
+@pytest.mark.parametrize("edit", ["config", "token", "drop-config"])
+def test_an_edit_of_any_key_shows_in_the_cache_form(edit: str) -> None:
+    imp = make_import()
+    imp2, secret = converge(imp, held_token(imp))
+    if edit == "drop-config":
+        del secret["data"][api.KEY_CONFIG]
+    else:
+        secret["data"][edit] = base64.b64encode(b"edited").decode()
+    state, writes = decide(imp2, cache_form(secret), NOW + 10, held=held_token(imp))
+    assert isinstance(state, model.HasToken) and not state.current
+    (write,) = writes.secrets
+    assert from_secret_data(write.body["data"]).token == "tok-1"
+
+
+def test_a_forged_cached_hash_is_replaced_by_the_one_the_cache_computes() -> None:
+    imp = make_import()
+    imp2, secret = converge(imp, held_token(imp))
+    secret["data"][api.KEY_TOKEN] = base64.b64encode(b"attacker").decode()
+    # Someone who may edit the Secret writes the hash of the unedited data beside it: the cache form ignores it.
+    secret[imports.CACHED_DATA_HASH] = secret["metadata"]["annotations"][imports.ANNOTATION_DATA_HASH]
+    state, _ = decide(imp2, cache_form(secret), NOW + 10, held=held_token(imp))
+    assert isinstance(state, model.HasToken) and not state.current
+    without_config = copy.deepcopy(secret)
+    del without_config["data"][api.KEY_CONFIG]  # not slimmed: the forged field is dropped all the same
+    assert imports.CACHED_DATA_HASH not in cache_form(without_config)
+
+
+def test_the_cache_keeps_source_credentials_and_other_secrets_whole() -> None:
+    imp = make_import()
+    _, secret = converge(imp, held_token(imp))
+    system = copy.deepcopy(secret)
+    system["metadata"]["namespace"] = api.SYSTEM_NAMESPACE  # a source credential: its pin hashes the full data
+    assert cache_form(system) == system
+    argocd = copy.deepcopy(secret)
+    argocd["metadata"]["name"] = api.argocd_secret_name_for_import("imp")  # an output's Secret, its own `config`
+    assert cache_form(argocd) == argocd
+    unlabelled = copy.deepcopy(secret)
+    unlabelled["metadata"]["labels"] = {}
+    assert cache_form(unlabelled) == unlabelled
+    for junk in ({}, {"data": None}, {"data": "x", "metadata": []}, {"metadata": {"labels": {api.IMPORT_LABEL: 3}}}):
+        assert cache_form(junk) == junk
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    edits=st.dictionaries(
+        st.sampled_from([*api.SECRET_KEYS, "extra"]), st.one_of(st.none(), st.text(max_size=8)), max_size=4
+    )
+)
+def test_secret_is_current_on_the_cache_form_is_secret_is_current_on_the_secret(edits: dict) -> None:
+    imp = make_import()
+    _, secret = converge(imp, held_token(imp))
+    for key, value in edits.items():
+        if value is None:
+            secret["data"].pop(key, None)
+        else:
+            secret["data"][key] = value
+    wanted = inputs_hash(parse_spec(imp), REMOTE.server, CA)
+    for now in (NOW + 10, NOW + 900):
+        whole = imports.secret_is_current(secret, wanted, now)
+        assert imports.secret_is_current(cache_form(secret), wanted, now) == whole
+        assert imports.federated_secret_is_current(cache_form(secret), wanted) == (
+            imports.federated_secret_is_current(secret, wanted)
+        )
 
 
 def test_spec_change_needs_new_token() -> None:

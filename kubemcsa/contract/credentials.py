@@ -166,7 +166,9 @@ def from_secret_data(
             f"{where} lacks the key(s) {', '.join(missing)}; re-create it with the controller or kubemcsa export."
         )
     try:
-        decoded = {key: base64.b64decode(data[key], validate=True) for key in data}
+        # Only what credentials are made of: `config` (a kubeconfig, the largest value) is not read back.
+        wanted = (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER)
+        decoded = {key: base64.b64decode(data[key], validate=True) for key in wanted if key in data}
     except (binascii.Error, ValueError, TypeError):
         raise CredentialsError(f"{where} holds a value that is not valid base64; re-create it.") from None
     return _from_plain(decoded, where, require_token)

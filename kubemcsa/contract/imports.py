@@ -109,6 +109,42 @@ def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+# --- the import Secret as the controller's cache holds it ------------------------------------------------------
+# Each import Secret's `config` is a kubeconfig holding the token inline: three quarters of what its cache entry
+# holds, and nothing the controller reads back (it builds every Secret it writes from credentials, and reads back
+# ca.crt, namespace, token and server). So the cache keeps the key with an empty value (key checks still hold), and
+# the hash of the full data, computed as the object enters the cache, under a top-level field. The API server drops
+# unknown fields of a Secret, and the cache form sets the field whatever the object held, so no writer can forge it.
+CACHED_DATA_HASH = "kubemcsa.cachedDataHash"
+
+
+def cache_form_of_secret(secret: dict[str, Any], system_namespace: str) -> dict[str, Any]:
+    """`secret` as the controller's Secret cache keeps it: an import Secret with its `config` emptied and the hash
+    of its full data beside it; anything else (a source credential of the system namespace, whose pin hashes the
+    full data; an output's Secret) whole."""
+    secret.pop(CACHED_DATA_HASH, None)
+    meta = metadata_of(secret)
+    data = secret.get("data")
+    import_name = string_map(meta.get("labels")).get(api.IMPORT_LABEL)
+    if (
+        not isinstance(data, dict)
+        or not data.get(api.KEY_CONFIG)
+        or meta.get("namespace") == system_namespace
+        or import_name is None
+        or meta.get("name") != api.secret_name_for_import(import_name)
+    ):
+        return secret
+    secret[CACHED_DATA_HASH] = data_hash(data)
+    secret["data"] = {**data, api.KEY_CONFIG: ""}
+    return secret
+
+
+def secret_data_hash(secret: dict[str, Any]) -> str:
+    """The hash of a Secret's data (as its data-hash annotation should record it), as the cache saw it whole."""
+    cached = secret.get(CACHED_DATA_HASH)
+    return cached if isinstance(cached, str) else data_hash(as_dict(secret.get("data")))
+
+
 # --- source credentials: pinned in the import's status by whoever wrote them -----------------------------------
 # A Secret of the system namespace is a source credential: whoever could write one under an import's name could
 # point the controller, and every import of that source, at a server of their choosing. So its writer (the
@@ -258,7 +294,7 @@ def federated_secret_is_current(secret: dict[str, Any], wanted_inputs: str) -> b
     data = as_dict(secret.get("data"))
     return (
         annotations.get(ANNOTATION_INPUTS_HASH) == wanted_inputs
-        and annotations.get(ANNOTATION_DATA_HASH) == data_hash(data)
+        and annotations.get(ANNOTATION_DATA_HASH) == secret_data_hash(secret)
         and set(data) == set(api.FEDERATED_SECRET_KEYS)
     )
 
@@ -314,7 +350,7 @@ def secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) ->
     data = as_dict(secret.get("data"))
     if annotations.get(ANNOTATION_INPUTS_HASH) != wanted_inputs:
         return False
-    if annotations.get(ANNOTATION_DATA_HASH) != data_hash(data) or any(k not in data for k in api.SECRET_KEYS):
+    if annotations.get(ANNOTATION_DATA_HASH) != secret_data_hash(secret) or any(k not in data for k in api.SECRET_KEYS):
         return False
     issued_at, expires_at = token_times(secret)
     if issued_at is None:
