@@ -32,6 +32,7 @@ from kubemcsa.contract.imports import (
     federated_secret_is_current,
     import_secret,
     metadata_of,
+    secret_token,
     token_times,
     without_token,
 )
@@ -96,7 +97,7 @@ def _plan_token(obs: Observation, state: HasToken) -> Writes:
     if not state.current:
         body = import_secret(obs.imp, token, spec.cluster_name, ours)
         writes.secrets.append(SecretWrite(body, create=ours is None))
-        if ours is not None and as_dict(ours.get("data")).get(api.KEY_TOKEN) != body["data"][api.KEY_TOKEN]:
+        if ours is not None and secret_token(ours) != token.credentials.token:
             until = "" if token.expires_at is None else f", valid until {format_time(token.expires_at)}"
             writes.events.append(("Normal", "TokenRefreshed", f"Refreshed the token in Secret {name}{until}."))
     ready = ready_condition("True", api.REASON_TOKEN_ISSUED, _ready_message(spec, token.expires_at), obs.imp)

@@ -20,7 +20,7 @@ from controller.runtime.writes import RecentWrites
 from controller.source_clusters import ORIGIN_KUBECONFIG, ORIGIN_MOUNTED
 from controller.sources import SourceRegistry
 from kubemcsa.contract import api, imports
-from kubemcsa.contract.credentials import Credentials, from_secret_data, to_secret_data
+from kubemcsa.contract.credentials import Credentials, CredentialsError, from_secret_data, to_secret_data
 from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
 from kubemcsa.contract.spec import TOKEN_TYPE_LEGACY, SpecError, parse_spec
 from kubemcsa.contract.timefmt import format_time, parse_time
@@ -218,11 +218,12 @@ def test_the_cache_keeps_an_import_secret_without_its_kubeconfig_and_decides_the
     imp = make_import()
     imp2, secret = converge(imp, held_token(imp))
     cached = cache_form(secret)
-    assert cached["data"][api.KEY_CONFIG] == "" and set(cached["data"]) == set(api.SECRET_KEYS)
-    assert "tok-1" not in str(cached["data"][api.KEY_CONFIG])
+    assert cached["data"][api.KEY_CONFIG] == cached["data"][api.KEY_TOKEN] == ""
+    assert set(cached["data"]) == set(api.SECRET_KEYS) and cached[imports.CACHED_TOKEN] == "tok-1"
     state, writes = decide(imp2, cached, NOW + 10)  # after a restart: the cache alone is enough
     assert isinstance(state, model.HasToken) and state.current and not writes.secrets
-    assert writes.remember is not None and writes.remember.credentials.token == "tok-1"
+    # The memory of the token is the cache's very string: one copy of each token.
+    assert writes.remember is not None and writes.remember.credentials.token is cached[imports.CACHED_TOKEN]
     # A refresh written from it holds a whole kubeconfig: nothing written is built from the cached data.
     _, writes = decide(imp2, cached, NOW + 801, new=held_token(imp, at=NOW + 801, token="tok-2"))
     config = base64.b64decode(writes.secrets[0].body["data"][api.KEY_CONFIG]).decode()
@@ -247,13 +248,16 @@ def test_a_forged_cached_hash_is_replaced_by_the_one_the_cache_computes() -> Non
     imp = make_import()
     imp2, secret = converge(imp, held_token(imp))
     secret["data"][api.KEY_TOKEN] = base64.b64encode(b"attacker").decode()
-    # Someone who may edit the Secret writes the hash of the unedited data beside it: the cache form ignores it.
+    # Someone who may edit the Secret writes the hash of the unedited data and a token of their choosing beside
+    # it (an API server drops such fields; the cache form ignores them all the same).
     secret[imports.CACHED_DATA_HASH] = secret["metadata"]["annotations"][imports.ANNOTATION_DATA_HASH]
-    state, _ = decide(imp2, cache_form(secret), NOW + 10, held=held_token(imp))
+    secret[imports.CACHED_TOKEN] = "tok-1"
+    state, writes = decide(imp2, cache_form(secret), NOW + 10, held=held_token(imp))
     assert isinstance(state, model.HasToken) and not state.current
-    without_config = copy.deepcopy(secret)
-    del without_config["data"][api.KEY_CONFIG]  # not slimmed: the forged field is dropped all the same
-    assert imports.CACHED_DATA_HASH not in cache_form(without_config)
+    assert from_secret_data(writes.secrets[0].body["data"]).token == "tok-1"
+    system = copy.deepcopy(secret)
+    system["metadata"]["namespace"] = api.SYSTEM_NAMESPACE  # not slimmed: the forged fields are dropped all the same
+    assert imports.CACHED_DATA_HASH not in cache_form(system) and imports.CACHED_TOKEN not in cache_form(system)
 
 
 def test_the_cache_keeps_source_credentials_and_other_secrets_whole() -> None:
@@ -272,6 +276,13 @@ def test_the_cache_keeps_source_credentials_and_other_secrets_whole() -> None:
         assert cache_form(junk) == junk
 
 
+def read_or_why(secret: dict, require_token: bool) -> object:
+    try:
+        return imports.secret_credentials(secret, require_token=require_token)
+    except CredentialsError as exc:
+        return str(exc)
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     edits=st.dictionaries(
@@ -287,9 +298,13 @@ def test_secret_is_current_on_the_cache_form_is_secret_is_current_on_the_secret(
         else:
             secret["data"][key] = value
     wanted = inputs_hash(parse_spec(imp), REMOTE.server, CA)
+    cached = cache_form(secret)
+    assert imports.secret_token(cached) == imports.secret_token(secret)
+    for require_token in (True, False):
+        assert read_or_why(cached, require_token) == read_or_why(secret, require_token)
     for now in (NOW + 10, NOW + 900):
         whole = imports.secret_is_current(secret, wanted, now)
-        assert imports.secret_is_current(cache_form(secret), wanted, now) == whole
+        assert imports.secret_is_current(cached, wanted, now) == whole
         assert imports.federated_secret_is_current(cache_form(secret), wanted) == (
             imports.federated_secret_is_current(secret, wanted)
         )

@@ -13,8 +13,8 @@ from typing import Any
 
 from controller.outputs.base import Observed, Output, OutputAction, OutputInput, Owned, Want, Watch, plan_output
 from kubemcsa.contract import api, argocd
-from kubemcsa.contract.credentials import CredentialsError, from_secret_data
-from kubemcsa.contract.imports import as_dict, controlled_secret, metadata_of, string_map
+from kubemcsa.contract.credentials import CredentialsError
+from kubemcsa.contract.imports import as_dict, controlled_secret, metadata_of, secret_credentials, string_map
 from kubemcsa.contract.spec import ImportSpec
 
 CONDITION_ARGOCD = "ArgoCDSecretReady"
@@ -33,7 +33,7 @@ def desired_argocd_data(
     the import (their pod templates carry the import annotation) and read it with an exec plugin."""
     assert spec.argocd is not None
     try:
-        creds = from_secret_data(as_dict(import_secret).get("data"), require_token=not spec.federated)
+        creds = secret_credentials(import_secret, require_token=not spec.federated)
     except CredentialsError:
         return None
     if spec.federated:

@@ -26,8 +26,8 @@ from controller.conditions import set_condition
 from controller.outputs.base import Output, OutputInput, Owned, SourceView, Want, Watch
 from kubemcsa.contract import api
 from kubemcsa.contract.api import EXT_NAMESPACE, EXT_SECRET_NAME, EXT_TOKEN_FILE
-from kubemcsa.contract.credentials import CredentialsError, from_secret_data
-from kubemcsa.contract.imports import as_dict, metadata_of, owner_reference, string_map
+from kubemcsa.contract.credentials import CredentialsError
+from kubemcsa.contract.imports import as_dict, metadata_of, owner_reference, secret_credentials, string_map
 from kubemcsa.contract.spec import ImportSpec, SpecError
 
 GROUP = "multicluster.x-k8s.io"
@@ -148,7 +148,7 @@ def _desire(inp: OutputInput) -> Want:
         message = f"ClusterProfile {name} is written once the service account is exported."
         return Want(OUTPUT.condition("False", api.REASON_NOT_EXPORTED, message), delete=True)
     try:
-        creds = from_secret_data(as_dict(inp.import_secret).get("data"), require_token=not inp.spec.federated)
+        creds = secret_credentials(inp.import_secret, require_token=not inp.spec.federated)
     except CredentialsError:
         if inp.existing is not None:  # the import's Secret lost its token: the ClusterProfile still says where
             return Want(_written(name, inp.spec))

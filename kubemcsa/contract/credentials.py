@@ -11,6 +11,7 @@ import binascii
 import functools
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import yaml
@@ -149,11 +150,16 @@ def to_secret_data(creds: Credentials, cluster_name: str) -> dict[str, str]:
 
 
 def from_secret_data(
-    data: dict[str, str] | None, where: str = "the Secret", *, require_token: bool = True
+    data: dict[str, str] | None,
+    where: str = "the Secret",
+    *,
+    require_token: bool = True,
+    decoded_token: str | None = None,
 ) -> Credentials:
     """Read credentials back from a Secret's base64 `data`; raise CredentialsError naming what is wrong.
 
-    `require_token=False` reads a federated import's Secret, which has no token (its token is empty then)."""
+    `require_token=False` reads a federated import's Secret, which has no token (its token is empty then);
+    `decoded_token` is the token already decoded, in place of data's (as the controller's Secret cache keeps it)."""
     data = data or {}
     needed = (
         (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER)
@@ -168,9 +174,15 @@ def from_secret_data(
     try:
         # Only what credentials are made of: `config` (a kubeconfig, the largest value) is not read back.
         wanted = (api.KEY_CA_CRT, api.KEY_NAMESPACE, api.KEY_TOKEN, api.KEY_SERVER)
-        decoded = {key: base64.b64decode(data[key], validate=True) for key in wanted if key in data}
+        if decoded_token is not None:
+            wanted = wanted[:2] + wanted[3:]
+        decoded: dict[str, bytes | str] = {
+            key: base64.b64decode(data[key], validate=True) for key in wanted if key in data
+        }
     except (binascii.Error, ValueError, TypeError):
         raise CredentialsError(f"{where} holds a value that is not valid base64; re-create it.") from None
+    if decoded_token is not None:
+        decoded[api.KEY_TOKEN] = decoded_token
     return _from_plain(decoded, where, require_token)
 
 
@@ -190,17 +202,23 @@ def read_mounted(directory: str | os.PathLike[str]) -> Credentials:
     return _from_plain(plain, where)
 
 
-def _from_plain(plain: dict[str, bytes], where: str, require_token: bool = True) -> Credentials:
+def _from_plain(plain: Mapping[str, bytes | str], where: str, require_token: bool = True) -> Credentials:
+    """`plain`: each value as read; the token may be text already (then the very string is kept, unless padded)."""
     try:
-        server = plain[api.KEY_SERVER].decode().strip()
-        namespace = plain[api.KEY_NAMESPACE].decode().strip()
-        token = plain.get(api.KEY_TOKEN, b"").decode().strip()
+        server = _text(plain[api.KEY_SERVER]).strip()
+        namespace = _text(plain[api.KEY_NAMESPACE]).strip()
+        token = _text(plain.get(api.KEY_TOKEN, b"")).strip()
     except UnicodeDecodeError:
         raise CredentialsError(f"{where} holds a server, namespace or token that is not UTF-8 text.") from None
     if not server.startswith("https://"):
         raise CredentialsError(f"{where} has a server that is not an https:// URL; re-create it.")
     if not token and require_token:
         raise CredentialsError(f"{where} has an empty token; wait for the controller to fill it in.")
-    if b"-----BEGIN CERTIFICATE-----" not in plain[api.KEY_CA_CRT]:
+    ca_crt = plain[api.KEY_CA_CRT]
+    if not isinstance(ca_crt, bytes) or b"-----BEGIN CERTIFICATE-----" not in ca_crt:
         raise CredentialsError(f"{where} has a ca.crt that is not a PEM certificate; re-create it.")
-    return Credentials(server=server, ca_crt=plain[api.KEY_CA_CRT], token=token, namespace=namespace)
+    return Credentials(server=server, ca_crt=ca_crt, token=token, namespace=namespace)
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode()

@@ -9,6 +9,8 @@ shows in the cache alone). Pure functions only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
@@ -110,32 +112,41 @@ def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
 
 
 # --- the import Secret as the controller's cache holds it ------------------------------------------------------
-# Each import Secret's `config` is a kubeconfig holding the token inline: three quarters of what its cache entry
-# holds, and nothing the controller reads back (it builds every Secret it writes from credentials, and reads back
-# ca.crt, namespace, token and server). So the cache keeps the key with an empty value (key checks still hold), and
-# the hash of the full data, computed as the object enters the cache, under a top-level field. The API server drops
-# unknown fields of a Secret, and the cache form sets the field whatever the object held, so no writer can forge it.
+# Each import Secret's `config` is a kubeconfig holding the token inline: most of what its cache entry would hold,
+# and nothing the controller reads back (every Secret it writes is built from credentials). The cache keeps the
+# key with an empty value (key checks still hold), the token decoded once (the very string the controller's memory
+# of the token then shares) and the hash of the full data, computed as the object enters the cache, under
+# top-level fields. The API server drops unknown fields of a Secret, and the cache form sets or drops those fields
+# whatever the object held, so no writer can forge them. Readers of a cached Secret use `secret_credentials`,
+# `secret_token` and `secret_data_hash`, which read either form.
 CACHED_DATA_HASH = "kubemcsa.cachedDataHash"
+CACHED_TOKEN = "kubemcsa.cachedToken"
 
 
 def cache_form_of_secret(secret: dict[str, Any], system_namespace: str) -> dict[str, Any]:
-    """`secret` as the controller's Secret cache keeps it: an import Secret with its `config` emptied and the hash
-    of its full data beside it; anything else (a source credential of the system namespace, whose pin hashes the
-    full data; an output's Secret) whole."""
+    """`secret` as the controller's Secret cache keeps it: an import Secret slimmed as said above; anything else
+    (a source credential of the system namespace, whose pin hashes the full data; an output's Secret) whole."""
     secret.pop(CACHED_DATA_HASH, None)
+    secret.pop(CACHED_TOKEN, None)
     meta = metadata_of(secret)
     data = secret.get("data")
     import_name = string_map(meta.get("labels")).get(api.IMPORT_LABEL)
     if (
         not isinstance(data, dict)
-        or not data.get(api.KEY_CONFIG)
         or meta.get("namespace") == system_namespace
         or import_name is None
         or meta.get("name") != api.secret_name_for_import(import_name)
     ):
         return secret
     secret[CACHED_DATA_HASH] = data_hash(data)
-    secret["data"] = {**data, api.KEY_CONFIG: ""}
+    slim = dict(data)
+    if api.KEY_CONFIG in slim:
+        slim[api.KEY_CONFIG] = ""
+    token = _decoded_text(data.get(api.KEY_TOKEN))
+    if token:
+        secret[CACHED_TOKEN] = token
+        slim[api.KEY_TOKEN] = ""
+    secret["data"] = slim
     return secret
 
 
@@ -143,6 +154,30 @@ def secret_data_hash(secret: dict[str, Any]) -> str:
     """The hash of a Secret's data (as its data-hash annotation should record it), as the cache saw it whole."""
     cached = secret.get(CACHED_DATA_HASH)
     return cached if isinstance(cached, str) else data_hash(as_dict(secret.get("data")))
+
+
+def secret_token(secret: dict[str, Any] | None) -> str | None:
+    """The token an import Secret holds, decoded (None: none, or not base64 UTF-8 text)."""
+    cached = as_dict(secret).get(CACHED_TOKEN)
+    return cached if isinstance(cached, str) else _decoded_text(as_dict(as_dict(secret).get("data")).get(api.KEY_TOKEN))
+
+
+def secret_credentials(secret: dict[str, Any] | None, *, require_token: bool = True) -> Credentials:
+    """The credentials an import Secret holds, whole or in the cache's form; raise CredentialsError if unreadable."""
+    cached = as_dict(secret).get(CACHED_TOKEN)
+    data = as_dict(as_dict(secret).get("data"))
+    return from_secret_data(
+        data, require_token=require_token, decoded_token=cached if isinstance(cached, str) else None
+    )
+
+
+def _decoded_text(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
 
 
 # --- source credentials: pinned in the import's status by whoever wrote them -----------------------------------
@@ -337,7 +372,7 @@ def token_from_secret(secret: dict[str, Any]) -> ImportToken | None:
     if issued_at is None:
         return None
     try:
-        creds = from_secret_data(as_dict(secret.get("data")))
+        creds = secret_credentials(secret)
     except CredentialsError:
         return None
     inputs = as_dict(metadata_of(secret).get("annotations")).get(ANNOTATION_INPUTS_HASH, "")
