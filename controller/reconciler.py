@@ -364,7 +364,7 @@ class Reconciler:
                 # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
                 self.secret_writes.forget(secret_key)
                 return Result(retry=True, outcome="conflict")
-            self.secret_writes.wrote(secret_key, written)
+            self.secret_writes.wrote(secret_key, self.caches.secrets.cache_form(written))
         for output_write in writes.outputs:
             if not self.outputs.write(output_write, namespace):
                 return Result(retry=True, outcome="conflict")
@@ -372,9 +372,8 @@ class Reconciler:
             old = observation.imp.get("status")
             patch = status_patch(old if isinstance(old, dict) else None, writes.status)
             try:
-                self.import_writes.wrote(
-                    (namespace, name), self.caches.imports_api.patch_status(name, patch, namespace)
-                )
+                written = self.caches.imports_api.patch_status(name, patch, namespace)
+                self.import_writes.wrote((namespace, name), self.caches.imports.cache_form(written))
             except ApiException as exc:
                 if exc.status != 404:  # 404: the import was deleted meanwhile, nothing to report on
                     raise

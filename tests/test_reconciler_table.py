@@ -33,10 +33,10 @@ from controller.reconciler import Caches, Reconciler, import_key
 from controller.remote import RemoteFailure, classify_remote_error, unreachable
 from controller.runtime.manager import Result
 from controller.source_clusters import ORIGIN_KUBECONFIG, SourceCluster
-from kubemcsa.contract import api
+from kubemcsa.contract import api, imports
 from kubemcsa.contract.credentials import Credentials
 from kubemcsa.contract.federation import FederatedSource
-from kubemcsa.contract.imports import ImportToken, IssuedToken, inputs_hash
+from kubemcsa.contract.imports import ImportToken, IssuedToken, cache_form_of_secret, inputs_hash
 from kubemcsa.contract.spec import ImportSpec, parse_spec
 from kubemcsa.contract.timefmt import format_time
 from kubemcsa_testing.patch import merge_patch
@@ -109,8 +109,12 @@ class FakeStore:
     last_error: int | None = None
     last_exception: BaseException | None = None
 
-    def __init__(self, *, status_subresource: bool = True) -> None:
+    def __init__(
+        self, *, status_subresource: bool = True, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    ) -> None:
         self.status_subresource = status_subresource
+        self.transform = transform  # as the controller's informer has it: what the cache holds of each object
+        self.cache_behind = False  # True: writes reach the server only, as while an informer lags
         self.server: dict[tuple[str, str], dict[str, Any]] = {}
         self.cache: dict[tuple[str, str], dict[str, Any]] = {}
         self.calls: list[Call] = []
@@ -132,11 +136,14 @@ class FakeStore:
         meta["resourceVersion"] = self._next_version()
         key = (meta.get("namespace") or "", meta["name"])
         self.server[key] = stored
-        if cached:
+        if cached and not self.cache_behind:
             event = "MODIFIED" if key in self.cache else "ADDED"
-            self.cache[key] = copy.deepcopy(stored)
-            self._deliver(event, stored)
+            self.cache[key] = self.cache_form(copy.deepcopy(stored))
+            self._deliver(event, self.cache[key])
         return copy.deepcopy(stored)
+
+    def cache_form(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self.transform(obj) if self.transform is not None else obj
 
     def remove(self, name: str, namespace: str) -> None:
         obj = self.server.pop((namespace, name))
@@ -716,7 +723,9 @@ class Harness:
     def __init__(self, now: float) -> None:
         self.clock = Clock(now)
         self.imports = FakeStore()
-        self.secrets = FakeStore(status_subresource=False)
+        self.secrets = FakeStore(  # its cache holds import Secrets as the controller's does (run.py)
+            status_subresource=False, transform=lambda secret: cache_form_of_secret(secret, api.SYSTEM_NAMESPACE)
+        )
         self.outputs = {o.name: FakeStore(status_subresource=o.owns.status_subresource) for o in OUTPUTS}
         self.sources = FakeSources()
         self.sources.clusters[CLUSTER] = SourceCluster(
@@ -908,6 +917,24 @@ def test_the_table_covers_what_the_brief_lists() -> None:
     """At least 15 rows, with names that say one case each."""
     names = [c.name for c in CASES]
     assert len(names) >= 15 and len(set(names)) == len(names)
+
+
+def test_what_the_reconciler_remembers_of_its_own_secret_write_is_what_the_cache_would_hold() -> None:
+    """While the Secret informer lags (a flood), each write is remembered until it is seen: in the cache's form,
+    without its kubeconfig, or the memory of thousands of writes would hold a whole Secret each."""
+    h = prepare(World())
+    h.secrets.cache_behind = True
+    h.tokens.answer = "tok-1"
+    h.reconcile()
+    remembered = h.reconciler.secret_writes.get((NAMESPACE, SECRET), None)
+    assert remembered is not None and remembered["data"][api.KEY_CONFIG] == ""
+    assert remembered[imports.CACHED_TOKEN] == "tok-1" and secret_token(h.secrets) == "tok-1"
+    h.forget_calls()
+    h.clock.now += 5
+    h.restart()  # nothing held in memory but that write: the remembered Secret alone is current
+    h.reconciler.secret_writes.wrote((NAMESPACE, SECRET), remembered)
+    result = h.reconcile()
+    assert not h.tokens.requests and not h.secrets.calls and not h.imports.calls and not result.retry
 
 
 def test_a_withdrawn_export_forgets_the_held_token() -> None:

@@ -119,6 +119,11 @@ class Informer:
         self._indexers: dict[str, Callable[[JSON], Iterable[str]]] = {}
         self._indexes: dict[str, dict[str, set[tuple[str, str]]]] = {}
 
+    def cache_form(self, obj: JSON) -> JSON:
+        """`obj` (which it may change) as this cache keeps it: what a writer remembers of its own write until the
+        cache has caught up must be no larger, nor shaped otherwise, than what the cache would hold."""
+        return self.transform(obj) if self.transform is not None else obj
+
     def add_index(self, name: str, values: Callable[[JSON], Iterable[str]]) -> None:
         """Index the cache by `values(object)` (before start): `by_index(name, value)` is then one lookup."""
         with self._lock:
@@ -199,7 +204,7 @@ class Informer:
             )
             for item in listing.get("items") or []:
                 if isinstance(item, dict):
-                    item = self.transform(item) if self.transform is not None else item
+                    item = self.cache_form(item)
                     fresh[object_key(item)] = item
             continue_token = (listing.get("metadata") or {}).get("continue") or None
             if continue_token is None:
@@ -234,8 +239,8 @@ class Informer:
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind == "BOOKMARK":
             return version
-        if self.transform is not None and isinstance(obj, dict):
-            obj = self.transform(obj)
+        if isinstance(obj, dict):
+            obj = self.cache_form(obj)
         key = object_key(obj)
         with self._lock:
             old = self._cache.get(key)
