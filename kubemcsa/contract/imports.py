@@ -36,7 +36,7 @@ ANNOTATION_DATA_HASH = ANNOTATION_PREFIX + "data-hash"
 _OURS = (ANNOTATION_EXPIRES, ANNOTATION_ISSUED, ANNOTATION_INPUTS_HASH, ANNOTATION_DATA_HASH)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: held in memory for every import
 class IssuedToken:
     """A token as an API server issued it: when, and until when (None: a legacy token that never expires)."""
 
@@ -61,7 +61,7 @@ def refresh_time(issued_at: float, expires_at: float | None) -> float | None:
     return issued_at + api.REFRESH_FRACTION * max(0.0, expires_at - issued_at)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImportToken:
     """A token held for an import: the credentials it makes, when it was issued, and what it was issued for."""
 
