@@ -139,6 +139,10 @@ def cache_form_of_secret(secret: dict[str, Any], system_namespace: str) -> dict[
     ):
         return secret
     secret[CACHED_DATA_HASH] = data_hash(data)
+    # Nor what nobody reads of it (every Secret written is built anew): five top-level keys, a smaller dict each.
+    secret.pop("apiVersion", None)
+    secret.pop("kind", None)
+    meta.pop("creationTimestamp", None)
     slim = dict(data)
     if api.KEY_CONFIG in slim:
         slim[api.KEY_CONFIG] = ""
