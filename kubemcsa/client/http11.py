@@ -123,7 +123,7 @@ class Reader:
             if not chunk:
                 if self.received == 0:
                     raise http.client.RemoteDisconnected("Remote end closed connection without response")
-                raise MalformedResponse(f"the connection closed in the middle of the response {what}")
+                raise MalformedResponse(f"the connection closed before the end of the response's {what}")
             self.received += len(chunk)
             window = tail + chunk
             found = window.find(terminator)
@@ -138,7 +138,7 @@ class Reader:
             pieces.append(chunk)
             size += len(chunk)
             tail = window[1 - len(terminator) :]
-        raise MalformedResponse(f"the response {what} exceed {limit} bytes")
+        raise MalformedResponse(f"the response's {what} exceeded {limit} bytes")
 
     def exactly(self, count: int, what: str) -> bytes:
         available = len(self._data) - self._pos
@@ -152,7 +152,7 @@ class Reader:
         while missing > 0:
             chunk = self._recv(RECV_BYTES)
             if not chunk:
-                raise MalformedResponse(f"the connection closed {missing} bytes before the end of the response {what}")
+                raise MalformedResponse(f"the connection closed {missing} bytes short of the response's {what}")
             self.received += len(chunk)
             if len(chunk) > missing:
                 self._data = chunk[missing:]
@@ -166,21 +166,21 @@ class Reader:
         parts = [self._data[self._pos :]]
         size = len(parts[0])
         self._data, self._pos = b"", 0
-        while chunk := self._recv(RECV_BYTES):
+        while size <= limit and (chunk := self._recv(RECV_BYTES)):
             self.received += len(chunk)
             size += len(chunk)
-            if size > limit:
-                raise MalformedResponse(f"the response body exceeds {limit} bytes")
             parts.append(chunk)
+        if size > limit:
+            raise MalformedResponse(f"the response's body exceeded {limit} bytes")
         return b"".join(parts)
 
 
-def read_head(reader: Reader, method: str) -> Head:
+def read_head(reader: Reader, method: str, *, max_head_bytes: int = MAX_HEAD_BYTES) -> Head:
     """The final response's head (interim 1xx ones skipped). RemoteDisconnected if the server sent nothing at all,
     MalformedResponse for anything that is not HTTP/1.1 within bounds, the recv function's own errors as they come.
     """
     for _ in range(MAX_INTERIM_RESPONSES + 1):
-        head = parse_head(reader.until(b"\r\n\r\n", MAX_HEAD_BYTES, "headers"), method)
+        head = parse_head(reader.until(b"\r\n\r\n", max_head_bytes, "headers"), method)
         if head is not None:
             return head
     raise MalformedResponse(f"the server sent more than {MAX_INTERIM_RESPONSES} interim (1xx) responses")
@@ -242,30 +242,31 @@ def parse_head(block: bytes, method: str) -> Head | None:
         if not (length.isascii() and length.isdigit()) or len(length) > 15:
             raise MalformedResponse("the response's Content-Length is not one decimal number")
         head.length = int(length)
-        if head.length > MAX_BODY_BYTES:
-            raise MalformedResponse(f"the response body exceeds {MAX_BODY_BYTES} bytes")
     else:
         head.framing = UNTIL_CLOSE
         head.keep_alive = False
     return head
 
 
-def read_body(reader: Reader, head: Head) -> bytes:
-    """The body as `head` frames it, decoded if the server compressed it (gzip, deflate) although asked not to."""
+def read_body(reader: Reader, head: Head, *, max_body_bytes: int = MAX_BODY_BYTES) -> bytes:
+    """The body as `head` frames it, decoded if the server compressed it (gzip, deflate) although asked not to;
+    MalformedResponse if it breaks its framing or exceeds `max_body_bytes` (before it is read, when it says so)."""
     if head.framing == NO_BODY:
         return b""
     if head.framing == LENGTH:
+        if head.length > max_body_bytes:
+            raise MalformedResponse(f"the response's body exceeded {max_body_bytes} bytes")
         body = reader.exactly(head.length, "body")
     elif head.framing == CHUNKED:
-        body = _chunked(reader)
+        body = _chunked(reader, max_body_bytes)
     else:
-        body = reader.rest(MAX_BODY_BYTES)
+        body = reader.rest(max_body_bytes)
     if head.content_encoding in ("gzip", "x-gzip", "deflate") and body:
-        return _decoded(body, head.content_encoding)
+        return _decoded(body, head.content_encoding, max_body_bytes)
     return body
 
 
-def _chunked(reader: Reader) -> bytes:
+def _chunked(reader: Reader, max_body_bytes: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:
@@ -277,8 +278,8 @@ def _chunked(reader: Reader) -> bytes:
         if chunk_size == 0:
             break
         size += chunk_size
-        if size > MAX_BODY_BYTES:
-            raise MalformedResponse(f"the response body exceeds {MAX_BODY_BYTES} bytes")
+        if size > max_body_bytes:
+            raise MalformedResponse(f"the response's body exceeded {max_body_bytes} bytes")
         parts.append(reader.exactly(chunk_size, "body"))
         if reader.exactly(2, "body") != b"\r\n":
             raise MalformedResponse("a chunk of the response does not end where its size says")
@@ -286,23 +287,23 @@ def _chunked(reader: Reader) -> bytes:
     while line := reader.until(b"\r\n", MAX_TRAILER_BYTES, "trailers"):
         trailers += len(line) + 2
         if trailers > MAX_TRAILER_BYTES:
-            raise MalformedResponse(f"the response trailers exceed {MAX_TRAILER_BYTES} bytes")
+            raise MalformedResponse(f"the response's trailers exceeded {MAX_TRAILER_BYTES} bytes")
     return b"".join(parts)
 
 
-def _decoded(body: bytes, encoding: str) -> bytes:
+def _decoded(body: bytes, encoding: str, max_body_bytes: int) -> bytes:
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS
     try:
         try:
             decoder = zlib.decompressobj(wbits)
-            data = decoder.decompress(body, MAX_BODY_BYTES + 1)
+            data = decoder.decompress(body, max_body_bytes + 1)
         except zlib.error:
             if encoding != "deflate":
                 raise
             decoder = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as some servers send (and urllib3 reads)
-            data = decoder.decompress(body, MAX_BODY_BYTES + 1)
+            data = decoder.decompress(body, max_body_bytes + 1)
     except zlib.error as exc:
         raise DecodeError(f"Received response with content-encoding: {encoding}, but failed to decode it.") from exc
-    if len(data) > MAX_BODY_BYTES or decoder.unconsumed_tail:
-        raise MalformedResponse(f"the response body decompresses to more than {MAX_BODY_BYTES} bytes")
+    if len(data) > max_body_bytes or decoder.unconsumed_tail:
+        raise MalformedResponse(f"the response's body decompresses to more than {max_body_bytes} bytes")
     return data

@@ -256,13 +256,14 @@ class _Target:
     """One API server as a pool manager reaches it: its urllib3 pool, and what each request needs of it."""
 
     pool: HTTPConnectionPool
+    key: Any  # the pool's key in the manager (None if it was gone before it was found)
     prefix: str  # the configuration host's path, if it has one
     host_header: str
     retries: Retry
 
 
 # Per pool manager (each ApiClient has its own), per configuration host: found once rather than through the
-# manager's pool-key lookup on every request.
+# manager's pool-key construction on every request.
 _targets: weakref.WeakKeyDictionary[urllib3.PoolManager, dict[str, _Target]] = weakref.WeakKeyDictionary()
 _targets_lock = threading.Lock()
 
@@ -270,12 +271,15 @@ _targets_lock = threading.Lock()
 def _target_of(pool_manager: urllib3.PoolManager, host: str) -> _Target:
     by_host = _targets.get(pool_manager)
     target = by_host.get(host) if by_host is not None else None
-    if target is not None and target.pool.pool is not None:
+    # Still the manager's pool? It drops its pools on clear() (ApiClient.close()) and the least used past num_pools.
+    if target is not None and pool_manager.pools.get(target.key) is target.pool:
         return target
-    # First use, or the manager closed that pool (its clear(), as ApiClient.close() does, or an eviction).
     prefix, scheme, hostname, port = _parsed_host(host)
     pool = pool_manager.connection_from_host(hostname, port=port, scheme=scheme)
-    target = _Target(pool, prefix, _host_header(pool), Retry.from_int(None, redirect=False, default=pool.retries))
+    keys = pool_manager.pools.keys()  # a snapshot under its lock: the container itself refuses iteration
+    key = next((key for key in keys if pool_manager.pools.get(key) is pool), None)
+    retries = Retry.from_int(None, redirect=False, default=pool.retries)
+    target = _Target(pool, key, prefix, _host_header(pool), retries)
     with _targets_lock:
         _targets.setdefault(pool_manager, {})[host] = target
     return target
