@@ -121,7 +121,8 @@ def test_the_installed_package_has_no_in_memory_api_server_nor_test_dependency(i
     lines = metadata.read_text().splitlines()
     required = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
     unconditional = {re.split(r"[<>=!~ ;\[]", spec)[0].lower() for spec in required if "extra ==" not in spec}
-    assert unconditional == {"fastapi", "uvicorn", "kubernetes", "cryptography", "prometheus-client", "pyyaml"}
+    product = {"fastapi", "uvicorn", "kubernetes", "cryptography", "prometheus-client", "pyyaml", "urllib3"}
+    assert unconditional == product
 
 
 def test_every_production_module_imports_without_the_test_only_packages(installed: Path) -> None:

@@ -22,7 +22,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from kubemcsa.client.lean import PATCH_CONTENT_TYPES, lean_request
+from kubemcsa.client.lean import PATCH_CONTENT_TYPES, json_request, lean_request
 from kubemcsa.contract import api
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,8 @@ class Resource:
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
     ) -> Any:
-        """One call: plain JSON over the client's own urllib3 pool, as its REST client sends it.
+        """One call whose answer streams (a watch): plain JSON over the client's own urllib3 pool, as its REST
+        client sends it.
 
         The configuration's auth (bearer token, a token file's refresh hook, client certificates in the pool), TLS,
         proxy and default headers are the client's; what is skipped is the generated layer's walk of every body
@@ -207,6 +208,26 @@ class Resource:
         if getattr(client.configuration, "client_go_retries", False):
             return self._request_through_client(method, path, query, body, content_type, timeout)
         return lean_request(
+            client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
+        )
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        timeout: float | tuple[float, float] | None = None,
+    ) -> Any:
+        """One call whose answer is read whole: as _request, on the lean HTTP/1.1 path (kubemcsa.client.lean)."""
+        client = self.api_client
+        if getattr(client.configuration, "client_go_retries", False):
+            response = self._request_through_client(method, path, query, body, content_type, timeout)
+            response.read()
+            return response
+        return json_request(
             client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
         )
 
@@ -232,8 +253,7 @@ class Resource:
         return self.api_client.call_api(*request, _request_timeout=timeout or self.timeout)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> JSON:
-        response = self._request(method, path, **kwargs)
-        response.read()
+        response = self._call(method, path, **kwargs)
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(response.data) if response.data else {}
