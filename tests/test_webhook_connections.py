@@ -68,11 +68,12 @@ def webhook(certificate: tuple[Path, Path], **options: object) -> WebhookServer:
 class Holder:
     """Connections opened from `address` in a thread of their own, each kept alive after one answered request."""
 
-    def __init__(self, url: str, ca_pem: bytes, address: str, count: int) -> None:
+    def __init__(self, url: str, ca_pem: bytes, address: str, count: int, headers: str = "") -> None:
         self.host, port = url.removeprefix("https://").rsplit(":", 1)
         self.port = int(port)
         self.context = ssl.create_default_context(cadata=ca_pem.decode())
         self.address, self.count = address, count
+        self.headers = headers  # extra header lines, each ending in CRLF
         self.kept = 0  # answered and still open
         self.refused = 0  # closed by the server before or instead of an answer
         self.done = threading.Event()
@@ -92,7 +93,7 @@ class Holder:
     async def _run(self) -> None:
         self._loop, self._release = asyncio.get_running_loop(), asyncio.Event()
         handshakes = asyncio.Semaphore(32)
-        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode()
+        request = f"GET /healthz HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}\r\n".encode()
         writers = []
 
         async def one() -> None:
@@ -163,6 +164,20 @@ def test_at_the_total_cap_an_idle_connection_of_the_biggest_holder_makes_room(
         finally:
             for holder in holders:
                 holder.__exit__()
+
+
+def test_a_forwarded_header_neither_lifts_a_clients_cap_nor_spends_another_addresss(
+    certificate: tuple[Path, Path], ca: tuple[bytes, bytes]
+) -> None:
+    # The attacker's every request claims to come from 127.0.0.1 (and from a proxy in front of it): the caps
+    # count the socket's address, and the server honours no forwarded header, so the attacker keeps its own 8
+    # and the address it names keeps all of its own.
+    forged = "X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nForwarded: for=127.0.0.1\r\n"
+    with webhook(certificate, max_connections=64, max_connections_per_client=8) as server:
+        with Holder(server.url, ca[0], ATTACKER, 16, headers=forged) as attack:
+            assert attack.done.wait(60) and attack.kept == 8, (attack.kept, attack.refused)
+            with Holder(server.url, ca[0], "127.0.0.1", 8) as named:
+                assert named.done.wait(60) and named.kept == 8, (named.kept, named.refused)
 
 
 def test_an_idle_kept_alive_connection_is_closed_by_the_server(
