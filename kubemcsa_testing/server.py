@@ -796,10 +796,13 @@ class ApiServer(ClusterClients):
                 return 201, tokens.self_subject_review(user)
             if info.plural in ("selfsubjectaccessreviews", "subjectaccessreviews"):
                 return 201, self._access_review(info, obj, user)
-            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict)
+            # The decoded body is this request's alone: the cluster may keep it instead of copying it.
+            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict, owned=True)
         if route.verb == "update":
             _, obj = self._decode(conn, body)
-            return 200, cluster.update(info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict)
+            return 200, cluster.update(
+                info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict, owned=True
+            )
         if route.verb == "patch":
             content_type, obj = self._decode(conn, body, patch_request=True)
             return 200, cluster.patch(
