@@ -101,6 +101,7 @@ class Store:
         self._history: deque[Event] = deque(maxlen=history_size)
         self._compacted = 0  # the newest resourceVersion whose event is no longer in the history
         self._watchers: dict[str, set[Watcher]] = {}
+        self._last_write: dict[str, int] = {}  # storage key -> resourceVersion of its newest write
         self._listeners: list[Callable[[Event], None]] = []
 
     # Reads ------------------------------------------------------------------------------------------
@@ -108,6 +109,10 @@ class Store:
     @property
     def resource_version(self) -> int:
         return self._rv
+
+    def last_write(self, storage_key: str) -> int:
+        """The resourceVersion of the newest write to a storage (0 if none): what caches of its content key on."""
+        return self._last_write.get(storage_key, 0)
 
     def get(self, storage_key: str, namespace: str, name: str) -> Obj | None:
         return self._objects.get(storage_key, {}).get(namespace, {}).get(name)
@@ -239,6 +244,7 @@ class Store:
         if len(self._history) == self._history.maxlen:
             self._compacted = self._history[0].rv
         self._history.append(event)
+        self._last_write[event.storage_key] = event.rv
         for watcher in self._watchers.get(event.storage_key, ()):
             watcher.offer(event)
         for listener in self._listeners:
