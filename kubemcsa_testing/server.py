@@ -7,6 +7,7 @@ kube-apiserver's paths; every error is answered with a `kind: Status` body, neve
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import secrets
@@ -66,6 +67,7 @@ class BearerToken:
     audiences: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=1024)  # a client sends the same header with every request
 def bearer_token_of(authorization: str | None) -> BearerToken | None:
     """The unverified claims of the JWT in an `Authorization: Bearer` header (None for anything else)."""
     scheme, _, token = (authorization or "").strip().partition(" ")
@@ -171,9 +173,16 @@ class _Connection(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
     def send_json(
-        self, code: int, body: Any, headers: list[tuple[str, str]] | None = None, content_type: str = JSON_TYPE
+        self,
+        code: int,
+        body: Any,
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str = JSON_TYPE,
+        payload: bytes | None = None,
     ) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        """Answer `body` as JSON (`payload`: its JSON already encoded)."""
+        if payload is None:
+            payload = json.dumps(body, separators=(",", ":")).encode()
         head = [
             f"HTTP/1.1 {code} {self.responses.get(code, ('',))[0]}",
             f"Content-Type: {content_type}",
@@ -208,6 +217,30 @@ class _Connection(BaseHTTPRequestHandler):
 
     def end_chunked(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
+
+
+class _EncodedObjects:
+    """The JSON of stored objects, by identity: a stored object is never modified (a write stores a new dict), so
+    its JSON is encoded once for the answer to the write and every watch that sends it. Holding the object keeps
+    its id from being reused; bounded, the oldest entries go first."""
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        """JSON of `obj`, which must be a stored object (or one as immutable)."""
+        with self._lock:
+            entry = self._entries.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            return entry[1]
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+            self._entries[id(obj)] = (obj, data)
+        return data
 
 
 class _HTTPSServer(ThreadingHTTPServer):
@@ -295,6 +328,7 @@ class ApiServer(ClusterClients):
         self.unreachable = False
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._encoded = _EncodedObjects()
 
     def __repr__(self) -> str:
         return f"ApiServer(name={self.name!r}, url={self.url if self._port else None!r})"
@@ -582,7 +616,18 @@ class ApiServer(ClusterClients):
         self._record(user, route, path, conn.command.lower(), code, token)
         with contextlib.suppress(OSError, ssl.SSLError):
             content_type = self._request_local.content_type if code < 400 else JSON_TYPE
-            conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings], content_type)
+            payload = self._encoded.encode(result) if self._is_stored(route, code, result) else None
+            headers = [("Warning", _warning_header(w)) for w in warnings]
+            conn.send_json(code, result, headers, content_type, payload)
+
+    def _is_stored(self, route: Route | None, code: int, result: Any) -> bool:
+        """Is the answer an object as stored now (a get, or a write's result), whose JSON may be shared?"""
+        if route is None or route.info is None or code >= 300 or route.verb not in ("get", "create", "update", "patch"):
+            return False
+        meta = result.get("metadata") if isinstance(result, dict) else None
+        if not isinstance(meta, dict):
+            return False
+        return self.cluster.find(route.info, meta.get("namespace") or "", meta.get("name") or "") is result
 
     def _printer_columns(self, info: ResourceInfo) -> list[dict[str, Any]] | None:
         """A custom resource's additionalPrinterColumns, from its CRD (None for built-in resources)."""
@@ -1010,8 +1055,12 @@ class ApiServer(ClusterClients):
                         if send_initial:
                             self._send_bookmark(conn, info, obj["metadata"]["resourceVersion"], initial_end=True)
                         continue
-                    line = {"type": kind, "object": self.cluster.present(info, obj)}
-                    conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+                    shown = self.cluster.present(info, obj)
+                    if shown is obj:  # as stored (or a watch's own DELETED copy): encoded once for every watch
+                        data = self._encoded.encode(obj)
+                    else:
+                        data = json.dumps(shown, separators=(",", ":")).encode()
+                    conn.write_chunk(b'{"type":"%s","object":%s}\n' % (kind.encode(), data))
                     continue
                 if bookmarks and time.monotonic() >= next_bookmark:
                     self._maybe_bookmark(conn, info, watcher)
