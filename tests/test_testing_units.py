@@ -377,3 +377,33 @@ def test_protobuf_garbage_is_a_400_or_415(data: bytes) -> None:
             protobuf.decode(body)
         except StatusError as exc:
             assert exc.code in (400, 415)
+
+
+_HEADER_NAMES = st.sampled_from(["Host", "Authorization", "authorization", "Accept", "X-A", "x-a", "Content-Type"])
+_HEADER_VALUES = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(_HEADER_NAMES, _HEADER_VALUES).map(lambda f: f"{f[0]}:{f[1]}\r\n"),
+            _HEADER_VALUES.map(lambda v: f" {v}\r\n"),  # a continuation line
+            _HEADER_VALUES.map(lambda v: f"{v}\r\n"),  # maybe no field at all
+        ),
+        max_size=8,
+    )
+)
+def test_request_headers_answer_as_the_standard_library_parser(lines: list[str]) -> None:
+    """The server's own header parser gives what http.client.parse_headers (the email package) gives."""
+    import http.client
+    import io
+
+    from kubemcsa_testing.server import RequestHeaders
+
+    raw = "".join(lines).encode("iso-8859-1") + b"\r\n"
+    block = raw[: raw.index(b"\r\n\r\n") + 4] if b"\r\n\r\n" in raw else raw
+    expected = http.client.parse_headers(io.BytesIO(block))
+    got = RequestHeaders.parse(io.BytesIO(block).readlines())
+    for name in ("Host", "AUTHORIZATION", "accept", "x-a", "Content-Type", "Missing"):
+        assert got.get(name) == expected.get(name)
+        assert got.get_all(name) == expected.get_all(name)
