@@ -46,6 +46,7 @@ DEFAULT_WATCH_SECONDS = 1800
 JSON_TYPE = "application/json"
 JWKS_TYPE = "application/jwk-set+json"
 BOOKMARK_SECONDS = 1.0
+WATCH_BATCH = 256  # queued watch events sent in one write at most
 KUBE_VERSION = {
     "major": "1",
     "minor": "36",
@@ -334,6 +335,10 @@ class _Connection(BaseHTTPRequestHandler):
 
     def write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def write_chunks(self, lines: list[bytes]) -> None:
+        """Each line a chunk of its own, all in one write."""
+        self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(data), data) for data in lines))
 
     def end_chunked(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
@@ -1170,17 +1175,16 @@ class ApiServer(ClusterClients):
                 except EOFError:
                     break
                 if item is not None:
-                    kind, obj = item
-                    if kind == INITIAL_EVENTS_END:
-                        if send_initial:
-                            self._send_bookmark(conn, info, obj["metadata"]["resourceVersion"], initial_end=True)
-                        continue
-                    shown = self.cluster.present(info, obj)
-                    if shown is obj:  # as stored (or a watch's own DELETED copy): encoded once for every watch
-                        data = self._encoded.encode(obj)
-                    else:
-                        data = json.dumps(shown, separators=(",", ":")).encode()
-                    conn.write_chunk(b'{"type":"%s","object":%s}\n' % (kind.encode(), data))
+                    # Whatever else is queued goes out in the same write (one chunk per event, as before): one
+                    # system call and one wake-up of this thread for a burst of events instead of one each.
+                    lines = []
+                    for kind, obj in (item, *watcher.pending(WATCH_BATCH)):
+                        if kind != INITIAL_EVENTS_END:
+                            lines.append(self._event_line(info, kind, obj))
+                        elif send_initial:
+                            rv = obj["metadata"]["resourceVersion"]
+                            lines.append(self._bookmark_line(info, rv, initial_end=True))
+                    conn.write_chunks(lines)
                     continue
                 if bookmarks and time.monotonic() >= next_bookmark:
                     self._maybe_bookmark(conn, info, watcher)
@@ -1204,12 +1208,21 @@ class ApiServer(ClusterClients):
             rv = str(store.resource_version)
         self._send_bookmark(conn, info, rv)
 
-    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, rv: str, initial_end: bool = False) -> None:
+    def _event_line(self, info: ResourceInfo, kind: str, obj: dict[str, Any]) -> bytes:
+        shown = self.cluster.present(info, obj)
+        # As stored (or a watch's own DELETED copy): encoded once for every watch.
+        data = self._encoded.encode(obj) if shown is obj else json.dumps(shown, separators=(",", ":")).encode()
+        return b'{"type":"%s","object":%s}\n' % (kind.encode(), data)
+
+    def _bookmark_line(self, info: ResourceInfo, rv: str, initial_end: bool = False) -> bytes:
         meta: dict[str, Any] = {"resourceVersion": rv}
         if initial_end:
             meta["annotations"] = {"k8s.io/initial-events-end": "true"}
         line = {"type": "BOOKMARK", "object": {"kind": info.kind, "apiVersion": info.api_version, "metadata": meta}}
-        conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+        return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, rv: str, initial_end: bool = False) -> None:
+        conn.write_chunk(self._bookmark_line(info, rv, initial_end))
 
 
 def _negotiate(accept: str | None, offered: str) -> str:

@@ -79,6 +79,21 @@ class Watcher:
             raise EOFError
         return item
 
+    def pending(self, limit: int) -> list[tuple[str, Obj]]:
+        """Up to `limit` more queued (type, object) pairs, without waiting; the end of a closed watch stays queued,
+        for next() to raise."""
+        out: list[tuple[str, Obj]] = []
+        while len(out) < limit:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _CLOSED:
+                self.queue.put(_CLOSED)  # nothing is queued after it: close() is the last put
+                break
+            out.append(item)
+        return out
+
     def close(self) -> None:
         self.queue.put(_CLOSED)
 
