@@ -10,7 +10,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import re
 import secrets
 import socket
@@ -18,7 +17,6 @@ import ssl
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +28,7 @@ import yaml
 from kubemcsa_testing import errors, openapi, patch, protobuf, rbac, table, tokens
 from kubemcsa_testing.auth import ADMIN, Authenticator
 from kubemcsa_testing.clients import ClusterClients
-from kubemcsa_testing.cluster import Cluster
+from kubemcsa_testing.cluster import Cluster, random_uuid
 from kubemcsa_testing.controllers import Controllers
 from kubemcsa_testing.errors import StatusError
 from kubemcsa_testing.rbac import RequestAttributes, UserInfo
@@ -127,12 +125,6 @@ class Route:
             name=self.name,
             path=path,
         )
-
-
-def _audit_id() -> str:
-    """A request's Audit-Id, a random UUID as kube-apiserver's; it names a request, it guards nothing, so it needs
-    no system randomness (which costs a system call, and lets other threads take the interpreter, per answer)."""
-    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 def _warning_header(text: str) -> str:
@@ -309,7 +301,7 @@ class _Connection(BaseHTTPRequestHandler):
             f"Content-Type: {content_type}",
             f"Content-Length: {len(payload)}",
             "Cache-Control: no-cache, private",
-            f"Audit-Id: {_audit_id()}",
+            f"Audit-Id: {random_uuid()}",  # a random UUID, as kube-apiserver's
         ]
         for key, value in headers or ():
             head.append(f"{key}: {value}")
