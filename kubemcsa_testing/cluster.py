@@ -11,6 +11,7 @@ import base64
 import contextlib
 import copy
 import json
+import random
 import secrets
 import threading
 import time
@@ -73,6 +74,12 @@ _EVENT_FIELDS = {
 
 def now_rfc3339(timestamp: float | None = None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if timestamp is None else timestamp))
+
+
+def random_uuid() -> str:
+    """A random (version 4) UUID, for object uids and Audit-Ids: they name things, they guard nothing, so they come
+    from the interpreter's generator, not a system call each (which also lets other threads take the interpreter)."""
+    return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
 
 def random_suffix(length: int = 5) -> str:
@@ -235,7 +242,9 @@ class Cluster:
                         f"{offset}"
                     ) from None
 
-    def _check_type(self, info: ResourceInfo, body: Any) -> Obj:
+    def _check_type(self, info: ResourceInfo, body: Any, owned: bool = False) -> Obj:
+        """The body as an object of `info`'s kind: a copy, unless `owned` (the caller hands it over: a request's
+        freshly decoded body, which nothing else holds)."""
         if not isinstance(body, dict):
             raise errors.bad_request(f"the body must be a {info.kind} object, got {type(body).__name__}")
         api_version, kind = body.get("apiVersion"), body.get("kind")
@@ -250,7 +259,7 @@ class Cluster:
             )
         if body.get("metadata") is not None and not isinstance(body["metadata"], dict):
             raise errors.bad_request("metadata must be an object")
-        obj = copy.deepcopy(body)
+        obj = body if owned else copy.deepcopy(body)
         obj["apiVersion"], obj["kind"] = info.api_version, info.kind
         if obj.get("metadata") is None:
             obj["metadata"] = {}
@@ -335,10 +344,12 @@ class Cluster:
         dry_run: bool = False,
         admit: bool = True,
         strict: bool = False,
+        owned: bool = False,
     ) -> Obj:
+        """`owned`: the body is handed over (see _check_type) and may be stored as it is."""
         if not info.stored:
             raise errors.method_not_allowed()
-        obj = self._check_type(info, body)
+        obj = self._check_type(info, body, owned)
         self._check_namespace(info, obj, namespace)
         meta = _meta(obj)
         for key in (*_SERVER_MANAGED, "managedFields"):
@@ -359,9 +370,10 @@ class Cluster:
         if info.group == "" and info.plural == "pods":
             self._service_account_admission(obj, namespace)
         if admit and self.admit is not None:
-            obj = self.admit(info, "CREATE", obj, None, namespace, user, dry_run, "")
-            obj = self._check_type(info, obj)
-            self._check_namespace(info, obj, namespace)
+            admitted = self.admit(info, "CREATE", obj, None, namespace, user, dry_run, "")
+            if admitted is not obj:  # a webhook's object is checked again; the same one (no webhook) already was
+                obj = self._check_type(info, admitted)
+                self._check_namespace(info, obj, namespace)
             if info.group == "" and info.plural == "pods":
                 # kube decodes a webhook's patched object with defaulting: what it added is defaulted too.
                 _default_pod_volumes(_dict(obj.get("spec")))
@@ -369,7 +381,7 @@ class Cluster:
         if not meta.get("name") and isinstance(meta.get("generateName"), str) and meta["generateName"]:
             meta["name"] = meta["generateName"] + random_suffix()
         self._validate(info, obj)
-        meta["uid"] = str(uuid.uuid4())
+        meta["uid"] = random_uuid()
         meta["creationTimestamp"] = now_rfc3339()
         if info.has_generation:
             meta["generation"] = 1
@@ -528,9 +540,10 @@ class Cluster:
         admit: bool = True,
         current: Obj | None = None,
         strict: bool = False,
+        owned: bool = False,
     ) -> Obj:
-        """PUT; `current` (for patches) is the object the body was computed from."""
-        obj = self._check_type(info, body)
+        """PUT; `current` (for patches) is the object the body was computed from; `owned` as for create."""
+        obj = self._check_type(info, body, owned)
         self._check_strict(info, obj, strict)
         meta = _meta(obj)
         if meta.get("name") and meta["name"] != name:
@@ -539,6 +552,9 @@ class Cluster:
             )
         meta["name"] = name
         self._check_namespace(info, obj, namespace)
+        # Only an unconditional PUT goes round again (on a concurrent write), and it must start from the body as
+        # sent; otherwise the one pass may build the new object from the body itself (ours: see _check_type).
+        may_retry = not meta.get("resourceVersion") and current is None
         for _attempt in range(10):
             old = (
                 current
@@ -556,7 +572,7 @@ class Cluster:
                 raise self._invalid(
                     info, name, [("metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")]
                 )
-            new = self._merge_update(info, old, obj, subresource)
+            new = self._merge_update(info, old, obj, subresource, reuse_body=not may_retry)
             if _semantic_meta(new) == _semantic_meta(old):
                 return old  # nothing changed: no write, no event, same resourceVersion (as kube)
             causes = validation.metadata_causes(new, info)
@@ -565,8 +581,9 @@ class Cluster:
             if self.check_write is not None and user is not None and subresource == "":
                 self.check_write(info, new, user)
             if admit and self.admit is not None and subresource == "":
-                new = self.admit(info, "UPDATE", new, old, namespace, user, dry_run, subresource)
-                new = self._check_type(info, new)
+                admitted = self.admit(info, "UPDATE", new, old, namespace, user, dry_run, subresource)
+                if admitted is not new:  # as in create: only a webhook's object needs checking again
+                    new = self._check_type(info, admitted)
             self._validate(info, new, old)
             self._finish_update(info, old, new)
             if dry_run:
@@ -588,12 +605,17 @@ class Cluster:
             return self.present(info, stored)
         raise errors.conflict(info.plural, name, info.group)
 
-    def _merge_update(self, info: ResourceInfo, old: Obj, obj: Obj, subresource: str) -> Obj:
-        """The object an update stores: server-managed metadata kept, status or main part kept as the rules say."""
+    def _merge_update(self, info: ResourceInfo, old: Obj, obj: Obj, subresource: str, reuse_body: bool = False) -> Obj:
+        """The object an update stores: server-managed metadata kept, status or main part kept as the rules say.
+
+        `obj` is the update's own copy of the body (never a stored object); with `reuse_body` it is not needed
+        again and the new object is built from it in place. What the new object takes from `old` (a stored,
+        never modified object) is shared, not copied: nothing below modifies it in place, only replaces it.
+        """
         if subresource == "status":
-            new = copy.deepcopy(old)
+            new = {**old, "metadata": dict(old["metadata"])}
             if "status" in obj:
-                new["status"] = copy.deepcopy(obj["status"])
+                new["status"] = obj["status"] if reuse_body else copy.deepcopy(obj["status"])
             else:
                 new.pop("status", None)
             return self._prune(info, new)
@@ -604,7 +626,7 @@ class Cluster:
                 "finalizers": list((obj.get("spec") or {}).get("finalizers") or []),
             }
             return new
-        new = copy.deepcopy(obj)
+        new = obj if reuse_body else copy.deepcopy(obj)
         meta = _meta(new)
         old_meta = old["metadata"]
         for key in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation"):
@@ -618,7 +640,7 @@ class Cluster:
             meta["managedFields"] = old_meta["managedFields"]
         if info.has_status:
             if "status" in old:
-                new["status"] = copy.deepcopy(old["status"])
+                new["status"] = old["status"]
             else:
                 new.pop("status", None)
         if info.group == "" and info.plural == "secrets":

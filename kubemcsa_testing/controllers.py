@@ -33,6 +33,18 @@ _STOP = object()
 LegacyTokenMaker = Callable[[str, Obj, Obj], str]  # (namespace, service account, secret) -> token
 
 
+def needs_handling(event: Event) -> bool:
+    """Does any controller act on this event (what Controllers.handle looks at)? Deletions, objects with owners
+    or being deleted, and new service-account token Secrets; not, say, a status update of an ownerless object."""
+    if event.type == "DELETED":
+        return True
+    obj = event.obj
+    meta = obj["metadata"]
+    if meta.get("ownerReferences") or meta.get("deletionTimestamp"):
+        return True
+    return event.storage_key == "/secrets" and obj.get("type") == SA_TOKEN_TYPE and event.type == "ADDED"
+
+
 class Controllers:
     """Runs on its own thread; `start()`/`stop()` follow the server."""
 
@@ -46,6 +58,8 @@ class Controllers:
         cluster.store.add_listener(self._on_event)
 
     def _on_event(self, event: Event) -> None:
+        if not needs_handling(event):
+            return  # most writes concern no controller: no wake-up of the worker for them
         self._idle.clear()
         self._queue.put(event)
 
@@ -82,6 +96,8 @@ class Controllers:
     # Dispatch -------------------------------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
+        if not needs_handling(event):
+            return
         obj, meta = event.obj, event.obj["metadata"]
         key = event.storage_key
         if event.type == "DELETED":

@@ -199,6 +199,39 @@ def _rules_for(
             yield from cluster_roles.rules(name)
 
 
+def authorization_namespace(attrs: RequestAttributes) -> str:
+    """The namespace whose RoleBindings may grant the request ("": only ClusterRoleBindings can)."""
+    # Non-resource requests have no namespace: only ClusterRoleBindings can grant them.
+    return attrs.namespace if attrs.resource_request else ""
+
+
+def rules_for(
+    user: UserInfo,
+    namespace: str,
+    *,
+    roles: Iterable[Mapping[str, Any]],
+    cluster_roles: Iterable[Mapping[str, Any]],
+    role_bindings: Iterable[Mapping[str, Any]],
+    cluster_role_bindings: Iterable[Mapping[str, Any]],
+) -> tuple[Any, ...]:
+    """Every rule granted to `user` in `namespace` ("" = cluster-wide only), as kube's RulesFor."""
+    return tuple(
+        _rules_for(
+            user,
+            namespace,
+            roles=roles,
+            cluster_roles=_ClusterRoles(cluster_roles),
+            role_bindings=role_bindings,
+            cluster_role_bindings=cluster_role_bindings,
+        )
+    )
+
+
+def rules_allow(rules: Iterable[Any], attrs: RequestAttributes) -> bool:
+    """True if one of `rules` (a rules_for result for the request's namespace) allows the request."""
+    return any(rule_allows(rule, attrs) for rule in rules)
+
+
 def authorize(
     user: UserInfo,
     attrs: RequestAttributes,
@@ -211,11 +244,9 @@ def authorize(
     """True if RBAC (plus the system:masters superuser group) allows the request."""
     if MASTERS_GROUP in user.groups:
         return True
-    # Non-resource requests have no namespace: only ClusterRoleBindings can grant them.
-    namespace = attrs.namespace if attrs.resource_request else ""
     rules = _rules_for(
         user,
-        namespace,
+        authorization_namespace(attrs),
         roles=roles,
         cluster_roles=_ClusterRoles(cluster_roles),
         role_bindings=role_bindings,

@@ -7,8 +7,10 @@ kube-apiserver's paths; every error is answered with a `kind: Status` body, neve
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -26,7 +28,7 @@ import yaml
 from kubemcsa_testing import errors, openapi, patch, protobuf, rbac, table, tokens
 from kubemcsa_testing.auth import ADMIN, Authenticator
 from kubemcsa_testing.clients import ClusterClients
-from kubemcsa_testing.cluster import Cluster
+from kubemcsa_testing.cluster import Cluster, random_uuid
 from kubemcsa_testing.controllers import Controllers
 from kubemcsa_testing.errors import StatusError
 from kubemcsa_testing.rbac import RequestAttributes, UserInfo
@@ -42,6 +44,7 @@ DEFAULT_WATCH_SECONDS = 1800
 JSON_TYPE = "application/json"
 JWKS_TYPE = "application/jwk-set+json"
 BOOKMARK_SECONDS = 1.0
+WATCH_BATCH = 256  # queued watch events sent in one write at most
 KUBE_VERSION = {
     "major": "1",
     "minor": "36",
@@ -66,6 +69,7 @@ class BearerToken:
     audiences: tuple[str, ...]
 
 
+@functools.lru_cache(maxsize=1024)  # a client sends the same header with every request
 def bearer_token_of(authorization: str | None) -> BearerToken | None:
     """The unverified claims of the JWT in an `Authorization: Bearer` header (None for anything else)."""
     scheme, _, token = (authorization or "").strip().partition(" ")
@@ -143,6 +147,61 @@ def _param(query: dict[str, list[str]], key: str) -> str | None:
     return values[-1] if values else None
 
 
+_MAX_HEADER_LINE = 65536  # http.client's limits: longer lines and more headers are 431
+_MAX_HEADERS = 100
+_HEADER_LINE = re.compile(rb"[\041-\071\073-\176]*:")  # a field name and its colon, as the email parser reads
+
+
+class RequestHeaders:
+    """A request's header fields, answering as http.client's HTTPMessage does where this server asks (`get`:
+    the first value of a name in any case, leading blanks dropped; `get_all`), without the email package's
+    parser, which cost more than routing and authorizing a request."""
+
+    __slots__ = ("_fields", "_first")
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self._fields = fields
+        self._first: dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    @classmethod
+    def parse(cls, lines: list[bytes]) -> RequestHeaders:
+        """From the lines up to the blank one, as HTTPMessage reads them: a line that starts with a blank
+        continues the previous field; parsing stops at a line that is no field."""
+        fields: list[tuple[str, str]] = []
+        for raw in lines:
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            line = raw.decode("iso-8859-1")
+            if line[0] in " \t":
+                if fields:  # a first line that continues nothing is dropped, as the email parser does
+                    name, value = fields[-1]
+                    fields[-1] = (name, value + line)
+                continue
+            if not _HEADER_LINE.match(raw):
+                break
+            name, _, value = line.partition(":")
+            fields.append((name, value.lstrip(" \t")))
+        return cls([(name, value.rstrip("\r\n")) for name, value in fields])
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._first.get(name.lower(), default)
+
+    def get_all(self, name: str, default: Any = None) -> Any:
+        wanted = name.lower()
+        return [value for key, value in self._fields if key.lower() == wanted] or default
+
+    def __getitem__(self, name: str) -> str | None:
+        return self._first.get(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._fields)
+
+
 class _Connection(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "kubemcsa-apiserver"
@@ -162,6 +221,62 @@ class _Connection(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError, ssl.SSLError):  # the client went away
             super().handle()
 
+    def parse_request(self) -> bool:
+        """BaseHTTPRequestHandler.parse_request (request line, keep-alive, Expect), with RequestHeaders."""
+        self.command = None  # type: ignore[assignment]  # in case of an error on the first line
+        self.request_version = version = self.default_request_version
+        self.close_connection = True
+        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:
+            version = words[-1]
+            numbers = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(numbers) != 2 or not all(n.isdigit() and len(n) <= 10 for n in numbers):
+                self.send_error(400, f"Bad request version ({version!r})")
+                return False
+            if (int(numbers[0]), int(numbers[1])) >= (2, 0):
+                self.send_error(505, f"Invalid HTTP version ({version[5:]})")
+                return False
+            if (int(numbers[0]), int(numbers[1])) >= (1, 1):
+                self.close_connection = False
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(400, f"Bad request syntax ({requestline!r})")
+            return False
+        command, path = words[:2]
+        if len(words) == 2:
+            self.close_connection = True
+            if command != "GET":
+                self.send_error(400, f"Bad HTTP/0.9 request type ({command!r})")
+                return False
+        self.command, self.path = command, path
+        if self.path.startswith("//"):
+            self.path = "/" + self.path.lstrip("/")  # as the standard library (gh-87389)
+        lines: list[bytes] = []
+        while True:
+            line = self.rfile.readline(_MAX_HEADER_LINE + 1)
+            if len(line) > _MAX_HEADER_LINE:
+                explain = f"got more than {_MAX_HEADER_LINE} bytes when reading header line"
+                self.send_error(431, "Line too long", explain)
+                return False
+            lines.append(line)
+            if len(lines) > _MAX_HEADERS:
+                self.send_error(431, "Too many headers", f"got more than {_MAX_HEADERS} headers")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+        self.headers = RequestHeaders.parse(lines)  # type: ignore[assignment]
+        connection = (self.headers.get("Connection") or "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
@@ -171,15 +286,22 @@ class _Connection(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _dispatch
 
     def send_json(
-        self, code: int, body: Any, headers: list[tuple[str, str]] | None = None, content_type: str = JSON_TYPE
+        self,
+        code: int,
+        body: Any,
+        headers: list[tuple[str, str]] | None = None,
+        content_type: str = JSON_TYPE,
+        payload: bytes | None = None,
     ) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
+        """Answer `body` as JSON (`payload`: its JSON already encoded)."""
+        if payload is None:
+            payload = json.dumps(body, separators=(",", ":")).encode()
         head = [
             f"HTTP/1.1 {code} {self.responses.get(code, ('',))[0]}",
             f"Content-Type: {content_type}",
             f"Content-Length: {len(payload)}",
             "Cache-Control: no-cache, private",
-            f"Audit-Id: {secrets.token_hex(8)}",
+            f"Audit-Id: {random_uuid()}",  # a random UUID, as kube-apiserver's
         ]
         for key, value in headers or ():
             head.append(f"{key}: {value}")
@@ -206,8 +328,36 @@ class _Connection(BaseHTTPRequestHandler):
     def write_chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
 
+    def write_chunks(self, lines: list[bytes]) -> None:
+        """Each line a chunk of its own, all in one write."""
+        self.wfile.write(b"".join(b"%x\r\n%s\r\n" % (len(data), data) for data in lines))
+
     def end_chunked(self) -> None:
         self.wfile.write(b"0\r\n\r\n")
+
+
+class _EncodedObjects:
+    """The JSON of stored objects, by identity: a stored object is never modified (a write stores a new dict), so
+    its JSON is encoded once for the answer to the write and every watch that sends it. Holding the object keeps
+    its id from being reused; bounded, the oldest entries go first."""
+
+    def __init__(self, max_entries: int = 2048) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[int, tuple[dict[str, Any], bytes]] = {}
+        self._lock = threading.Lock()
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        """JSON of `obj`, which must be a stored object (or one as immutable)."""
+        with self._lock:
+            entry = self._entries.get(id(obj))
+        if entry is not None and entry[0] is obj:
+            return entry[1]
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+            self._entries[id(obj)] = (obj, data)
+        return data
 
 
 class _HTTPSServer(ThreadingHTTPServer):
@@ -295,6 +445,7 @@ class ApiServer(ClusterClients):
         self.unreachable = False
         self._connections = 0
         self._connections_lock = threading.Lock()
+        self._encoded = _EncodedObjects()
 
     def __repr__(self) -> str:
         return f"ApiServer(name={self.name!r}, url={self.url if self._port else None!r})"
@@ -582,7 +733,18 @@ class ApiServer(ClusterClients):
         self._record(user, route, path, conn.command.lower(), code, token)
         with contextlib.suppress(OSError, ssl.SSLError):
             content_type = self._request_local.content_type if code < 400 else JSON_TYPE
-            conn.send_json(code, result, [("Warning", _warning_header(w)) for w in warnings], content_type)
+            payload = self._encoded.encode(result) if self._is_stored(route, code, result) else None
+            headers = [("Warning", _warning_header(w)) for w in warnings]
+            conn.send_json(code, result, headers, content_type, payload)
+
+    def _is_stored(self, route: Route | None, code: int, result: Any) -> bool:
+        """Is the answer an object as stored now (a get, or a write's result), whose JSON may be shared?"""
+        if route is None or route.info is None or code >= 300 or route.verb not in ("get", "create", "update", "patch"):
+            return False
+        meta = result.get("metadata") if isinstance(result, dict) else None
+        if not isinstance(meta, dict):
+            return False
+        return self.cluster.find(route.info, meta.get("namespace") or "", meta.get("name") or "") is result
 
     def _printer_columns(self, info: ResourceInfo) -> list[dict[str, Any]] | None:
         """A custom resource's additionalPrinterColumns, from its CRD (None for built-in resources)."""
@@ -796,10 +958,13 @@ class ApiServer(ClusterClients):
                 return 201, tokens.self_subject_review(user)
             if info.plural in ("selfsubjectaccessreviews", "subjectaccessreviews"):
                 return 201, self._access_review(info, obj, user)
-            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict)
+            # The decoded body is this request's alone: the cluster may keep it instead of copying it.
+            return 201, cluster.create(info, ns, obj, user=user, dry_run=dry_run, strict=strict, owned=True)
         if route.verb == "update":
             _, obj = self._decode(conn, body)
-            return 200, cluster.update(info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict)
+            return 200, cluster.update(
+                info, ns, name, obj, subresource=sub, user=user, dry_run=dry_run, strict=strict, owned=True
+            )
         if route.verb == "patch":
             content_type, obj = self._decode(conn, body, patch_request=True)
             return 200, cluster.patch(
@@ -1002,13 +1167,16 @@ class ApiServer(ClusterClients):
                 except EOFError:
                     break
                 if item is not None:
-                    kind, obj = item
-                    if kind == INITIAL_EVENTS_END:
-                        if send_initial:
-                            self._send_bookmark(conn, info, obj["metadata"]["resourceVersion"], initial_end=True)
-                        continue
-                    line = {"type": kind, "object": self.cluster.present(info, obj)}
-                    conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+                    # Whatever else is queued goes out in the same write (one chunk per event, as before): one
+                    # system call and one wake-up of this thread for a burst of events instead of one each.
+                    lines = []
+                    for kind, obj in (item, *watcher.pending(WATCH_BATCH)):
+                        if kind != INITIAL_EVENTS_END:
+                            lines.append(self._event_line(info, kind, obj))
+                        elif send_initial:
+                            rv = obj["metadata"]["resourceVersion"]
+                            lines.append(self._bookmark_line(info, rv, initial_end=True))
+                    conn.write_chunks(lines)
                     continue
                 if bookmarks and time.monotonic() >= next_bookmark:
                     self._maybe_bookmark(conn, info, watcher)
@@ -1032,12 +1200,21 @@ class ApiServer(ClusterClients):
             rv = str(store.resource_version)
         self._send_bookmark(conn, info, rv)
 
-    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, rv: str, initial_end: bool = False) -> None:
+    def _event_line(self, info: ResourceInfo, kind: str, obj: dict[str, Any]) -> bytes:
+        shown = self.cluster.present(info, obj)
+        # As stored (or a watch's own DELETED copy): encoded once for every watch.
+        data = self._encoded.encode(obj) if shown is obj else json.dumps(shown, separators=(",", ":")).encode()
+        return b'{"type":"%s","object":%s}\n' % (kind.encode(), data)
+
+    def _bookmark_line(self, info: ResourceInfo, rv: str, initial_end: bool = False) -> bytes:
         meta: dict[str, Any] = {"resourceVersion": rv}
         if initial_end:
             meta["annotations"] = {"k8s.io/initial-events-end": "true"}
         line = {"type": "BOOKMARK", "object": {"kind": info.kind, "apiVersion": info.api_version, "metadata": meta}}
-        conn.write_chunk(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+        return json.dumps(line, separators=(",", ":")).encode() + b"\n"
+
+    def _send_bookmark(self, conn: _Connection, info: ResourceInfo, rv: str, initial_end: bool = False) -> None:
+        conn.write_chunk(self._bookmark_line(info, rv, initial_end))
 
 
 def _negotiate(accept: str | None, offered: str) -> str:

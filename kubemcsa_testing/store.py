@@ -79,6 +79,21 @@ class Watcher:
             raise EOFError
         return item
 
+    def pending(self, limit: int) -> list[tuple[str, Obj]]:
+        """Up to `limit` more queued (type, object) pairs, without waiting; the end of a closed watch stays queued,
+        for next() to raise."""
+        out: list[tuple[str, Obj]] = []
+        while len(out) < limit:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is _CLOSED:
+                self.queue.put(_CLOSED)  # nothing is queued after it: close() is the last put
+                break
+            out.append(item)
+        return out
+
     def close(self) -> None:
         self.queue.put(_CLOSED)
 
@@ -101,6 +116,7 @@ class Store:
         self._history: deque[Event] = deque(maxlen=history_size)
         self._compacted = 0  # the newest resourceVersion whose event is no longer in the history
         self._watchers: dict[str, set[Watcher]] = {}
+        self._last_write: dict[str, int] = {}  # storage key -> resourceVersion of its newest write
         self._listeners: list[Callable[[Event], None]] = []
 
     # Reads ------------------------------------------------------------------------------------------
@@ -108,6 +124,10 @@ class Store:
     @property
     def resource_version(self) -> int:
         return self._rv
+
+    def last_write(self, storage_key: str) -> int:
+        """The resourceVersion of the newest write to a storage (0 if none): what caches of its content key on."""
+        return self._last_write.get(storage_key, 0)
 
     def get(self, storage_key: str, namespace: str, name: str) -> Obj | None:
         return self._objects.get(storage_key, {}).get(namespace, {}).get(name)
@@ -239,6 +259,7 @@ class Store:
         if len(self._history) == self._history.maxlen:
             self._compacted = self._history[0].rv
         self._history.append(event)
+        self._last_write[event.storage_key] = event.rv
         for watcher in self._watchers.get(event.storage_key, ()):
             watcher.offer(event)
         for listener in self._listeners:

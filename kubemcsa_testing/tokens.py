@@ -12,6 +12,7 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ _LEGACY_SECRET_NAME = "kubernetes.io/serviceaccount/secret.name"
 _LEGACY_SA_NAME = "kubernetes.io/serviceaccount/service-account.name"
 _LEGACY_SA_UID = "kubernetes.io/serviceaccount/service-account.uid"
 _MAX_TOKEN_LENGTH = 64 * 1024
+MAX_VERIFIED_TOKENS = 1024  # tokens whose signature check is remembered (the oldest go first)
 
 Lookup = Callable[[str, str], "dict[str, Any] | None"]
 
@@ -134,6 +136,10 @@ class TokenAuthority:
         der = self._public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         # Same key id derivation as kube-apiserver: base64url(sha256(PKIX DER)).
         self.key_id = _b64url(hashlib.sha256(der).digest())
+        # token -> its payload, for tokens whose signature checked out (the key never changes); a client sends
+        # the same token with every request, and an RSA verification costs more than the rest of the request.
+        self._verified: dict[str, dict[str, Any]] = {}
+        self._verified_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"TokenAuthority(issuer={self.issuer!r}, api_audiences={self.api_audiences!r}, key_id={self.key_id!r})"
@@ -279,8 +285,22 @@ class TokenAuthority:
     # --- verifying -----------------------------------------------------------------------------------
 
     def _verify_signature(self, token: str) -> dict[str, Any]:
+        """The payload of a token signed by this authority's key, for one of its issuers (never modify it)."""
         if not isinstance(token, str) or len(token) > _MAX_TOKEN_LENGTH:
             raise _TokenRejected("invalid bearer token")
+        with self._verified_lock:
+            payload = self._verified.get(token)
+        if payload is None:
+            payload = self._check_signature(token)
+            with self._verified_lock:
+                if len(self._verified) >= MAX_VERIFIED_TOKENS:
+                    del self._verified[next(iter(self._verified))]  # the oldest
+                self._verified[token] = payload
+        if payload.get("iss") not in (self.issuer, LEGACY_ISSUER):
+            raise _TokenRejected("invalid bearer token")
+        return payload
+
+    def _check_signature(self, token: str) -> dict[str, Any]:
         parts = token.split(".")
         if len(parts) != 3:
             raise _TokenRejected("invalid bearer token")

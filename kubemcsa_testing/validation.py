@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from typing import Any
@@ -687,6 +688,18 @@ def schema_causes(value: Any, schema: dict[str, Any], path: str = "") -> list[Ca
 _MISSING = object()
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled_rule(text: str) -> tuple[Any, bool]:
+    """(program, whether it reads oldSelf) for a CRD validation rule; compiled once per rule text, not per write
+    (programs are immutable). A rule outside the evaluator's subset raises CelError each time (not cached)."""
+    from kubemcsa_testing import cel
+
+    try:
+        return cel.compile_expression(text, variables={"self"}), False
+    except cel.CelError:
+        return cel.compile_expression(text, variables={"self", "oldSelf"}), True
+
+
 def rule_causes(value: Any, schema: dict[str, Any], path: str = "", *, old: Any = _MISSING) -> list[Cause]:
     """Causes for the CRD validation rules (`x-kubernetes-validations`, CEL with `self`) that `value` breaks.
 
@@ -705,14 +718,12 @@ def rule_causes(value: Any, schema: dict[str, Any], path: str = "", *, old: Any 
     for rule in schema.get("x-kubernetes-validations") or []:
         if not isinstance(rule, dict) or not isinstance(rule.get("rule"), str):
             continue
-        try:
-            program = cel.compile_expression(rule["rule"], variables={"self"})
-            activation: dict[str, Any] = {"self": value}
-        except cel.CelError:
-            program = cel.compile_expression(rule["rule"], variables={"self", "oldSelf"})
+        program, transition = _compiled_rule(rule["rule"])
+        activation: dict[str, Any] = {"self": value}
+        if transition:
             if old is _MISSING or old is None:
                 continue  # a transition rule: nothing to compare with
-            activation = {"self": value, "oldSelf": old}
+            activation["oldSelf"] = old
         try:
             passed = program.evaluate(activation) is True
         except cel.CelError:

@@ -184,6 +184,67 @@ def test_service_account_token_is_subject_to_rbac_and_dies_with_its_account(clus
     assert exc.value.status == 401
 
 
+def test_cached_rbac_answers_follow_every_rbac_change_at_once(cluster1: ApiServer) -> None:
+    """The server caches RBAC decisions; a grant, a revocation, a changed role and a deleted role each count from
+    the very next request."""
+    core = client.CoreV1Api(cluster1.admin_client())
+    rbac = client.RbacAuthorizationV1Api(cluster1.admin_client())
+    core.create_namespaced_service_account("default", {"metadata": {"name": "cached"}})
+    as_sa = client.CoreV1Api(cluster1.client_for_token(cluster1.issue_token("default", "cached")))
+
+    def may_list() -> bool:
+        try:
+            as_sa.list_namespaced_config_map("default")
+            return True
+        except ApiException as exc:
+            assert exc.status == 403
+            return False
+
+    list_rule = {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}
+    rbac.create_namespaced_role("default", {"metadata": {"name": "lister"}, "rules": [list_rule]})
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "lister"}
+    subject = {"kind": "ServiceAccount", "name": "cached", "namespace": "default"}
+    binding = {"metadata": {"name": "lister"}, "roleRef": role_ref, "subjects": [subject]}
+    rbac.create_namespaced_role_binding("default", binding)
+    assert may_list() and may_list()  # the second from the cache
+    rbac.delete_namespaced_role_binding("lister", "default")
+    assert not may_list()
+    rbac.create_namespaced_role_binding("default", binding)
+    assert may_list()
+    rbac.patch_namespaced_role("lister", "default", {"rules": [{**list_rule, "verbs": ["get"]}]})
+    assert not may_list()
+    rbac.patch_namespaced_role("lister", "default", {"rules": [list_rule]})
+    assert may_list()
+    rbac.delete_namespaced_role("lister", "default")
+    assert not may_list()
+    rbac.create_cluster_role({"metadata": {"name": "cached-lister"}, "rules": [list_rule]})
+    rbac.create_cluster_role_binding(
+        {"metadata": {"name": "cached-lister"}, "roleRef": {**role_ref, "kind": "ClusterRole", "name": "cached-lister"},
+         "subjects": [subject]}
+    )  # fmt: skip
+    assert may_list()
+    rbac.delete_cluster_role("cached-lister")
+    with pytest.raises(ApiException) as exc:
+        as_sa.list_namespaced_config_map("default")
+    assert exc.value.status == 403
+    assert 'clusterrole.rbac.authorization.k8s.io "cached-lister" not found' in status_of(exc)["message"]
+
+
+def test_rbac_cache_is_bounded() -> None:
+    from kubemcsa_testing.auth import RbacCache
+    from kubemcsa_testing.rbac import RequestAttributes, UserInfo
+
+    cache = RbacCache(max_entries=8)
+    state = (1, 2, 3, 4)
+    for i in range(100):
+        user = UserInfo(f"user-{i}", ("g",))
+        attrs = RequestAttributes("get", "", "configmaps", namespace="default", name=f"cm-{i}")
+        cache.remember(state, user, "default", (), attrs)
+        assert cache.allowed(state, user, attrs)
+    assert len(cache._rules) <= 8 and len(cache._allowed) <= 8
+    assert not cache.allowed((1, 2, 3, 5), user, attrs)  # another state of the RBAC objects knows nothing yet
+
+
 def test_rbac_writes_cannot_escalate(cluster1: ApiServer) -> None:
     admin_rbac = client.RbacAuthorizationV1Api(cluster1.admin_client())
     client.CoreV1Api(cluster1.admin_client()).create_namespaced_service_account("default", {"metadata": {"name": "rb"}})

@@ -377,3 +377,68 @@ def test_protobuf_garbage_is_a_400_or_415(data: bytes) -> None:
             protobuf.decode(body)
         except StatusError as exc:
             assert exc.code in (400, 415)
+
+
+_HEADER_NAMES = st.sampled_from(["Host", "Authorization", "authorization", "Accept", "X-A", "x-a", "Content-Type"])
+_HEADER_VALUES = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=20)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(_HEADER_NAMES, _HEADER_VALUES).map(lambda f: f"{f[0]}:{f[1]}\r\n"),
+            _HEADER_VALUES.map(lambda v: f" {v}\r\n"),  # a continuation line
+            _HEADER_VALUES.map(lambda v: f"{v}\r\n"),  # maybe no field at all
+        ),
+        max_size=8,
+    )
+)
+def test_request_headers_answer_as_the_standard_library_parser(lines: list[str]) -> None:
+    """The server's own header parser gives what http.client.parse_headers (the email package) gives."""
+    import http.client
+    import io
+
+    from kubemcsa_testing.server import RequestHeaders
+
+    raw = "".join(lines).encode("iso-8859-1") + b"\r\n"
+    block = raw[: raw.index(b"\r\n\r\n") + 4] if b"\r\n\r\n" in raw else raw
+    expected = http.client.parse_headers(io.BytesIO(block))
+    got = RequestHeaders.parse(io.BytesIO(block).readlines())
+    for name in ("Host", "AUTHORIZATION", "accept", "x-a", "Content-Type", "Missing"):
+        assert got.get(name) == expected.get(name)
+        assert got.get_all(name) == expected.get_all(name)
+
+
+def test_controllers_are_woken_only_for_events_they_act_on() -> None:
+    from kubemcsa_testing.controllers import needs_handling
+    from kubemcsa_testing.store import Event
+
+    def event(kind: str, key: str = "/configmaps", **fields: object) -> Event:
+        meta = {"name": "x", "namespace": "default", "uid": "u", **fields.pop("meta", {})}  # type: ignore[dict-item]
+        return Event(1, key, kind, {"metadata": meta, **fields}, None)
+
+    assert not needs_handling(event("ADDED"))
+    assert not needs_handling(event("MODIFIED", "multicluster.admiralty.io/serviceaccountimports"))
+    assert needs_handling(event("DELETED"))
+    assert needs_handling(event("MODIFIED", meta={"ownerReferences": [{"uid": "o"}]}))
+    assert needs_handling(event("MODIFIED", meta={"deletionTimestamp": "2026-01-01T00:00:00Z"}))
+    token = {"type": "kubernetes.io/service-account-token"}
+    assert needs_handling(event("ADDED", "/secrets", **token))
+    assert not needs_handling(event("MODIFIED", "/secrets", **token))
+    assert not needs_handling(event("ADDED", "/secrets", type="Opaque"))
+
+
+def test_a_watch_hands_out_what_is_queued_and_keeps_its_end() -> None:
+    store = Store()
+    info = Registry().lookup("", "v1", "configmaps")
+    assert info is not None
+    watcher = store.watch(info, None, lambda obj: True, None)
+    for i in range(3):
+        store.create(info, {"metadata": {"name": f"cm-{i}", "namespace": "default", "uid": f"u{i}"}})
+    assert watcher.next(0)[0] == INITIAL_EVENTS_END
+    assert [obj["metadata"]["name"] for _, obj in watcher.pending(2)] == ["cm-0", "cm-1"]
+    watcher.close()
+    assert [obj["metadata"]["name"] for _, obj in watcher.pending(10)] == ["cm-2"]
+    assert watcher.pending(10) == []
+    with pytest.raises(EOFError):
+        watcher.next(0)
