@@ -194,9 +194,10 @@ class Resource:
         body: Any = None,
         content_type: str = "application/json",
         timeout: float | tuple[float, float] | None = None,
+        stream: bool = False,
     ) -> Any:
-        """One call whose answer streams (a watch): plain JSON over the client's own urllib3 pool, as its REST
-        client sends it.
+        """One call: plain JSON as the client's REST client sends it, its answer read whole (on the lean HTTP/1.1
+        path, kubemcsa.client.lean) or, with `stream` (a watch), left unread on the client's own urllib3 pool.
 
         The configuration's auth (bearer token, a token file's refresh hook, client certificates in the pool), TLS,
         proxy and default headers are the client's; what is skipped is the generated layer's walk of every body
@@ -204,32 +205,14 @@ class Resource:
         controller's own work per import. Errors are the client's: ApiException (status 0 for a TLS failure) and
         urllib3's connection errors.
         """
-        client = self.api_client
-        if getattr(client.configuration, "client_go_retries", False):
-            return self._request_through_client(method, path, query, body, content_type, timeout)
-        return lean_request(
-            client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
-        )
-
-    def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        query: list[tuple[str, Any]] | None = None,
-        body: Any = None,
-        content_type: str = "application/json",
-        timeout: float | tuple[float, float] | None = None,
-    ) -> Any:
-        """One call whose answer is read whole: as _request, on the lean HTTP/1.1 path (kubemcsa.client.lean)."""
-        client = self.api_client
+        client, timeout = self.api_client, timeout or self.timeout
         if getattr(client.configuration, "client_go_retries", False):
             response = self._request_through_client(method, path, query, body, content_type, timeout)
-            response.read()
+            if not stream:
+                response.read()
             return response
-        return json_request(
-            client, method, path, query=query, body=body, content_type=content_type, timeout=timeout or self.timeout
-        )
+        send = lean_request if stream else json_request
+        return send(client, method, path, query=query, body=body, content_type=content_type, timeout=timeout)
 
     def _request_through_client(
         self,
@@ -253,7 +236,7 @@ class Resource:
         return self.api_client.call_api(*request, _request_timeout=timeout or self.timeout)
 
     def _json(self, method: str, path: str, **kwargs: Any) -> JSON:
-        response = self._call(method, path, **kwargs)
+        response = self._request(method, path, **kwargs)
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(response.data) if response.data else {}
@@ -331,7 +314,7 @@ class Resource:
         ]
         # The read timeout must outlast the server's own watch timeout, or a quiet watch looks like a dead one.
         read_timeout = (timeout_seconds or 300) + 30
-        response = self._request("GET", self.type.path(namespace), query=query, timeout=(10, read_timeout))
+        response = self._request("GET", self.type.path(namespace), query=query, timeout=(10, read_timeout), stream=True)
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException.from_response(http_resp=response, body=None, data=None)
