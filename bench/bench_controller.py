@@ -238,9 +238,15 @@ def peak_rss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> float:
     """The process's own CPU time (user + system), from /proc/PID/stat."""
+    return sum(user_system_seconds(pid))
+
+
+def user_system_seconds(pid: int) -> tuple[float, float]:
+    """The process's own user and system CPU time, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def reconciled(port: int) -> float:
@@ -253,6 +259,21 @@ def reconciled(port: int) -> float:
         for line in text.splitlines()
         if line.startswith("kubemcsa_controller_reconciles_total{")
     )
+
+
+def wait_until_quiet(port: int, quiet_seconds: float = 2.0, timeout: float = 120.0) -> float:
+    """Wait until the controller's reconcile count holds still for `quiet_seconds` (its last writes' echoes seen);
+    the count then."""
+    deadline = time.monotonic() + timeout
+    count, since = reconciled(port), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now_count = reconciled(port)
+        if now_count != count:
+            count, since = now_count, time.monotonic()
+        elif time.monotonic() - since >= quiet_seconds:
+            break
+    return count
 
 
 def start_controller(args, local: str, sources: str, port: int) -> subprocess.Popen:
@@ -366,7 +387,8 @@ def main() -> int:
                 "this bench (creates and watches)": [os.getpid()],
             }
             cpu_at_start = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in processes.items()}
-            cpu_before = cpu_seconds(controller.pid)
+            user_before, system_before = user_system_seconds(controller.pid)
+            reconciles_before = reconciled(port)
             start = time.perf_counter()
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda item: imports.create(import_body(*item, args.argocd), "default"), names))
@@ -379,9 +401,11 @@ def main() -> int:
             if profiler is not None:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
-            wait_until(lambda: reconciled(port) >= 3 * total, timeout=120)  # the status writes' own echoes
-            time.sleep(2)
-            cpu_per_import = (cpu_seconds(controller.pid) - cpu_before) / total
+            reconciles = wait_until_quiet(port) - reconciles_before
+            user_after, system_after = user_system_seconds(controller.pid)
+            user_per_import = (user_after - user_before) / total
+            system_per_import = (system_after - system_before) / total
+            cpu_per_import = user_per_import + system_per_import
             local_calls, remote_calls, _ = count_calls(c1, sources)
             per_import = (sum(local_calls.values()) + sum(remote_calls.values())) / total
             print(f"created {total} imports in {created:.1f} s; all Ready {all_ready:.1f} s after the first creation")
@@ -390,11 +414,15 @@ def main() -> int:
                 f"  (the rate limit alone needs {bound:.0f} s: {per_source} imports per source / "
                 f"{args.source_qps:g} QPS)"
             )
-            print(f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own)")
+            print(
+                f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own: "
+                f"user {user_per_import * 1000:.2f}, system {system_per_import * 1000:.2f})"
+            )
             print(
                 f"  CPU seconds until all Ready ({os.cpu_count()} cores: {os.cpu_count() * all_ready:.0f} available): "
                 + ", ".join(f"{role} {seconds:.1f}" for role, seconds in cpu_cold.items())
             )
+            print(f"  reconciles per new import: {reconciles / total:.2f}")
             print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
             print(f"API calls per new import: {per_import:.2f}  local {dict(local_calls)}  remote {dict(remote_calls)}")
 

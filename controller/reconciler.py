@@ -139,8 +139,9 @@ class Reconciler:
         self.metrics.source_demand.labels(cluster).set(rate / gate.qps)
 
     # --- what the informers say ---
-    def import_seen(self, obj: dict[str, Any]) -> None:
-        self.import_writes.seen(kube.object_key(obj), obj)
+    def import_seen(self, obj: dict[str, Any]) -> bool:
+        """The informer delivered the import; True if it is this process's own write coming back."""
+        return self.import_writes.seen(kube.object_key(obj), obj)
 
     def import_deleted(self, key: str) -> None:
         self.import_writes.forget(split_key(key))
@@ -149,14 +150,16 @@ class Reconciler:
             self._held.pop(key, None)
         self.metrics.set_expiry(key, None)
 
-    def secret_seen(self, obj: dict[str, Any], deleted: bool = False) -> None:
+    def secret_seen(self, obj: dict[str, Any], deleted: bool = False) -> bool:
+        """The informer delivered a Secret (or its deletion); True if it is this process's own write coming back."""
         if deleted:
             self.secret_writes.forget(kube.object_key(obj))
-        else:
-            self.secret_writes.seen(kube.object_key(obj), obj)
+            return False
+        return self.secret_writes.seen(kube.object_key(obj), obj)
 
-    def output_seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> None:
-        self.outputs.seen(output, obj, deleted)
+    def output_seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> bool:
+        """An output's informer delivered `obj` (or its deletion); True if it is this process's own write."""
+        return self.outputs.seen(output, obj, deleted)
 
     # --- the pass ---
     def reconcile(self, key: str) -> Result:

@@ -335,16 +335,16 @@ class Controller:
             self.reconciler.import_deleted(key)
             self.manager.queue.forget(key)
             return
-        self.reconciler.import_seen(obj)
-        self.manager.queue.add(key)
+        if not self.reconciler.import_seen(obj):
+            self.manager.queue.add(key)
 
     def _on_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         namespace, _ = kube.object_key(obj)
         if namespace == self.options.system_namespace:
             self.credentials.on_secret(event, obj, old)
-        self.reconciler.secret_seen(obj, deleted=event == "DELETED")
+        own_write = self.reconciler.secret_seen(obj, deleted=event == "DELETED")
         import_name = ((obj.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
-        if import_name:
+        if import_name and not own_write:
             self.manager.queue.add(import_key(namespace, import_name))
 
     def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:

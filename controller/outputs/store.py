@@ -31,12 +31,12 @@ class OutputStore:
         self.caches = caches
         self.recent = {name: RecentWrites() for name in caches}
 
-    def seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> None:
-        """The output's informer delivered `obj` (or its deletion)."""
+    def seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> bool:
+        """The output's informer delivered `obj` (or its deletion); True if it is this process's own write."""
         if deleted:
             self.recent[output].forget(kube.object_key(obj))
-        else:
-            self.recent[output].seen(kube.object_key(obj), obj)
+            return False
+        return self.recent[output].seen(kube.object_key(obj), obj)
 
     def observe(self, namespace: str, name: str) -> dict[str, Observed]:
         """Each output's object for import `name` in `namespace`, as cached or as last written."""

@@ -56,7 +56,7 @@ class OutputWatches:
     def route(
         self,
         imports: Informer,
-        seen: Callable[[str, dict[str, Any], bool], None],
+        seen: Callable[[str, dict[str, Any], bool], bool],
         wake: Callable[[str, str], None],
     ) -> None:
         """Each output's events go to `seen`, then wake the import they concern (`wake(namespace, name)`)."""
@@ -70,11 +70,12 @@ class OutputWatches:
             if output.watch.optional:
                 self._start_if_served(output)
 
-    def _handler(self, output: Output, seen: Callable[[str, dict[str, Any], bool], None]) -> EventHandler:
+    def _handler(self, output: Output, seen: Callable[[str, dict[str, Any], bool], bool]) -> EventHandler:
         def on_event(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-            """An output's object changed (ours, or a foreign one of a name an import uses): that import looks
-            again."""
-            seen(output.name, obj, event == "DELETED")
+            """An output's object changed (a foreign one of a name an import uses, or ours by another hand): that
+            import looks again. The echo of the controller's own write wakes nobody: the pass that wrote it knew."""
+            if seen(output.name, obj, event == "DELETED"):
+                return
             namespace, _ = kube.object_key(obj)
             import_name = output.watch.import_for(obj)
             if import_name and self._imports.get(import_name, namespace) is not None:
