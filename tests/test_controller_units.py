@@ -393,6 +393,41 @@ def test_recent_writes_stand_in_until_the_cache_shows_that_version() -> None:
     assert writes.get(key, cached) is cached
 
 
+def test_only_the_echo_of_our_own_write_is_said_to_be_ours() -> None:
+    # What spares a reconcile: an attacker's edit (any other version, even right after ours) must still wake it.
+    clock = FakeClock()
+    writes = RecentWrites(ttl=30, clock=clock)
+    key = ("ns", "x")
+    ours, theirs = {"metadata": {"resourceVersion": "b"}}, {"metadata": {"resourceVersion": "c"}}
+    assert writes.seen(key, {"metadata": {"resourceVersion": "a"}}) is False
+    writes.wrote(key, ours)
+    assert writes.seen(key, ours) is True
+    assert writes.seen(key, ours) is False  # a resync replays it: no longer an echo, the import looks again
+    assert writes.seen(key, theirs) is False
+    writes.wrote(key, {"metadata": {"resourceVersion": "d"}})
+    assert writes.seen(key, {"metadata": {"resourceVersion": "e"}}) is False  # an edit before our echo came
+    writes.forget(key)
+    writes.wrote(key, ours)
+    assert writes.seen(key, {"metadata": {}}) is False  # no version says nothing
+
+
+def test_delivered_versions_are_remembered_for_seconds_not_per_object_for_good() -> None:
+    clock = FakeClock()
+    writes = RecentWrites(ttl=30, clock=clock, seen_seconds=5)
+    for index in range(1000):
+        writes.seen(("ns", f"x{index}"), {"metadata": {"resourceVersion": str(index)}})
+    clock.now += 6
+    writes.seen(("ns", "last"), {"metadata": {"resourceVersion": "last"}})
+    assert len(writes._seen) == 1  # memory follows the event rate, not the number of objects
+    late = {"metadata": {"resourceVersion": "last"}}
+    writes.wrote(("ns", "last"), late)  # within the window: the cache already holds it
+    assert writes.get(("ns", "last"), None) is None
+    writes.wrote(("ns", "x1"), {"metadata": {"resourceVersion": "1"}})  # past it: stands in, for ttl at most
+    assert writes.get(("ns", "x1"), None) is not None
+    clock.now += 31
+    assert writes.get(("ns", "x1"), None) is None
+
+
 # --- queue ---------------------------------------------------------------------------------------------------------
 class FakeClock:
     def __init__(self) -> None:
@@ -732,3 +767,13 @@ def test_assess_and_plan_never_crash_on_garbage_status_or_secret(status, annotat
         _, writes = decide(imp, candidate, NOW, held=held_token(make_import()))
         for write in writes.secrets:
             assert set(write.body["data"]) == set(api.SECRET_KEYS)
+
+
+def test_the_hashes_written_into_secrets_do_not_change_across_versions() -> None:
+    # Recorded in every import Secret: a different value after an upgrade would ask every source for a new token
+    # at once (a storm), or read every Secret as edited. Values from the first release that wrote them.
+    imp = {"metadata": {"name": "i", "namespace": "n"}}
+    imp["spec"] = {"clusterName": "c2", "namespace": "default", "name": "sa", "audiences": ["x", "é"]}
+    assert inputs_hash(parse_spec(imp), "https://s:6443", b"CA\xff") == "7041f0fbcf090f83"
+    assert inputs_hash(parse_spec(imp), "https://s:6443", b"CA\xff", "u1") == "74000fede8c0ce89"
+    assert imports.data_hash({"token": "t", "ca.crt": "Y2E=", "z": "é"}) == "5ba3dc9eac2a3204"

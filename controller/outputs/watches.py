@@ -24,6 +24,15 @@ from kubemcsa.client.informer import EventHandler, Informer
 log = logging.getLogger(__name__)
 
 
+ASKS_FOR = "asks-for-output"  # the imports informer's index: output name -> the imports that ask for it
+
+
+def _outputs_asked(imp: dict[str, Any]) -> list[str]:
+    return [
+        output.name for output in OUTPUTS if output.watch.optional and as_section(imp, output.spec_field) is not None
+    ]
+
+
 class OutputWatches:
     def __init__(
         self,
@@ -59,8 +68,11 @@ class OutputWatches:
         seen: Callable[[str, dict[str, Any], bool], bool],
         wake: Callable[[str, str], None],
     ) -> None:
-        """Each output's events go to `seen`, then wake the import they concern (`wake(namespace, name)`)."""
+        """Each output's events go to `seen`, then wake the import they concern (`wake(namespace, name)`). Call
+        before `imports` starts (it gains an index)."""
         self._imports, self._wake = imports, wake
+        # Which imports ask for an optional output, without a scan of every import on each poll.
+        imports.add_index(ASKS_FOR, _outputs_asked)
         for output in OUTPUTS:
             self.caches[output.name].informer.add_handler(self._handler(output, seen))
 
@@ -91,7 +103,7 @@ class OutputWatches:
             cache = self.caches[output.name]
             if not output.watch.optional or output.name in self._listed:
                 continue
-            asking = [imp for imp in self._imports.list() if as_section(imp, output.spec_field) is not None]
+            asking = self._imports.by_index(ASKS_FOR, output.name)
             checked = self._checked_at.get(output.name, 0.0)
             if not cache.served and asking and self.clock() >= checked + self.recheck_seconds:
                 self._start_if_served(output)

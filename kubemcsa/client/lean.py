@@ -132,8 +132,12 @@ def _prepared(
         path += "?" + urlencode(pairs, quote_via=quote)
     if content_type == PATCH_CONTENT_TYPES["json"] and not isinstance(body, list):
         headers["Content-Type"] = PATCH_CONTENT_TYPES["strategic"]  # as the REST client does for such a body
-    payload = None if body is None or method in ("GET", "HEAD") else json.dumps(body, separators=(",", ":"))
+    payload = None if body is None or method in ("GET", "HEAD") else _COMPACT_JSON.encode(body)
     return headers, path, payload
+
+
+# json.dumps(body, separators=(",", ":")), by one encoder rather than one built per request.
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _tls_failure(exc: SSLError) -> ApiException:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -96,19 +97,28 @@ def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | 
     service account (a service account deleted and re-created under the same name is another one)."""
     material = dict(spec.fingerprint_fields())
     material["server"] = server
-    material["ca"] = hashlib.sha256(ca_pem).hexdigest()
+    material["ca"] = _ca_digest(ca_pem)
     if remote_uid:
         material["uid"] = remote_uid
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(_SORTED_JSON.encode(material).encode()).hexdigest()[:16]
+
+
+# What inputs_hash hashes must never change (a changed hash is a new token for every import): json.dumps with
+# sort_keys, by one encoder rather than one built per call.
+_SORTED_JSON = json.JSONEncoder(sort_keys=True)
+
+
+@functools.lru_cache(maxsize=256)  # a handful of sources' CAs, hashed once each rather than on every pass
+def _ca_digest(ca_pem: bytes) -> str:
+    return hashlib.sha256(ca_pem).hexdigest()
 
 
 def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
     """A hash of a Secret's data, recorded in an annotation so that an edit can be told from the cache alone
     (16 hex digits); the whole SHA-256 (`length=64`) pins a source credential."""
-    digest = hashlib.sha256()
-    for key in sorted(as_dict(data)):
-        digest.update(key.encode() + b"\0" + str(as_dict(data)[key]).encode() + b"\0")
-    return digest.hexdigest()[:length]
+    data = as_dict(data)
+    material = b"".join(key.encode() + b"\0" + str(data[key]).encode() + b"\0" for key in sorted(data))
+    return hashlib.sha256(material).hexdigest()[:length]
 
 
 # --- the import Secret as the controller's cache holds it ------------------------------------------------------
