@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from controller.run import Controller
+    from controller.runtime.malloc import tune_for_long_running
+
+    tune_for_long_running()
 
     try:
         client = connect.local_api_client(args.kubeconfig)

@@ -314,3 +314,64 @@ def test_a_body_past_the_bound_is_refused_however_it_is_framed():
         read(OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"a" * 11, [5]), max_body_bytes=10)
     with pytest.raises(MalformedResponse, match="body exceeded 10 bytes"):
         read(OK_HEAD + b"\r\n" + b"a" * 11, max_body_bytes=10)
+
+
+# --- a body read as it arrives (a watch) --------------------------------------------------------------------------
+
+
+def pieces_of(data: bytes, cuts: list[int] | None = None) -> tuple[http11.Head, list[bytes], int]:
+    reader = http11.Reader(feeder(data, cuts))
+    head = http11.read_head(reader, "GET")
+    return head, list(http11.body_pieces(reader, head)), reader.leftover
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=3000),
+    framing=st.sampled_from(["length", "chunked", "close"]),
+    sizes=st.lists(st.integers(1, 700), max_size=8),
+    cuts=st.lists(st.integers(0, 4000), max_size=12),
+)
+def test_a_body_read_as_it_arrives_is_the_body_read_whole(body, framing, sizes, cuts):
+    if framing == "length":
+        wire = OK_HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    elif framing == "chunked":
+        wire = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, sizes)
+    else:
+        wire = OK_HEAD + b"\r\n" + body
+    head, pieces, leftover = pieces_of(wire, cuts)
+    assert (b"".join(pieces), leftover) == (body, 0)
+    assert all(len(piece) <= http11.RECV_BYTES for piece in pieces)
+    assert head.keep_alive == (framing != "close")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.binary(max_size=400),
+    framing=st.sampled_from(["length", "chunked"]),
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 2), st.binary(max_size=6)), min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 600), max_size=6),
+)
+def test_a_corrupted_stream_ends_in_a_protocol_error_or_its_framed_bytes(body, framing, edits, cuts):
+    wire = _valid(body, framing)
+    for at, action, data in edits:
+        at %= len(wire) + 1
+        if action == 0:
+            wire = wire[:at] + data + wire[at:]
+        elif action == 1:
+            wire = wire[:at] + wire[at + len(data) + 1 :]
+        else:
+            wire = wire[:at] + data + wire[at + len(data) :]
+    try:
+        pieces_of(wire, cuts)
+    except (ProtocolError, DecodeError, http.client.RemoteDisconnected):
+        pass
+
+
+def test_a_compressed_stream_is_decoded_in_bounded_steps():
+    body = b'{"type":"ADDED"}\n' * 20_000  # compresses a thousandfold: each step still yields at most RECV_BYTES
+    wire = OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(gzip.compress(body), [99])
+    _, pieces, _ = pieces_of(wire)
+    assert b"".join(pieces) == body and max(len(piece) for piece in pieces) <= http11.RECV_BYTES
+    with pytest.raises(DecodeError):
+        pieces_of(OK_HEAD + b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\nnot z")

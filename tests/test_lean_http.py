@@ -278,6 +278,43 @@ def test_calls_from_many_threads_share_a_bounded_set_of_connections(cluster1):
     assert cluster1.connection_attempts - before <= 6  # one per thread at most: each goes back to the pool
 
 
+def test_a_watch_is_read_as_it_arrives_and_its_connection_reused_once_it_ended(cluster1):
+    client = cluster1.admin_client()
+    maps = kube.Resource(client, kube.CONFIG_MAPS)
+    version = maps.list("default")["metadata"]["resourceVersion"]
+    maps.create(_configmap("watched-1", big="x" * 200_000))  # one event over many TLS records and reads
+    maps.create(_configmap("watched-2"))
+    before = cluster1.connection_attempts
+    events = list(maps.watch("default", resource_version=version, timeout_seconds=1))
+    names = [event["object"]["metadata"]["name"] for event in events if event["type"] == "ADDED"]
+    assert names == ["watched-1", "watched-2"]
+    assert len(events[0]["object"]["data"]["big"]) == 200_000
+    maps.get("watched-2", "default")  # the watch's connection, read to its end, carries the next call
+    assert cluster1.connection_attempts - before <= 1
+
+
+def test_closing_a_watch_from_another_thread_ends_it_at_once_and_drops_its_connection(cluster1):
+    client = cluster1.admin_client()
+    maps = kube.Resource(client, kube.CONFIG_MAPS)
+    watch = maps.watch("default", resource_version=maps.list("default")["metadata"]["resourceVersion"])
+    ended = threading.Event()
+
+    def follow() -> None:
+        try:
+            for _ in watch:
+                pass
+        except kube.CONNECTION_ERRORS:
+            pass  # what a reader whose socket was shut sees (the informer, stopping, ignores it)
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    watch.close()
+    assert ended.wait(10), "a closed watch kept its reader blocked"
+    before = cluster1.connection_attempts
+    assert "items" in maps.list("default")
+    assert cluster1.connection_attempts - before <= 1  # a half-read stream is never handed to the next call
+
+
 # --- against a scripted server -------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import http.client
 import re
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from urllib3.exceptions import DecodeError, ProtocolError
@@ -161,6 +161,20 @@ class Reader:
             missing -= len(chunk)
         return b"".join(parts)
 
+    def some(self, limit: int) -> bytes:
+        """What is buffered, else what one recv gives: at most `limit` bytes, b"" once the server closed."""
+        if self._pos < len(self._data):
+            piece = self._data[self._pos : self._pos + limit]
+            self._pos += len(piece)
+            return piece
+        chunk = self._recv(RECV_BYTES)
+        self.received += len(chunk)
+        if len(chunk) > limit:
+            self._data, self._pos = chunk, limit
+            return chunk[:limit]
+        self._data, self._pos = b"", 0
+        return chunk
+
     def rest(self, limit: int) -> bytes:
         """Everything until the server closes the connection, at most `limit` bytes."""
         parts = [self._data[self._pos :]]
@@ -266,15 +280,81 @@ def read_body(reader: Reader, head: Head, *, max_body_bytes: int = MAX_BODY_BYTE
     return body
 
 
+def body_pieces(reader: Reader, head: Head) -> Iterator[bytes]:
+    """The body as `head` frames it, a piece at a time as it arrives (each chunk of a chunked body: a watch's
+    event), decoded if the server compressed it although asked not to. Ends at the body's end (a framing error
+    raises MalformedResponse); a stream has no size bound here, its reader bounds what it keeps."""
+    pieces = _raw_pieces(reader, head)
+    if head.content_encoding in ("gzip", "x-gzip", "deflate"):
+        return _decompressed(pieces, head.content_encoding)
+    return pieces
+
+
+def _raw_pieces(reader: Reader, head: Head) -> Iterator[bytes]:
+    if head.framing == NO_BODY:
+        return
+    if head.framing == LENGTH:
+        left = head.length
+        while left > 0:
+            piece = reader.some(min(left, RECV_BYTES))
+            if not piece:
+                raise MalformedResponse(f"the connection closed {left} bytes short of the response's body")
+            left -= len(piece)
+            yield piece
+        return
+    if head.framing == UNTIL_CLOSE:
+        while piece := reader.some(RECV_BYTES):
+            yield piece
+        return
+    while True:
+        size = _chunk_size(reader)
+        if size == 0:
+            break
+        while size > 0:  # a large chunk in pieces of what arrives, not held whole
+            piece = reader.some(min(size, RECV_BYTES))
+            if not piece:
+                raise MalformedResponse("the connection closed before the end of the response's body")
+            size -= len(piece)
+            yield piece
+        if reader.exactly(2, "body") != b"\r\n":
+            raise MalformedResponse("a chunk of the response does not end where its size says")
+    _skip_trailers(reader)
+
+
+def _decompressed(pieces: Iterator[bytes], encoding: str) -> Iterator[bytes]:
+    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding != "deflate" else zlib.MAX_WBITS)
+    try:
+        for piece in pieces:
+            while piece:
+                out = decoder.decompress(piece, RECV_BYTES)  # bounded per step, however well it compresses
+                piece = decoder.unconsumed_tail
+                if out:
+                    yield out
+    except zlib.error as exc:
+        raise DecodeError(f"Received response with content-encoding: {encoding}, but failed to decode it.") from exc
+
+
+def _chunk_size(reader: Reader) -> int:
+    line = reader.until(b"\r\n", MAX_CHUNK_LINE_BYTES, "chunk size line")
+    digits = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _HEX.fullmatch(digits):
+        raise MalformedResponse("a chunk size of the response is not a hexadecimal number")
+    return int(digits, 16)
+
+
+def _skip_trailers(reader: Reader) -> None:
+    trailers = 0
+    while line := reader.until(b"\r\n", MAX_TRAILER_BYTES, "trailers"):
+        trailers += len(line) + 2
+        if trailers > MAX_TRAILER_BYTES:
+            raise MalformedResponse(f"the response's trailers exceeded {MAX_TRAILER_BYTES} bytes")
+
+
 def _chunked(reader: Reader, max_body_bytes: int) -> bytes:
     parts: list[bytes] = []
     size = 0
     while True:
-        line = reader.until(b"\r\n", MAX_CHUNK_LINE_BYTES, "chunk size line")
-        digits = line.split(b";", 1)[0].rstrip(b" \t")
-        if not _HEX.fullmatch(digits):
-            raise MalformedResponse("a chunk size of the response is not a hexadecimal number")
-        chunk_size = int(digits, 16)
+        chunk_size = _chunk_size(reader)
         if chunk_size == 0:
             break
         size += chunk_size
@@ -283,11 +363,7 @@ def _chunked(reader: Reader, max_body_bytes: int) -> bytes:
         parts.append(reader.exactly(chunk_size, "body"))
         if reader.exactly(2, "body") != b"\r\n":
             raise MalformedResponse("a chunk of the response does not end where its size says")
-    trailers = 0
-    while line := reader.until(b"\r\n", MAX_TRAILER_BYTES, "trailers"):
-        trailers += len(line) + 2
-        if trailers > MAX_TRAILER_BYTES:
-            raise MalformedResponse(f"the response's trailers exceeded {MAX_TRAILER_BYTES} bytes")
+    _skip_trailers(reader)
     return b"".join(parts)
 
 

@@ -22,7 +22,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from kubemcsa.client.lean import PATCH_CONTENT_TYPES, json_request, lean_request
+from kubemcsa.client.lean import PATCH_CONTENT_TYPES, LeanStream, json_request, stream_request
 from kubemcsa.contract import api
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,9 @@ class Resource:
             if not stream:
                 response.read()
             return response
-        send = lean_request if stream else json_request
-        return send(client, method, path, query=query, body=body, content_type=content_type, timeout=timeout)
+        if stream:
+            return stream_request(client, method, path, query=query, timeout=timeout)
+        return json_request(client, method, path, query=query, body=body, content_type=content_type, timeout=timeout)
 
     def _request_through_client(
         self,
@@ -318,30 +319,43 @@ class Resource:
         if not 200 <= response.status <= 299:
             response.read()
             raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return WatchStream(response.response)
+        return WatchStream(response)
 
 
 class WatchStream:
-    """The events of one watch request; close() from any thread ends the iteration promptly."""
+    """The events of one watch request; close() from any thread ends the iteration promptly.
+
+    Read on the lean path (kubemcsa.client.lean.LeanStream) or, through a proxy or with client-go's retries, from
+    the REST client's urllib3 response."""
 
     def __init__(self, response: Any) -> None:
         self._response = response
         self._closed = False
 
     def __iter__(self) -> Iterator[JSON]:
+        if isinstance(self._response, LeanStream):
+            for line in self._response.lines():
+                if self._closed:
+                    return
+                yield json.loads(line)
+            return
+        urllib3_response = self._response.response
         try:
-            for line in iter_resp_lines(self._response):
+            for line in iter_resp_lines(urllib3_response):
                 if self._closed:
                     return
                 if line:
                     yield json.loads(line)
         finally:
-            self._response.release_conn()
+            urllib3_response.release_conn()
 
     def close(self) -> None:
         self._closed = True
+        if isinstance(self._response, LeanStream):
+            self._response.close()
+            return
         # Shutting the socket down unblocks a reader stuck in recv (as kubernetes.watch.Watch.stop does).
-        sock = getattr(getattr(self._response, "connection", None), "sock", None)
+        sock = getattr(getattr(self._response.response, "connection", None), "sock", None)
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -2,7 +2,8 @@
 per-request proxy lookup), with the official client's configuration, pool and errors.
 
 Two ways down. `lean_request` goes through the official client's urllib3 pool as its REST client would, and returns
-an unread, streaming response (watches). `json_request` reads the whole answer: with a plain PoolManager (no proxy)
+an unread response (a watch behind a proxy). `json_request` reads the whole answer, `stream_request` (a watch) its
+head, leaving its body to be read a line at a time as it arrives: with a plain PoolManager (no proxy)
 it speaks HTTP/1.1 itself (kubemcsa.client.http11) on the sockets of that same urllib3 pool, which at the API
 server's answer sizes costs a fraction of http.client's header objects and buffered files. What it keeps of urllib3:
 the pool's connections (its TLS settings, CA, client certificate, hostname checks, socket options, size bound and
@@ -14,13 +15,16 @@ when that cannot repeat a side effect (see `_attempt`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import logging
+import socket
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.client import HTTPException
 from socket import timeout as SocketTimeout
@@ -219,6 +223,104 @@ def json_request(
     if isinstance(exchange, LeanResponse):
         return exchange
     return _finish(target.pool, exchange)
+
+
+def stream_request(
+    api_client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    query: list[tuple[str, Any]] | None = None,
+    timeout: float | tuple[float, float] | None = None,
+) -> LeanStream | LeanResponse | rest.RESTResponse:
+    """`method path` as json_request sends it, for an answer read as it arrives (a watch): a LeanStream for a 2xx
+    answer, else the answer read whole (a LeanResponse). With a proxy's (or a custom) manager, lean_request's
+    unread response."""
+    pool_manager = api_client.rest_client.pool_manager
+    if type(pool_manager) is not urllib3.PoolManager:
+        return lean_request(api_client, method, path, query=query, timeout=timeout)
+    headers, path, _ = _prepared(api_client, method, path, query, None, "application/json")
+    target = _target_of(pool_manager, api_client.configuration.host)
+    url = target.prefix + path
+    data = http11.request_bytes(method, url, target.host_header, headers, None)
+    try:
+        exchange = _round_trip(target, method, url, data, _timeouts(timeout))
+    except SSLError as exc:
+        raise _tls_failure(exc) from exc
+    if isinstance(exchange, LeanResponse):
+        return exchange
+    if not 200 <= exchange.head.status <= 299:
+        return _finish(target.pool, exchange)
+    return LeanStream(target.pool, exchange)
+
+
+# A stream's line (a watch event: one object) longer than this ends it: far above any object the API server stores
+# (etcd holds 1.5 MiB), it only stops a runaway server from filling the memory.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+
+
+class LeanStream:
+    """A 2xx answer whose body is read a line at a time as it arrives (`lines`); `close()`, from any thread, ends
+    it. Its connection goes back to the pool only if the body was read to its end, else it is closed."""
+
+    def __init__(self, pool: HTTPConnectionPool, exchange: _Unread) -> None:
+        self.status = exchange.head.status
+        self.reason = exchange.head.reason
+        self._pool = pool
+        self._exchange = exchange
+        self._closed = False
+        self._released = False
+        self._lock = threading.Lock()
+
+    def lines(self) -> Iterator[bytes]:
+        """The body's non-empty lines (without their newline); the connection is released when they end. Raises
+        MalformedResponse past MAX_LINE_BYTES or for a framing error, the socket's errors as they come."""
+        head, reader, _ = self._exchange
+        ended = False
+        try:
+            pending: list[bytes] = []
+            size = 0
+            for piece in http11.body_pieces(reader, head):
+                if b"\n" not in piece:
+                    pending.append(piece)
+                    size += len(piece)
+                    if size > MAX_LINE_BYTES:
+                        raise http11.MalformedResponse(f"a line of the response exceeded {MAX_LINE_BYTES} bytes")
+                    continue
+                if pending:
+                    piece = b"".join((*pending, piece))
+                    pending, size = [], 0
+                *complete, rest = piece.split(b"\n")
+                for line in complete:
+                    if line:
+                        yield line
+                if rest:
+                    pending, size = [rest], len(rest)
+            if pending:
+                yield b"".join(pending)
+            ended = True
+        finally:
+            self._release(reusable=ended and head.keep_alive and not reader.leftover)
+
+    def close(self) -> None:
+        """End the stream: a reader blocked in recv returns at once (as kubernetes.watch.Watch.stop does)."""
+        self._closed = True
+        sock = getattr(self._exchange.conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _release(self, *, reusable: bool) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        conn = self._exchange.conn
+        if reusable and not self._closed:
+            self._pool._put_conn(conn)
+        else:
+            conn.close()
+            self._pool._put_conn(None)
 
 
 class LeanResponse:
