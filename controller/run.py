@@ -141,13 +141,19 @@ class Controller:
         imports_api = kube.Resource(local_api_client, kube.SERVICE_ACCOUNT_IMPORTS)
         secrets_api = kube.Resource(local_api_client, kube.SECRETS)
         compact = Compactor()  # one per controller: the imports' and their Secrets' caches share their text
+
+        def compact_import(imp: dict[str, Any]) -> dict[str, Any]:
+            # The echo of the controller's own write is the object it already holds in cache form. (The reconciler
+            # is made after the informers are declared, before they start.)
+            return self.reconciler.import_writes.as_written(kube.object_key(imp), imp) or compact(imp)
+
         self.imports = add(
             Informer(
                 imports_api,
                 namespace=options.namespace,
                 resync_seconds=options.resync_seconds,
                 name="serviceaccountimports",
-                transform=compact,
+                transform=compact_import,
             )
         )
         self.imports.add_index(BY_CLUSTER, _cluster_of)
@@ -156,7 +162,9 @@ class Controller:
         system_namespace = options.system_namespace
 
         def compact_secret(secret: dict[str, Any]) -> dict[str, Any]:
-            return compact(cache_form_of_secret(secret, system_namespace))
+            return self.reconciler.secret_writes.as_written(kube.object_key(secret), secret) or compact(
+                cache_form_of_secret(secret, system_namespace)
+            )
 
         self.secrets = add(
             Informer(

@@ -370,7 +370,8 @@ def test_a_corrupted_stream_ends_in_a_protocol_error_or_its_framed_bytes(body, f
 
 def test_a_compressed_stream_is_decoded_in_bounded_steps():
     body = b'{"type":"ADDED"}\n' * 20_000  # compresses a thousandfold: each step still yields at most RECV_BYTES
-    wire = OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(gzip.compress(body), [99])
+    framed = chunked(gzip.compress(body), [99])
+    wire = OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n" + framed
     _, pieces, _ = pieces_of(wire)
     assert b"".join(pieces) == body and max(len(piece) for piece in pieces) <= http11.RECV_BYTES
     with pytest.raises(DecodeError):

@@ -75,6 +75,19 @@ class RecentWrites:
                 return True
             return False
 
+    def as_written(self, key: Key, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """What this process wrote (as its cache keeps it) if `obj` is that very version coming back, else None: an
+        informer's transform can keep it rather than build the same cache form again (one resourceVersion is one
+        state of the object, whoever reads it)."""
+        version = _version(obj)
+        if version is None:
+            return None
+        with self._lock:
+            entry = self._written.get(key)
+        if entry is not None and entry[0] is not None and _version(entry[0]) == version:
+            return entry[0]
+        return None
+
     def forget(self, key: Key) -> None:
         """The object was deleted, or a write failed: the cache is the truth again."""
         with self._lock:

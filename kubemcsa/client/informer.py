@@ -25,6 +25,7 @@ _SHORT_TEXT = 200  # keys and values up to this long are interned (names, labels
 # Values that are one object's own (never another's): interning them would only grow the interpreter's table of
 # interned strings (a slot each: 1.1 MB at 10,000 imports and their Secrets).
 _UNIQUE_VALUES = frozenset({"resourceVersion", "uid"})
+_intern = sys.intern
 
 
 class Compactor:
@@ -42,23 +43,40 @@ class Compactor:
         self._lock = threading.Lock()
 
     def __call__(self, obj: JSON) -> JSON:
-        compacted = self._value(obj)
-        metadata = compacted.get("metadata")
+        metadata = obj.get("metadata")
         if isinstance(metadata, dict):
-            metadata.pop("managedFields", None)
-        return compacted
+            metadata.pop("managedFields", None)  # before the walk: most of a real API server's object
+        return self._dict(obj)
 
-    def _value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return sys.intern(value) if len(value) <= _SHORT_TEXT else self._shared(value)
-        if isinstance(value, dict):
-            return {
-                sys.intern(k) if isinstance(k, str) else k: v if k in _UNIQUE_VALUES else self._value(v)
-                for k, v in value.items()
-            }
-        if isinstance(value, list):
-            return [self._value(item) for item in value]
-        return value
+    # One call per dict and list, none per string: this runs on every object each informer delivers.
+    def _dict(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        out = {}
+        for key, item in value.items():
+            if type(key) is str:
+                key = _intern(key)
+            kind = type(item)
+            if kind is str:
+                if key not in _UNIQUE_VALUES:
+                    item = _intern(item) if len(item) <= _SHORT_TEXT else self._shared(item)
+            elif kind is dict:
+                item = self._dict(item)
+            elif kind is list:
+                item = self._list(item)
+            out[key] = item
+        return out
+
+    def _list(self, value: list[Any]) -> list[Any]:
+        out = []
+        for item in value:
+            kind = type(item)
+            if kind is str:
+                item = _intern(item) if len(item) <= _SHORT_TEXT else self._shared(item)
+            elif kind is dict:
+                item = self._dict(item)
+            elif kind is list:
+                item = self._list(item)
+            out.append(item)
+        return out
 
     def _shared(self, text: str) -> str:
         with self._lock:

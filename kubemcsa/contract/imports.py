@@ -92,6 +92,7 @@ def metadata_of(obj: Any) -> dict[str, Any]:
     return as_dict(as_dict(obj).get("metadata"))
 
 
+@functools.lru_cache(maxsize=256)  # asked twice a pass (assess, then the token's record), mostly of a few accounts
 def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | None = None) -> str:
     """A hash of everything a token depends on: the spec, the source's server and CA, and the UID of the exported
     service account (a service account deleted and re-created under the same name is another one)."""
@@ -117,7 +118,7 @@ def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
     """A hash of a Secret's data, recorded in an annotation so that an edit can be told from the cache alone
     (16 hex digits); the whole SHA-256 (`length=64`) pins a source credential."""
     data = as_dict(data)
-    material = b"".join(key.encode() + b"\0" + str(data[key]).encode() + b"\0" for key in sorted(data))
+    material = "".join(f"{key}\0{data[key]}\0" for key in sorted(data)).encode()  # UTF-8: as each part encoded alone
     return hashlib.sha256(material).hexdigest()[:length]
 
 
