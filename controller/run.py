@@ -31,7 +31,7 @@ from controller.trust_checks import FederatedSources, TrustChecks, parse_service
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Compactor, Informer
 from kubemcsa.contract import api, federation
-from kubemcsa.contract.imports import cache_form_of_secret
+from kubemcsa.contract.imports import cache_form_of_import, cache_form_of_secret
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,9 @@ class Controller:
         def compact_import(imp: dict[str, Any]) -> dict[str, Any]:
             # The echo of the controller's own write is the object it already holds in cache form. (The reconciler
             # is made after the informers are declared, before they start.)
-            return self.reconciler.import_writes.as_written(kube.object_key(imp), imp) or compact(imp)
+            return self.reconciler.import_writes.as_written(kube.object_key(imp), imp) or compact(
+                cache_form_of_import(imp)
+            )
 
         self.imports = add(
             Informer(

@@ -230,6 +230,29 @@ def test_the_cache_keeps_an_import_secret_without_its_kubeconfig_and_decides_the
     assert "tok-2" in config and writes.secrets[0].body["metadata"]["resourceVersion"] == "9"
 
 
+def test_the_cache_slims_only_the_imports_own_owner_reference_and_a_rewrite_keeps_the_others_whole() -> None:
+    imp = make_import()
+    imp2, secret = converge(imp, held_token(imp))
+    theirs = {"apiVersion": "v1", "kind": "ConfigMap", "name": "keeper", "uid": "u-2", "blockOwnerDeletion": True}
+    secret["metadata"]["ownerReferences"] = [*secret["metadata"]["ownerReferences"], theirs]
+    cached = cache_form(secret)
+    own, kept = cached["metadata"]["ownerReferences"]
+    assert own == {"kind": api.KIND, "name": "imp", "uid": "uid-1", "controller": True} and kept == theirs
+    assert imports.is_controlled_by(cached, "uid-1")
+    _, writes = decide(imp2, cached, NOW + 801, new=held_token(imp, at=NOW + 801, token="tok-2"))
+    refs = writes.secrets[0].body["metadata"]["ownerReferences"]
+    assert refs[0]["apiVersion"] == api.API_VERSION and refs[0]["blockOwnerDeletion"] is True and theirs in refs
+    assert len(refs) == 2
+
+
+def test_the_import_cache_drops_only_what_nothing_reads() -> None:
+    imp = make_import()
+    imp["metadata"]["creationTimestamp"] = "2026-12-03T06:56:19Z"
+    cached = imports.cache_form_of_import(copy.deepcopy(imp))
+    del imp["metadata"]["creationTimestamp"]
+    assert cached == imp
+
+
 @pytest.mark.parametrize("edit", ["config", "token", "drop-config"])
 def test_an_edit_of_any_key_shows_in_the_cache_form(edit: str) -> None:
     imp = make_import()

@@ -162,7 +162,29 @@ def cache_form_of_secret(secret: dict[str, Any], system_namespace: str) -> dict[
         secret[CACHED_TOKEN] = token
         slim[api.KEY_TOKEN] = ""
     secret["data"] = slim
+    # The import's own reference (and a stale one of its name): only who it is and that it controls are read,
+    # and a write replaces it whole. Others' references are kept whole: a write keeps them as they are.
+    refs = meta.get("ownerReferences")
+    if isinstance(refs, list):
+        meta["ownerReferences"] = [
+            {key: ref[key] for key in _OWN_REFERENCE_KEYS if key in ref}
+            if isinstance(ref, dict) and ref.get("kind") == api.KIND and ref.get("name") == import_name
+            else ref
+            for ref in refs
+        ]
     return secret
+
+
+_OWN_REFERENCE_KEYS = ("kind", "name", "uid", "controller")  # what is_controlled_by and controlled_secret read
+
+
+def cache_form_of_import(imp: dict[str, Any]) -> dict[str, Any]:
+    """`imp` as the controller's import cache keeps it: without its creationTimestamp, which nothing reads (and
+    which takes its metadata past five keys, the size at which a dict doubles)."""
+    metadata = imp.get("metadata")
+    if isinstance(metadata, dict):
+        metadata.pop("creationTimestamp", None)
+    return imp
 
 
 def secret_data_hash(secret: dict[str, Any]) -> str:
