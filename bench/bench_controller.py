@@ -15,7 +15,7 @@ imports are spread evenly over the sources and created as fast as the API allows
   takes to turn every import of it NotExported with its token gone.
 
 Usage: python bench/bench_controller.py [--imports 10000] [--sources 10] [--source-qps 5] [--source-burst 10]
-       [--workers 4] [--window 10] [--argocd] [--py-spy FILE]
+       [--workers 8] [--window 10] [--argocd] [--py-spy FILE]
        python bench/bench_controller.py --fairness [--imports 10000] [--ready 50] [--flood-window 620]
 (--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD; --py-spy: a profile of the cold start;
 --fairness: the second namespace's first-token latency while a first floods, and expired tokens among Ready
@@ -45,6 +45,7 @@ from kubernetes.client.exceptions import ApiException
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from controller.options import DEFAULT_WORKERS
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
@@ -317,7 +318,7 @@ def main() -> int:
     parser.add_argument("--sources", type=int, default=10)
     parser.add_argument("--source-qps", type=float, default=5.0)
     parser.add_argument("--source-burst", type=int, default=10)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="the controller's (its default)")
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the controller (GIL holder) during the cold start")

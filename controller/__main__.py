@@ -10,6 +10,7 @@ import sys
 import threading
 from typing import Any
 
+from controller.options import DEFAULT_WORKERS
 from kubemcsa.client import connect
 from kubemcsa.contract import api
 
@@ -28,7 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--system-namespace", default=api.SYSTEM_NAMESPACE, help="namespace of the Lease and sources")
     parser.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
     parser.add_argument(
-        "--workers", type=int, default=4, help="imports reconciled at once; raise it for slow source clusters"
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help=f"imports reconciled at once (default {DEFAULT_WORKERS}); raise it for slow or many source clusters",
     )
     parser.add_argument(
         "--source-qps",
