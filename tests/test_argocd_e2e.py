@@ -285,8 +285,12 @@ def test_a_foreign_secret_of_that_name_is_left_alone_and_reported(make_env):
     assert env.condition("prod", "Ready")["status"] == "True"  # the import itself works
     kept = env.secret("prod-argocd")
     assert kept["data"] == hand_written["data"] and not kept["metadata"].get("ownerReferences")
-    events = kube.Resource(env.admin1, kube.EVENTS).list(ARGOCD_NS)["items"]
-    assert any(e["reason"] == api.REASON_SECRET_CONFLICT and "prod-argocd" in e["message"] for e in events)
+
+    def conflict_said() -> bool:  # the Event follows the status write
+        events = kube.Resource(env.admin1, kube.EVENTS).list(ARGOCD_NS)["items"]
+        return any(e["reason"] == api.REASON_SECRET_CONFLICT and "prod-argocd" in e["message"] for e in events)
+
+    wait_for(conflict_said, what="the SecretConflict Event")
     assert not [r for r in env.controller_writes() if r.resource == "secrets" and r.name == "prod-argocd"]
 
     # Once the hand-written Secret is gone, the import's own takes its place.

@@ -449,8 +449,13 @@ def test_remote_service_account_deleted_then_recreated(make_env) -> None:
     cond = env.wait_ready("gone", "False", api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND)
     assert "default/pod-lister" in cond["message"] and "cluster2" in cond["message"]
     assert env.secret("gone") is not None  # the last Secret stays
-    events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
-    assert any(e["type"] == "Warning" and e["reason"] == api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND for e in events)
+
+    def warned() -> bool:  # the Event follows the status write
+        events = kube.Resource(env.admin1, kube.EVENTS).list("default")["items"]
+        reason = api.REASON_REMOTE_SERVICE_ACCOUNT_NOT_FOUND
+        return any(e["type"] == "Warning" and e["reason"] == reason for e in events)
+
+    wait_for(warned, what="the RemoteServiceAccountNotFound Warning")
     create_or_get(env.admin2, service_account("default", "pod-lister"))
     env.wait_ready("gone")
 
