@@ -21,6 +21,7 @@ from controller.export_watches import ExportWatches
 from controller.gates import SourceGates
 from controller.metrics import Metrics
 from controller.options import Options
+from controller.outputs import OUTPUTS
 from controller.outputs.watches import OutputWatches
 from controller.reconciler import Caches, Reconciler, import_key
 from controller.runtime.events import EventRecorder
@@ -28,7 +29,7 @@ from controller.runtime.leader import LEASE_NAME
 from controller.runtime.manager import Manager, ManagerOptions, Watch
 from controller.sources import SourceRegistry
 from controller.trust_checks import FederatedSources, TrustChecks, parse_service_account
-from kubemcsa.client import kube
+from kubemcsa.client import connect, kube
 from kubemcsa.client.informer import Compactor, Informer
 from kubemcsa.contract import api, federation
 from kubemcsa.contract.imports import cache_form_of_import, cache_form_of_secret
@@ -71,12 +72,15 @@ class Controller:
             source_kubeconfig=options.source_kubeconfig,
             imports_dir=options.imports_dir,
             cluster_name=options.cluster_name,
+            connections=options.workers + 2,
         )
         self.exports = ExportWatches(
             on_event=self._on_export, on_synced=self._on_exports_synced, remote_timeout=options.remote_timeout
         )
         self.manager = self._manager(local_api_client)
         self._declare_informers(local_api_client)
+        # Every worker and every watch at once (the optional outputs' included), and the leader election's calls.
+        connect.with_room_for(local_api_client, options.workers + len(self.manager.informers) + len(OUTPUTS) + 2)
         self.trust_checks = TrustChecks(
             local_api_client,
             check_identity=parse_service_account(

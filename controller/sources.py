@@ -55,10 +55,12 @@ class SourceRegistry:
         source_kubeconfig: str | None = None,
         imports_dir: str | None = None,
         cluster_name: str | None = None,
+        connections: int = 0,
     ) -> None:
         self.source_kubeconfig = source_kubeconfig
         self.imports_dir = imports_dir
         self.cluster_name = cluster_name  # this cluster's name in sources whose credential does not say it
+        self.connections = connections  # each source client's pool holds at least this many
         self._secret_uids: dict[str, str] = {}  # cluster name -> UID of the system-namespace Secret it came from
         self._refused_uids: dict[str, str] = {}  # cluster name -> UID of an unpinned Secret that says why it is not
         self._lock = threading.RLock()
@@ -105,6 +107,9 @@ class SourceRegistry:
         # One connection attempt per try: the controller's own backoff and circuit decide about retrying,
         # not the HTTP library's hidden retries (3 more connections per failed try by default).
         client.configuration.retries = False
+        # A connection per worker at once, and the export watch's (connect.with_room_for says why).
+        pool = client.configuration.connection_pool_maxsize or 0
+        client.configuration.connection_pool_maxsize = max(pool, self.connections)
         client = ApiClient(client.configuration)
         with self._lock:
             self._clients[source.name] = (source.fingerprint, client)

@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes.client import ApiClient, Configuration
 from kubernetes.client.exceptions import ApiException
 
-from kubemcsa.client import kube, tls
+from kubemcsa.client import connect, kube, tls
 from kubemcsa.client.connect import client_for_credentials
 from kubemcsa.client.kubeconfig import api_client_for, load_api_client, resolve_context
 from kubemcsa.contract.credentials import Credentials
@@ -313,6 +313,20 @@ def test_closing_a_watch_from_another_thread_ends_it_at_once_and_drops_its_conne
     before = cluster1.connection_attempts
     assert "items" in maps.list("default")
     assert cluster1.connection_attempts - before <= 1  # a half-read stream is never handed to the next call
+
+
+def test_a_pool_with_room_for_every_worker_opens_no_connection_per_request(cluster1):
+    configuration = cluster1.admin_client().configuration
+    configuration.connection_pool_maxsize = 2  # as the official client sizes it on a small host (5 per core)
+    small = ApiClient(configuration)
+    client = connect.with_room_for(small, 8)
+    assert client is small and client.rest_client.pool_manager.connection_pool_kw["maxsize"] == 8
+    assert connect.with_room_for(client, 4).rest_client is client.rest_client  # room enough: left as it is
+    namespaces = kube.Resource(client, kube.NAMESPACES)
+    before = cluster1.connection_attempts
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: namespaces.get("default"), range(400)))
+    assert cluster1.connection_attempts - before <= 8  # not one per request past the second thread
 
 
 # --- against a scripted server -------------------------------------------------------------------------------------

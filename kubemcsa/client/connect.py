@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 
 from kubernetes import config as kube_config
-from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import ApiClient, Configuration, rest
 
 from kubemcsa.client.kube import _NETWORK_ERRORS
 from kubemcsa.client.kubeconfig import load_api_client
@@ -72,3 +72,18 @@ def local_api_client(kubeconfig: str | None = None) -> ApiClient:
     except kube_config.ConfigException:
         return load_api_client()
     return ApiClient(configuration)
+
+
+def with_room_for(client: ApiClient, connections: int) -> ApiClient:
+    """`client`, its pool holding at least `connections` connections to its API server at once.
+
+    The official client sizes its pool by the host's cores (5 each: 5 on one core), whatever its user runs at once;
+    past that, each request finds no idle connection, opens one (a TLS handshake on both sides) and throws it
+    away after. Call before the client's first request (its pool is made anew).
+    """
+    configuration = client.configuration
+    if (configuration.connection_pool_maxsize or 0) >= connections:
+        return client
+    configuration.connection_pool_maxsize = connections
+    client.rest_client = rest.RESTClientObject(configuration)
+    return client
