@@ -143,6 +143,19 @@ def test_any_bytes_end_in_a_response_or_a_protocol_error(data, cuts, method):
         pass
 
 
+def corrupted(wire: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    """`wire` with a few bytes inserted, deleted or replaced anywhere."""
+    for at, action, data in edits:
+        at %= len(wire) + 1
+        if action == 0:
+            wire = wire[:at] + data + wire[at:]
+        elif action == 1:
+            wire = wire[:at] + wire[at + len(data) + 1 :]
+        else:
+            wire = wire[:at] + data + wire[at + len(data) :]
+    return wire
+
+
 def _valid(body: bytes, framing: str) -> bytes:
     if framing == "chunked":
         return OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, [7, 50])
@@ -158,16 +171,8 @@ def _valid(body: bytes, framing: str) -> bytes:
 )
 def test_a_corrupted_response_is_refused_or_read_as_framed(body, framing, edits, cuts):
     wire = _valid(body, framing)
-    for at, action, data in edits:  # insert, delete or replace a few bytes anywhere
-        at %= len(wire) + 1
-        if action == 0:
-            wire = wire[:at] + data + wire[at:]
-        elif action == 1:
-            wire = wire[:at] + wire[at + len(data) + 1 :]
-        else:
-            wire = wire[:at] + data + wire[at + len(data) :]
     try:
-        read(wire, cuts)
+        read(corrupted(wire, edits), cuts)
     except (ProtocolError, DecodeError, http.client.RemoteDisconnected):
         pass
 
@@ -353,17 +358,8 @@ def test_a_body_read_as_it_arrives_is_the_body_read_whole(body, framing, sizes, 
     cuts=st.lists(st.integers(0, 600), max_size=6),
 )
 def test_a_corrupted_stream_ends_in_a_protocol_error_or_its_framed_bytes(body, framing, edits, cuts):
-    wire = _valid(body, framing)
-    for at, action, data in edits:
-        at %= len(wire) + 1
-        if action == 0:
-            wire = wire[:at] + data + wire[at:]
-        elif action == 1:
-            wire = wire[:at] + wire[at + len(data) + 1 :]
-        else:
-            wire = wire[:at] + data + wire[at + len(data) :]
     try:
-        pieces_of(wire, cuts)
+        pieces_of(corrupted(_valid(body, framing), edits), cuts)
     except (ProtocolError, DecodeError, http.client.RemoteDisconnected):
         pass
 

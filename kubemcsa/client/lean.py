@@ -212,14 +212,7 @@ def json_request(
         )
         response.read()
         return response
-    headers, path, payload = _prepared(api_client, method, path, query, body, content_type)
-    target = _target_of(pool_manager, api_client.configuration.host)
-    url = target.prefix + path
-    data = http11.request_bytes(method, url, target.host_header, headers, None if payload is None else payload.encode())
-    try:
-        exchange = _round_trip(target, method, url, data, _timeouts(timeout))
-    except SSLError as exc:
-        raise _tls_failure(exc) from exc
+    target, exchange = _send(api_client, pool_manager, method, path, query, body, content_type, timeout)
     if isinstance(exchange, LeanResponse):
         return exchange
     return _finish(target.pool, exchange)
@@ -239,19 +232,33 @@ def stream_request(
     pool_manager = api_client.rest_client.pool_manager
     if type(pool_manager) is not urllib3.PoolManager:
         return lean_request(api_client, method, path, query=query, timeout=timeout)
-    headers, path, _ = _prepared(api_client, method, path, query, None, "application/json")
-    target = _target_of(pool_manager, api_client.configuration.host)
-    url = target.prefix + path
-    data = http11.request_bytes(method, url, target.host_header, headers, None)
-    try:
-        exchange = _round_trip(target, method, url, data, _timeouts(timeout))
-    except SSLError as exc:
-        raise _tls_failure(exc) from exc
+    target, exchange = _send(api_client, pool_manager, method, path, query, None, "application/json", timeout)
     if isinstance(exchange, LeanResponse):
         return exchange
     if not 200 <= exchange.head.status <= 299:
         return _finish(target.pool, exchange)
     return LeanStream(target.pool, exchange)
+
+
+def _send(
+    api_client: ApiClient,
+    pool_manager: urllib3.PoolManager,
+    method: str,
+    path: str,
+    query: list[tuple[str, Any]] | None,
+    body: Any,
+    content_type: str,
+    timeout: float | tuple[float, float] | None,
+) -> tuple[_Target, _Unread | LeanResponse]:
+    """Send one request over the manager's pool and read its answer's head (the body is the caller's to read)."""
+    headers, path, payload = _prepared(api_client, method, path, query, body, content_type)
+    target = _target_of(pool_manager, api_client.configuration.host)
+    url = target.prefix + path
+    data = http11.request_bytes(method, url, target.host_header, headers, None if payload is None else payload.encode())
+    try:
+        return target, _round_trip(target, method, url, data, _timeouts(timeout))
+    except SSLError as exc:
+        raise _tls_failure(exc) from exc
 
 
 # A stream's line (a watch event: one object) longer than this ends it: far above any object the API server stores
