@@ -36,6 +36,7 @@ from controller.source_clusters import (
     source_from_credentials,
     sources_from_kubeconfig,
 )
+from kubemcsa.client import connect
 from kubemcsa.client.kubeconfig import (
     referenced_files,
 )
@@ -107,9 +108,7 @@ class SourceRegistry:
         # One connection attempt per try: the controller's own backoff and circuit decide about retrying,
         # not the HTTP library's hidden retries (3 more connections per failed try by default).
         client.configuration.retries = False
-        # A connection per worker at once, and the export watch's (connect.with_room_for says why).
-        pool = client.configuration.connection_pool_maxsize or 0
-        client.configuration.connection_pool_maxsize = max(pool, self.connections)
+        connect.make_room(client.configuration, self.connections)  # a connection per worker, and the export watch's
         client = ApiClient(client.configuration)
         with self._lock:
             self._clients[source.name] = (source.fingerprint, client)

@@ -69,11 +69,10 @@ class RecentWrites:
                 if oldest[1][0] >= now:
                     break
                 self._seen.popitem(last=False)
-            entry = self._written.get(key)
-            if entry is not None and entry[0] is not None and _version(entry[0]) == version:
-                del self._written[key]
-                return True
-            return False
+            if self._ours(key, version) is None:
+                return False
+            del self._written[key]
+            return True
 
     def as_written(self, key: Key, obj: dict[str, Any]) -> dict[str, Any] | None:
         """What this process wrote (as its cache keeps it) if `obj` is that very version coming back, else None: an
@@ -83,7 +82,11 @@ class RecentWrites:
         if version is None:
             return None
         with self._lock:
-            entry = self._written.get(key)
+            return self._ours(key, version)
+
+    def _ours(self, key: Key, version: str | None) -> dict[str, Any] | None:
+        """Our write of `key` if it is `version`, else None. Under the lock."""
+        entry = self._written.get(key)
         if entry is not None and entry[0] is not None and _version(entry[0]) == version:
             return entry[0]
         return None

@@ -81,9 +81,14 @@ def with_room_for(client: ApiClient, connections: int) -> ApiClient:
     past that, each request finds no idle connection, opens one (a TLS handshake on both sides) and throws it
     away after. Call before the client's first request (its pool is made anew).
     """
-    configuration = client.configuration
-    if (configuration.connection_pool_maxsize or 0) >= connections:
-        return client
-    configuration.connection_pool_maxsize = connections
-    client.rest_client = rest.RESTClientObject(configuration)
+    if make_room(client.configuration, connections):
+        client.rest_client = rest.RESTClientObject(client.configuration)
     return client
+
+
+def make_room(configuration: Configuration, connections: int) -> bool:
+    """Raise `configuration`'s pool size to `connections` (for the clients made from it); True if it was smaller."""
+    if (configuration.connection_pool_maxsize or 0) >= connections:
+        return False
+    configuration.connection_pool_maxsize = connections
+    return True

@@ -272,12 +272,10 @@ class LeanStream:
 
     def __init__(self, pool: HTTPConnectionPool, exchange: _Unread) -> None:
         self.status = exchange.head.status
-        self.reason = exchange.head.reason
         self._pool = pool
         self._exchange = exchange
         self._closed = False
         self._released = False
-        self._lock = threading.Lock()
 
     def lines(self) -> Iterator[bytes]:
         """The body's non-empty lines (without their newline); the connection is released when they end. Raises
@@ -318,10 +316,9 @@ class LeanStream:
                 sock.shutdown(socket.SHUT_RDWR)
 
     def _release(self, *, reusable: bool) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
+        if self._released:  # (lines() read twice)
+            return
+        self._released = True
         conn = self._exchange.conn
         if reusable and not self._closed:
             self._pool._put_conn(conn)

@@ -98,7 +98,7 @@ def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | 
     service account (a service account deleted and re-created under the same name is another one)."""
     material = dict(spec.fingerprint_fields())
     material["server"] = server
-    material["ca"] = _ca_digest(ca_pem)
+    material["ca"] = hashlib.sha256(ca_pem).hexdigest()
     if remote_uid:
         material["uid"] = remote_uid
     return hashlib.sha256(_SORTED_JSON.encode(material).encode()).hexdigest()[:16]
@@ -107,11 +107,6 @@ def inputs_hash(spec: ImportSpec, server: str, ca_pem: bytes, remote_uid: str | 
 # What inputs_hash hashes must never change (a changed hash is a new token for every import): json.dumps with
 # sort_keys, by one encoder rather than one built per call.
 _SORTED_JSON = json.JSONEncoder(sort_keys=True)
-
-
-@functools.lru_cache(maxsize=256)  # a handful of sources' CAs, hashed once each rather than on every pass
-def _ca_digest(ca_pem: bytes) -> str:
-    return hashlib.sha256(ca_pem).hexdigest()
 
 
 def data_hash(data: dict[str, Any] | None, length: int = 16) -> str:
