@@ -121,7 +121,7 @@ def test_the_installed_package_has_no_in_memory_api_server_nor_test_dependency(i
     lines = metadata.read_text().splitlines()
     required = [line.split(":", 1)[1].strip() for line in lines if line.startswith("Requires-Dist:")]
     unconditional = {re.split(r"[<>=!~ ;\[]", spec)[0].lower() for spec in required if "extra ==" not in spec}
-    product = {"fastapi", "uvicorn", "kubernetes", "cryptography", "prometheus-client", "pyyaml", "urllib3"}
+    product = {"fastapi", "uvicorn", "kubernetes", "cryptography", "prometheus-client", "pyyaml", "urllib3", "orjson"}
     assert unconditional == product
 
 

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from kubemcsa import jsonwire
 from webhook import mutation
 from webhook.mounts import MAPPING
 
@@ -133,8 +134,8 @@ def parse(body: bytes, *, max_mounts: int | None = None) -> Answer | Pending:
     if len(body) > MAX_BODY_BYTES:
         return bad_request(f"The request body is larger than {MAX_BODY_BYTES} bytes; send a single AdmissionReview.")
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+        document = jsonwire.loads(body)
+    except ValueError:
         return bad_request("The request body is not JSON; send an admission.k8s.io/v1 AdmissionReview.")
     if not isinstance(document, dict):
         return bad_request("The request body is not a JSON object; send an admission.k8s.io/v1 AdmissionReview.")

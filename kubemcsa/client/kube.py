@@ -22,6 +22,7 @@ from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from kubemcsa import jsonwire
 from kubemcsa.client.lean import PATCH_CONTENT_TYPES, LeanStream, json_request, stream_request
 from kubemcsa.contract import api
 
@@ -240,7 +241,7 @@ class Resource:
         response = self._request(method, path, **kwargs)
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return json.loads(response.data) if response.data else {}
+        return jsonwire.loads(response.data) if response.data else {}
 
     def get(self, name: str, namespace: str | None = None, *, timeout: float | None = None) -> JSON:
         return self._json("GET", self.type.path(namespace, name), timeout=timeout)
@@ -337,7 +338,7 @@ class WatchStream:
             for line in self._response.lines():
                 if self._closed:
                     return
-                yield json.loads(line)
+                yield jsonwire.loads(line)
             return
         urllib3_response = self._response.response
         try:
@@ -345,7 +346,7 @@ class WatchStream:
                 if self._closed:
                     return
                 if line:
-                    yield json.loads(line)
+                    yield jsonwire.loads(line)
         finally:
             urllib3_response.release_conn()
 
