@@ -165,6 +165,10 @@ def _with(path: list[str], value: Any) -> dict[str, Any]:
         (b"\xff\xfe", "not JSON"),
         (b"[" * 100_000, "not JSON"),
         (b"1" * 5000, "not JSON"),
+        # What the standard library would accept but Kubernetes never sends (kubemcsa.jsonwire refuses it).
+        (b"[" * 2000 + b"]" * 2000, "not JSON"),
+        (json.dumps({"kind": "AdmissionReview", "request": {"uid": float("nan")}}).encode(), "not JSON"),
+        (b'{"kind": "AdmissionReview", "request": {"uid": "\\ud800"}}', "not JSON"),
         (b"[]", "not a JSON object"),
         (b"{}", "not an AdmissionReview"),
         (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v2"}).encode(), "AdmissionReview"),
