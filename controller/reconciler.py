@@ -139,9 +139,10 @@ class Reconciler:
         self.metrics.source_demand.labels(cluster).set(rate / gate.qps)
 
     # --- what the informers say ---
-    def import_seen(self, obj: dict[str, Any]) -> bool:
-        """The informer delivered the import; True if it is this process's own write coming back."""
-        return self.import_writes.seen(kube.object_key(obj), obj)
+    def import_seen(self, obj: dict[str, Any], wake: Callable[[], None] = lambda: None) -> None:
+        """The informer delivered the import: `wake()` unless it is this process's own write coming back (decided
+        once the write's answer is in, if one is in flight: controller.runtime.writes)."""
+        self.import_writes.delivered(kube.object_key(obj), obj, wake)
 
     def import_deleted(self, key: str) -> None:
         self.import_writes.forget(split_key(key))
@@ -150,12 +151,14 @@ class Reconciler:
             self._held.pop(key, None)
         self.metrics.set_expiry(key, None)
 
-    def secret_seen(self, obj: dict[str, Any], deleted: bool = False) -> bool:
-        """The informer delivered a Secret (or its deletion); True if it is this process's own write coming back."""
+    def secret_seen(self, obj: dict[str, Any], wake: Callable[[], None] = lambda: None, deleted: bool = False) -> None:
+        """The informer delivered a Secret (or its deletion): `wake()` unless it is this process's own write coming
+        back, as import_seen."""
         if deleted:
             self.secret_writes.forget(kube.object_key(obj))
-            return False
-        return self.secret_writes.seen(kube.object_key(obj), obj)
+            wake()
+            return
+        self.secret_writes.delivered(kube.object_key(obj), obj, wake)
 
     def output_seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> bool:
         """An output's informer delivered `obj` (or its deletion); True if it is this process's own write."""
@@ -356,30 +359,32 @@ class Reconciler:
             return imp
         for write in writes.secrets:
             secret_key = kube.object_key(write.body)
-            try:
-                if write.create:
-                    written = self.caches.secrets_api.create(write.body, namespace)
-                else:
-                    written = self.caches.secrets_api.replace(write.body, namespace)
-            except ApiException as exc:
-                if exc.status not in (404, 409):
-                    raise
-                # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
-                self.secret_writes.forget(secret_key)
-                return Result(retry=True, outcome="conflict")
-            self.secret_writes.wrote(secret_key, self.caches.secrets.cache_form(written))
+            with self.secret_writes.writing(secret_key) as wrote:
+                try:
+                    if write.create:
+                        written = self.caches.secrets_api.create(write.body, namespace)
+                    else:
+                        written = self.caches.secrets_api.replace(write.body, namespace)
+                except ApiException as exc:
+                    if exc.status not in (404, 409):
+                        raise
+                    # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
+                    self.secret_writes.forget(secret_key)
+                    return Result(retry=True, outcome="conflict")
+                wrote(self.caches.secrets.cache_form(written))
         for output_write in writes.outputs:
             if not self.outputs.write(output_write, namespace):
                 return Result(retry=True, outcome="conflict")
         if writes.status is not None:
             old = observation.imp.get("status")
             patch = status_patch(old if isinstance(old, dict) else None, writes.status)
-            try:
-                written = self.caches.imports_api.patch_status(name, patch, namespace)
-                self.import_writes.wrote((namespace, name), self.caches.imports.cache_form(written))
-            except ApiException as exc:
-                if exc.status != 404:  # 404: the import was deleted meanwhile, nothing to report on
-                    raise
+            with self.import_writes.writing((namespace, name)) as wrote:
+                try:
+                    written = self.caches.imports_api.patch_status(name, patch, namespace)
+                    wrote(self.caches.imports.cache_form(written))
+                except ApiException as exc:
+                    if exc.status != 404:  # 404: the import was deleted meanwhile, nothing to report on
+                        raise
         for event_type, reason, message in writes.events:
             self.recorder.record(observation.imp, event_type, reason, message)
             if event_type == "Warning" and not writes.retry:

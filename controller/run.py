@@ -8,6 +8,7 @@ the controller makes no API call at all."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import uuid
@@ -45,6 +46,10 @@ BY_CLUSTER = "cluster"
 
 
 BY_REMOTE = "remote"
+
+
+def _nobody() -> None:
+    """The wake-up of a Secret no import owns."""
 
 
 def _spec(imp: dict[str, Any]) -> dict[str, Any]:
@@ -349,17 +354,15 @@ class Controller:
             self.reconciler.import_deleted(key)
             self.manager.queue.forget(key)
             return
-        if not self.reconciler.import_seen(obj):
-            self.manager.queue.add(key)
+        self.reconciler.import_seen(obj, functools.partial(self.manager.queue.add, key))
 
     def _on_secret(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         namespace, _ = kube.object_key(obj)
         if namespace == self.options.system_namespace:
             self.credentials.on_secret(event, obj, old)
-        own_write = self.reconciler.secret_seen(obj, deleted=event == "DELETED")
         import_name = ((obj.get("metadata") or {}).get("labels") or {}).get(api.IMPORT_LABEL)
-        if import_name and not own_write:
-            self.manager.queue.add(import_key(namespace, import_name))
+        wake = functools.partial(self.manager.queue.add, import_key(namespace, import_name)) if import_name else _nobody
+        self.reconciler.secret_seen(obj, wake, deleted=event == "DELETED")
 
     def _on_federated_source(self, event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
         """A federated source was recorded, changed or removed: its imports look again, and ask it afresh."""

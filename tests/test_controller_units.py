@@ -6,6 +6,7 @@ import base64
 import copy
 import os
 import time
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -432,6 +433,55 @@ def test_only_the_echo_of_our_own_write_is_said_to_be_ours() -> None:
     writes.forget(key)
     writes.wrote(key, ours)
     assert writes.seen(key, {"metadata": {}}) is False  # no version says nothing
+
+
+def test_a_delivery_during_our_write_wakes_only_if_the_answer_says_it_was_not_our_version() -> None:
+    # The echo often comes before the write's own answer. Whatever else comes meanwhile (an attacker's edit just
+    # before ours, a version-less object, a failed write) must still wake the import, once the answer is in.
+    writes = RecentWrites(ttl=30, clock=FakeClock())
+    key = ("ns", "x")
+    woken: list[str] = []
+
+    def wake(why: str) -> Callable[[], None]:
+        return lambda: woken.append(why)
+
+    ours = {"metadata": {"resourceVersion": "b"}}
+    with writes.writing(key) as wrote:
+        writes.delivered(key, ours, wake("our echo, early"))
+        assert woken == []  # held: nobody can tell yet whose version this is
+        wrote(ours)
+    assert woken == []
+    assert writes.get(key, None) is None  # the cache already holds it: nothing stands in
+
+    with writes.writing(key) as wrote:
+        writes.delivered(key, {"metadata": {"resourceVersion": "c"}}, wake("their edit"))
+        writes.delivered(key, {"metadata": {}}, wake("no version"))
+        writes.delivered(key, {"metadata": {"resourceVersion": "d"}}, wake("our echo"))
+        wrote({"metadata": {"resourceVersion": "d"}})
+    assert woken == ["their edit", "no version"]
+
+    woken.clear()
+    with writes.writing(key):  # a conflict or an error: nothing written, every held wake-up is given
+        writes.delivered(key, {"metadata": {"resourceVersion": "e"}}, wake("during a failed write"))
+    assert woken == ["during a failed write"]
+
+    woken.clear()
+    with pytest.raises(RuntimeError), writes.writing(key):
+        writes.delivered(key, {"metadata": {"resourceVersion": "f"}}, wake("during a crash"))
+        raise RuntimeError
+    assert woken == ["during a crash"]
+
+    woken.clear()
+    writes.delivered(key, {"metadata": {"resourceVersion": "g"}}, wake("no write in flight"))
+    assert woken == ["no write in flight"]
+
+    woken.clear()
+    with writes.writing(key) as wrote:  # edits in a loop meanwhile: a bounded number held, the rest given at once
+        for index in range(100):
+            writes.delivered(key, {"metadata": {"resourceVersion": f"h{index}"}}, wake(f"edit {index}"))
+        assert len(woken) == 96
+        wrote({"metadata": {"resourceVersion": "ours"}})
+    assert len(woken) == 100
 
 
 def test_delivered_versions_are_remembered_for_seconds_not_per_object_for_good() -> None:

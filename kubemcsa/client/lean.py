@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import json
 import logging
 import socket
 import threading
@@ -49,6 +48,7 @@ from urllib3.exceptions import TimeoutError as Urllib3TimeoutError
 from urllib3.util.retry import Retry
 from urllib3.util.ssl_match_hostname import CertificateError
 
+from kubemcsa import jsonwire
 from kubemcsa.client import http11
 
 # urlopen's own logger, for the retries it would log: the same logging configuration applies to them.
@@ -122,7 +122,7 @@ def _prepared(
     query: list[tuple[str, Any]] | None,
     body: Any,
     content_type: str,
-) -> tuple[dict[str, str], str, str | None]:
+) -> tuple[dict[str, str], str, bytes | None]:
     """(headers, path with its query, JSON body) of a call, with the client's auth, cookie and default headers."""
     configuration = api_client.configuration
     headers = {**api_client.default_headers, "Accept": "application/json", "Content-Type": content_type}
@@ -136,12 +136,8 @@ def _prepared(
         path += "?" + urlencode(pairs, quote_via=quote)
     if content_type == PATCH_CONTENT_TYPES["json"] and not isinstance(body, list):
         headers["Content-Type"] = PATCH_CONTENT_TYPES["strategic"]  # as the REST client does for such a body
-    payload = None if body is None or method in ("GET", "HEAD") else _COMPACT_JSON.encode(body)
+    payload = None if body is None or method in ("GET", "HEAD") else jsonwire.dumps(body)
     return headers, path, payload
-
-
-# json.dumps(body, separators=(",", ":")), by one encoder rather than one built per request.
-_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def _tls_failure(exc: SSLError) -> ApiException:
@@ -254,7 +250,7 @@ def _send(
     headers, path, payload = _prepared(api_client, method, path, query, body, content_type)
     target = _target_of(pool_manager, api_client.configuration.host)
     url = target.prefix + path
-    data = http11.request_bytes(method, url, target.host_header, headers, None if payload is None else payload.encode())
+    data = http11.request_bytes(method, url, target.host_header, headers, payload)
     try:
         return target, _round_trip(target, method, url, data, _timeouts(timeout))
     except SSLError as exc:
