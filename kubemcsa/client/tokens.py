@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
+from kubemcsa import jsonwire
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.imports import IssuedToken
@@ -69,7 +69,7 @@ def unverified_claims(token: str) -> dict[str, Any]:
     if len(parts) != 3:
         return {}
     try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        claims = jsonwire.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return {}
     return claims if isinstance(claims, dict) else {}
