@@ -139,7 +139,7 @@ class Reconciler:
         self.metrics.source_demand.labels(cluster).set(rate / gate.qps)
 
     # --- what the informers say ---
-    def import_seen(self, obj: dict[str, Any], wake: Callable[[], None] = lambda: None) -> None:
+    def import_seen(self, obj: dict[str, Any], wake: Callable[[], None]) -> None:
         """The informer delivered the import: `wake()` unless it is this process's own write coming back (decided
         once the write's answer is in, if one is in flight: controller.runtime.writes)."""
         self.import_writes.delivered(kube.object_key(obj), obj, wake)
@@ -151,7 +151,7 @@ class Reconciler:
             self._held.pop(key, None)
         self.metrics.set_expiry(key, None)
 
-    def secret_seen(self, obj: dict[str, Any], wake: Callable[[], None] = lambda: None, deleted: bool = False) -> None:
+    def secret_seen(self, obj: dict[str, Any], wake: Callable[[], None], deleted: bool = False) -> None:
         """The informer delivered a Secret (or its deletion): `wake()` unless it is this process's own write coming
         back, as import_seen."""
         if deleted:
@@ -160,9 +160,10 @@ class Reconciler:
             return
         self.secret_writes.delivered(kube.object_key(obj), obj, wake)
 
-    def output_seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> bool:
-        """An output's informer delivered `obj` (or its deletion); True if it is this process's own write."""
-        return self.outputs.seen(output, obj, deleted)
+    def output_seen(self, output: str, obj: dict[str, Any], wake: Callable[[], None], deleted: bool = False) -> None:
+        """An output's informer delivered `obj` (or its deletion): `wake()` unless it is this process's own write
+        coming back, as import_seen."""
+        self.outputs.seen(output, obj, wake, deleted)
 
     # --- the pass ---
     def reconcile(self, key: str) -> Result:

@@ -23,9 +23,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import orjson
 import yaml
 
+from kubemcsa import jsonwire
 from kubemcsa_testing import errors, openapi, patch, protobuf, rbac, table, tokens
 from kubemcsa_testing.auth import ADMIN, Authenticator
 from kubemcsa_testing.clients import ClusterClients
@@ -90,7 +90,7 @@ def compact_json(value: Any) -> bytes:
     was the largest cost of this server at fleet scale), or the standard library's for what orjson refuses (a lone
     surrogate a client sent, an integer over 64 bits), so that whatever was stored can be answered."""
     try:
-        return orjson.dumps(value)
+        return jsonwire.dumps(value)
     except TypeError:
         return json.dumps(value, separators=(",", ":")).encode()
 

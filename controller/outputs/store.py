@@ -4,6 +4,7 @@ per output: a delete already seen there is not sent twice)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +32,14 @@ class OutputStore:
         self.caches = caches
         self.recent = {name: RecentWrites() for name in caches}
 
-    def seen(self, output: str, obj: dict[str, Any], deleted: bool = False) -> bool:
-        """The output's informer delivered `obj` (or its deletion); True if it is this process's own write."""
+    def seen(self, output: str, obj: dict[str, Any], wake: Callable[[], None], deleted: bool = False) -> None:
+        """The output's informer delivered `obj` (or its deletion): `wake()` unless it is this process's own write
+        coming back (controller.runtime.writes.RecentWrites.delivered)."""
         if deleted:
             self.recent[output].forget(kube.object_key(obj))
-            return False
-        return self.recent[output].seen(kube.object_key(obj), obj)
+            wake()
+            return
+        self.recent[output].delivered(kube.object_key(obj), obj, wake)
 
     def observe(self, namespace: str, name: str) -> dict[str, Observed]:
         """Each output's object for import `name` in `namespace`, as cached or as last written."""
@@ -75,22 +78,23 @@ class OutputStore:
                     raise
             recent.deleted(key)
             return True
-        try:
-            if write.create:
-                written = resource.create(write.body, namespace)
-            else:
-                written = resource.replace(write.body, namespace)
-            status = write.body.get("status")
-            if status is not None and written.get("status") != status:
-                # A status subresource ignores status on create and replace: it is written on its own.
-                written = resource.replace_status({**written, "status": status}, namespace)
-        except ApiException as exc:
-            if exc.status not in (404, 409):
-                raise
-            # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
-            recent.forget(key)
-            return False
-        recent.wrote(key, written)
+        with recent.writing(key) as wrote:
+            try:
+                if write.create:
+                    written = resource.create(write.body, namespace)
+                else:
+                    written = resource.replace(write.body, namespace)
+                status = write.body.get("status")
+                if status is not None and written.get("status") != status:
+                    # A status subresource ignores status on create and replace: it is written on its own.
+                    written = resource.replace_status({**written, "status": status}, namespace)
+            except ApiException as exc:
+                if exc.status not in (404, 409):
+                    raise
+                # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
+                recent.forget(key)
+                return False
+            wrote(written)
         return True
 
 

@@ -65,11 +65,12 @@ class OutputWatches:
     def route(
         self,
         imports: Informer,
-        seen: Callable[[str, dict[str, Any], bool], bool],
+        seen: Callable[[str, dict[str, Any], Callable[[], None], bool], None],
         wake: Callable[[str, str], None],
     ) -> None:
-        """Each output's events go to `seen`, then wake the import they concern (`wake(namespace, name)`). Call
-        before `imports` starts (it gains an index)."""
+        """Each output's events go to `seen`, with the wake-up of the import they concern (`wake(namespace,
+        name)`) for it to give unless the event is the controller's own write. Call before `imports` starts (it
+        gains an index)."""
         self._imports, self._wake = imports, wake
         # Which imports ask for an optional output, without a scan of every import on each poll.
         imports.add_index(ASKS_FOR, _outputs_asked)
@@ -82,16 +83,20 @@ class OutputWatches:
             if output.watch.optional:
                 self._start_if_served(output)
 
-    def _handler(self, output: Output, seen: Callable[[str, dict[str, Any], bool], bool]) -> EventHandler:
+    def _handler(
+        self, output: Output, seen: Callable[[str, dict[str, Any], Callable[[], None], bool], None]
+    ) -> EventHandler:
         def on_event(event: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
             """An output's object changed (a foreign one of a name an import uses, or ours by another hand): that
             import looks again. The echo of the controller's own write wakes nobody: the pass that wrote it knew."""
-            if seen(output.name, obj, event == "DELETED"):
-                return
             namespace, _ = kube.object_key(obj)
             import_name = output.watch.import_for(obj)
-            if import_name and self._imports.get(import_name, namespace) is not None:
-                self._wake(namespace, import_name)
+
+            def wake() -> None:
+                if import_name and self._imports.get(import_name, namespace) is not None:
+                    self._wake(namespace, import_name)
+
+            seen(output.name, obj, wake, event == "DELETED")
 
         return on_event
 
