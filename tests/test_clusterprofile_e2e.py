@@ -73,7 +73,7 @@ class Env:
     def __init__(self, make_server: Callable[..., Any], tmp: Path, *, crd: bool = True, lifetime: int = 8) -> None:
         self.tmp = tmp
         self.c1 = make_server(name="cluster1")
-        self.c2 = make_server(name="cluster2", max_token_expiration_seconds=lifetime)
+        self.c2 = make_server(name="cluster2")
         self.admin1, self.admin2 = self.c1.admin_client(), self.c2.admin_client()
         for part in ("crd/serviceaccountimports.yaml", "crd/user-roles.yaml", "namespace.yaml"):
             create_file(self.admin1, MANIFESTS / part)
@@ -100,6 +100,9 @@ class Env:
         create_or_get(self.admin2, {**pod, "spec": {"containers": [{"name": "web", "image": "nginx"}]}})
         token = self.c2.issue_token("default", "importer")
         self.sources = self.c2.write_kubeconfig(tmp / "sources", context="cluster2", token=token)
+        # Only the imports' tokens live `lifetime`: the controller's own credential (a static kubeconfig nobody
+        # refreshes) is issued before the cap, or a test longer than that on a loaded machine would meet a 401.
+        self.c2.max_token_expiration_seconds = lifetime
         self.imports = kube.Resource(self.admin1, kube.SERVICE_ACCOUNT_IMPORTS)
         self.profiles = kube.Resource(self.admin1, CLUSTER_PROFILES)
         self.controller: Controller | None = None
