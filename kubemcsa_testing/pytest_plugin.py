@@ -117,8 +117,9 @@ def real_control_planes() -> Iterator[tuple[ControlPlane, ControlPlane]]:
         try:
             yield planes
         finally:
-            for plane in reversed(planes):
-                plane.stop()
+            with ThreadPoolExecutor(2) as pool:  # both at once
+                for future in [pool.submit(plane.stop) for plane in planes]:
+                    future.result()
 
 
 def fresh_real_clusters(request: pytest.FixtureRequest) -> tuple[ControlPlane, ControlPlane]:
