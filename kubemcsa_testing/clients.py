@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 from typing import Any
 
 import yaml
+
+MOUNTED_AGO = 5.0  # seconds: longer than the controller's settle time (controller.source_clusters.SETTLE_SECONDS)
 
 
 class ClusterClients:
@@ -48,11 +51,17 @@ class ClusterClients:
     def write_kubeconfig(
         self, path: str | os.PathLike[str], context: str | None = None, token: str | None = None
     ) -> str:
-        """Write the kubeconfig (mode 0600: it holds a token) and return its path."""
+        """Write the kubeconfig (mode 0600: it holds a token) and return its path.
+
+        Its modification time is set back MOUNTED_AGO seconds, as that of a file mounted before the process that
+        reads it starts: the controller waits for a source kubeconfig written under a second ago to settle (a writer
+        may pause between two writes), which would otherwise cost every test that starts a controller a second."""
         text = yaml.safe_dump(self.kubeconfig(context=context, token=token), sort_keys=False)
         fd = os.open(os.fspath(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        back = time.time_ns() - int(MOUNTED_AGO * 1e9)
+        os.utime(path, ns=(back, back))
         return os.fspath(path)
 
     def admin_client(self) -> Any:
