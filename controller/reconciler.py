@@ -46,7 +46,7 @@ from controller.trust_checks import FederatedSources, TrustChecks
 from kubemcsa.client import kube
 from kubemcsa.client.informer import Informer
 from kubemcsa.contract import api
-from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, share_ca
+from kubemcsa.contract.imports import ImportToken, is_controlled_by, is_pinned, share_ca, share_token
 from kubemcsa.contract.spec import TOKEN_TYPE_FEDERATED, SpecError, parse_spec
 
 log = logging.getLogger(__name__)
@@ -372,7 +372,8 @@ class Reconciler:
                     # The cache was behind (someone created, edited or deleted it meanwhile): look again soon.
                     self.secret_writes.forget(secret_key)
                     return Result(retry=True, outcome="conflict")
-                wrote(self.caches.secrets.cache_form(written))
+                cached = self.caches.secrets.cache_form(written)
+                wrote(share_token(cached, writes.remember.credentials.token) if writes.remember else cached)
         for output_write in writes.outputs:
             if not self.outputs.write(output_write, namespace):
                 return Result(retry=True, outcome="conflict")

@@ -426,6 +426,14 @@ def secret_is_current(secret: dict[str, Any], wanted_inputs: str, now: float) ->
     return refresh_at is None or now < refresh_at
 
 
+def share_token(cached_secret: dict[str, Any], token: str) -> dict[str, Any]:
+    """`cached_secret` (in the cache's form) holding `token`, the very string held in memory, if that is the token
+    it holds: the cache form decodes its own copy from the Secret written (a kilobyte per import)."""
+    if cached_secret.get(CACHED_TOKEN) == token:
+        cached_secret[CACHED_TOKEN] = token
+    return cached_secret
+
+
 def share_ca(token: ImportToken, cas: dict[bytes, bytes]) -> ImportToken:
     """`token` holding the one copy of its CA that every token of its source holds (`cas`: CA -> that copy, kept
     by the caller): each token read back from a Secret otherwise holds its own copy of the same bytes."""
