@@ -33,14 +33,19 @@ _STOP = object()
 LegacyTokenMaker = Callable[[str, Obj, Obj], str]  # (namespace, service account, secret) -> token
 
 
-def needs_handling(event: Event) -> bool:
-    """Does any controller act on this event (what Controllers.handle looks at)? Deletions, objects with owners
-    or being deleted, and new service-account token Secrets; not, say, a status update of an ownerless object."""
+def needs_handling(event: Event, owner_exists: Callable[[str], bool] = lambda uid: False) -> bool:
+    """Does any controller act on this event (what Controllers.handle looks at)? Deletions, objects being deleted,
+    objects with an owner that `owner_exists` does not know (by uid), and new service-account token Secrets; not,
+    say, a status update of an ownerless object, or a write of an object whose owners all exist (an owner deleted
+    later brings its dependents back in with its own deletion)."""
     if event.type == "DELETED":
         return True
     obj = event.obj
     meta = obj["metadata"]
-    if meta.get("ownerReferences") or meta.get("deletionTimestamp"):
+    if meta.get("deletionTimestamp"):
+        return True
+    refs = meta.get("ownerReferences")
+    if refs and not all(isinstance(ref, dict) and owner_exists(str(ref.get("uid", ""))) for ref in refs):
         return True
     return event.storage_key == "/secrets" and obj.get("type") == SA_TOKEN_TYPE and event.type == "ADDED"
 
@@ -58,7 +63,8 @@ class Controllers:
         cluster.store.add_listener(self._on_event)
 
     def _on_event(self, event: Event) -> None:
-        if not needs_handling(event):
+        # Called under the store's lock, so the owners looked up are those of this very write.
+        if not needs_handling(event, self.cluster.store.uid_exists):
             return  # most writes concern no controller: no wake-up of the worker for them
         self._idle.clear()
         self._queue.put(event)

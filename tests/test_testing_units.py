@@ -421,6 +421,12 @@ def test_controllers_are_woken_only_for_events_they_act_on() -> None:
     assert not needs_handling(event("MODIFIED", "multicluster.admiralty.io/serviceaccountimports"))
     assert needs_handling(event("DELETED"))
     assert needs_handling(event("MODIFIED", meta={"ownerReferences": [{"uid": "o"}]}))
+    owned = event("ADDED", meta={"ownerReferences": [{"uid": "o"}, {"uid": "p"}]})
+    assert not needs_handling(owned, owner_exists={"o", "p"}.__contains__)  # nothing to collect
+    assert needs_handling(owned, owner_exists={"o"}.__contains__)  # one owner gone: drop its reference
+    assert needs_handling(event("ADDED", meta={"ownerReferences": ["not an object"]}), owner_exists=lambda uid: True)
+    being_deleted = {"ownerReferences": [{"uid": "o"}], "deletionTimestamp": "2026-01-01T00:00:00Z"}
+    assert needs_handling(event("MODIFIED", meta=being_deleted), owner_exists=lambda uid: True)
     assert needs_handling(event("MODIFIED", meta={"deletionTimestamp": "2026-01-01T00:00:00Z"}))
     token = {"type": "kubernetes.io/service-account-token"}
     assert needs_handling(event("ADDED", "/secrets", **token))
