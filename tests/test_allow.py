@@ -19,7 +19,7 @@ from kubemcsa.cli import allow
 from kubemcsa.client import kube
 from kubemcsa.contract import api
 from kubemcsa.contract.credentials import from_secret_data
-from kubemcsa.contract.export_policy import parse_export_to, parse_pattern
+from kubemcsa.contract.export_policy import MAX_EXPORT_TO_ENTRIES, parse_export_to, parse_pattern
 from kubemcsa_testing.wait import wait_for
 
 CRD = Path(__file__).resolve().parents[1] / "manifests" / "crd" / "serviceaccountimports.yaml"
@@ -111,6 +111,32 @@ def test_the_written_annotation_parses_back() -> None:
     plan = allow.plan_allow(account(exported=False), targets("cluster1/team-a,cluster1/ci-*"))
     written = plan.service_account_patch["metadata"]["annotations"][api.EXPORT_TO_ANNOTATION]
     assert parse_export_to(written).patterns == (parse_pattern("cluster1/team-a"), parse_pattern("cluster1/ci-*"))
+
+
+def test_an_annotation_over_the_cap_is_never_rewritten_without_what_it_says() -> None:
+    over = ", ".join(f"cluster1/team-{i}" for i in range(MAX_EXPORT_TO_ENTRIES + 1))
+    for plan in (
+        lambda: allow.plan_allow(account(over), targets("cluster3/ci")),
+        lambda: allow.plan_disallow(account(over), targets("cluster1/team-1")),
+    ):
+        with pytest.raises(allow.AllowError, match="left as it is rather than rewritten") as info:
+            plan()
+        assert str(info.value).count(". ") == 0 and "--all" in str(info.value)
+    # Withdrawing everything needs nothing of what it says.
+    assert allow.plan_disallow(account(over), None).export_to == ()
+
+
+def test_allow_never_writes_what_consumers_would_not_read() -> None:
+    at_cap = ", ".join(f"cluster1/team-{i}" for i in range(MAX_EXPORT_TO_ENTRIES))
+    with pytest.raises(allow.AllowError, match="cover many namespaces with one pattern such as cluster1/team-"):
+        allow.plan_allow(account(at_cap), targets("cluster3/ci"))
+    assert len(allow.plan_allow(account(at_cap), targets("cluster1/team-0")).export_to) == MAX_EXPORT_TO_ENTRIES
+
+
+def test_items_that_allowed_nobody_are_said_when_left_out() -> None:
+    plan = allow.plan_allow(account("cluster1/team-a, oops, cluster1/Team_B"), targets("cluster3/ci"))
+    assert [str(p) for p in plan.export_to] == ["cluster1/team-a", "cluster3/ci"]
+    assert plan.dropped == ("oops", "cluster1/Team_B")  # as the owner wrote them
 
 
 # --- against two clusters --------------------------------------------------------------------------------------------
@@ -243,6 +269,28 @@ def test_errors_are_one_sentence(clusters, capsys) -> None:
 
     assert run(clusters, "allow", "--to", "prod-*/ci") == cli.EXIT_ERROR
     assert "is a pattern; name each consumer cluster" in capsys.readouterr().err
+
+
+def test_allow_leaves_an_annotation_it_cannot_read_as_it_is(clusters, capsys) -> None:
+    accounts = kube.Resource(clusters["cluster2"].admin_client(), kube.SERVICE_ACCOUNTS)
+    over = "cluster1/team-a " * (MAX_EXPORT_TO_ENTRIES + 1)
+    accounts.patch("bot", {"metadata": {"annotations": {api.EXPORT_TO_ANNOTATION: over}}}, "team-x")
+    before = accounts.get("bot", "team-x")["metadata"]["resourceVersion"]
+    assert run(clusters, "allow", "--to", "cluster1/ci") == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "shorten it with kubectl annotate" in err
+    assert accounts.get("bot", "team-x")["metadata"]["resourceVersion"] == before
+    assert forbidden(clusters, "bot").status == 403  # nothing was granted either
+
+    assert run(clusters, "disallow", "--all") == 0
+    assert api.EXPORT_TO_ANNOTATION not in (accounts.get("bot", "team-x")["metadata"].get("annotations") or {})
+    capsys.readouterr()
+
+    accounts.patch("bot", {"metadata": {"annotations": {api.EXPORT_TO_ANNOTATION: "cluster1/team-a, oops"}}}, "team-x")
+    assert run(clusters, "allow", "--to", "cluster1/ci") == 0
+    assert "Note: export-to no longer lists 'oops', which is not CLUSTER/NAMESPACE" in capsys.readouterr().out
+    exported = accounts.get("bot", "team-x")["metadata"]["annotations"][api.EXPORT_TO_ANNOTATION]
+    assert exported == "cluster1/team-a, cluster1/ci"
 
 
 def _minted(clusters: dict, name: str) -> bool:

@@ -30,7 +30,16 @@ from kubemcsa.client import kube
 from kubemcsa.client.apply import MANAGED_BY_LABEL, MANAGED_BY_VALUE, Applier, Cluster, Result
 from kubemcsa.client.apply import ApplyError as BootstrapError
 from kubemcsa.contract import api
-from kubemcsa.contract.export_policy import ExportPattern, export_to_of, format_export_to, glob_match, parse_pattern
+from kubemcsa.contract.export_policy import (
+    MAX_EXPORT_TO_ENTRIES,
+    MAX_EXPORT_TO_LENGTH,
+    ExportPattern,
+    ExportTo,
+    export_to_of,
+    format_export_to,
+    glob_match,
+    parse_pattern,
+)
 
 JSON = dict[str, Any]
 # On the Role and RoleBinding: the service account they export (hashed when too long for a label value).
@@ -54,6 +63,8 @@ class ExportPlan:
     role: JSON | None  # None: there should be none
     binding: JSON | None
     still_allowed: tuple[tuple[ExportPattern, ExportPattern], ...] = ()  # (asked to disallow, still matched by)
+    # Items of the annotation that are not patterns (they allowed nobody): the rewritten annotation leaves them out.
+    dropped: tuple[str, ...] = ()
 
     @property
     def consumers(self) -> tuple[str, ...]:
@@ -139,6 +150,13 @@ def _plan(service_account: JSON, export_to: tuple[ExportPattern, ...]) -> Export
     labels = meta.get("labels") or {}
     annotations = meta.get("annotations") or {}
     value = format_export_to(export_to)
+    if len(export_to) > MAX_EXPORT_TO_ENTRIES or len(value) > MAX_EXPORT_TO_LENGTH:
+        # Written, it would export to nobody: consumer controllers do not read an annotation over their caps.
+        raise AllowError(
+            f"service account {namespace}/{name} would be exported to {len(export_to)} patterns "
+            f"({len(value)} characters), more than the {MAX_EXPORT_TO_ENTRIES} patterns or {MAX_EXPORT_TO_LENGTH} "
+            "characters consumer controllers read; cover many namespaces with one pattern such as cluster1/team-*."
+        )
     if export_to:
         wanted_label, wanted_annotation = api.EXPORTED_LABEL_VALUE, value
     else:
@@ -159,30 +177,47 @@ def _plan(service_account: JSON, export_to: tuple[ExportPattern, ...]) -> Export
     )
 
 
+def _readable_export_to(service_account: JSON) -> ExportTo:
+    """What its owner allowed so far, to build on; AllowError if the annotation is over a cap: it cannot be read, so
+    rewriting it would lose what it says."""
+    current = export_to_of(service_account)
+    if current.too_large:
+        meta = service_account.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        raise AllowError(
+            f"the {api.EXPORT_TO_ANNOTATION} annotation of service account {namespace}/{name} {current.too_large}, "
+            "so it is left as it is rather than rewritten without what it says; shorten it with kubectl annotate, "
+            f"or withdraw it all with `kubemcsa disallow {name} -n {namespace} --all`, then run this again."
+        )
+    return current
+
+
 def plan_allow(service_account: JSON, targets: Iterable[ExportPattern]) -> ExportPlan:
     """The export of `service_account` with `targets` added to what its owner already allowed."""
-    current = export_to_of(service_account).patterns
-    return _plan(service_account, tuple(dict.fromkeys((*current, *targets))))
+    current = _readable_export_to(service_account)
+    plan = _plan(service_account, tuple(dict.fromkeys((*current.patterns, *targets))))
+    return dataclasses.replace(plan, dropped=current.rejected)
 
 
 def plan_disallow(service_account: JSON, targets: Iterable[ExportPattern] | None) -> ExportPlan:
-    """The export of `service_account` without the patterns `targets` cover (None: without any)."""
-    current = export_to_of(service_account).patterns
+    """The export of `service_account` without the patterns `targets` cover (None: without any, whatever its
+    annotation says)."""
     if targets is None:
         return _plan(service_account, ())
+    current = _readable_export_to(service_account)
     targets = tuple(targets)
 
     def covered(p: ExportPattern) -> bool:
         return any(glob_match(t.cluster, p.cluster) and glob_match(t.namespace, p.namespace) for t in targets)
 
-    kept = tuple(p for p in current if not covered(p))
+    kept = tuple(p for p in current.patterns if not covered(p))
     still = tuple(
         (t, p)
         for t in targets
         for p in kept
         if t.cluster_is_literal and "*" not in t.namespace and p.matches(t.cluster, t.namespace)
     )
-    return dataclasses.replace(_plan(service_account, kept), still_allowed=still)
+    return dataclasses.replace(_plan(service_account, kept), still_allowed=still, dropped=current.rejected)
 
 
 def summary(plan: ExportPlan, source: str) -> str:
@@ -354,6 +389,9 @@ def run(args: argparse.Namespace) -> int:
         plan = apply(client, info.cluster_name, namespace, args.name, decide, report=report)
     finally:
         client.close()
+    if plan.dropped and plan.service_account_patch is not None:
+        left_out = ", ".join(repr(item) for item in plan.dropped)
+        print(f"Note: export-to no longer lists {left_out}, which is not CLUSTER/NAMESPACE and allowed nobody.")
     for asked, still in plan.still_allowed:
         print(f"Note: {asked} may still import it, as {still} still allows it; disallow {still} too if you mean it.")
     print(summary(plan, info.cluster_name))
