@@ -167,6 +167,14 @@ class ExportWatches:
             informers = list(watch.informers.values()) if watch is not None else []
         return any(i.last_error is not None and not i.has_synced for i in informers)
 
+    def unreachable(self, source: str) -> bool:
+        """True while the last list or watch of some informer of `source`'s export watch got no answer: the source
+        or the way to it is down, though imports holding valid tokens make no call that would say so."""
+        with self._lock:
+            watch = self._watches.get(source)
+            informers = list(watch.informers.values()) if watch is not None else []
+        return any(i.last_error == 0 for i in informers)
+
     def forget(self, source: str) -> None:
         """Stop the watch of a source the controller no longer knows."""
         with self._lock:

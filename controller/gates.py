@@ -159,6 +159,15 @@ def capacity(qps: float, token_seconds: float) -> int:
     return int(qps * api.REFRESH_FRACTION * token_seconds)
 
 
+def reachability_changes(
+    unreachable: set[str], told: set[str], told_at: dict[str, float], now: float, hold: float
+) -> set[str]:
+    """The sources whose reachability to tell their imports now: those found `unreachable` (or not) unlike what
+    they were last `told`, unless they were told less than `hold` seconds ago (`told_at`): a source that flaps
+    wakes its imports at most once per `hold`, and is told its latest state once the hold is over."""
+    return {name for name in unreachable ^ told if now - told_at.get(name, float("-inf")) >= hold}
+
+
 class SourceGate:
     def __init__(
         self,

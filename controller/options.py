@@ -56,4 +56,7 @@ class Options:
     # An optional output whose type is not served (its CRD not installed): how often discovery is asked again,
     # only while an import asks for that output.
     output_recheck_seconds: float = 60.0
+    # A source that turns unreachable or reachable wakes its imports (their outputs say its health) at most once in
+    # this long: one that flaps costs its imports' reconciles no more often.
+    reachability_hold_seconds: float = 10.0
     clock: Callable[[], float] = field(default=time.time, compare=False)

@@ -239,6 +239,15 @@ class Reconciler:
             credential_unpinned=unpinned,
         )
 
+    def source_unreachable(self, source: str) -> str | None:
+        """Why the controller itself cannot reach `source` now (None: it can), from its calls and its export
+        watch: what an import's outputs say of the source's health."""
+        if self.gates.gate(source).is_open:
+            return "the controller's calls to it fail and wait for a probe"
+        if self.exports.unreachable(source):
+            return "the controller's watch of its exported service accounts gets no answer"
+        return None
+
     def _source_view(self, imp: dict[str, Any], source: SourceCluster | None, federated: Any) -> SourceView | None:
         """What the controller itself knows of the import's source, for its outputs; the source's version is
         asked once per source (and remembered) only when an output of this import wants it."""
@@ -249,12 +258,11 @@ class Reconciler:
             view = SourceView(cluster, federated.server, federated.ca_pem, federated=True)
             fingerprint, client = "", None
         elif source is not None:
-            open_circuit = self.gates.gate(source.name).is_open
             view = SourceView(
                 cluster,
                 source.server,
                 source.ca_pem,
-                unreachable="the controller's calls to it fail and wait for a probe" if open_circuit else None,
+                unreachable=self.source_unreachable(source.name),
                 credential_expires_at=source.credential_expires_at,
             )
             fingerprint, client = source.fingerprint, lambda: self.sources.client(source)

@@ -19,7 +19,7 @@ from kubernetes.client import ApiClient
 
 from controller.credentials import SystemCredentials
 from controller.export_watches import ExportWatches
-from controller.gates import SourceGates
+from controller.gates import SourceGates, reachability_changes
 from controller.metrics import Metrics
 from controller.options import Options
 from controller.outputs import OUTPUTS
@@ -72,6 +72,8 @@ class Controller:
         self.identity = options.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         self._started_at = options.clock()
         self._credentials_loaded = False
+        self._unreachable: set[str] = set()  # the sources the controller could not reach at its last look
+        self._reachability_told_at: dict[str, float] = {}
         self.metrics = Metrics()
         self.sources = SourceRegistry(
             source_kubeconfig=options.source_kubeconfig,
@@ -283,11 +285,28 @@ class Controller:
         # Open circuits are probed on time; a tick finer than the shortest probe backoff.
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
+        self.manager.run_every(tick, self._poll_reachability, "source-reachability")
         self.manager.spawn(self._dispatch_tokens, "source-dispatcher")
         self.manager.start()
         self.outputs.start_optional()
         log.info("controller %s started (namespace: %s)", self.identity, self.options.namespace or "all")
         return self
+
+    def _poll_reachability(self) -> None:
+        """The imports of a source that turned unreachable, or reachable again, look again: their outputs say it
+        (a ClusterProfile's ControlPlaneHealthy) at once, not at the next refresh or resync; once per change, and
+        at most once per reachability_hold_seconds for each source."""
+        now = self.options.clock()
+        names = set(self.sources.names())
+        unreachable = {name for name in names if self.reconciler.source_unreachable(name) is not None}
+        told = self._unreachable & names
+        changes = reachability_changes(
+            unreachable, told, self._reachability_told_at, now, self.options.reachability_hold_seconds
+        )
+        self._unreachable = told ^ changes
+        for name in sorted(changes):
+            self._reachability_told_at[name] = now
+            self._wake(import_key(*kube.object_key(imp)) for imp in self.imports.by_index(BY_CLUSTER, name))
 
     def _dispatch_tokens(self) -> None:
         """Each source's rate-limit tokens, as they come, to the imports next in line (gates.FairQueue)."""

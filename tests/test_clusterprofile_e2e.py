@@ -359,6 +359,34 @@ def test_a_cluster_profile_works_with_kubeconfig_secretreader_and_kubemcsa_and_s
     assert env.condition("prod", "Ready")["status"] == "True"
 
 
+def test_a_source_down_turns_its_profile_unhealthy_though_no_import_calls_it(make_env) -> None:
+    """An import whose token is valid for an hour makes no call to its source, yet its ClusterProfile's health
+    follows the source: the controller's watch of the source's exports says when it stops and starts answering.
+    The import's token is kept meanwhile (it is still valid)."""
+    env = make_env(lifetime=3600)
+    env.start(reachability_hold_seconds=0.5)
+    env.create_import("prod")
+    env.wait_condition("prod", "Ready", "True", api.REASON_TOKEN_ISSUED)
+
+    def health(status: str) -> dict[str, Any] | None:
+        profile = env.profile("prod") or {}
+        found = [c for c in (profile.get("status") or {}).get("conditions") or [] if c["type"] == cp.CONDITION_HEALTHY]
+        return found[0] if found and found[0]["status"] == status else None
+
+    wait_for(lambda: health("True"), what="ControlPlaneHealthy=True")
+    secret = kube.Resource(env.admin1, kube.SECRETS).get("prod-token", FLEET)
+
+    env.c2.make_unreachable()
+    down = wait_for(lambda: health("False"), what="ControlPlaneHealthy=False while cluster2 is down")
+    assert down["reason"] == "Unreachable" and "cluster2 does not answer" in down["message"]
+    assert env.condition("prod", "Ready")["status"] == "True"  # its token is still valid: nothing is lost
+    assert kube.Resource(env.admin1, kube.SECRETS).get("prod-token", FLEET)["data"] == secret["data"]
+
+    env.c2.make_reachable()
+    up = wait_for(lambda: health("True"), what="ControlPlaneHealthy=True once cluster2 answers again")
+    assert up["reason"] == "Reachable"
+
+
 def _exp(token: str) -> float:
     from kubemcsa.client.tokens import unverified_claims
 
@@ -367,7 +395,7 @@ def _exp(token: str) -> float:
 
 def test_kubemcsa_credentials_says_why_in_one_sentence_and_prints_no_token(make_env) -> None:
     env = make_env(lifetime=3600)
-    env.start()
+    env.start(reachability_hold_seconds=0.5)
     env.create_import("prod")
     env.wait_condition("prod", cp.CONDITION_CLUSTER_PROFILE, "True", cp.REASON_WRITTEN)
     profile = env.profile("prod")

@@ -18,6 +18,7 @@ from controller.gates import (
     TokenBucket,
     Wait,
     capacity,
+    reachability_changes,
     refresh_rate,
 )
 from controller.model import Remote
@@ -99,6 +100,16 @@ def test_demand_near_capacity_is_said_once_per_crossing() -> None:
     assert gate.record_demand("k69", rate) is False  # below 0.72 now: the next crossing will say so again
     assert [gate.record_demand(f"n{i}", rate) for i in range(15)].count(True) == 1
     assert capacity(5, 600) == 2400 and capacity(5, 86400) == 345_600
+
+
+def test_a_source_that_flaps_wakes_its_imports_at_most_once_per_hold() -> None:
+    told_at: dict[str, float] = {}
+    assert reachability_changes({"c2"}, set(), told_at, now=100.0, hold=10.0) == {"c2"}  # first change: at once
+    told_at["c2"] = 100.0
+    assert reachability_changes(set(), {"c2"}, told_at, now=100.5, hold=10.0) == set()  # back up: held
+    assert reachability_changes({"c2"}, {"c2"}, told_at, now=105.0, hold=10.0) == set()  # down again: nothing new
+    assert reachability_changes(set(), {"c2"}, told_at, now=110.0, hold=10.0) == {"c2"}  # hold over: its state now
+    assert reachability_changes({"c3"}, {"c2"}, told_at, now=101.0, hold=10.0) == {"c3"}  # each source on its own
 
 
 def test_an_open_circuit_lets_one_probe_through_and_wakes_the_others_on_recovery() -> None:

@@ -273,6 +273,9 @@ class FakeExports:
         self.probes.append((source, namespace, name))
         return self.exists
 
+    def unreachable(self, source: str) -> bool:
+        return False
+
 
 class FakeTokenSource:
     """The token source (controller/remote.py TokenSource): issues `answer` (a token's text, valid LIFETIME from

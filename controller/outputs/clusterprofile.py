@@ -13,7 +13,8 @@ ExecCredential.spec.cluster.config):
 - `kubemcsa` (`kubemcsa credentials`): the import's Secret ({secretName, namespace}) or, for a federated import,
   the projected token file the webhook mounts in the consumer's pods ({tokenFile}).
 `status.version.kubernetes` is the source's (asked once per source) and `ControlPlaneHealthy` is the controller's
-own view of the source: False while its calls fail or its credential for the source has expired.
+own view of the source: False while its calls fail, its watch of the source's exports gets no answer, or its
+credential for the source has expired (controller/run.py wakes a source's imports when its reachability changes).
 """
 
 from __future__ import annotations

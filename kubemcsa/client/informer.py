@@ -296,6 +296,7 @@ class Informer:
                     label_selector=self.label_selector,
                 )
                 self._current_watch = watch
+                self.last_error = self.last_exception = None  # the API answered again (a watch that resumed)
                 for event in watch:
                     if self._stopped.is_set():
                         break
