@@ -15,9 +15,10 @@ imports are spread evenly over the sources and created as fast as the API allows
   takes to turn every import of it NotExported with its token gone.
 
 Usage: python bench/bench_controller.py [--imports 10000] [--sources 10] [--source-qps 5] [--source-burst 10]
-       [--workers 8] [--window 10] [--argocd] [--py-spy FILE]
+       [--workers 8] [--window 10] [--argocd] [--py-spy FILE] [--py-spy-local FILE]
        python bench/bench_controller.py --fairness [--imports 10000] [--ready 50] [--flood-window 620]
-(--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD; --py-spy: a profile of the cold start;
+(--argocd: every import also keeps an Argo CD cluster Secret, spec.argoCD; --py-spy, --py-spy-local: a profile
+(GIL holder) of the controller, of the local API server, during the cold start;
 --fairness: the second namespace's first-token latency while a first floods, and expired tokens among Ready
 imports meanwhile: 600 s tokens are refreshed after 480 s, so the window must outlast that)
 """
@@ -237,17 +238,18 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pid: int) -> float:
-    """The process's own CPU time (user + system), from /proc/PID/stat."""
-    return sum(user_system_seconds(pid))
-
-
 def user_system_seconds(pid: int) -> tuple[float, float]:
     """The process's own user and system CPU time, from /proc/PID/stat."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def user_system_of(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of processes, summed."""
+    times = [user_system_seconds(pid) for pid in pids]
+    return sum(u for u, _ in times), sum(k for _, k in times)
 
 
 def reconciled(port: int) -> float:
@@ -322,6 +324,7 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=10.0)
     parser.add_argument("--argocd", action="store_true", help="imports with spec.argoCD (an Argo CD Secret each)")
     parser.add_argument("--py-spy", metavar="FILE", help="profile the controller (GIL holder) during the cold start")
+    parser.add_argument("--py-spy-local", metavar="FILE", help="profile the local API server during the cold start")
     parser.add_argument(
         "--controller-from",
         metavar="DIR",
@@ -374,20 +377,34 @@ def main() -> int:
 
             # 1. Cold start: every import created at once, as fast as the API takes them.
             names = [(f"imp-{s}-{i}", sources[s].name) for i in range(per_source) for s in range(args.sources)]
-            profiler = None
-            if args.py_spy:
-                spy = ["py-spy", "record", "--gil", "--nonblocking", "-r", "200", "--format", "raw", "-o", args.py_spy]
-                profiler = subprocess.Popen(
-                    [*spy, "-p", str(controller.pid)],
+            profilers = [
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--gil",
+                        "--nonblocking",
+                        "-r",
+                        "200",
+                        "--format",
+                        "raw",
+                        "-o",
+                        out,
+                        "-p",
+                        str(pid),
+                    ],
                     stdout=subprocess.DEVNULL,
                 )
+                for out, pid in ((args.py_spy, controller.pid), (args.py_spy_local, c1.pid))
+                if out
+            ]
             processes = {
                 "controller": [controller.pid],
                 "local API server": [c1.pid],
                 "source API servers": [s.pid for s in sources],
                 "this bench (creates and watches)": [os.getpid()],
             }
-            cpu_at_start = {role: sum(cpu_seconds(pid) for pid in pids) for role, pids in processes.items()}
+            cpu_at_start = {role: user_system_of(pids) for role, pids in processes.items()}
             user_before, system_before = user_system_seconds(controller.pid)
             reconciles_before = reconciled(port)
             start = time.perf_counter()
@@ -397,9 +414,10 @@ def main() -> int:
             wait_until(lambda: len(ready_at) >= total, timeout=3600, poll=0.5)
             all_ready = max(ready_at.values()) - start
             cpu_cold = {
-                role: sum(cpu_seconds(pid) for pid in pids) - cpu_at_start[role] for role, pids in processes.items()
+                role: tuple(now - then for now, then in zip(user_system_of(pids), cpu_at_start[role], strict=True))
+                for role, pids in processes.items()
             }
-            if profiler is not None:
+            for profiler in profilers:
                 profiler.send_signal(signal.SIGINT)
                 profiler.wait(30)
             reconciles = wait_until_quiet(port) - reconciles_before
@@ -421,7 +439,7 @@ def main() -> int:
             )
             print(
                 f"  CPU seconds until all Ready ({os.cpu_count()} cores: {os.cpu_count() * all_ready:.0f} available): "
-                + ", ".join(f"{role} {seconds:.1f}" for role, seconds in cpu_cold.items())
+                + ", ".join(f"{role} {u + k:.1f} ({k:.1f} system)" for role, (u, k) in cpu_cold.items())
             )
             print(f"  reconciles per new import: {reconciles / total:.2f}")
             print(f"controller peak RSS: {peak_rss_mb(controller.pid):.0f} MB")
