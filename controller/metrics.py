@@ -42,6 +42,13 @@ class Metrics:
             ["cluster"],
             registry=self.registry,
         )
+        self.source_reachable = Gauge(
+            PREFIX + "source_reachable",
+            "1 while the controller reaches a source cluster (its calls and its watch of the source's exports get "
+            "answers), 0 while it does not.",
+            ["cluster"],
+            registry=self.registry,
+        )
         self.is_leader = Gauge(PREFIX + "is_leader", "1 if this replica is the leader.", registry=self.registry)
         self._expiries: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -59,6 +66,13 @@ class Metrics:
             if not self._expiries:
                 return float("inf")
             return min(self._expiries.values()) - time.time()
+
+    def set_reachability(self, unreachable: set[str], known: set[str], shown: set[str]) -> None:
+        """source_reachable for each `known` source; the series of sources `shown` before and no longer known go."""
+        for cluster in shown - known:
+            self.source_reachable.remove(cluster)
+        for cluster in known:
+            self.source_reachable.labels(cluster).set(0 if cluster in unreachable else 1)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

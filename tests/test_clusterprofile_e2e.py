@@ -381,10 +381,13 @@ def test_a_source_down_turns_its_profile_unhealthy_though_no_import_calls_it(mak
     assert down["reason"] == "Unreachable" and "cluster2 does not answer" in down["message"]
     assert env.condition("prod", "Ready")["status"] == "True"  # its token is still valid: nothing is lost
     assert kube.Resource(env.admin1, kube.SECRETS).get("prod-token", FLEET)["data"] == secret["data"]
+    reachable = 'kubemcsa_controller_source_reachable{cluster="cluster2"}'
+    assert f"{reachable} 0.0" in env.controller.metrics.exposition().decode()  # what the alert reads
 
     env.c2.make_reachable()
     up = wait_for(lambda: health("True"), what="ControlPlaneHealthy=True once cluster2 answers again")
     assert up["reason"] == "Reachable"
+    assert f"{reachable} 1.0" in env.controller.metrics.exposition().decode()
 
 
 def _exp(token: str) -> float:

@@ -8,6 +8,7 @@ tests/test_webhook_e2e.py run the controller and the webhook with service-accoun
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -236,6 +237,14 @@ def test_the_alerts_component_adds_a_rule_on_the_expiry_metric(tmp_path):
     assert len(rules) == 1
     exprs = [rule["expr"] for group in rules[0]["spec"]["groups"] for rule in group["rules"]]
     assert any("kubemcsa_controller_seconds_to_next_expiry" in expr for expr in exprs)
+    # Every metric an alert reads is one the controller exposes.
+    from controller.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.set_reachability(set(), {"cluster2"}, set())
+    exposed = metrics.exposition().decode()
+    for name in {m for expr in exprs for m in re.findall(r"kubemcsa_controller_\w+", expr)}:
+        assert f"\n{name}" in exposed or f"\n{name}{{" in exposed, name
     monitor = next(o for o in rendered if o["kind"] == "PodMonitor")
     deployment = next(
         o
