@@ -153,27 +153,24 @@ class ExportWatches:
             watch.exists[(namespace, name)] = exists
         return exists
 
-    def has_synced(self, source: str) -> bool:
-        """True once every informer of `source`'s export watch has listed (per namespace: those started so far)."""
+    def _informers_of(self, source: str) -> tuple[_SourceWatch | None, list[Informer]]:
         with self._lock:
             watch = self._watches.get(source)
-            informers = list(watch.informers.values()) if watch is not None else []
+            return watch, list(watch.informers.values()) if watch is not None else []
+
+    def has_synced(self, source: str) -> bool:
+        """True once every informer of `source`'s export watch has listed (per namespace: those started so far)."""
+        watch, informers = self._informers_of(source)
         return bool(watch and watch.scope_decided.is_set() and all(i.has_synced for i in informers))
 
     def failing(self, source: str) -> bool:
         """True while some informer of `source`'s export watch fails to list (its imports say why)."""
-        with self._lock:
-            watch = self._watches.get(source)
-            informers = list(watch.informers.values()) if watch is not None else []
-        return any(i.last_error is not None and not i.has_synced for i in informers)
+        return any(i.last_error is not None and not i.has_synced for i in self._informers_of(source)[1])
 
     def unreachable(self, source: str) -> bool:
         """True while the last list or watch of some informer of `source`'s export watch got no answer: the source
         or the way to it is down, though imports holding valid tokens make no call that would say so."""
-        with self._lock:
-            watch = self._watches.get(source)
-            informers = list(watch.informers.values()) if watch is not None else []
-        return any(i.last_error == 0 for i in informers)
+        return any(i.last_error == 0 for i in self._informers_of(source)[1])
 
     def forget(self, source: str) -> None:
         """Stop the watch of a source the controller no longer knows."""

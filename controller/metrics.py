@@ -51,6 +51,7 @@ class Metrics:
         )
         self.is_leader = Gauge(PREFIX + "is_leader", "1 if this replica is the leader.", registry=self.registry)
         self._expiries: dict[str, float] = {}
+        self._reachability_shown: set[str] = set()  # the sources source_reachable has a series of
         self._lock = threading.Lock()
         self.next_expiry.set_function(self._seconds_to_next_expiry)
 
@@ -67,9 +68,11 @@ class Metrics:
                 return float("inf")
             return min(self._expiries.values()) - time.time()
 
-    def set_reachability(self, unreachable: set[str], known: set[str], shown: set[str]) -> None:
-        """source_reachable for each `known` source; the series of sources `shown` before and no longer known go."""
-        for cluster in shown - known:
+    def set_reachability(self, unreachable: set[str], known: set[str]) -> None:
+        """source_reachable for each `known` source; the series of sources no longer known go."""
+        with self._lock:
+            gone, self._reachability_shown = self._reachability_shown - known, set(known)
+        for cluster in gone:
             self.source_reachable.remove(cluster)
         for cluster in known:
             self.source_reachable.labels(cluster).set(0 if cluster in unreachable else 1)

@@ -74,7 +74,6 @@ class Controller:
         self._credentials_loaded = False
         self._unreachable: set[str] = set()  # the sources the controller could not reach at its last look
         self._reachability_told_at: dict[str, float] = {}
-        self._reachability_shown: set[str] = set()  # the sources the source_reachable metric has a series of
         self.metrics = Metrics()
         self.sources = SourceRegistry(
             source_kubeconfig=options.source_kubeconfig,
@@ -300,8 +299,7 @@ class Controller:
         now = self.options.clock()
         names = set(self.sources.names())
         unreachable = {name for name in names if self.reconciler.source_unreachable(name) is not None}
-        self.metrics.set_reachability(unreachable, names, self._reachability_shown)
-        self._reachability_shown = names
+        self.metrics.set_reachability(unreachable, names)
         told = self._unreachable & names
         changes = reachability_changes(
             unreachable, told, self._reachability_told_at, now, self.options.reachability_hold_seconds

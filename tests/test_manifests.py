@@ -241,7 +241,7 @@ def test_the_alerts_component_adds_a_rule_on_the_expiry_metric(tmp_path):
     from controller.metrics import Metrics
 
     metrics = Metrics()
-    metrics.set_reachability(set(), {"cluster2"}, set())
+    metrics.set_reachability(set(), {"cluster2"})
     exposed = metrics.exposition().decode()
     for name in {m for expr in exprs for m in re.findall(r"kubemcsa_controller_\w+", expr)}:
         assert f"\n{name}" in exposed or f"\n{name}{{" in exposed, name
