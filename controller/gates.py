@@ -20,8 +20,9 @@ from __future__ import annotations
 import random
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kubemcsa.contract import api
 
@@ -159,9 +160,12 @@ def capacity(qps: float, token_seconds: float) -> int:
     return int(qps * api.REFRESH_FRACTION * token_seconds)
 
 
+SourceKey = TypeVar("SourceKey", bound=Hashable)
+
+
 def reachability_changes(
-    unreachable: set[str], told: set[str], told_at: dict[str, float], now: float, hold: float
-) -> set[str]:
+    unreachable: set[SourceKey], told: set[SourceKey], told_at: dict[SourceKey, float], now: float, hold: float
+) -> set[SourceKey]:
     """The sources whose reachability to tell their imports now: those found `unreachable` (or not) unlike what
     they were last `told`, unless they were told less than `hold` seconds ago (`told_at`): a source that flaps
     wakes its imports at most once per `hold`, and is told its latest state once the hold is over."""

@@ -59,4 +59,7 @@ class Options:
     # A source that turns unreachable or reachable wakes its imports (their outputs say its health) at most once in
     # this long: one that flaps costs its imports' reconciles no more often.
     reachability_hold_seconds: float = 10.0
+    # A federated source with imports is asked its /version (without credentials) this often: the controller makes
+    # no other call to it once its imports are Ready, and their outputs (a ClusterProfile's health) say its health.
+    federated_probe_seconds: float = 30.0
     clock: Callable[[], float] = field(default=time.time, compare=False)

@@ -33,6 +33,7 @@ from controller.trust_checks import FederatedSources, TrustChecks, parse_service
 from kubemcsa.client import connect, kube
 from kubemcsa.client.informer import Compactor, Informer
 from kubemcsa.contract import api, federation
+from kubemcsa.contract.federation import FederatedSource
 from kubemcsa.contract.imports import cache_form_of_import, cache_form_of_secret
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ def _spec(imp: dict[str, Any]) -> dict[str, Any]:
     return spec if isinstance(spec, dict) else {}
 
 
+# Keys of the reachability bookkeeping: a token source and a federated source may share a name.
+TOKEN_SOURCE, FEDERATED_SOURCE = "token", "federated"
+
+
 def _cluster_of(imp: dict[str, Any]) -> list[str]:
     return [_spec(imp).get("clusterName")]
 
@@ -72,8 +77,9 @@ class Controller:
         self.identity = options.identity or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
         self._started_at = options.clock()
         self._credentials_loaded = False
-        self._unreachable: set[str] = set()  # the sources the controller could not reach at its last look
-        self._reachability_told_at: dict[str, float] = {}
+        # (TOKEN_SOURCE or FEDERATED_SOURCE, name) of the sources the controller could not reach at its last look
+        self._unreachable: set[tuple[str, str]] = set()
+        self._reachability_told_at: dict[tuple[str, str], float] = {}
         self.metrics = Metrics()
         self.sources = SourceRegistry(
             source_kubeconfig=options.source_kubeconfig,
@@ -286,6 +292,7 @@ class Controller:
         tick = max(0.05, min(1.0, self.options.backoff_base))
         self.manager.run_every(tick, lambda: self._wake(self.gates.due_probes()), "source-prober")
         self.manager.run_every(tick, self._poll_reachability, "source-reachability")
+        self.manager.run_every(self.options.federated_probe_seconds, self._probe_federated, "federated-prober")
         self.manager.spawn(self._dispatch_tokens, "source-dispatcher")
         self.manager.start()
         self.outputs.start_optional()
@@ -295,19 +302,42 @@ class Controller:
     def _poll_reachability(self) -> None:
         """The imports of a source that turned unreachable, or reachable again, look again: their outputs say it
         (a ClusterProfile's ControlPlaneHealthy) at once, not at the next refresh or resync; once per change, and
-        at most once per reachability_hold_seconds for each source."""
+        at most once per reachability_hold_seconds for each source. A federated source is told apart from a
+        token source of the same name: their imports learn its health from different calls."""
         now = self.options.clock()
         names = set(self.sources.names())
-        unreachable = {name for name in names if self.reconciler.source_unreachable(name) is not None}
-        self.metrics.set_reachability(unreachable, names)
-        told = self._unreachable & names
+        federated = {source.cluster_name for source in self._federated_in_use()}
+        down = {name for name in names if self.reconciler.source_unreachable(name) is not None}
+        federated_down = {name for name in federated if self.reconciler.versions.problem(name) is not None}
+        self.metrics.set_reachability(down | federated_down, names | federated)
+        known = {(TOKEN_SOURCE, name) for name in names} | {(FEDERATED_SOURCE, name) for name in federated}
+        unreachable = {(TOKEN_SOURCE, name) for name in down} | {(FEDERATED_SOURCE, name) for name in federated_down}
+        told = self._unreachable & known
         changes = reachability_changes(
             unreachable, told, self._reachability_told_at, now, self.options.reachability_hold_seconds
         )
         self._unreachable = told ^ changes
-        for name in sorted(changes):
-            self._reachability_told_at[name] = now
+        for key in sorted(changes):
+            self._reachability_told_at[key] = now
+            name = key[1]
             self._wake(import_key(*kube.object_key(imp)) for imp in self.imports.by_index(BY_CLUSTER, name))
+
+    def _federated_in_use(self) -> list[FederatedSource]:
+        """The federated sources that have imports (a record alone is not probed)."""
+        records, found = self.reconciler.federated, []
+        for name in records.names() if records is not None else ():
+            source, _ = records.get(name)
+            if source is not None and self.imports.by_index(BY_CLUSTER, name):
+                found.append(source)
+        return found
+
+    def _probe_federated(self) -> None:
+        """Each federated source with imports is asked its /version, without credentials, one call per source per
+        period whatever its number of imports; _poll_reachability tells its imports when the answer changes."""
+        versions, max_age = self.reconciler.versions, self.options.federated_probe_seconds / 2
+        for source in self._federated_in_use():
+            # Half the period: an answer a reconcile got a moment ago stands; one from the last tick does not.
+            versions.get(source.cluster_name, source.server, source.ca_pem, "", None, max_age=max_age)
 
     def _dispatch_tokens(self) -> None:
         """Each source's rate-limit tokens, as they come, to the imports next in line (gates.FairQueue)."""

@@ -390,6 +390,49 @@ def test_a_source_down_turns_its_profile_unhealthy_though_no_import_calls_it(mak
     assert f"{reachable} 1.0" in env.controller.metrics.exposition().decode()
 
 
+def test_a_federated_source_down_turns_its_profiles_unhealthy(make_env, capsys, tmp_path) -> None:
+    """The controller makes no call to a federated source once its imports are Ready (their pods present their
+    own tokens to it), so it asks the source's /version, without credentials, once per federated_probe_seconds
+    whatever its number of imports (tests/test_source_versions.py counts the calls), and the imports'
+    ClusterProfiles follow the answer. cluster2 is also a token source here: the federated imports' health must
+    follow the probe, not the token source's export watch."""
+    env = make_env(lifetime=3600)
+    federate_cluster2(env, capsys, tmp_path)
+    controller = env.start(reachability_hold_seconds=0.5, federated_probe_seconds=0.5)
+    names = [f"fed-{i}" for i in range(5)]
+    for name in names:
+        env.create_import(name, tokenType="Federated", name=None)
+    for name in names:
+        env.wait_condition(name, cp.CONDITION_CLUSTER_PROFILE, "True", cp.REASON_WRITTEN)
+
+    def health(name: str, status: str) -> dict[str, Any] | None:
+        profile = env.profile(name) or {}
+        found = [c for c in (profile.get("status") or {}).get("conditions") or [] if c["type"] == cp.CONDITION_HEALTHY]
+        return found[0] if found and found[0]["status"] == status else None
+
+    wait_for(lambda: all(health(name, "True") for name in names), what="every ControlPlaneHealthy=True")
+    # A namespace user's import cannot aim the probe elsewhere: only recorded federated sources are asked.
+    env.create_import("elsewhere", tokenType="Federated", name=None, clusterName="attacker")
+    env.wait_condition("elsewhere", "Ready", "False", api.REASON_UNKNOWN_CLUSTER)
+    assert [source.cluster_name for source in controller._federated_in_use()] == ["cluster2"]
+    reachable = 'kubemcsa_controller_source_reachable{cluster="cluster2"}'
+    wait_for(lambda: f"{reachable} 1.0" in controller.metrics.exposition().decode(), what="the metric for cluster2")
+
+    env.c2.make_unreachable()
+    for name in names:
+        down = wait_for(lambda n=name: health(n, "False"), what=f"{name}'s ControlPlaneHealthy=False")
+        assert down["reason"] == "Unreachable" and "cluster2 does not answer" in down["message"]
+        assert "eyJ" not in down["message"]
+        assert env.condition(name, "Ready")["status"] == "True"  # its pods' tokens are cluster1's: nothing lost
+    assert f"{reachable} 0.0" in controller.metrics.exposition().decode()  # what the alert reads
+
+    env.c2.make_reachable()
+    for name in names:
+        up = wait_for(lambda n=name: health(n, "True"), what=f"{name}'s ControlPlaneHealthy=True again")
+        assert up["reason"] == "Reachable"
+    assert f"{reachable} 1.0" in controller.metrics.exposition().decode()
+
+
 def _exp(token: str) -> float:
     from kubemcsa.client.tokens import unverified_claims
 
@@ -417,10 +460,9 @@ def test_kubemcsa_credentials_says_why_in_one_sentence_and_prints_no_token(make_
 # --- a federated import -------------------------------------------------------------------------------------------
 
 
-def test_a_federated_import_publishes_only_the_kubemcsa_provider_reading_the_projected_token(
-    make_env, capsys, tmp_path
-) -> None:
-    env = make_env(lifetime=3600)
+def federate_cluster2(env: Any, capsys, tmp_path: Path) -> None:
+    """cluster2 trusts cluster1's tokens (`kubemcsa federate`, its printed stanza applied), and the fleet
+    controller's account of cluster1 may list pods in cluster2's default."""
     paths = {}
     for server in (env.c1, env.c2):
         paths[server.name] = server.write_kubeconfig(tmp_path / f"{server.name}.admin", context=server.name)
@@ -433,6 +475,13 @@ def test_a_federated_import_publishes_only_the_kubemcsa_provider_reading_the_pro
     user = {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": remote_user}
     for obj in grant("default", "fleet-consumer", user, [rule("", "pods", "list")]):
         create_or_get(env.admin2, obj)
+
+
+def test_a_federated_import_publishes_only_the_kubemcsa_provider_reading_the_projected_token(
+    make_env, capsys, tmp_path
+) -> None:
+    env = make_env(lifetime=3600)
+    federate_cluster2(env, capsys, tmp_path)
     env.start()
     env.create_import("fed", tokenType="Federated", name=None)
     env.wait_condition("fed", "Ready", "True", api.REASON_FEDERATED)

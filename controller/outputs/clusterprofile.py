@@ -14,7 +14,8 @@ ExecCredential.spec.cluster.config):
   the projected token file the webhook mounts in the consumer's pods ({tokenFile}).
 `status.version.kubernetes` is the source's (asked once per source) and `ControlPlaneHealthy` is the controller's
 own view of the source: False while its calls fail, its watch of the source's exports gets no answer, or its
-credential for the source has expired (controller/run.py wakes a source's imports when its reachability changes).
+credential for the source has expired; for a federated source, while its last /version (asked every
+federated_probe_seconds) got no answer (controller/run.py wakes a source's imports when its reachability changes).
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Outputs that describe a source (say, a ClusterProfile's status.version) ask for 
 source that needs it makes the one call (the others of that source wait for its answer), and the answer stands
 until the controller's credentials for the source change or `refresh_seconds` pass. A failure is remembered
 too, for `retry_seconds`, so that a source that does not answer costs one call per period, not one per import.
-A federated source is asked without credentials (/version is public in Kubernetes: system:public-info-viewer).
+A federated source is asked without credentials (/version is public in Kubernetes: system:public-info-viewer),
+and, while it has imports, again every federated_probe_seconds (controller/run.py): the controller makes no other
+call to it in the steady state, so that answer is its only sign of the source's health.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class SourceVersions:
         self.calls = 0  # GET /version made, for tests and benchmarks
         self._lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
-        # cluster -> (what the answer depends on, version, problem, valid until)
-        self._known: dict[str, tuple[tuple[str, str], str | None, str | None, float]] = {}
+        # cluster -> (what the answer depends on, version, problem, valid until, asked at)
+        self._known: dict[str, tuple[tuple[str, str], str | None, str | None, float, float]] = {}
 
     def get(
         self,
@@ -55,21 +57,37 @@ class SourceVersions:
         ca_pem: bytes,
         fingerprint: str,
         client: Callable[[], ApiClient] | None,
+        *,
+        max_age: float | None = None,
     ) -> tuple[str | None, str | None]:
         """(gitVersion or None, why the source did not answer or None) of `cluster`; `client` builds the
         controller's own client for it (None: ask without credentials). A source that answers without a version
-        (anonymous requests refused, say) is reachable: (None, None)."""
+        (anonymous requests refused, say) is reachable: (None, None). `max_age`: ask again if the answer is
+        older than that, even if it still stands (a probe of the source's reachability)."""
         inputs = (server, fingerprint or ca_pem.decode(errors="replace"))
         with self._lock:
             lock = self._locks.setdefault(cluster, threading.Lock())
         with lock:  # one call per source at a time; the others read its answer
             known = self._known.get(cluster)
-            if known is not None and known[0] == inputs and self.clock() < known[3]:
+            now = self.clock()
+            if (
+                known is not None
+                and known[0] == inputs
+                and now < known[3]
+                and (max_age is None or now - known[4] < max_age)
+            ):
                 return known[1], known[2]
             version, problem = self._ask(server, ca_pem, client)
             period = self.retry_seconds if problem else self.refresh_seconds
-            self._known[cluster] = (inputs, version, problem, self.clock() + period)
+            with self._lock:
+                self._known[cluster] = (inputs, version, problem, self.clock() + period, now)
             return version, problem
+
+    def problem(self, cluster: str) -> str | None:
+        """Why `cluster` did not answer its last ask (None: it answered, or was never asked)."""
+        with self._lock:
+            known = self._known.get(cluster)
+        return known[2] if known is not None else None
 
     def _ask(self, server: str, ca_pem: bytes, client: Callable[[], ApiClient] | None) -> tuple[str | None, str | None]:
         self.calls += 1
