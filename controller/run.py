@@ -80,6 +80,9 @@ class Controller:
         # (TOKEN_SOURCE or FEDERATED_SOURCE, name) of the sources the controller could not reach at its last look
         self._unreachable: set[tuple[str, str]] = set()
         self._reachability_told_at: dict[tuple[str, str], float] = {}
+        # The federated sources the last probe asked (those with imports): what reachability reads each tick,
+        # instead of parsing every record and listing its imports that often.
+        self._probed_federated: frozenset[str] = frozenset()
         self.metrics = Metrics()
         self.sources = SourceRegistry(
             source_kubeconfig=options.source_kubeconfig,
@@ -306,7 +309,7 @@ class Controller:
         token source of the same name: their imports learn its health from different calls."""
         now = self.options.clock()
         names = set(self.sources.names())
-        federated = {source.cluster_name for source in self._federated_in_use()}
+        federated = self._probed_federated
         down = {name for name in names if self.reconciler.source_unreachable(name) is not None}
         federated_down = {name for name in federated if self.reconciler.versions.problem(name) is not None}
         self.metrics.set_reachability(down | federated_down, names | federated)
@@ -319,8 +322,7 @@ class Controller:
         self._unreachable = told ^ changes
         for key in sorted(changes):
             self._reachability_told_at[key] = now
-            name = key[1]
-            self._wake(import_key(*kube.object_key(imp)) for imp in self.imports.by_index(BY_CLUSTER, name))
+            self._wake(import_key(*kube.object_key(imp)) for imp in self.imports.by_index(BY_CLUSTER, key[1]))
 
     def _federated_in_use(self) -> list[FederatedSource]:
         """The federated sources that have imports (a record alone is not probed)."""
@@ -335,9 +337,11 @@ class Controller:
         """Each federated source with imports is asked its /version, without credentials, one call per source per
         period whatever its number of imports; _poll_reachability tells its imports when the answer changes."""
         versions, max_age = self.reconciler.versions, self.options.federated_probe_seconds / 2
-        for source in self._federated_in_use():
+        in_use = self._federated_in_use()
+        for source in in_use:
             # Half the period: an answer a reconcile got a moment ago stands; one from the last tick does not.
             versions.get(source.cluster_name, source.server, source.ca_pem, "", None, max_age=max_age)
+        self._probed_federated = frozenset(source.cluster_name for source in in_use)
 
     def _dispatch_tokens(self) -> None:
         """Each source's rate-limit tokens, as they come, to the imports next in line (gates.FairQueue)."""
