@@ -270,7 +270,9 @@ class Reconciler:
             return None
         if not any(o.wants_source_version and as_section(imp, o.spec_field) is not None for o in OUTPUTS):
             return view
-        version, problem = self.versions.get(cluster, view.server, view.ca_pem, fingerprint, client)
+        version, problem = self.versions.get(
+            cluster, view.server, view.ca_pem, fingerprint, client, federated=view.federated
+        )
         return replace(view, version=version, unreachable=view.unreachable or problem)
 
     def _export_of(self, imp: dict[str, Any], source: SourceCluster | None) -> tuple[bool, Any]:

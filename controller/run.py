@@ -309,9 +309,9 @@ class Controller:
         token source of the same name: their imports learn its health from different calls."""
         now = self.options.clock()
         names = set(self.sources.names())
-        federated = self._probed_federated
+        federated, versions = self._probed_federated, self.reconciler.versions
         down = {name for name in names if self.reconciler.source_unreachable(name) is not None}
-        federated_down = {name for name in federated if self.reconciler.versions.problem(name) is not None}
+        federated_down = {name for name in federated if versions.problem(name, federated=True) is not None}
         self.metrics.set_reachability(down | federated_down, names | federated)
         known = {(TOKEN_SOURCE, name) for name in names} | {(FEDERATED_SOURCE, name) for name in federated}
         unreachable = {(TOKEN_SOURCE, name) for name in down} | {(FEDERATED_SOURCE, name) for name in federated_down}
@@ -340,7 +340,7 @@ class Controller:
         in_use = self._federated_in_use()
         for source in in_use:
             # Half the period: an answer a reconcile got a moment ago stands; one from the last tick does not.
-            versions.get(source.cluster_name, source.server, source.ca_pem, "", None, max_age=max_age)
+            versions.get(source.cluster_name, source.server, source.ca_pem, "", None, federated=True, max_age=max_age)
         self._probed_federated = frozenset(source.cluster_name for source in in_use)
 
     def _dispatch_tokens(self) -> None:

@@ -44,3 +44,18 @@ def test_a_probe_asks_again_once_the_answer_is_older_than_its_max_age(api_server
 
 def test_a_source_never_asked_has_no_problem() -> None:
     assert SourceVersions().problem("nowhere") is None
+
+
+def test_a_federated_source_and_a_token_source_of_one_name_keep_their_own_answers(api_server_factory) -> None:
+    """Keyed by name alone, each would overwrite the other's answer: a down federated source would read healthy
+    after its token namesake answered, and both would ask again at every turn."""
+    token_source, federated_source = api_server_factory(name="cluster2"), api_server_factory(name="cluster2-oidc")
+    federated_source.make_unreachable()
+    versions = SourceVersions(timeout=3.0)
+    _, problem = versions.get("cluster2", federated_source.url, federated_source.ca_pem, "", None, federated=True)
+    assert problem
+    assert versions.get("cluster2", token_source.url, token_source.ca_pem, "", None) == ("v1.36.0-kubemcsa", None)
+    assert versions.problem("cluster2", federated=True) == problem and versions.problem("cluster2") is None
+    versions.get("cluster2", federated_source.url, federated_source.ca_pem, "", None, federated=True)
+    versions.get("cluster2", token_source.url, token_source.ca_pem, "", None)
+    assert versions.calls == 2

@@ -46,9 +46,10 @@ class SourceVersions:
         self.clock = clock
         self.calls = 0  # GET /version made, for tests and benchmarks
         self._lock = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
-        # cluster -> (what the answer depends on, version, problem, valid until, asked at)
-        self._known: dict[str, tuple[tuple[str, str], str | None, str | None, float, float]] = {}
+        # (federated, cluster): a federated source and a token source may share a name, not an answer
+        self._locks: dict[tuple[bool, str], threading.Lock] = {}
+        # -> (what the answer depends on, version, problem, valid until, asked at)
+        self._known: dict[tuple[bool, str], tuple[tuple[str, str], str | None, str | None, float, float]] = {}
 
     def get(
         self,
@@ -58,17 +59,19 @@ class SourceVersions:
         fingerprint: str,
         client: Callable[[], ApiClient] | None,
         *,
+        federated: bool = False,
         max_age: float | None = None,
     ) -> tuple[str | None, str | None]:
         """(gitVersion or None, why the source did not answer or None) of `cluster`; `client` builds the
         controller's own client for it (None: ask without credentials). A source that answers without a version
         (anonymous requests refused, say) is reachable: (None, None). `max_age`: ask again if the answer is
-        older than that, even if it still stands (a probe of the source's reachability)."""
-        inputs = (server, fingerprint or ca_pem.decode(errors="replace"))
+        older than that, even if it still stands (a probe of the source's reachability). `federated`: the
+        federated source of that name, kept apart from a token source of the same name."""
+        key, inputs = (federated, cluster), (server, fingerprint or ca_pem.decode(errors="replace"))
         with self._lock:
-            lock = self._locks.setdefault(cluster, threading.Lock())
+            lock = self._locks.setdefault(key, threading.Lock())
         with lock:  # one call per source at a time; the others read its answer
-            known = self._known.get(cluster)
+            known = self._known.get(key)
             now = self.clock()
             if (
                 known is not None
@@ -80,13 +83,13 @@ class SourceVersions:
             version, problem = self._ask(server, ca_pem, client)
             period = self.retry_seconds if problem else self.refresh_seconds
             with self._lock:
-                self._known[cluster] = (inputs, version, problem, self.clock() + period, now)
+                self._known[key] = (inputs, version, problem, self.clock() + period, now)
             return version, problem
 
-    def problem(self, cluster: str) -> str | None:
+    def problem(self, cluster: str, *, federated: bool = False) -> str | None:
         """Why `cluster` did not answer its last ask (None: it answered, or was never asked)."""
         with self._lock:
-            known = self._known.get(cluster)
+            known = self._known.get((federated, cluster))
         return known[2] if known is not None else None
 
     def _ask(self, server: str, ca_pem: bytes, client: Callable[[], ApiClient] | None) -> tuple[str | None, str | None]:
