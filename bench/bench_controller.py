@@ -101,6 +101,9 @@ def _serve(name: str, conn) -> None:
         if method == "export_calls":
             conn.send(_export_calls(server.requests, *args))
             continue
+        if method == "token_times":  # when each token request was served (time.monotonic)
+            conn.send([r.at for r in server.requests if r.subresource == "token" and r.user == args[0]])
+            continue
         if method == "ready_count":
             conn.send(len(clock.ready_at))
             continue
@@ -344,6 +347,11 @@ def count_calls(c1: ServerProcess, sources: list[ServerProcess]) -> tuple[Counte
     return local, remote, leases
 
 
+def deciles(times: list[float]) -> str:
+    """When each tenth of sorted `times` was reached: "10% 2.9, 20% 5.2, ..."."""
+    return ", ".join(f"{tenth * 10}% {times[len(times) * tenth // 10 - 1]:.1f}" for tenth in range(1, 11))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -450,14 +458,14 @@ def main() -> int:
             per_import = (sum(local_calls.values()) + sum(remote_calls.values())) / total
             print(f"created {total} imports in {created:.1f} s; all Ready {all_ready:.1f} s after the first creation")
             times = sorted(t - start for t in ready_at.values())
+            print("  Ready by then (s after the first creation): " + deciles(times))
+            bound = max(0.0, per_source - args.source_burst) / args.source_qps
+            tokens = sorted(t - start for source in sources for t in source.call("token_times", REMOTE_USER))
             print(
-                "  Ready by then (s after the first creation): "
-                + ", ".join(f"{tenth * 10}% {times[len(times) * tenth // 10 - 1]:.1f}" for tenth in range(1, 11))
-            )
-            bound = per_source / args.source_qps
-            print(
-                f"  (the rate limit alone needs {bound:.0f} s: {per_source} imports per source / "
-                f"{args.source_qps:g} QPS)"
+                "  tokens served by then: "
+                + deciles(tokens)
+                + f" (the rate limit alone needs {bound:.0f} s: {per_source} per source, {args.source_burst} at once"
+                f" then {args.source_qps:g} a second)"
             )
             print(
                 f"controller CPU per new import: {cpu_per_import * 1000:.2f} ms (the controller process's own: "
