@@ -12,10 +12,10 @@ from controller.gates import DEFAULT_BURST, DEFAULT_QPS
 from kubemcsa.contract import api
 
 # Imports reconciled at once. A pass waits on three calls in turn (the token, the Secret, the status), so the
-# tokens a controller can take per second are about workers / that wait: at 10 sources of 50 QPS each, 4 workers
-# left the sources' budgets unused (bench/bench_controller.py: 10,000 imports Ready in 31 s with 4, 26 s with 8,
-# the rate limit alone needing 20 s). Idle workers cost a thread each.
-DEFAULT_WORKERS = 8
+# tokens a controller can take per second are about workers / that wait, not its CPU: at 10 sources of 50 QPS each
+# (bench/bench_controller.py, 10,000 imports) all were Ready in 20-26 s with 8 workers, 18 s with 16 (the rate
+# limit alone needing 18 s) and 20 s with 24, at the same CPU per import. Idle workers cost a thread each.
+DEFAULT_WORKERS = 16
 
 
 @dataclass(frozen=True)
