@@ -22,7 +22,7 @@ from kubemcsa.contract import api
 from kubemcsa_testing.wait import wait_for
 from webhook.app import MUTATE_PATH
 from webhook.cli import build_parser
-from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT, ConnectionLimits
 from webhook.lookups import StaticCache
 from webhook.server import WebhookServer
 
@@ -152,8 +152,8 @@ def test_at_the_total_cap_an_idle_connection_of_the_biggest_holder_makes_room(
     certificate: tuple[Path, Path], ca: tuple[bytes, bytes]
 ) -> None:
     # Four pods at the per-address cap fill the total: the fifth address still gets in, at their expense.
-    options = {"max_connections": 32, "max_connections_per_client": 8}
-    with webhook(certificate, **options) as server:
+    limits = ConnectionLimits(max_connections=32, max_connections_per_client=8)
+    with webhook(certificate, limits=limits) as server:
         holders = [Holder(server.url, ca[0], f"127.0.0.{2 + i}", 8) for i in range(4)]
         for holder in holders:
             holder.__enter__()
@@ -173,7 +173,7 @@ def test_a_forwarded_header_neither_lifts_a_clients_cap_nor_spends_another_addre
     # count the socket's address, and the server honours no forwarded header, so the attacker keeps its own 8
     # and the address it names keeps all of its own.
     forged = "X-Forwarded-For: 127.0.0.1\r\nX-Real-IP: 127.0.0.1\r\nForwarded: for=127.0.0.1\r\n"
-    with webhook(certificate, max_connections=64, max_connections_per_client=8) as server:
+    with webhook(certificate, limits=ConnectionLimits(max_connections=64, max_connections_per_client=8)) as server:
         with Holder(server.url, ca[0], ATTACKER, 16, headers=forged) as attack:
             assert attack.done.wait(60) and attack.kept == 8, (attack.kept, attack.refused)
             with Holder(server.url, ca[0], "127.0.0.1", 8) as named:
@@ -183,7 +183,7 @@ def test_a_forwarded_header_neither_lifts_a_clients_cap_nor_spends_another_addre
 def test_an_idle_kept_alive_connection_is_closed_by_the_server(
     certificate: tuple[Path, Path], ca: tuple[bytes, bytes]
 ) -> None:
-    with webhook(certificate, idle_timeout=0.2) as server:
+    with webhook(certificate, limits=ConnectionLimits(idle_timeout=0.2)) as server:
         context = ssl.create_default_context(cadata=ca[0].decode())
         host, port = server.url.removeprefix("https://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=10) as raw:

@@ -15,7 +15,7 @@ from kubemcsa.contract import api
 from kubemcsa_testing.wait import wait_for
 from webhook.__main__ import main
 from webhook.app import MUTATE_PATH
-from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT
+from webhook.connections import DEFAULT_REQUEST_READ_TIMEOUT, ConnectionLimits
 from webhook.lookups import StaticCache
 from webhook.server import WebhookServer
 
@@ -195,8 +195,8 @@ def test_a_slowloris_leaves_the_webhook_answering_and_is_closed_by_the_read_time
     total = SLOW_CONNECTIONS + SILENT_CONNECTIONS
     # All from one address: the per-client cap (which would close most of them at once) is lifted, so that the
     # read timeout is what closes them.
-    options = {"request_read_timeout": READ_TIMEOUT, "max_connections_per_client": total}
-    with WebhookServer(None, cert_file, key_file, cache=cache, **options) as server:  # type: ignore[arg-type]
+    limits = ConnectionLimits(request_read_timeout=READ_TIMEOUT, max_connections_per_client=total)
+    with WebhookServer(None, cert_file, key_file, cache=cache, limits=limits) as server:
         attack = threading.Thread(target=asyncio.run, args=(_slowloris(server.url, ca[0], counts),), daemon=True)
         attack.start()
         wait_for(lambda: counts["open"] == total, timeout=60, what="the slow connections to be open")
@@ -219,7 +219,7 @@ def test_a_slowloris_leaves_the_webhook_answering_and_is_closed_by_the_read_time
 def test_connections_beyond_the_cap_are_closed_and_the_others_served(tmp_path: Path, ca: tuple[bytes, bytes]) -> None:
     cert_file, key_file = write_pair(tmp_path, ca)
     cache = StaticCache({NS: ENABLED}, IMPORTS)
-    with WebhookServer(None, cert_file, key_file, cache=cache, max_connections=2) as server:
+    with WebhookServer(None, cert_file, key_file, cache=cache, limits=ConnectionLimits(max_connections=2)) as server:
         with client_for(ca) as first, client_for(ca) as second:
             assert first.get(server.url + "/healthz").status_code == 200
             assert second.get(server.url + "/healthz").status_code == 200

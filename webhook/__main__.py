@@ -36,6 +36,7 @@ from kubemcsa.client import connect
 from kubemcsa.contract import api
 from webhook import workers
 from webhook.cli import build_parser
+from webhook.connections import ConnectionLimits
 from webhook.server import WebhookServer, settle_garbage_collector
 
 if TYPE_CHECKING:
@@ -142,6 +143,15 @@ def _first_certificates(
         delay = min(delay * 2, 30)
 
 
+def _connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    return ConnectionLimits(
+        request_read_timeout=args.request_read_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        idle_timeout=args.idle_timeout,
+    )
+
+
 def _cannot_serve(args: argparse.Namespace, cert_file: str, exc: Exception) -> None:
     health = f" (health on port {args.health_port})" if args.health_port else ""
     print(f"error: cannot serve on {args.host}:{args.port}{health} with {cert_file} ({exc})", file=sys.stderr)
@@ -162,10 +172,7 @@ def _serve_here(
         key_file,
         host=args.host,
         port=args.port,
-        request_read_timeout=args.request_read_timeout,
-        max_connections=args.max_connections,
-        max_connections_per_client=args.max_connections_per_client,
-        idle_timeout=args.idle_timeout,
+        limits=_connection_limits(args),
         health_port=args.health_port or None,
     )
     try:
@@ -218,10 +225,7 @@ def _serve_with_workers(
         host=args.host,
         port=args.port,
         workers=count,
-        request_read_timeout=args.request_read_timeout,
-        max_connections=args.max_connections,
-        max_connections_per_client=args.max_connections_per_client,
-        idle_timeout=args.idle_timeout,
+        limits=_connection_limits(args),
         health_port=args.health_port or None,
         metrics_dir=args.metrics_dir,
         log_level=args.log_level,

@@ -22,6 +22,7 @@ handshake that does not finish is dropped after the handshake timeout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, ClassVar
@@ -39,6 +40,21 @@ DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 256
 # Between requests; below the 90 s after which Go's clients drop idle connections themselves, so the webhook,
 # not the client, decides when a kept-alive connection ends.
 DEFAULT_IDLE_TIMEOUT = 65.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionLimits:
+    """The webhook port's guards (see the module's docstring), as `python -m webhook`'s flags set them: one value
+    handed from the command line to the server, or to the worker pool and on to each serving worker."""
+
+    request_read_timeout: float = DEFAULT_REQUEST_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+
+DEFAULT_LIMITS = ConnectionLimits()
+
 # Refused connections are logged at most this often (a flood of them must not become a flood of log lines).
 _LOG_EVERY_SECONDS = 10.0
 

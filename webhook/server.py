@@ -74,10 +74,7 @@ class WebhookServer:
         cache: WebhookCache | None = None,
         reload_interval: float = 2.0,
         graceful_timeout: float = 10.0,
-        request_read_timeout: float = connections.DEFAULT_REQUEST_READ_TIMEOUT,
-        max_connections: int = connections.DEFAULT_MAX_CONNECTIONS,
-        max_connections_per_client: int = connections.DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-        idle_timeout: float = connections.DEFAULT_IDLE_TIMEOUT,
+        limits: connections.ConnectionLimits = connections.DEFAULT_LIMITS,
         health_port: int | None = None,
         health_host: str | None = None,
         listen_socket: socket.socket | None = None,
@@ -101,10 +98,7 @@ class WebhookServer:
         self._health_socket = health_socket
         self.reload_interval = reload_interval
         self.graceful_timeout = graceful_timeout
-        self.request_read_timeout = request_read_timeout
-        self.max_connections = max_connections
-        self.max_connections_per_client = max_connections_per_client
-        self.idle_timeout = idle_timeout
+        self.limits = limits
         # /healthz, /readyz and /metrics on a port of their own, in plain HTTP, outside the webhook port's caps.
         self.health_port = health_port
         self.health_host = health_host if health_host is not None else host
@@ -145,7 +139,7 @@ class WebhookServer:
             timeout_graceful_shutdown=self.graceful_timeout,
             # The API server keeps connections open between pod creations; don't make it re-handshake often, but
             # close idle ones after a bounded time.
-            timeout_keep_alive=self.idle_timeout,
+            timeout_keep_alive=self.limits.idle_timeout,
             # Nothing here reads the client's address from the scope (the connection caps take it from the socket),
             # so X-Forwarded-* headers are not honoured: no client may pose as another, and no request pays for
             # parsing them. Nor does any answer name the server.
@@ -156,7 +150,9 @@ class WebhookServer:
             # (webhook.coalesce).
             http=coalesce.coalescing(
                 connections.guarded_protocol(
-                    self.request_read_timeout, self.max_connections, self.max_connections_per_client
+                    self.limits.request_read_timeout,
+                    self.limits.max_connections,
+                    self.limits.max_connections_per_client,
                 )
             ),
         )
@@ -166,7 +162,7 @@ class WebhookServer:
             sock = workers.listening_socket(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._server = _Server(uvicorn_config)
-        self._server.handshake_timeout = self.request_read_timeout
+        self._server.handshake_timeout = self.limits.request_read_timeout
         self._thread = _serve_in_thread(self._server, sock, "webhook-http")
         if not _wait_started(self._server, self._thread, timeout):
             self.stop()
@@ -191,11 +187,11 @@ class WebhookServer:
             access_log=False,
             log_config=None,
             timeout_graceful_shutdown=1,
-            timeout_keep_alive=self.idle_timeout,
+            timeout_keep_alive=self.limits.idle_timeout,
             # Kubelet's probes come from the node, Prometheus from its pod: a few connections per address suffice,
             # and one client holding many cannot fail another's probes.
             http=connections.guarded_protocol(
-                self.request_read_timeout, HEALTH_MAX_CONNECTIONS, HEALTH_MAX_CONNECTIONS_PER_CLIENT
+                self.limits.request_read_timeout, HEALTH_MAX_CONNECTIONS, HEALTH_MAX_CONNECTIONS_PER_CLIENT
             ),
         )
         health_config.load()

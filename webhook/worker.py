@@ -293,6 +293,7 @@ def _server(config: Mapping[str, Any], cache: FeedCache, exposition: CollectorRe
     """The webhook server on the sockets inherited from the parent, as its `config` says."""
     import socket
 
+    from webhook.connections import ConnectionLimits
     from webhook.server import WebhookServer
 
     health_fd = config["health_fd"]
@@ -305,10 +306,7 @@ def _server(config: Mapping[str, Any], cache: FeedCache, exposition: CollectorRe
         cache=cache,
         reload_interval=config["reload_interval"],
         graceful_timeout=config["graceful_timeout"],
-        request_read_timeout=config["request_read_timeout"],
-        max_connections=config["max_connections"],
-        max_connections_per_client=config["max_connections_per_client"],
-        idle_timeout=config["idle_timeout"],
+        limits=ConnectionLimits(**config["limits"]),
         health_port=config["health_port"],
         health_host=config["health_host"],
         health_socket=socket.socket(fileno=health_fd) if health_fd is not None else None,

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
@@ -155,10 +155,7 @@ class WorkerPool:
         workers: int = 2,
         reload_interval: float = 2.0,
         graceful_timeout: float = 10.0,
-        request_read_timeout: float = connections.DEFAULT_REQUEST_READ_TIMEOUT,
-        max_connections: int = connections.DEFAULT_MAX_CONNECTIONS,
-        max_connections_per_client: int = connections.DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
-        idle_timeout: float = connections.DEFAULT_IDLE_TIMEOUT,
+        limits: connections.ConnectionLimits = connections.DEFAULT_LIMITS,
         health_port: int | None = None,
         health_host: str | None = None,
         metrics_dir: str | os.PathLike[str] | None = None,
@@ -174,10 +171,7 @@ class WorkerPool:
         self.count = workers
         self.reload_interval = reload_interval
         self.graceful_timeout = graceful_timeout
-        self.request_read_timeout = request_read_timeout
-        self.max_connections = max_connections
-        self.max_connections_per_client = max_connections_per_client
-        self.idle_timeout = idle_timeout
+        self.limits = limits
         self.health_port = health_port
         self.health_host = health_host if health_host is not None else host
         self.log_level = log_level
@@ -271,10 +265,7 @@ class WorkerPool:
             "port": self.port,
             "reload_interval": self.reload_interval,
             "graceful_timeout": self.graceful_timeout,
-            "request_read_timeout": self.request_read_timeout,
-            "max_connections": self.max_connections,
-            "max_connections_per_client": self.max_connections_per_client,
-            "idle_timeout": self.idle_timeout,
+            "limits": asdict(self.limits),
             "health_fd": self._health_socket.fileno() if self._health_socket is not None else None,
             "health_host": self.health_host,
             "health_port": self.health_port,
