@@ -335,7 +335,11 @@ class Controller:
 
     def _probe_federated(self) -> None:
         """Each federated source with imports is asked its /version, without credentials, one call per source per
-        period whatever its number of imports; _poll_reachability tells its imports when the answer changes."""
+        period whatever its number of imports; _poll_reachability tells its imports when the answer changes. Only
+        the leader asks: a standby reconciles nothing the answer could reach (the manifests run two replicas)."""
+        if not self.manager.is_leader:
+            self._probed_federated = frozenset()
+            return
         versions, max_age = self.reconciler.versions, self.options.federated_probe_seconds / 2
         in_use = self._federated_in_use()
         for source in in_use:

@@ -30,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 from controller.options import Options
 from controller.outputs import clusterprofile as cp
 from controller.run import Controller
+from controller.runtime.leader import LEASE_NAME
 from kubemcsa import cli
 from kubemcsa.client import connect, kube
 from kubemcsa.contract import api, federation
@@ -431,6 +432,33 @@ def test_a_federated_source_down_turns_its_profiles_unhealthy(make_env, capsys, 
         up = wait_for(lambda n=name: health(n, "True"), what=f"{name}'s ControlPlaneHealthy=True again")
         assert up["reason"] == "Reachable"
     assert f"{reachable} 1.0" in controller.metrics.exposition().decode()
+
+
+def test_a_standby_replica_asks_no_federated_source(make_env, capsys, tmp_path) -> None:
+    """The manifests run two replicas: only the leader's probe can reach an import, so a standby asks nothing of
+    the federated sources (one anonymous call per source every period would double with the replicas)."""
+    env = make_env(lifetime=3600)
+    federate_cluster2(env, capsys, tmp_path)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime())
+    held = {"holderIdentity": "the-leader", "leaseDurationSeconds": 3600, "acquireTime": now, "renewTime": now}
+    lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": held}
+    lease["metadata"] = {"name": LEASE_NAME, "namespace": api.SYSTEM_NAMESPACE}
+    kube.Resource(env.admin1, kube.LEASES).create(lease, api.SYSTEM_NAMESPACE)
+    controller = Controller(
+        env.controller_client,
+        Options(
+            source_kubeconfig=env.sources, cluster_name="cluster1", leader_election=True, federated_probe_seconds=0.1
+        ),
+    ).start()
+    try:
+        env.create_import("fed", tokenType="Federated", name=None)
+        wait_for(controller._federated_in_use, what="the federated import in the standby's caches")
+        controller._probe_federated()
+        assert not controller.is_leader
+        assert controller.reconciler.versions.calls == 0 and controller._probed_federated == frozenset()
+        assert env.condition("fed", "Ready") is None  # nor does it write
+    finally:
+        controller.stop()
 
 
 def _exp(token: str) -> float:
