@@ -113,15 +113,8 @@ class Env:
             create_file(self.admin1, MANIFESTS / "clusterprofile" / part)
 
     def start(self, **extra: Any) -> Controller:
-        options = Options(
-            source_kubeconfig=self.sources,
-            cluster_name="cluster1",
-            leader_election=False,
-            file_poll_seconds=0.1,
-            backoff_base=0.1,
-            backoff_max=1.0,
-            **extra,
-        )
+        settings = {"leader_election": False, "file_poll_seconds": 0.1, "backoff_base": 0.1, "backoff_max": 1.0}
+        options = Options(source_kubeconfig=self.sources, cluster_name="cluster1", **{**settings, **extra})
         self.controller = Controller(self.controller_client, options).start()
         assert self.controller.wait_until_ready(30)
         return self.controller
@@ -444,21 +437,13 @@ def test_a_standby_replica_asks_no_federated_source(make_env, capsys, tmp_path) 
     lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "spec": held}
     lease["metadata"] = {"name": LEASE_NAME, "namespace": api.SYSTEM_NAMESPACE}
     kube.Resource(env.admin1, kube.LEASES).create(lease, api.SYSTEM_NAMESPACE)
-    controller = Controller(
-        env.controller_client,
-        Options(
-            source_kubeconfig=env.sources, cluster_name="cluster1", leader_election=True, federated_probe_seconds=0.1
-        ),
-    ).start()
-    try:
-        env.create_import("fed", tokenType="Federated", name=None)
-        wait_for(controller._federated_in_use, what="the federated import in the standby's caches")
-        controller._probe_federated()
-        assert not controller.is_leader
-        assert controller.reconciler.versions.calls == 0 and controller._probed_federated == frozenset()
-        assert env.condition("fed", "Ready") is None  # nor does it write
-    finally:
-        controller.stop()
+    controller = env.start(leader_election=True, federated_probe_seconds=0.1)
+    env.create_import("fed", tokenType="Federated", name=None)
+    wait_for(controller._federated_in_use, what="the federated import in the standby's caches")
+    controller._probe_federated()
+    assert not controller.is_leader
+    assert controller.reconciler.versions.calls == 0 and controller._probed_federated == frozenset()
+    assert env.condition("fed", "Ready") is None  # nor does it write
 
 
 def _exp(token: str) -> float:
