@@ -25,6 +25,7 @@ from webhook.cli import build_parser
 from webhook.connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_CLIENT, ConnectionLimits
 from webhook.lookups import StaticCache
 from webhook.server import WebhookServer
+from webhook.workers import WorkerPool
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NS = "capture-demo"
@@ -123,7 +124,7 @@ class Holder:
             writer.close()
 
 
-def served_from_localhost(server: WebhookServer, ca: tuple[bytes, bytes]) -> bool:
+def served_from_localhost(server: WebhookServer | WorkerPool, ca: tuple[bytes, bytes]) -> bool:
     """A new connection from 127.0.0.1 (the API server's stand-in) gets its review answered."""
     context = ssl.create_default_context(cadata=ca[0].decode())
     try:
@@ -178,6 +179,17 @@ def test_a_forwarded_header_neither_lifts_a_clients_cap_nor_spends_another_addre
             assert attack.done.wait(60) and attack.kept == 8, (attack.kept, attack.refused)
             with Holder(server.url, ca[0], "127.0.0.1", 8) as named:
                 assert named.done.wait(60) and named.kept == 8, (named.kept, named.refused)
+
+
+def test_the_limits_reach_every_serving_worker(certificate: tuple[Path, Path], ca: tuple[bytes, bytes]) -> None:
+    # `--workers N` hands the limits to each serving process in its start-up config: the pod opening 16
+    # connections to the one worker keeps the per-client cap's 4, and 127.0.0.1 is still served.
+    cache = StaticCache({NS: ENABLED}, IMPORTS)
+    limits = ConnectionLimits(max_connections=64, max_connections_per_client=4)
+    with WorkerPool(cache, *certificate, workers=1, limits=limits, log_level="warning") as pool:
+        with Holder(pool.url, ca[0], ATTACKER, 16) as attack:
+            assert attack.done.wait(60) and attack.kept == 4, (attack.kept, attack.refused)
+            assert served_from_localhost(pool, ca)
 
 
 def test_an_idle_kept_alive_connection_is_closed_by_the_server(
